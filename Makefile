@@ -1,0 +1,36 @@
+# MedBridge: `make run` starts the whole stack, `make test` runs the whole test suite.
+# Both set themselves up on a fresh machine (venv in .venv, torch 2.13.0 CPU first) and are idempotent.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export ANONYMIZED_TELEMETRY := False
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(PY) $(VENV)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup
+	$(BIN)/medbridge run
+
+test: setup
+	bash scripts/test-services.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/e2e_latency.py
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,137 @@
+"""The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
+
+A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
+stored instances, runs the detector off the event loop, saves each heatmap overlay as a PNG
+(atomically) and writes the result event to the outbox in the same transaction that records the
+StudyReceived event as processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from inference.imaging.operator import LesionDetector
+from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from integration.broker import EventConsumer
+from integration.phi import uid_hash
+from integration.store import Store
+from schemas.events import (
+    TOPIC_IMAGING_COMPLETED,
+    TOPIC_STUDY_RECEIVED,
+    ImagingInferenceCompleted,
+    InstanceFinding,
+    MedBridgeEvent,
+    StudyReceived,
+)
+
+log = logging.getLogger(__name__)
+CONSUMER_NAME = "imaging-worker"
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def infer_study(
+    store: Store, detector: LesionDetector, artifacts_dir: Path, event: StudyReceived
+) -> ImagingInferenceCompleted | None:
+    """Run the detector on every image instance of the study; None when the study holds no image."""
+    instances = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
+    if not instances:
+        log.info("study %s has no image instances; nothing to infer", uid_hash(event.study_instance_uid))
+        return None
+    findings: list[InstanceFinding] = []
+    skipped = 0
+    for inst in instances:
+        try:
+            ds = pydicom.dcmread(inst.path)
+            result = detector.run_dataset(ds)
+        except (NotAnImageError, PixelDecodeError) as exc:
+            log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
+            skipped += 1
+            continue
+        png = artifacts_dir / "heatmaps" / uid_hash(event.study_instance_uid) / f"{inst.sop_instance_uid}.png"
+        _write_png(png, result.overlay_png)
+        findings.append(
+            InstanceFinding(
+                sop_instance_uid=inst.sop_instance_uid,
+                series_instance_uid=inst.series_instance_uid,
+                probabilities=result.probabilities,
+                heatmap_path=str(png),
+            )
+        )
+    return ImagingInferenceCompleted(
+        source_event_id=event.event_id,
+        study_instance_uid=event.study_instance_uid,
+        revision=event.revision,
+        patient_ref=event.patient_ref,
+        imaging_study_ref=event.imaging_study_ref,
+        model_name=detector.model_name,
+        model_version=detector.model_version,
+        findings=findings,
+        skipped_instances=skipped,
+    )
+
+
+class ImagingWorker:
+    def __init__(
+        self,
+        store: Store,
+        weights: Path,
+        artifacts_dir: Path,
+        *,
+        device: str,
+        bootstrap: str,
+        group_prefix: str,
+        max_attempts: int,
+        notify_outbox: Callable[[], None],
+        dead_letter_producer: Any = None,
+    ) -> None:
+        self.store = store
+        self.weights = weights
+        self.device = device
+        self.artifacts_dir = artifacts_dir
+        self.notify_outbox = notify_outbox
+        self.detector: LesionDetector | None = None
+        self.consumer = EventConsumer(
+            name=CONSUMER_NAME,
+            topics=(TOPIC_STUDY_RECEIVED,),
+            group_id=f"{group_prefix}.{CONSUMER_NAME}",
+            bootstrap=bootstrap,
+            store=store,
+            handler=self.handle,
+            max_attempts=max_attempts,
+            dead_letter_producer=dead_letter_producer,
+        )
+
+    async def start(self) -> None:
+        # a missing model is a startup error, never a None found later
+        self.detector = await asyncio.to_thread(LesionDetector, self.weights, self.device)
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    def running(self) -> bool:
+        return self.consumer.running()
+
+    async def handle(self, event: MedBridgeEvent) -> None:
+        if not isinstance(event, StudyReceived):
+            return
+        assert self.detector is not None
+        result = await asyncio.to_thread(infer_study, self.store, self.detector, self.artifacts_dir, event)
+        with self.store.session() as s:
+            if result is not None:
+                Store.add_to_outbox(s, TOPIC_IMAGING_COMPLETED, result, key=event.study_instance_uid)
+            Store.mark_processed(s, CONSUMER_NAME, event.event_id)
+        self.notify_outbox()

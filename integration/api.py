@@ -1,0 +1,117 @@
+"""The query API under /api: what the viewer (and any other client) reads and the review action."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+
+from integration.errors import ResourceNotFoundError
+from integration.services import Services, get_services
+from integration.store import AiResult
+from integration.writeback import apply_review
+from schemas.api import InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
+from schemas.events import EvidencePassage
+
+router = APIRouter(prefix="/api", tags=["query"])
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _summary(report: dict[str, Any], ai: AiResult) -> ReportSummary:
+    top_name, top_p = None, None
+    for inst in ai.details.get("instances", []):
+        for name, p in inst["probabilities"].items():
+            if top_p is None or p > top_p:
+                top_name, top_p = name, p
+    return ReportSummary(
+        id=report["id"],
+        kind=ai.kind,  # type: ignore[arg-type]
+        status=report["status"],
+        subject=(report.get("subject") or {}).get("reference"),
+        issued=report.get("issued"),
+        conclusion=report.get("conclusion"),
+        study_instance_uid=ai.study_instance_uid,
+        top_finding=top_name,
+        top_probability=top_p,
+    )
+
+
+def _detail(services: Services, report_id: str) -> ReportDetail:
+    ai = services.store.get_ai_result(report_id)
+    if ai is None:
+        raise ResourceNotFoundError("DiagnosticReport", report_id)
+    report = services.store.get_resource("DiagnosticReport", report_id)
+    summary = _summary(report, ai)
+    return ReportDetail(
+        **summary.model_dump(),
+        model_name=ai.details.get("model_name"),
+        model_version=ai.details.get("model_version"),
+        instances=[
+            InstanceResult(
+                sop_instance_uid=i["sop_instance_uid"],
+                probabilities=i["probabilities"],
+                has_heatmap=bool(i.get("heatmap_path")),
+            )
+            for i in ai.details.get("instances", [])
+        ],
+        evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
+        reviews=[
+            ReviewRecord(action=r.action, reviewer=r.reviewer, comment=r.comment, at=r.at)  # type: ignore[arg-type]
+            for r in services.store.reviews_for(report_id)
+        ],
+        fhir=report,
+    )
+
+
+@router.get("/reports", response_model=list[ReportSummary])
+def list_reports(
+    services: ServicesDep,
+    status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ReportSummary]:
+    rows, _ = services.store.search_resources(
+        "DiagnosticReport", status=status.split(",") if status else None, limit=limit
+    )
+    out = []
+    for report in rows:
+        ai = services.store.get_ai_result(report["id"])
+        if ai is not None:  # only reports MedBridge wrote
+            out.append(_summary(report, ai))
+    return out
+
+
+@router.get("/reports/{report_id}", response_model=ReportDetail)
+def get_report(report_id: str, services: ServicesDep) -> ReportDetail:
+    return _detail(services, report_id)
+
+
+@router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
+def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | None = None) -> Response:
+    """The image with the AI heatmap blended over it (the highest-probability image by default)."""
+    ai = services.store.get_ai_result(report_id)
+    if ai is None:
+        raise ResourceNotFoundError("DiagnosticReport", report_id)
+    instances = ai.details.get("instances", [])
+    chosen = next(
+        (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
+    )
+    if chosen is None or not chosen.get("heatmap_path") or not Path(chosen["heatmap_path"]).is_file():
+        raise HTTPException(404, "this report has no image")
+    return Response(Path(chosen["heatmap_path"]).read_bytes(), media_type="image/png")
+
+
+@router.post("/reports/{report_id}/review", response_model=ReportDetail)
+def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
+    apply_review(services.store, report_id, review)
+    services.notify_outbox()
+    return _detail(services, report_id)
+
+
+@router.get("/dead-letters")
+def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
+    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI)."""
+    return [
+        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id, "error": d.error, "at": d.at}
+        for d in services.store.dead_letters()
+    ]

@@ -1,0 +1,37 @@
+"""The integration package's exceptions, translated in exactly three places:
+the HTTP exception handler (fhir_api/api), the DICOM status (dicom_listener) and the consumer ack policy (broker).
+"""
+
+from __future__ import annotations
+
+
+class MedBridgeError(Exception):
+    """Base of every error MedBridge raises on purpose."""
+
+
+class StoreUnavailableError(MedBridgeError):
+    """The store (database or disk) cannot take writes right now; the caller may retry later."""
+
+
+class ResourceNotFoundError(MedBridgeError):
+    def __init__(self, resource_type: str, resource_id: str) -> None:
+        super().__init__(f"{resource_type}/{resource_id} is not known")
+        self.resource_type = resource_type
+        self.resource_id = resource_id
+
+
+class VersionConflictError(MedBridgeError):
+    """If-Match did not match the current version."""
+
+
+class InvalidResourceError(MedBridgeError):
+    """FHIR content failed validation. ``issues`` are (expression, message) pairs."""
+
+    def __init__(self, issues: list[tuple[str, str]], status_code: int = 400) -> None:
+        super().__init__("; ".join(f"{e}: {m}" for e, m in issues) or "invalid resource")
+        self.issues = issues
+        self.status_code = status_code
+
+
+class PermanentEventError(MedBridgeError):
+    """An event can never be processed (bad content); it goes to the dead-letter topic at once."""

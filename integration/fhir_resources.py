@@ -1,0 +1,232 @@
+"""FHIR R4 content helpers: validation with fhir.resources (R4B models, which read R4 JSON for the
+resources MedBridge handles), reference handling, and the resources MedBridge derives from DICOM.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pydicom
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from integration.errors import InvalidResourceError
+from integration.store import DicomInstance, FhirResource, Store, stable_id
+
+DICOM_PATIENT_ID_SYSTEM = "urn:medbridge:dicom:patient-id"
+MEDBRIDGE_IDENTIFIER_SYSTEM = "urn:medbridge:report"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+
+# Resources whose arrival means "this patient's clinical picture changed"
+CLINICAL_TYPES = {
+    "Patient",
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "MedicationStatement",
+    "AllergyIntolerance",
+    "Procedure",
+    "Encounter",
+    "DocumentReference",
+}
+
+# Required bindings fhir.resources does not enforce (it accepts Observation.status = "not-a-status")
+_REQUIRED_CODES: dict[tuple[str, str], set[str]] = {
+    ("Observation", "status"): {
+        "registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown",
+    },
+    ("DiagnosticReport", "status"): {
+        "registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
+        "entered-in-error", "unknown",
+    },
+    ("Patient", "gender"): {"male", "female", "other", "unknown"},
+    ("MedicationRequest", "status"): {
+        "active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown",
+    },
+    ("ImagingStudy", "status"): {"registered", "available", "cancelled", "entered-in-error", "unknown"},
+    ("Encounter", "status"): {
+        "planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error",
+        "unknown",
+    },
+}
+
+
+def _expression(resource_type: str, loc: tuple[Any, ...]) -> str:
+    parts = [resource_type]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]"
+        else:
+            parts.append(str(item).rstrip("_"))
+    return ".".join(parts)
+
+
+def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, Any]:
+    """Validate FHIR JSON; return it unchanged (what the sender wrote is what we keep).
+
+    Raises InvalidResourceError with (expression, message) pairs: 404 for an unknown type,
+    400 for a type mismatch, 422 for invalid content.
+    """
+    if not isinstance(data, dict):
+        raise InvalidResourceError([("", "the body must be a JSON object")], 400)
+    rtype = data.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise InvalidResourceError([("resourceType", "resourceType is required")], 400)
+    if expected_type and rtype != expected_type:
+        raise InvalidResourceError(
+            [("resourceType", f"body is a {rtype} but the URL names {expected_type}")], 400
+        )
+    try:
+        model = get_fhir_model_class(rtype)
+    except (ValueError, KeyError):
+        raise InvalidResourceError([("resourceType", f"{rtype} is not a FHIR R4 resource type")], 404) from None
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        issues = [(_expression(rtype, tuple(e["loc"])), e["msg"]) for e in exc.errors()[:20]]
+        raise InvalidResourceError(issues, 422) from None
+    issues = []
+    for (t, field), allowed in _REQUIRED_CODES.items():
+        if t == rtype and field in data and data[field] not in allowed:
+            issues.append((f"{rtype}.{field}", f"'{data[field]}' is not in the required value set"))
+    if issues:
+        raise InvalidResourceError(issues, 422)
+    return data
+
+
+def normalise_reference(ref: str | None) -> str | None:
+    """'http://x/fhir/Patient/1/_history/2' -> 'Patient/1'; None stays None."""
+    if not ref:
+        return None
+    parts = [p for p in ref.split("/") if p]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2:
+        return f"{parts[-2]}/{parts[-1]}"
+    return ref
+
+
+def subject_of(resource: dict[str, Any]) -> str | None:
+    """The patient a resource is about, as 'Patient/id'."""
+    if resource.get("resourceType") == "Patient":
+        return f"Patient/{resource['id']}"
+    for field in ("subject", "patient"):
+        ref = (resource.get(field) or {}).get("reference") if isinstance(resource.get(field), dict) else None
+        norm = normalise_reference(ref)
+        if norm and norm.startswith("Patient/"):
+            return norm
+    return None
+
+
+def identifiers_of(resource: dict[str, Any]) -> str | None:
+    """Identifiers as ' system|value system|value ' for LIKE matching; None when there are none."""
+    ids = resource.get("identifier")
+    if isinstance(ids, dict):
+        ids = [ids]
+    tokens = [f"{i.get('system', '')}|{i.get('value', '')}" for i in ids or [] if isinstance(i, dict) and i.get("value")]
+    return f" {' '.join(tokens)} " if tokens else None
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def store_resource(
+    s: Session, resource: dict[str, Any], *, if_match: int | None = None, track: bool = True
+) -> tuple[dict[str, Any], bool]:
+    """Store a validated resource and mark its patient's record as changed (for clinical types)."""
+    subject = subject_of(resource)
+    stored, created = Store.put_resource(
+        s,
+        resource,
+        if_match=if_match,
+        subject_ref=subject,
+        status=resource.get("status") if isinstance(resource.get("status"), str) else None,
+        identifier=identifiers_of(resource),
+    )
+    if track and subject and resource["resourceType"] in CLINICAL_TYPES:
+        Store.touch(s, "patient", subject)
+    return stored, created
+
+
+# Resources derived from DICOM --------------------------------------------------------------------
+def _dicom_patient_name(name: Any) -> dict[str, Any] | None:
+    if not name:
+        return None
+    pn = pydicom.valuerep.PersonName(name)
+    entry: dict[str, Any] = {}
+    if pn.family_name:
+        entry["family"] = pn.family_name
+    given = [g for g in (pn.given_name, pn.middle_name) if g]
+    if given:
+        entry["given"] = given
+    return entry or None
+
+
+def patient_for_dicom(s: Session, instances: list[DicomInstance]) -> str | None:
+    """The Patient a study belongs to: an existing one whose identifier equals the DICOM Patient ID
+    (the EHR's MRN, typically), else a Patient created from the DICOM header."""
+    patient_id = next((i.patient_id for i in instances if i.patient_id), None)
+    if not patient_id:
+        return None
+    match = s.scalars(
+        select(FhirResource.id)
+        .where(FhirResource.resource_type == "Patient", FhirResource.identifier.like(f"%|{patient_id} %"))
+        .limit(1)
+    ).first()
+    if match:
+        return f"Patient/{match}"
+    pid = stable_id("dicom-patient", patient_id)
+    if s.get(FhirResource, ("Patient", pid)) is not None:
+        return f"Patient/{pid}"
+    header = pydicom.dcmread(instances[0].path, stop_before_pixels=True)
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": DICOM_PATIENT_ID_SYSTEM, "value": patient_id}],
+    }
+    name = _dicom_patient_name(header.get("PatientName"))
+    if name:
+        patient["name"] = [name]
+    sex = {"M": "male", "F": "female", "O": "other"}.get(str(header.get("PatientSex", "")).upper())
+    if sex:
+        patient["gender"] = sex
+    bd = str(header.get("PatientBirthDate", "") or "")
+    if len(bd) == 8 and bd.isdigit():
+        patient["birthDate"] = f"{bd[:4]}-{bd[4:6]}-{bd[6:]}"
+    validate_resource(patient)
+    store_resource(s, patient, track=False)
+    return f"Patient/{pid}"
+
+
+def imaging_study_for(study_uid: str, instances: list[DicomInstance], patient_ref: str | None) -> dict[str, Any]:
+    series: dict[str, list[DicomInstance]] = {}
+    for inst in instances:
+        series.setdefault(inst.series_instance_uid, []).append(inst)
+    modalities = sorted({i.modality for i in instances if i.modality})
+    study: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "id": stable_id("imaging-study", study_uid),
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
+        "status": "available",
+        "subject": {"reference": patient_ref} if patient_ref else {"display": "unknown patient"},
+        "numberOfSeries": len(series),
+        "numberOfInstances": len(instances),
+        "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities],
+        "series": [
+            {
+                "uid": uid,
+                "modality": {"system": DCM_SYSTEM, "code": members[0].modality or "OT"},
+                "numberOfInstances": len(members),
+                "instance": [
+                    {"uid": m.sop_instance_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{m.sop_class_uid}"}}
+                    for m in members
+                ],
+            }
+            for uid, members in series.items()
+        ],
+    }
+    return validate_resource(study)

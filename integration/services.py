@@ -1,0 +1,25 @@
+"""What the HTTP routes need at run time, built by the composition root and put on ``app.state``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from integration.settings import Settings
+from integration.store import Store
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    # named liveness checks that /health reports (broker, store, each worker, ...)
+    health_checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    # nudges the outbox relay after a write, so events leave at once rather than at the next poll
+    notify_outbox: Callable[[], None] = lambda: None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services

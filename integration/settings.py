@@ -1,0 +1,91 @@
+"""Settings: one object, built once by the composition root, passed down.
+
+Every field can be set by an environment variable (name in the README). Nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(Path("var"), alias="MEDBRIDGE_DATA_DIR")
+
+    # DICOM edge
+    dicom_host: str = Field("0.0.0.0", alias="MEDBRIDGE_DICOM_HOST")
+    dicom_port: int = Field(11112, alias="MEDBRIDGE_DICOM_PORT")
+    dicom_ae_title: str = Field("MEDBRIDGE", alias="MEDBRIDGE_AE_TITLE")
+    study_quiet_seconds: float = Field(3.0, alias="MEDBRIDGE_STUDY_QUIET_SECONDS")
+    record_quiet_seconds: float = Field(2.0, alias="MEDBRIDGE_RECORD_QUIET_SECONDS")
+
+    # HTTP edge
+    http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")
+    http_port: int = Field(8000, alias="MEDBRIDGE_HTTP_PORT")
+    max_request_bytes: int = Field(20 * 1024 * 1024, alias="MEDBRIDGE_MAX_REQUEST_BYTES")
+
+    # Viewer
+    viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")
+    viewer_enabled: bool = Field(True, alias="MEDBRIDGE_VIEWER")
+
+    # Broker: empty means "start the embedded tansu broker"
+    kafka_bootstrap_servers: str = Field("", alias="KAFKA_BOOTSTRAP_SERVERS")
+    embedded_kafka_port: int = Field(19092, alias="MEDBRIDGE_EMBEDDED_KAFKA_PORT")
+    kafka_group_prefix: str = Field("medbridge", alias="MEDBRIDGE_KAFKA_GROUP_PREFIX")
+    consumer_max_attempts: int = Field(3, alias="MEDBRIDGE_CONSUMER_MAX_ATTEMPTS")
+    outbox_poll_seconds: float = Field(0.5, alias="MEDBRIDGE_OUTBOX_POLL_SECONDS")
+
+    # Store: empty means SQLite under data_dir
+    database_url: str = Field("", alias="DATABASE_URL")
+
+    # Knowledge base / LLM
+    chroma_url: str = Field("", alias="CHROMA_URL")
+    llm_model: Path | None = Field(None, alias="MEDBRIDGE_LLM_MODEL")
+    llm_max_new_tokens: int = Field(160, alias="MEDBRIDGE_LLM_MAX_NEW_TOKENS")
+    retrieval_k: int = Field(6, alias="MEDBRIDGE_RETRIEVAL_K")
+
+    # Imaging model: empty means the demo weights under data_dir/models
+    imaging_model: Path | None = Field(None, alias="MEDBRIDGE_IMAGING_MODEL")
+    device: str = Field("auto", alias="MEDBRIDGE_DEVICE")
+
+    # Which workers this process runs (comma list of imaging, clinical, reports); all by default
+    workers: str = Field("imaging,clinical,reports", alias="MEDBRIDGE_WORKERS")
+
+    @property
+    def dicom_dir(self) -> Path:
+        return self.data_dir / "dicom"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def chroma_dir(self) -> Path:
+        return self.data_dir / "chroma"
+
+    @property
+    def imaging_model_path(self) -> Path:
+        return self.imaging_model or self.models_dir / "demo-lesion-densenet.pt"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'medbridge.db').resolve()}"
+
+    @property
+    def enabled_workers(self) -> set[str]:
+        return {w.strip() for w in self.workers.split(",") if w.strip()}
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

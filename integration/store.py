@@ -1,0 +1,439 @@
+"""The durable store: the source of truth for everything MedBridge received or produced.
+
+SQLAlchemy on SQLite by default, PostgreSQL when ``DATABASE_URL`` says so. Kafka only carries
+notifications: every event is first written to the ``outbox`` table in the same transaction as
+the state it announces, and the outbox relay publishes it (at least once).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from integration.errors import ResourceNotFoundError, StoreUnavailableError, VersionConflictError
+
+NAMESPACE = uuid.UUID("6f1c2b52-6a43-4d59-9a53-1c5c7f7f5e11")
+
+
+def stable_id(*parts: str) -> str:
+    """A deterministic id for derived objects, so reprocessing an event rewrites rather than duplicates."""
+    return str(uuid.uuid5(NAMESPACE, "|".join(parts)))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class DicomInstance(Base):
+    __tablename__ = "dicom_instances"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    is_image: Mapped[bool] = mapped_column(Boolean)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ChangeTracker(Base):
+    """A study or a patient record that changed; published once it has been quiet long enough."""
+
+    __tablename__ = "change_trackers"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    published_revision: Mapped[int] = mapped_column(Integer, default=0)
+    last_change_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class FhirResource(Base):
+    __tablename__ = "fhir_resources"
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    subject_ref: Mapped[str | None] = mapped_column(String(128), index=True)
+    status: Mapped[str | None] = mapped_column(String(32), index=True)
+    identifier: Mapped[str | None] = mapped_column(String(256), index=True)
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class FhirResourceVersion(Base):
+    __tablename__ = "fhir_resource_versions"
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class OutboxEntry(Base):
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    topic: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str | None] = mapped_column(String(256))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ProcessedEvent(Base):
+    __tablename__ = "processed_events"
+    consumer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AiResult(Base):
+    """What the AI produced behind a DiagnosticReport: probabilities, evidence, heatmaps."""
+
+    __tablename__ = "ai_results"
+    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    source_event_id: Mapped[str] = mapped_column(String(64))
+    subject_ref: Mapped[str | None] = mapped_column(String(128))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Review(Base):
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    reviewer: Mapped[str] = mapped_column(String(200))
+    comment: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    consumer: Mapped[str] = mapped_column(String(64))
+    topic: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _enable_sqlite_wal(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL lets the DICOM threads write while the API reads; busy_timeout waits for the lock
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+class Store:
+    """Thread-safe facade over the database. Every public method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True, "pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_size"] = 10
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            _enable_sqlite_wal(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise StoreUnavailableError(
+                f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
+            ) from exc
+
+    def stop(self) -> None:
+        self.engine.dispose()
+
+    def healthy(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - health probes report, they do not raise
+            return False
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as s:
+                yield s
+        except OperationalError as exc:
+            raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+    # outbox ----------------------------------------------------------------------------------
+    @staticmethod
+    def add_to_outbox(s: Session, topic: str, event: BaseModel, key: str | None) -> None:
+        s.add(
+            OutboxEntry(
+                event_id=getattr(event, "event_id"),
+                topic=topic,
+                key=key,
+                event_type=getattr(event, "event_type"),
+                payload=event.model_dump_json(),
+            )
+        )
+
+    def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(OutboxEntry).where(OutboxEntry.published_at.is_(None)).order_by(OutboxEntry.id).limit(limit)
+            )
+            return list(rows)
+
+    def mark_published(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.session() as s:
+            s.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(published_at=utcnow()))
+
+    def outbox_backlog(self) -> int:
+        with self.session() as s:
+            return len(list(s.scalars(select(OutboxEntry.id).where(OutboxEntry.published_at.is_(None)))))
+
+    # change tracking (quiet periods) ---------------------------------------------------------
+    @staticmethod
+    def touch(s: Session, kind: str, key: str, *, at: float | None = None) -> None:
+        now = time.time() if at is None else at
+        row = s.get(ChangeTracker, (kind, key), with_for_update=True)
+        if row is None:
+            s.add(ChangeTracker(kind=kind, key=key, revision=1, published_revision=0, last_change_at=now))
+        else:
+            row.revision += 1
+            row.last_change_at = now
+
+    def expedite(self, kind: str, keys: Sequence[str], quiet_seconds: float) -> None:
+        """Make trackers due now (used when an association is released)."""
+        if not keys:
+            return
+        with self.session() as s:
+            s.execute(
+                update(ChangeTracker)
+                .where(ChangeTracker.kind == kind, ChangeTracker.key.in_(list(keys)))
+                .values(last_change_at=time.time() - quiet_seconds - 1)
+            )
+
+    def due_trackers(self, kind: str, quiet_seconds: float) -> list[ChangeTracker]:
+        cutoff = time.time() - quiet_seconds
+        with self.session() as s:
+            rows = s.scalars(
+                select(ChangeTracker).where(
+                    ChangeTracker.kind == kind,
+                    ChangeTracker.revision > ChangeTracker.published_revision,
+                    ChangeTracker.last_change_at <= cutoff,
+                )
+            )
+            return list(rows)
+
+    @staticmethod
+    def claim_tracker(s: Session, tracker: ChangeTracker) -> bool:
+        """Mark the revision we read as published; False when it changed meanwhile (try later)."""
+        result = s.execute(
+            update(ChangeTracker)
+            .where(
+                ChangeTracker.kind == tracker.kind,
+                ChangeTracker.key == tracker.key,
+                ChangeTracker.revision == tracker.revision,
+            )
+            .values(published_revision=tracker.revision)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+    # DICOM -----------------------------------------------------------------------------------
+    def add_instance(self, inst: DicomInstance) -> bool:
+        """Record a stored instance; False when that SOP Instance UID was already held (kept first)."""
+        try:
+            with self.session() as s:
+                if s.get(DicomInstance, inst.sop_instance_uid) is not None:
+                    return False
+                s.add(inst)
+                self.touch(s, "study", inst.study_instance_uid)
+            return True
+        except IntegrityError:
+            return False
+
+    @staticmethod
+    def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:
+        rows = s.scalars(
+            select(DicomInstance)
+            .where(DicomInstance.study_instance_uid == study_uid)
+            .order_by(DicomInstance.series_instance_uid, DicomInstance.received_at)
+        )
+        return list(rows)
+
+    def study_instances(self, study_uid: str) -> list[DicomInstance]:
+        with self.session() as s:
+            return self.instances_in(s, study_uid)
+
+    def get_instance(self, sop_uid: str) -> DicomInstance | None:
+        with self.session() as s:
+            return s.get(DicomInstance, sop_uid)
+
+    # FHIR ------------------------------------------------------------------------------------
+    @staticmethod
+    def put_resource(
+        s: Session,
+        resource: dict[str, Any],
+        *,
+        if_match: int | None = None,
+        subject_ref: str | None = None,
+        status: str | None = None,
+        identifier: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create or update ``resource`` (which must carry resourceType and id) inside session ``s``.
+
+        Sets meta.versionId/lastUpdated, keeps the previous version in the history table.
+        Returns (stored content, created). Raises VersionConflictError when if_match is stale.
+        """
+        rtype, rid = resource["resourceType"], resource["id"]
+        current = s.get(FhirResource, (rtype, rid), with_for_update=True)
+        if if_match is not None and (current is None or current.version_id != if_match):
+            raise VersionConflictError(
+                f"{rtype}/{rid} is at version {current.version_id if current else 'none'}, not {if_match}"
+            )
+        version = 1 if current is None else current.version_id + 1
+        now = utcnow()
+        content = dict(resource)
+        meta = dict(content.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        content["meta"] = meta
+        if current is None:
+            s.add(
+                FhirResource(
+                    resource_type=rtype,
+                    id=rid,
+                    version_id=version,
+                    last_updated=now,
+                    subject_ref=subject_ref,
+                    status=status,
+                    identifier=identifier,
+                    content=content,
+                )
+            )
+        else:
+            current.version_id = version
+            current.last_updated = now
+            current.subject_ref = subject_ref
+            current.status = status
+            current.identifier = identifier
+            current.content = content
+        s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content))
+        return content, current is None
+
+    def get_resource(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        with self.session() as s:
+            row = s.get(FhirResource, (resource_type, resource_id))
+            if row is None:
+                raise ResourceNotFoundError(resource_type, resource_id)
+            return row.content
+
+    def search_resources(
+        self,
+        resource_type: str,
+        *,
+        ids: Sequence[str] | None = None,
+        subject_ref: str | None = None,
+        status: Sequence[str] | None = None,
+        identifier: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Resources of a type matching every given criterion, newest first; also the total count."""
+        q = select(FhirResource).where(FhirResource.resource_type == resource_type)
+        if ids:
+            q = q.where(FhirResource.id.in_(list(ids)))
+        if subject_ref:
+            q = q.where(FhirResource.subject_ref == subject_ref)
+        if status:
+            q = q.where(FhirResource.status.in_(list(status)))
+        if identifier:
+            # identifiers are stored as " system|value system|value "
+            token = identifier if "|" in identifier else f"|{identifier}"
+            q = q.where(FhirResource.identifier.like(f"% {token} %" if "|" in identifier else f"%{token} %"))
+        with self.session() as s:
+            rows = list(s.scalars(q.order_by(FhirResource.last_updated.desc())))
+            return [r.content for r in rows[offset : offset + limit]], len(rows)
+
+    # consumers -------------------------------------------------------------------------------
+    def is_processed(self, consumer: str, event_id: str) -> bool:
+        with self.session() as s:
+            return s.get(ProcessedEvent, (consumer, event_id)) is not None
+
+    @staticmethod
+    def mark_processed(s: Session, consumer: str, event_id: str) -> None:
+        if s.get(ProcessedEvent, (consumer, event_id)) is None:
+            s.add(ProcessedEvent(consumer=consumer, event_id=event_id))
+
+    def record_dead_letter(self, consumer: str, topic: str, event_id: str | None, error: str, payload: bytes) -> None:
+        with self.session() as s:
+            s.add(
+                DeadLetter(
+                    consumer=consumer,
+                    topic=topic,
+                    event_id=event_id,
+                    error=error[:4000],
+                    payload=payload.decode("utf-8", "replace"),
+                )
+            )
+
+    def dead_letters(self) -> list[DeadLetter]:
+        with self.session() as s:
+            return list(s.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+
+    # AI results and reviews ------------------------------------------------------------------
+    def get_ai_result(self, report_id: str) -> AiResult | None:
+        with self.session() as s:
+            return s.get(AiResult, report_id)
+
+    def reviews_for(self, report_id: str) -> list[Review]:
+        with self.session() as s:
+            return list(s.scalars(select(Review).where(Review.report_id == report_id).order_by(Review.id)))
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)

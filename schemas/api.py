@@ -1,0 +1,54 @@
+"""Shapes of the query API under /api (what the viewer and other clients see)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.events import EvidencePassage
+
+ReportKind = Literal["imaging", "clinical"]
+ReviewAction = Literal["final", "amended", "entered-in-error"]
+
+
+class ReportSummary(BaseModel):
+    id: str
+    kind: ReportKind
+    status: str
+    subject: str | None
+    issued: datetime | None
+    conclusion: str | None
+    study_instance_uid: str | None = None
+    top_finding: str | None = None
+    top_probability: float | None = None
+
+
+class InstanceResult(BaseModel):
+    sop_instance_uid: str
+    probabilities: dict[str, float]
+    has_heatmap: bool
+
+
+class ReviewRecord(BaseModel):
+    action: ReviewAction
+    reviewer: str
+    comment: str | None = None
+    at: datetime
+
+
+class ReportDetail(ReportSummary):
+    model_name: str | None = None
+    model_version: str | None = None
+    instances: list[InstanceResult] = Field(default_factory=list)
+    evidence: list[EvidencePassage] = Field(default_factory=list)
+    reviews: list[ReviewRecord] = Field(default_factory=list)
+    fhir: dict = Field(default_factory=dict, description="The DiagnosticReport as FHIR R4 JSON")
+
+
+class ReviewRequest(BaseModel):
+    action: ReviewAction
+    reviewer: str = Field(min_length=1, max_length=200)
+    comment: str | None = Field(None, max_length=4000)
+    conclusion: str | None = Field(None, max_length=8000, description="Required when action is 'amended'")

@@ -1,0 +1,133 @@
+"""Events exchanged over Kafka.
+
+Every event is a versioned, immutable pydantic model named in the past tense, carrying a
+unique ``event_id`` that consumers use for idempotency (delivery is at least once).
+Topic names live beside the events they carry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+TOPIC_STUDY_RECEIVED = "medbridge.study.received.v1"
+TOPIC_RECORD_RECEIVED = "medbridge.record.received.v1"
+TOPIC_IMAGING_COMPLETED = "medbridge.imaging.completed.v1"
+TOPIC_CLINICAL_COMPLETED = "medbridge.clinical.completed.v1"
+TOPIC_REPORT_ISSUED = "medbridge.report.issued.v1"
+TOPIC_DEAD_LETTER = "medbridge.deadletter.v1"
+
+ALL_TOPICS = (
+    TOPIC_STUDY_RECEIVED,
+    TOPIC_RECORD_RECEIVED,
+    TOPIC_IMAGING_COMPLETED,
+    TOPIC_CLINICAL_COMPLETED,
+    TOPIC_REPORT_ISSUED,
+    TOPIC_DEAD_LETTER,
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: str = Field(default_factory=_new_id)
+    schema_version: Literal[1] = 1
+    occurred_at: datetime = Field(default_factory=_now)
+
+
+class StudyReceived(_Event):
+    """A study (or a new revision of it, after more instances arrived) is complete enough to infer on."""
+
+    event_type: Literal["StudyReceived"] = "StudyReceived"
+    study_instance_uid: str
+    revision: int
+    patient_ref: str | None = Field(None, description="FHIR reference, e.g. 'Patient/abc'")
+    imaging_study_ref: str | None = Field(None, description="FHIR reference to the ImagingStudy")
+    instance_count: int
+
+
+class RecordReceived(_Event):
+    """A patient's clinical record changed and has been quiet for the configured period."""
+
+    event_type: Literal["RecordReceived"] = "RecordReceived"
+    patient_ref: str
+    revision: int
+
+
+class InstanceFinding(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    probabilities: dict[str, float]
+    heatmap_path: str | None = None
+
+
+class ImagingInferenceCompleted(_Event):
+    event_type: Literal["ImagingInferenceCompleted"] = "ImagingInferenceCompleted"
+    source_event_id: str
+    study_instance_uid: str
+    revision: int
+    patient_ref: str | None
+    imaging_study_ref: str | None
+    model_name: str
+    model_version: str
+    findings: list[InstanceFinding]
+    skipped_instances: int = 0
+
+
+class EvidencePassage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    passage_id: str
+    source: str
+    title: str
+    text: str
+    score: float
+    cited: bool
+    code: str | None = None
+
+
+class ClinicalInferenceCompleted(_Event):
+    event_type: Literal["ClinicalInferenceCompleted"] = "ClinicalInferenceCompleted"
+    source_event_id: str
+    patient_ref: str
+    revision: int
+    model_name: str
+    impression: str
+    evidence: list[EvidencePassage]
+    input_refs: list[str] = Field(default_factory=list, description="FHIR references the impression used")
+    conclusion_codes: list[tuple[str, str]] = Field(
+        default_factory=list, description="ICD-10-CM (code, display) pairs supported by cited evidence"
+    )
+
+
+class ReportIssued(_Event):
+    event_type: Literal["ReportIssued"] = "ReportIssued"
+    report_id: str
+    source_event_id: str
+    patient_ref: str | None
+
+
+MedBridgeEvent = Annotated[
+    StudyReceived | RecordReceived | ImagingInferenceCompleted | ClinicalInferenceCompleted | ReportIssued,
+    Field(discriminator="event_type"),
+]
+
+event_adapter: TypeAdapter[MedBridgeEvent] = TypeAdapter(MedBridgeEvent)
+
+
+def parse_event(raw: bytes | str) -> MedBridgeEvent:
+    """Parse a serialised event; raises ``pydantic.ValidationError`` for anything else."""
+    return event_adapter.validate_json(raw)

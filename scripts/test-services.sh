@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs and starts what the test suite talks to besides what the tests start themselves:
+# dcmtk (a third-party DICOM peer) and PostgreSQL (the production store). Idempotent.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+  else
+    echo "please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2; exit 1
+  fi
+fi
+bash "$(dirname "$0")/postgres.sh"

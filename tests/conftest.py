@@ -1,0 +1,138 @@
+"""Shared fixtures: real components only (embedded Kafka broker, SQLite and PostgreSQL, uvicorn)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from integration.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from integration.store import Store  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("MEDBRIDGE_TEST_PG_URL", "postgresql://medbridge:medbridge@127.0.0.1:5432/postgres")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """PostgreSQL is a real dependency of the store: start it (idempotently) rather than skip."""
+    subprocess.run(["bash", str(REPO / "scripts" / "postgres.sh")], check=True)
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"medbridge_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = postgres_admin_url.rsplit("/", 1)[0]
+    yield f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The store on both engines it supports."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def kafka() -> AsyncIterator[str]:
+    """A fresh embedded Kafka-protocol broker (tansu) with MedBridge's topics; its bootstrap address."""
+    broker = EmbeddedBroker(free_port())
+    broker.start()
+    try:
+        await ensure_topics(broker.bootstrap_servers)
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def imaging_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights of the demo CNN from a quick run of the project's own training script."""
+    from inference.imaging.train import train_demo_model
+
+    path = tmp_path_factory.mktemp("models") / "demo.pt"
+    train_demo_model(path, quick=True, log=lambda _m: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (real transformers generation path; its words are random)."""
+    from knowledge.testing import build_tiny_random_llama
+
+    return build_tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def seeded_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ChromaDB folder seeded once with the shipped corpus; runtimes copy it."""
+    from inference.clinical.worker import open_knowledge_base
+
+    path = tmp_path_factory.mktemp("chroma-seed")
+    open_knowledge_base(path, "")
+    return path
+
+
+def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - returns Settings
+    from integration.settings import Settings
+
+    values: dict[str, object] = {
+        "data_dir": tmp_path / "var",
+        "dicom_host": "127.0.0.1",
+        "dicom_port": free_port(),
+        "http_port": free_port(),
+        "embedded_kafka_port": free_port(),
+        "kafka_bootstrap_servers": "",
+        "study_quiet_seconds": 1.0,
+        "record_quiet_seconds": 1.0,
+        "viewer_enabled": False,
+        "database_url": "",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, imaging_weights: Path, tiny_llm: Path, seeded_chroma: Path):  # noqa: ANN201
+    """The whole MedBridge stack, as `medbridge run` starts it, on free ports in a temp folder."""
+    import shutil
+
+    from integration.runtime import Runtime
+
+    shutil.copytree(seeded_chroma, tmp_path / "var" / "chroma")
+    settings = stack_settings(tmp_path, imaging_model=imaging_weights, llm_model=tiny_llm)
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()

@@ -1,0 +1,142 @@
+"""The DICOM listener against real peers: pynetdicom and dcmtk over real associations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from sqlalchemy import select
+
+from integration.dicom_listener import DicomListener
+from integration.publisher import QuietPeriodPublisher, announce_study
+from integration.store import OutboxEntry, Store
+from schemas.events import StudyReceived
+
+CT_SMALL = get_testdata_file("CT_small.dcm")
+MR_SMALL = get_testdata_file("MR_small.dcm")
+
+
+@pytest.fixture
+def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60)
+    lst.start()
+    yield lst
+    lst.stop()
+
+
+def associate(port: int, *contexts: tuple[str, str]):  # noqa: ANN201
+    ae = AE(ae_title="TEST_SCU")
+    for abstract, ts in contexts:
+        ae.add_requested_context(abstract, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    return assoc
+
+
+def test_dcmtk_echoscu_gets_success(listener: DicomListener) -> None:
+    proc = subprocess.run(["echoscu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_stored_instance_is_on_disk_and_in_the_store_before_success(listener: DicomListener, store: Store) -> None:
+    proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), CT_SMALL, MR_SMALL],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for src in (CT_SMALL, MR_SMALL):
+        original = dcmread(src)
+        row = store.get_instance(original.SOPInstanceUID)
+        assert row is not None and row.is_image
+        stored = dcmread(row.path)
+        assert stored.PixelData == original.PixelData
+        assert stored.SOPInstanceUID == original.SOPInstanceUID
+    # nothing half-written is left beside the instances
+    assert not [p for p in Path(listener.storage_dir).rglob("*.tmp")]
+
+
+def test_compressed_transfer_syntaxes_are_accepted_as_sent(listener: DicomListener, store: Store) -> None:
+    # one file per transfer syntax, each with its own SOP Instance UID
+    for name in ("JPEG2000.dcm", "SC_rgb_rle.dcm", "JPEG-LL.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                 "emri_small_jpeg_2k_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm"):
+        ds = dcmread(get_testdata_file(name))
+        assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+        assert status.Status == 0x0000, name
+        row = store.get_instance(ds.SOPInstanceUID)
+        assert row is not None and row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+
+
+def test_truncated_dataset_is_refused_and_the_association_goes_on(
+    listener: DicomListener, store: Store, tmp_path: Path
+) -> None:
+    data = Path(CT_SMALL).read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 2])
+    assoc = associate(listener.port, ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"))
+    try:
+        bad = assoc.send_c_store(str(truncated))
+        good = assoc.send_c_store(CT_SMALL)
+    finally:
+        assoc.release()
+    assert bad.Status == 0xC210
+    assert good.Status == 0x0000
+    assert store.get_instance(dcmread(CT_SMALL).SOPInstanceUID) is not None
+
+
+def test_unwritable_storage_answers_out_of_resources(listener: DicomListener, store: Store) -> None:
+    # root ignores permission bits, so make the folder unusable by putting a file where it must be
+    ds = dcmread(CT_SMALL)
+    from integration.phi import uid_hash
+
+    Path(listener.storage_dir).mkdir(parents=True, exist_ok=True)
+    (Path(listener.storage_dir) / uid_hash(ds.StudyInstanceUID)).write_bytes(b"not a folder")
+    assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID),
+                      ("1.2.840.10008.1.1", "1.2.840.10008.1.2"))
+    try:
+        status = assoc.send_c_store(ds)
+        echo = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700
+    assert echo.Status == 0x0000  # the association survives the failure
+    assert store.get_instance(ds.SOPInstanceUID) is None
+
+
+def test_duplicate_instance_keeps_the_first(listener: DicomListener, store: Store) -> None:
+    ds = dcmread(CT_SMALL)
+    for _ in range(2):
+        assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+    assert len(store.study_instances(ds.StudyInstanceUID)) == 1
+
+
+def test_released_study_is_announced_once_with_its_imaging_study(listener: DicomListener, store: Store) -> None:
+    proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), CT_SMALL],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    # the association's release made the study due despite the 60 s quiet period
+    assert publisher.publish_due() == 1
+    assert publisher.publish_due() == 0
+    with store.session() as s:
+        rows = list(s.scalars(select(OutboxEntry)))
+    assert len(rows) == 1
+    event = StudyReceived.model_validate_json(rows[0].payload)
+    assert event.revision == 1 and event.instance_count == 1
+    study = store.get_resource("ImagingStudy", event.imaging_study_ref.split("/")[1])
+    assert study["series"][0]["instance"][0]["uid"] == dcmread(CT_SMALL).SOPInstanceUID
+    patient = store.get_resource("Patient", event.patient_ref.split("/")[1])
+    assert patient["identifier"][0]["value"] == str(dcmread(CT_SMALL).PatientID)
