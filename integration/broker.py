@@ -112,10 +112,22 @@ class OutboxRelay:
     Runs as one task. ``wake()`` is thread-safe so DICOM threads can nudge it.
     """
 
-    def __init__(self, store: Store, bootstrap: str, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bootstrap: str,
+        poll_seconds: float = 0.5,
+        *,
+        consumers_by_topic: dict[str, str] | None = None,
+        redeliver_after_seconds: float = 300.0,
+    ) -> None:
         self.store = store
         self.bootstrap = bootstrap
         self.poll_seconds = poll_seconds
+        # which consumer must record each topic's events as processed; unprocessed ones are republished
+        self.consumers_by_topic = consumers_by_topic or {}
+        self.redeliver_after_seconds = redeliver_after_seconds
+        self._last_requeue = 0.0
         self.producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -170,10 +182,24 @@ class OutboxRelay:
             await asyncio.to_thread(self.store.mark_published, [r.id for r in rows])
             sent += len(rows)
 
+    async def _requeue_if_due(self) -> None:
+        now = time.monotonic()
+        if not self.consumers_by_topic or now - self._last_requeue < min(30.0, self.redeliver_after_seconds / 2):
+            return
+        self._last_requeue = now
+        requeued = await asyncio.to_thread(
+            self.store.requeue_unprocessed, self.consumers_by_topic, self.redeliver_after_seconds
+        )
+        if requeued:
+            log.warning("outbox relay: %d published events were never processed; republishing", requeued)
+            # the broker may have lost its topics with them (an embedded broker restarted)
+            await ensure_topics(self.bootstrap)
+
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
             try:
+                await self._requeue_if_due()
                 await self.publish_pending()
                 self.last_error = None
             except (KafkaError, OSError) as exc:

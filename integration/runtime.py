@@ -28,6 +28,7 @@ from integration.services import Services
 from integration.settings import Settings
 from integration.store import Store
 from integration.writeback import ReportWriter
+from schemas.events import CONSUMER_OF_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ class Runtime:
             self.health["embedded_broker"] = self.embedded.alive
         await ensure_topics(self.bootstrap)
 
-        self.relay = OutboxRelay(self.store, self.bootstrap, s.outbox_poll_seconds)
+        self.relay = OutboxRelay(
+            self.store, self.bootstrap, s.outbox_poll_seconds,
+            consumers_by_topic=CONSUMER_OF_TOPIC, redeliver_after_seconds=s.redeliver_after_seconds,
+        )
         await self.relay.start()
         self.components.append(("outbox relay", self.relay.stop))
         relay = self.relay
@@ -124,17 +128,18 @@ class Runtime:
             )
             await self._start_worker("clinical_worker", clinical)
 
-        self.dicom = DicomListener(
-            self.store,
-            s.dicom_dir,
-            host=s.dicom_host,
-            port=s.dicom_port,
-            ae_title=s.dicom_ae_title,
-            study_quiet_seconds=s.study_quiet_seconds,
-        )
-        await asyncio.to_thread(self.dicom.start)
-        self.components.append(("DICOM listener", self.dicom.stop))
-        self.health["dicom_listener"] = self.dicom.running
+        if s.dicom_enabled:
+            self.dicom = DicomListener(
+                self.store,
+                s.dicom_dir,
+                host=s.dicom_host,
+                port=s.dicom_port,
+                ae_title=s.dicom_ae_title,
+                study_quiet_seconds=s.study_quiet_seconds,
+            )
+            await asyncio.to_thread(self.dicom.start)
+            self.components.append(("DICOM listener", self.dicom.stop))
+            self.health["dicom_listener"] = self.dicom.running
 
         services = Services(s, self.store, self.health, self.notify_outbox)
         config = uvicorn.Config(
@@ -155,10 +160,7 @@ class Runtime:
 
         if self.with_viewer:
             self._start_viewer()
-        log.info(
-            "MedBridge up: DICOM %s@%s:%d, HTTP http://%s:%d, broker %s",
-            s.dicom_ae_title, s.dicom_host, self.dicom.port, s.http_host, s.http_port, self.bootstrap,
-        )
+        log.info("MedBridge up: HTTP http://%s:%d, broker %s", s.http_host, s.http_port, self.bootstrap)
 
     async def _start_worker(self, name: str, worker: Any) -> None:
         await worker.start()

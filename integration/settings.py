@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     kafka_group_prefix: str = Field("medbridge", alias="MEDBRIDGE_KAFKA_GROUP_PREFIX")
     consumer_max_attempts: int = Field(3, alias="MEDBRIDGE_CONSUMER_MAX_ATTEMPTS")
     outbox_poll_seconds: float = Field(0.5, alias="MEDBRIDGE_OUTBOX_POLL_SECONDS")
+    redeliver_after_seconds: float = Field(300.0, alias="MEDBRIDGE_REDELIVER_AFTER_SECONDS")
 
     # Store: empty means SQLite under data_dir
     database_url: str = Field("", alias="DATABASE_URL")
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
     # Imaging model: empty means the demo weights under data_dir/models
     imaging_model: Path | None = Field(None, alias="MEDBRIDGE_IMAGING_MODEL")
     device: str = Field("auto", alias="MEDBRIDGE_DEVICE")
+
+    # Whether this process runs the DICOM listener (workers-only processes in a cluster set false)
+    dicom_enabled: bool = Field(True, alias="MEDBRIDGE_DICOM")
 
     # Which workers this process runs (comma list of imaging, clinical, reports); all by default
     workers: str = Field("imaging,clinical,reports", alias="MEDBRIDGE_WORKERS")

@@ -108,6 +108,7 @@ class OutboxEntry(Base):
     payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ProcessedEvent(Base):
@@ -229,7 +230,40 @@ class Store:
         if not ids:
             return
         with self.session() as s:
-            s.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(published_at=utcnow()))
+            s.execute(
+                update(OutboxEntry)
+                .where(OutboxEntry.id.in_(ids))
+                .values(published_at=utcnow(), publish_count=OutboxEntry.publish_count + 1)
+            )
+
+    def requeue_unprocessed(
+        self, consumers_by_topic: dict[str, str], older_than_seconds: float, max_publishes: int = 5
+    ) -> int:
+        """Mark published events that their consumer never processed as pending again.
+
+        The embedded broker forgets everything when it restarts, and a real cluster can lose a topic
+        too: the store, not Kafka, decides what is done. Returns how many events were requeued.
+        """
+        cutoff = datetime.fromtimestamp(time.time() - older_than_seconds, UTC)
+        total = 0
+        with self.session() as s:
+            for topic, consumer in consumers_by_topic.items():
+                done = select(ProcessedEvent.event_id).where(ProcessedEvent.consumer == consumer)
+                dead = select(DeadLetter.event_id).where(DeadLetter.event_id.is_not(None))
+                result = s.execute(
+                    update(OutboxEntry)
+                    .where(
+                        OutboxEntry.topic == topic,
+                        OutboxEntry.published_at.is_not(None),
+                        OutboxEntry.published_at < cutoff,
+                        OutboxEntry.publish_count < max_publishes,
+                        OutboxEntry.event_id.not_in(done),
+                        OutboxEntry.event_id.not_in(dead),
+                    )
+                    .values(published_at=None)
+                )
+                total += result.rowcount  # type: ignore[attr-defined]
+        return total
 
     def outbox_backlog(self) -> int:
         with self.session() as s:
@@ -278,6 +312,8 @@ class Store:
                 ChangeTracker.kind == tracker.kind,
                 ChangeTracker.key == tracker.key,
                 ChangeTracker.revision == tracker.revision,
+                # re-checked after a concurrent claimer's commit: only one process announces a revision
+                ChangeTracker.published_revision < tracker.revision,
             )
             .values(published_revision=tracker.revision)
         )

@@ -23,6 +23,7 @@ from integration.fhir_resources import MEDBRIDGE_IDENTIFIER_SYSTEM, store_resour
 from integration.store import AiResult, FhirResource, Review, Store, stable_id, utcnow
 from schemas.api import ReviewRequest
 from schemas.events import (
+    REPORT_WRITER,
     TOPIC_CLINICAL_COMPLETED,
     TOPIC_IMAGING_COMPLETED,
     TOPIC_REPORT_ISSUED,
@@ -40,7 +41,7 @@ AI_ASSERTED = {
     "display": "Artificial Intelligence asserted",
 }
 ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
-CONSUMER_NAME = "report-writer"
+CONSUMER_NAME = REPORT_WRITER
 
 
 def _iso_now() -> str:

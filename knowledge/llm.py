@@ -18,7 +18,9 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal
+
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -294,8 +296,7 @@ def load_text_generator(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise LLMNotFoundError(
-            f"could not load a transformers model from {folder}: {exc}; set MEDBRIDGE_LLM_MODEL to a "
-            "local model folder"
+            f"could not load a transformers model from {folder}: {exc}; set MEDBRIDGE_LLM_MODEL to a local model folder"
         ) from exc
     model.to(dev)
     model.eval()

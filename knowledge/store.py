@@ -50,13 +50,13 @@ class Passage(BaseModel):
     code: str | None = None
 
     def embedding_text(self) -> str:
-        """What gets embedded: the title gives short passages their topic."""
-        return self.text if self.text.startswith(self.title) else f"{self.title}. {self.text}"
+        """What gets embedded: the title gives a section its topic, unless the text already holds it."""
+        return self.text if self.title in self.text else f"{self.title}. {self.text}"
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(
-            "\x1f".join([self.source, self.title, self.text, self.code or ""]).encode()
-        ).hexdigest()[:16]
+        return hashlib.sha256("\x1f".join([self.source, self.title, self.text, self.code or ""]).encode()).hexdigest()[
+            :16
+        ]
 
 
 class RetrievedPassage(Passage):
@@ -183,9 +183,8 @@ class KnowledgeBase:
                 existing = self._collection.get(ids=[p.id for p in batch], include=["metadatas"])
             except Exception as exc:
                 raise KnowledgeBaseError(f"reading {self.location} failed: {exc}") from exc
-            stored = {
-                i: (m or {}).get("fingerprint") for i, m in zip(existing["ids"], existing["metadatas"] or [])
-            }
+            metas = existing["metadatas"] or [None] * len(existing["ids"])
+            stored = {i: (m or {}).get("fingerprint") for i, m in zip(existing["ids"], metas, strict=True)}
             todo = [p for p in batch if stored.get(p.id) != p.fingerprint()]
             if not todo:
                 continue

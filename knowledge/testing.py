@@ -54,9 +54,7 @@ def build_tiny_random_llama(path: Path, *, seed: int = 0) -> Path:
         vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(_TRAINING_TEXT * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = _TINY_CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -20,6 +20,17 @@ TOPIC_CLINICAL_COMPLETED = "medbridge.clinical.completed.v1"
 TOPIC_REPORT_ISSUED = "medbridge.report.issued.v1"
 TOPIC_DEAD_LETTER = "medbridge.deadletter.v1"
 
+# The consumer that must record each topic's events as processed (the outbox republishes the rest)
+IMAGING_WORKER = "imaging-worker"
+CLINICAL_WORKER = "clinical-worker"
+REPORT_WRITER = "report-writer"
+CONSUMER_OF_TOPIC = {
+    TOPIC_STUDY_RECEIVED: IMAGING_WORKER,
+    TOPIC_RECORD_RECEIVED: CLINICAL_WORKER,
+    TOPIC_IMAGING_COMPLETED: REPORT_WRITER,
+    TOPIC_CLINICAL_COMPLETED: REPORT_WRITER,
+}
+
 ALL_TOPICS = (
     TOPIC_STUDY_RECEIVED,
     TOPIC_RECORD_RECEIVED,

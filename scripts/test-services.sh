@@ -5,6 +5,7 @@ set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"

@@ -22,6 +22,7 @@ from knowledge.ingest import ingest_default_corpus
 from knowledge.llm import load_text_generator
 from knowledge.store import KnowledgeBase
 from schemas.events import (
+    CLINICAL_WORKER,
     TOPIC_CLINICAL_COMPLETED,
     TOPIC_RECORD_RECEIVED,
     ClinicalInferenceCompleted,
@@ -30,7 +31,7 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
-CONSUMER_NAME = "clinical-worker"
+CONSUMER_NAME = CLINICAL_WORKER
 
 
 def open_knowledge_base(chroma_dir: Path, chroma_url: str) -> KnowledgeBase:

@@ -177,19 +177,32 @@ def _random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_sample(
-    image: np.ndarray, rng: np.random.Generator, *, lesion: bool, size: int = INPUT_SIZE
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    lesion: bool,
+    size: int = INPUT_SIZE,
+    difficulty: float = 1.0,
 ) -> np.ndarray:
-    """One augmented ``size x size`` training sample from a source image, with or without a lesion."""
+    """One augmented ``size x size`` training sample from a source image, with or without a lesion.
+
+    ``difficulty`` in [0, 1] is the curriculum: at 0 the background's contrast is damped and
+    lesions are large and strong; at 1 (validation and the end of training) neither is.
+    """
     crop = _random_crop(image, rng)
     sample = resize_for_model(np.ascontiguousarray(crop), size)
+    easy = 1.0 - float(np.clip(difficulty, 0.0, 1.0))
+    if easy > 0:
+        damp = 1.0 - 0.7 * easy
+        sample = (sample - sample.mean()) * damp + sample.mean()
     if lesion:
         top, left, box_h, box_w = letterbox_box(crop.shape[0], crop.shape[1], size)
         scale = size / 128.0
-        radius = rng.uniform(3.5, 10.0) * scale
+        radius = rng.uniform(3.5 + 3.0 * easy, 10.0) * scale
         margin = int(math.ceil(radius)) + 1
         row = int(rng.integers(top + margin, max(top + margin + 1, top + box_h - margin)))
         col = int(rng.integers(left + margin, max(left + margin + 1, left + box_w - margin)))
-        magnitude = rng.uniform(0.2, 0.5)
+        magnitude = rng.uniform(0.2 + 0.25 * easy, 0.5)
         r0, r1 = max(0, row - margin), row + margin + 1
         c0, c1 = max(0, col - margin), col + margin + 1
         local = float(sample[r0:r1, c0:c1].mean())
@@ -207,14 +220,16 @@ def make_sample(
 
 
 def _batch(
-    sources: Sequence[np.ndarray], count: int, rng: np.random.Generator
+    sources: Sequence[np.ndarray], count: int, rng: np.random.Generator, difficulty: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     labels = np.zeros(count, dtype=np.float32)
     labels[: count // 2] = 1.0
     rng.shuffle(labels)
     images = np.stack(
         [
-            make_sample(sources[int(rng.integers(0, len(sources)))], rng, lesion=bool(label))
+            make_sample(
+                sources[int(rng.integers(0, len(sources)))], rng, lesion=bool(label), difficulty=difficulty
+            )
             for label in labels
         ]
     )
@@ -295,7 +310,9 @@ def train_demo_model(
     try:
         for step in range(1, schedule.steps + 1):
             network.train()
-            x, y = _batch(sources, schedule.batch_size, rng)
+            # Curriculum: easy samples first, full difficulty for the last 40 % of the steps.
+            difficulty = min(1.0, step / (0.6 * schedule.steps))
+            x, y = _batch(sources, schedule.batch_size, rng, difficulty)
             loss = F.binary_cross_entropy_with_logits(network(x), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

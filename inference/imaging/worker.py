@@ -23,6 +23,7 @@ from integration.broker import EventConsumer
 from integration.phi import uid_hash
 from integration.store import Store
 from schemas.events import (
+    IMAGING_WORKER,
     TOPIC_IMAGING_COMPLETED,
     TOPIC_STUDY_RECEIVED,
     ImagingInferenceCompleted,
@@ -32,7 +33,7 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
-CONSUMER_NAME = "imaging-worker"
+CONSUMER_NAME = IMAGING_WORKER
 
 
 def _write_png(path: Path, data: bytes) -> None:

@@ -1,0 +1,334 @@
+"""Retrieval-augmented clinical impression: a pure operator over a knowledge base and a local LLM.
+
+``ClinicalImpressionOperator.run(ctx)`` retrieves reference passages for a patient's conditions
+and abnormal observations, fits as many as the model's context allows into a prompt made only of
+de-identified facts (age, sex, coded items, values), generates a short impression and records
+which passages the output cites. It touches no files, Kafka or database; the caller owns I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from knowledge.llm import ChatMessage, TextGenerator
+from knowledge.store import SOURCE_ICD10CM, KnowledgeBase, RetrievedPassage
+from schemas.clinical import CodedItem, ObservationItem, PatientContext
+from schemas.events import EvidencePassage
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are a clinical decision-support assistant. Write a short clinical impression (2 to 4 "
+    "sentences) for a reviewing clinician. Use only the patient facts and the numbered reference "
+    "passages below. Cite the passages you rely on by number in square brackets, like [1] or [2][3]. "
+    "Do not invent findings; if the facts are not enough for a conclusion, say so."
+)
+
+EMPTY_OUTPUT_TEXT = (
+    "The language model returned no text for this record, so no impression was generated. "
+    "The retrieved reference passages are listed as evidence for manual review."
+)
+NO_CONTENT_TEXT = "The record holds no conditions, observations or medications, so no impression was generated."
+
+# Tokens kept free besides the answer: tokenisation of the final prompt can differ by a few
+# tokens from the sum of its parts, and some models append an end-of-turn token.
+PROMPT_MARGIN_TOKENS = 16
+# A passage cut to fewer tokens than this carries no usable meaning; drop it instead.
+MIN_PASSAGE_TOKENS = 24
+# Cap per section so one patient with hundreds of observations cannot crowd out the evidence.
+MAX_ITEMS_PER_SECTION = 20
+
+_NORMAL_INTERPRETATIONS = {"n", "normal", "within normal limits", "wnl", "negative", "neg"}
+_CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|-|–)\s*\d+)*)\s*\]")
+
+
+class ClinicalOperatorError(Exception):
+    """The operator cannot build a prompt for this input (e.g. the patient facts alone overflow)."""
+
+
+class ClinicalImpression(BaseModel):
+    """Result of one run.
+
+    ``evidence`` holds every passage the model was given (in prompt order, numbered from 1), with
+    ``cited=True`` for those its output cites. ``conclusion_codes`` are ICD-10-CM (code, display)
+    pairs taken from cited ICD passages or, when none is cited, from retrieved ICD passages whose
+    code equals one of the patient's coded conditions; never invented. ``generated`` is False when
+    no model text backs ``impression`` (empty output, or nothing to assess).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    impression: str
+    evidence: list[EvidencePassage]
+    model_name: str
+    conclusion_codes: list[tuple[str, str]] = Field(default_factory=list)
+    generated: bool = True
+    prompt_tokens: int = 0
+    passages_dropped: int = 0
+
+
+class PreparedPrompt(BaseModel):
+    """The exact prompt for one run and the passages in it (numbered from 1)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    messages: list[ChatMessage]
+    passages: list[RetrievedPassage]
+    prompt_tokens: int
+    passages_dropped: int
+
+
+def parse_citations(text: str, n_passages: int) -> set[int]:
+    """1-based passage numbers cited in ``text``: ``[1]``, ``[2,3]``, ``[1][2]``, ``[2-4]``.
+
+    Numbers outside 1..``n_passages`` are ignored (a model may cite passages it never saw).
+    """
+    cited: set[int] = set()
+    for match in _CITATION.finditer(text):
+        for part in re.split(r"\s*[,;]\s*", match.group(1)):
+            bounds = re.split(r"\s*[-–]\s*", part)
+            if len(bounds) == 2:
+                lo, hi = int(bounds[0]), int(bounds[1])
+                numbers: Iterable[int] = range(lo, hi + 1) if 0 < hi - lo < 50 else ()
+            else:
+                numbers = [int(bounds[0])]
+            cited.update(n for n in numbers if 1 <= n <= n_passages)
+    return cited
+
+
+def _is_abnormal(obs: ObservationItem) -> bool | None:
+    if obs.interpretation is None:
+        return None
+    return obs.interpretation.strip().lower() not in _NORMAL_INTERPRETATIONS
+
+
+def _coded_line(item: CodedItem) -> str:
+    # The code is clinical content, not an identifier; the FHIR reference (item.ref) never enters.
+    if item.code and item.system and "icd-10" in item.system.lower():
+        return f"- {item.display} (ICD-10-CM {item.code})"
+    return f"- {item.display}"
+
+
+def _observation_line(obs: ObservationItem) -> str:
+    # Effective dates are left out on purpose: full dates tied to a person are identifiers under
+    # HIPAA Safe Harbor, and the impression does not need them.
+    line = f"- {obs.display}"
+    if obs.value:
+        line += f": {obs.value}" + (f" {obs.unit}" if obs.unit else "")
+    if obs.interpretation:
+        line += f" ({obs.interpretation})"
+    return line
+
+
+def _normalise_code(code: str) -> str:
+    return code.replace(".", "").strip().upper()
+
+
+def patient_facts(ctx: PatientContext) -> str:
+    """The de-identified patient facts given to the model.
+
+    Only age (90 and over grouped, as HIPAA Safe Harbor requires), sex and the displays, codes,
+    values, units and interpretations of conditions, observations and medications. Never
+    ``patient_ref``, FHIR references, names, identifiers or dates.
+    """
+    if ctx.age_years is None:
+        age = "unknown age"
+    elif ctx.age_years >= 90:
+        age = "aged 90 or older"
+    else:
+        age = f"{ctx.age_years}-year-old"
+    lines = [f"Patient: {age} {ctx.sex or 'sex not recorded'}".strip()]
+    sections: list[tuple[str, list[str]]] = [
+        ("Conditions", [_coded_line(c) for c in ctx.conditions]),
+        # Abnormal results first: they matter most when the section is capped.
+        (
+            "Observations",
+            [_observation_line(o) for o in sorted(ctx.observations, key=lambda o: _is_abnormal(o) is not True)],
+        ),
+        ("Medications", [_coded_line(m) for m in ctx.medications]),
+    ]
+    for name, items in sections:
+        if items:
+            lines.append(f"{name}:")
+            lines.extend(items[:MAX_ITEMS_PER_SECTION])
+            if len(items) > MAX_ITEMS_PER_SECTION:
+                lines.append(f"- ... and {len(items) - MAX_ITEMS_PER_SECTION} more")
+    return "\n".join(lines)
+
+
+def retrieval_queries(ctx: PatientContext) -> list[str]:
+    """Queries for the knowledge base: one combined, then one per condition and abnormal observation.
+
+    Observations with no interpretation are kept (their abnormality is unknown); those marked
+    normal are left out because they rarely need explaining.
+    """
+    conditions = [c.display for c in ctx.conditions]
+    observations = [
+        f"{o.display} {o.value or ''} {o.unit or ''} {o.interpretation or ''}".split()
+        for o in ctx.observations
+        if _is_abnormal(o) is not False
+    ]
+    obs_texts = [" ".join(words) for words in observations]
+    meds = [m.display for m in ctx.medications]
+    combined = "; ".join([*conditions, *obs_texts, *meds])
+    unique: dict[str, None] = {}  # ordered set
+    for q in [combined, *conditions, *obs_texts]:
+        if q.strip():
+            unique[q] = None
+    return list(unique)
+
+
+class ClinicalImpressionOperator:
+    """Knowledge-grounded clinical impression for one patient context.
+
+    Args:
+        kb: an opened, populated knowledge base.
+        llm: a loaded text generator.
+        k: maximum passages retrieved and offered to the model (fewer when the context is small).
+        max_new_tokens: length limit of the impression.
+
+    ``run`` is blocking (retrieval + generation, seconds on CPU); async callers should use
+    ``asyncio.to_thread`` with at most one run in flight per operator.
+    """
+
+    def __init__(self, kb: KnowledgeBase, llm: TextGenerator, *, k: int = 6, max_new_tokens: int = 160) -> None:
+        if k < 1 or max_new_tokens < 1:
+            raise ValueError("k and max_new_tokens must be >= 1")
+        if max_new_tokens + PROMPT_MARGIN_TOKENS >= llm.context_length:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                f"{llm.context_length}-token context of {llm.model_name}"
+            )
+        self.kb = kb
+        self.llm = llm
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def prompt_budget(self) -> int:
+        """Maximum prompt tokens: the context minus the answer and a safety margin."""
+        return self.llm.context_length - self.max_new_tokens - PROMPT_MARGIN_TOKENS
+
+    def retrieve(self, ctx: PatientContext) -> list[RetrievedPassage]:
+        """Up to ``k`` passages, interleaving the best hits of each query so every condition is covered."""
+        results = [self.kb.query(q, self.k) for q in retrieval_queries(ctx)]
+        best: dict[str, RetrievedPassage] = {}
+        order: list[str] = []
+        for rank in range(self.k):
+            for hits in results:
+                if rank < len(hits):
+                    p = hits[rank]
+                    if p.id not in best:
+                        order.append(p.id)
+                    if p.id not in best or p.score > best[p.id].score:
+                        best[p.id] = p
+        return [best[i] for i in order[: self.k]]
+
+    def build_messages(self, ctx: PatientContext, passages: Sequence[RetrievedPassage]) -> list[ChatMessage]:
+        """System and user messages; passages are numbered from 1 in the given order."""
+        refs = "\n".join(f"[{i}] {p.source} - {p.title}: {p.text}" for i, p in enumerate(passages, 1))
+        user = (
+            f"{patient_facts(ctx)}\n\n"
+            f"Reference passages:\n{refs if refs else '(none)'}\n\n"
+            "Write the clinical impression, citing passages as [n]."
+        )
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def fit_passages(self, ctx: PatientContext, passages: Sequence[RetrievedPassage]) -> PreparedPrompt:
+        """Fit the prompt into ``prompt_budget``: drop lowest-ranked passages, then truncate the last.
+
+        Raises:
+            ClinicalOperatorError: the instructions and patient facts alone do not fit.
+        """
+        kept = list(passages)
+        budget = self.prompt_budget
+        while True:
+            messages = self.build_messages(ctx, kept)
+            used = self.llm.count_prompt_tokens(messages)
+            if used <= budget:
+                return PreparedPrompt(
+                    messages=messages,
+                    passages=kept,
+                    prompt_tokens=used,
+                    passages_dropped=len(passages) - len(kept),
+                )
+            if not kept:
+                raise ClinicalOperatorError(
+                    f"the instructions and patient facts need {used} tokens, more than the {budget}-token "
+                    f"prompt budget of {self.llm.model_name} (context {self.llm.context_length}, "
+                    f"max_new_tokens {self.max_new_tokens}); lower max_new_tokens or use a larger model"
+                )
+            if len(kept) > 1:
+                kept.pop()
+                continue
+            # One passage left and still too long: cut its text rather than lose all evidence.
+            only = kept[0]
+            room = self.llm.count_tokens(only.text) - (used - budget) - 4
+            if room < MIN_PASSAGE_TOKENS:
+                kept.pop()
+                continue
+            cut = self.llm.truncate_to_tokens(only.text, room).rstrip() + " ..."
+            kept[0] = only.model_copy(update={"text": cut})
+
+    def prepare(self, ctx: PatientContext) -> PreparedPrompt:
+        """Retrieve and fit: the exact prompt ``run`` would send, without generating."""
+        return self.fit_passages(ctx, self.retrieve(ctx))
+
+    def run(self, ctx: PatientContext) -> ClinicalImpression:
+        """Generate a clinical impression for ``ctx``.
+
+        Returns a result with ``generated=False`` and an explanatory ``impression`` when the
+        context has no clinical content (the model is not called) or the model returned nothing.
+
+        Raises:
+            ClinicalOperatorError: the patient facts alone overflow the model's context.
+            knowledge.store.KnowledgeBaseError: retrieval failed.
+            knowledge.llm.LLMError: generation failed.
+        """
+        if not ctx.has_clinical_content():
+            return ClinicalImpression(
+                impression=NO_CONTENT_TEXT, evidence=[], model_name=self.llm.model_name, generated=False
+            )
+        prepared = self.prepare(ctx)
+        output = self.llm.generate(prepared.messages, self.max_new_tokens).strip()
+        cited = parse_citations(output, len(prepared.passages)) if output else set()
+        evidence = [
+            EvidencePassage(
+                passage_id=p.id,
+                source=p.source,
+                title=p.title,
+                text=p.text,
+                score=p.score,
+                cited=i in cited,
+                code=p.code,
+            )
+            for i, p in enumerate(prepared.passages, 1)
+        ]
+        return ClinicalImpression(
+            impression=output or EMPTY_OUTPUT_TEXT,
+            evidence=evidence,
+            model_name=self.llm.model_name,
+            conclusion_codes=self._conclusion_codes(ctx, evidence),
+            generated=bool(output),
+            prompt_tokens=prepared.prompt_tokens,
+            passages_dropped=prepared.passages_dropped,
+        )
+
+    @staticmethod
+    def _conclusion_codes(ctx: PatientContext, evidence: Sequence[EvidencePassage]) -> list[tuple[str, str]]:
+        icd = [e for e in evidence if e.source == SOURCE_ICD10CM and e.code]
+        chosen = [e for e in icd if e.cited]
+        if not chosen:
+            # Nothing cited: only codes that both the record and the retrieval support.
+            patient_codes = {_normalise_code(c.code) for c in ctx.conditions if c.code}
+            chosen = [e for e in icd if _normalise_code(e.code or "") in patient_codes]
+        out: list[tuple[str, str]] = []
+        for e in chosen:
+            pair = (e.code or "", e.title)
+            if pair not in out:
+                out.append(pair)
+        return out

@@ -1,0 +1,133 @@
+"""The FHIR edge over HTTP: interactions, validation and OperationOutcomes."""
+
+from __future__ import annotations
+
+import httpx
+import json
+
+from carebundle import generate_bundle, to_json
+from fhir.resources.R4B import get_fhir_model_class
+from sqlalchemy import select
+
+from integration.store import ChangeTracker, Store
+
+OBSERVATION = {
+    "resourceType": "Observation",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}], "text": "Haemoglobin"},
+    "subject": {"reference": "Patient/p1"},
+    "valueQuantity": {"value": 10.9, "unit": "g/dL"},
+}
+
+
+def test_create_read_update_with_versions_and_etags(fhir_client: httpx.Client) -> None:
+    created = fhir_client.post("/fhir/Observation", json=OBSERVATION)
+    assert created.status_code == 201
+    body = created.json()
+    assert created.headers["content-type"].startswith("application/fhir+json")
+    assert created.headers["location"] == f"Observation/{body['id']}/_history/1"
+    assert created.headers["etag"] == 'W/"1"'
+    read = fhir_client.get(f"/fhir/Observation/{body['id']}")
+    assert read.status_code == 200 and read.json()["valueQuantity"]["value"] == 10.9
+    changed = {**body, "valueQuantity": {"value": 11.2, "unit": "g/dL"}}
+    updated = fhir_client.put(f"/fhir/Observation/{body['id']}", json=changed, headers={"If-Match": 'W/"1"'})
+    assert updated.status_code == 200 and updated.json()["meta"]["versionId"] == "2"
+    stale = fhir_client.put(f"/fhir/Observation/{body['id']}", json=changed, headers={"If-Match": 'W/"1"'})
+    assert stale.status_code == 412
+    assert stale.json()["resourceType"] == "OperationOutcome"
+
+
+def test_invalid_content_is_422_naming_the_element(fhir_client: httpx.Client) -> None:
+    bad = {**OBSERVATION, "valueQuantity": {"value": "lots"}}
+    r = fhir_client.post("/fhir/Observation", json=bad)
+    assert r.status_code == 422
+    issue = r.json()["issue"][0]
+    assert issue["severity"] == "error" and issue["expression"] == ["Observation.valueQuantity.value"]
+    r = fhir_client.post("/fhir/Observation", json={**OBSERVATION, "status": "not-a-status"})
+    assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["Observation.status"]
+
+
+def test_unknown_type_mismatch_bad_json_and_oversize_are_4xx_outcomes(fhir_client: httpx.Client) -> None:
+    assert fhir_client.post("/fhir/Spaceship", json={"resourceType": "Spaceship"}).status_code == 404
+    mismatch = fhir_client.post("/fhir/Condition", json=OBSERVATION)
+    assert mismatch.status_code == 400 and mismatch.json()["issue"][0]["expression"] == ["resourceType"]
+    assert fhir_client.post("/fhir/Observation", content=b"{not json").status_code == 400
+    huge = {**OBSERVATION, "note": [{"text": "x" * 300_000}]}
+    assert fhir_client.post("/fhir/Observation", json=huge).status_code == 413
+    assert fhir_client.get("/fhir/Observation/nope").status_code == 404
+    unsupported = fhir_client.get("/fhir/Observation", params={"code:bogus": "1"})
+    assert unsupported.status_code == 400 and "not supported" in unsupported.json()["issue"][0]["diagnostics"]
+
+
+def test_search_by_subject_status_and_paging(fhir_client: httpx.Client) -> None:
+    for i in range(5):
+        r = fhir_client.post("/fhir/Observation", json={**OBSERVATION, "valueQuantity": {"value": i}})
+        assert r.status_code == 201
+    fhir_client.post("/fhir/Observation", json={**OBSERVATION, "subject": {"reference": "Patient/other"}})
+    page = fhir_client.get("/fhir/Observation", params={"subject": "Patient/p1", "_count": 2}).json()
+    assert page["type"] == "searchset" and page["total"] == 5 and len(page["entry"]) == 2
+    nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    page2 = httpx.get(nxt).json()
+    assert len(page2["entry"]) == 2
+    assert not {e["resource"]["id"] for e in page["entry"]} & {e["resource"]["id"] for e in page2["entry"]}
+    by_patient = fhir_client.get("/fhir/Observation", params={"patient": "other"}).json()
+    assert by_patient["total"] == 1
+    assert fhir_client.get("/fhir/Observation", params={"status": "amended"}).json()["total"] == 0
+
+
+def test_transaction_resolves_urn_uuid_references_and_marks_the_patient_changed(
+    fhir_client: httpx.Client, store: Store
+) -> None:
+    bundle = json.loads(to_json(generate_bundle(profile="type2_diabetes", seed=42)))  # US Core R4, 50 entries
+    r = fhir_client.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["type"] == "transaction-response" and len(out["entry"]) == len(bundle["entry"])
+    assert all(e["response"]["status"] == "201 Created" for e in out["entry"])
+    patient_ref = next(e["response"]["location"] for e in out["entry"] if e["fullUrl"].startswith("Patient/"))
+    patient_ref = patient_ref.split("/_history")[0]
+    conditions = fhir_client.get("/fhir/Condition", params={"subject": patient_ref}).json()
+    assert conditions["total"] >= 1
+    assert conditions["entry"][0]["resource"]["subject"]["reference"] == patient_ref
+    with store.session() as s:
+        trackers = list(s.scalars(select(ChangeTracker).where(ChangeTracker.kind == "patient")))
+    assert [t.key for t in trackers] == [patient_ref]
+
+
+def test_transaction_is_all_or_nothing(fhir_client: httpx.Client) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:1", "request": {"method": "POST", "url": "Observation"}, "resource": OBSERVATION},
+            {"fullUrl": "urn:uuid:2", "request": {"method": "POST", "url": "Observation"},
+             "resource": {**OBSERVATION, "status": "bogus"}},
+        ],
+    }
+    r = fhir_client.post("/fhir", json=bundle)
+    assert r.status_code == 422
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[1].resource.status"]
+    assert fhir_client.get("/fhir/Observation").json()["total"] == 0
+
+
+def test_batch_keeps_good_entries_and_reports_bad_ones(fhir_client: httpx.Client) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "POST", "url": "Observation"}, "resource": OBSERVATION},
+            {"request": {"method": "POST", "url": "Observation"}, "resource": {**OBSERVATION, "status": "bogus"}},
+        ],
+    }
+    r = fhir_client.post("/fhir", json=bundle)
+    assert r.status_code == 200
+    statuses = [e["response"]["status"] for e in r.json()["entry"]]
+    assert statuses[0] == "201 Created" and statuses[1] == "422"
+    assert fhir_client.get("/fhir/Observation").json()["total"] == 1
+
+
+def test_capability_statement_is_valid(fhir_client: httpx.Client) -> None:
+    r = fhir_client.get("/fhir/metadata")
+    assert r.status_code == 200
+    get_fhir_model_class("CapabilityStatement").model_validate(r.json())
+    assert r.json()["fhirVersion"] == "4.0.1"

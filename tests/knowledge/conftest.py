@@ -1,0 +1,40 @@
+"""Fixtures for knowledge tests: a real ChromaDB in a temporary folder with the real MiniLM model."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers / sentence-transformers: no model hub here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from knowledge.ingest import ingest_default_corpus  # noqa: E402
+from knowledge.store import KnowledgeBase  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ingested_kb_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A knowledge base folder holding the full default corpus, ingested once per session."""
+    path = tmp_path_factory.mktemp("kb-default")
+    kb = KnowledgeBase(path)
+    written = ingest_default_corpus(kb)
+    assert written == kb.count() > 0
+    yield path
+
+
+@pytest.fixture(scope="session")
+def ingested_kb(ingested_kb_path: Path) -> KnowledgeBase:
+    return KnowledgeBase(ingested_kb_path)
+
+
+@pytest.fixture(scope="session")
+def llm_cache_dir() -> Path:
+    """Where the SmolLM2 demo model is converted; shared across runs so it is converted once."""
+    path = Path(os.environ.get("MEDBRIDGE_TEST_CACHE", "/tmp/medbridge-test-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,72 @@
+"""The Streamlit viewer in a real browser (headless Chromium) against the running stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from playwright.async_api import async_playwright
+
+from integration.demo import send_study
+from tests.conftest import REPO, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} did not come up")
+
+
+async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    api = f"http://127.0.0.1:{stack.settings.http_port}"
+    await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
+    async with httpx.AsyncClient(base_url=api) as client:
+        deadline = time.monotonic() + 90
+        while not (await client.get("/api/reports", params={"status": "preliminary"})).json():
+            assert time.monotonic() < deadline, "no report to review"
+            await asyncio.sleep(0.25)
+        (report,) = (await client.get("/api/reports", params={"status": "preliminary"})).json()
+
+    port = free_port()
+    viewer = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env={**os.environ, "MEDBRIDGE_API_URL": api}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/_stcore/health")
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{port}")
+            await page.get_by_text("Image with the AI heatmap").wait_for(timeout=60_000)
+            assert await page.get_by_text("synthetic_round_lesion").count() >= 1
+            await page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+            await page.get_by_label("Reviewer").fill("dr-viewer")
+            await page.get_by_text("Submit review").click()
+            await page.get_by_text("Recorded: report is now final").wait_for(timeout=30_000)
+            await browser.close()
+    finally:
+        viewer.terminate()
+        viewer.wait(10)
+    async with httpx.AsyncClient(base_url=api) as client:
+        fhir = (await client.get(f"/fhir/DiagnosticReport/{report['id']}")).json()
+        detail = (await client.get(f"/api/reports/{report['id']}")).json()
+    assert fhir["status"] == "final"
+    assert detail["reviews"][0]["reviewer"] == "dr-viewer"

@@ -1,0 +1,94 @@
+"""MedBridge review viewer (Streamlit). A client of the HTTP API only, so it can run on any host.
+
+    MEDBRIDGE_API_URL=http://127.0.0.1:8000 streamlit run viewer/app.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import streamlit as st
+
+API_URL = os.environ.get("MEDBRIDGE_API_URL", "http://127.0.0.1:8000").rstrip("/")
+ACTIONS = {"Approve (final)": "final", "Amend": "amended", "Reject (entered in error)": "entered-in-error"}
+
+st.set_page_config(page_title="MedBridge review", layout="wide")
+st.title("MedBridge: AI reports awaiting review")
+st.caption("AI output is preliminary until a clinician signs it off. The demo imaging model is not for clinical use.")
+
+
+def api() -> httpx.Client:
+    return httpx.Client(base_url=API_URL, timeout=30)
+
+
+status_filter = st.sidebar.selectbox("Status", ["preliminary", "final", "amended", "entered-in-error"], index=0)
+try:
+    with api() as client:
+        reports = client.get("/api/reports", params={"status": status_filter}).raise_for_status().json()
+except httpx.HTTPError as exc:
+    st.error(f"Cannot reach the MedBridge API at {API_URL} ({type(exc).__name__}). Is `medbridge run` up?")
+    st.stop()
+
+if not reports:
+    st.info(f"No {status_filter} reports.")
+    st.stop()
+
+
+def label(r: dict) -> str:
+    kind = "Imaging" if r["kind"] == "imaging" else "Clinical"
+    return f"{kind} report {r['id'][:8]} ({r['subject'] or 'no subject'})"
+
+
+chosen = st.sidebar.radio("Reports", reports, format_func=label)
+with api() as client:
+    detail = client.get(f"/api/reports/{chosen['id']}").raise_for_status().json()
+
+st.subheader(label(detail))
+st.markdown(f"**Status:** `{detail['status']}`  ·  **Model:** {detail.get('model_name') or '-'} "
+            f"{detail.get('model_version') or ''}")
+st.markdown("**Conclusion**")
+st.write(detail.get("conclusion") or "-")
+
+if detail["kind"] == "imaging":
+    left, right = st.columns([3, 2])
+    with left:
+        image = httpx.get(f"{API_URL}/api/reports/{detail['id']}/image.png", timeout=30)
+        if image.status_code == 200:
+            st.image(image.content, caption="Image with the AI heatmap (Grad-CAM) overlaid")
+        else:
+            st.warning("No image available for this report.")
+    with right:
+        st.markdown("**Probabilities per image**")
+        rows = [{"image": i["sop_instance_uid"][-12:], **i["probabilities"]} for i in detail["instances"]]
+        st.dataframe(rows, hide_index=True)
+else:
+    st.markdown("**Evidence given to the model** (cited passages marked)")
+    for n, ev in enumerate(detail["evidence"], start=1):
+        mark = "cited" if ev["cited"] else "not cited"
+        with st.expander(f"[{n}] {ev['title']} ({ev['source']}, {mark}, score {ev['score']:.2f})"):
+            st.write(ev["text"])
+
+if detail["reviews"]:
+    st.markdown("**Review history**")
+    for rv in detail["reviews"]:
+        st.write(f"{rv['at']}: {rv['action']} by {rv['reviewer']}" + (f" ({rv['comment']})" if rv["comment"] else ""))
+
+st.divider()
+st.markdown("**Your review**")
+with st.form("review"):
+    reviewer = st.text_input("Reviewer")
+    action = st.radio("Decision", list(ACTIONS), horizontal=True)
+    conclusion = st.text_area("Amended conclusion (for Amend)", value=detail.get("conclusion") or "")
+    comment = st.text_input("Comment (optional)")
+    submitted = st.form_submit_button("Submit review")
+if submitted:
+    payload = {"action": ACTIONS[action], "reviewer": reviewer.strip(), "comment": comment or None}
+    if ACTIONS[action] == "amended":
+        payload["conclusion"] = conclusion
+    with api() as client:
+        r = client.post(f"/api/reports/{detail['id']}/review", json=payload)
+    if r.status_code == 200:
+        st.success(f"Recorded: report is now {r.json()['status']}.")
+    else:
+        st.error(f"The review was refused ({r.status_code}): {r.text[:300]}")
