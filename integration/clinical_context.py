@@ -80,8 +80,14 @@ def build_patient_context(store: Store, patient_ref: str, today: date | None = N
     for med in store.search_resources("MedicationRequest", subject_ref=patient_ref, limit=50)[0]:
         display, code, system = _concept_text(med.get("medicationCodeableConcept"))
         if display:
-            medications.append(CodedItem(display=display, code=code, system=system, ref=f"MedicationRequest/{med['id']}"))
+            medications.append(
+                CodedItem(display=display, code=code, system=system, ref=f"MedicationRequest/{med['id']}")
+            )
     return PatientContext(
-        patient_ref=patient_ref, age_years=age, sex=sex,
-        conditions=conditions, observations=observations, medications=medications,
+        patient_ref=patient_ref,
+        age_years=age,
+        sex=sex,
+        conditions=conditions,
+        observations=observations,
+        medications=medications,
     )

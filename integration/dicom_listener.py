@@ -8,6 +8,7 @@ quiet (or its association is released).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -170,14 +171,13 @@ class DicomListener:
             return STATUS_CANNOT_UNDERSTAND
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             return STATUS_IDENTIFIER_MISSING
+        folder = self.storage_dir / uid_hash(study_uid)
+        final = folder / f"{sop_uid}.dcm"
+        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
         try:
-            if self.store.get_instance(sop_uid) is not None:
-                log.info("duplicate instance %s kept first", uid_hash(sop_uid))
-                self._remember(event, study_uid)
-                return STATUS_SUCCESS
             encoded = event.encoded_dataset()
-            path = self._write_atomically(study_uid, sop_uid, encoded)
-            self.store.add_instance(
+            _write_durably(tmp, encoded)
+            stored = self.store.add_instance(
                 DicomInstance(
                     sop_instance_uid=sop_uid,
                     study_instance_uid=study_uid,
@@ -187,13 +187,19 @@ class DicomListener:
                     modality=modality,
                     patient_id=patient_id,
                     is_image=is_image,
-                    path=str(path),
+                    path=str(final),
                     size=len(encoded),
-                )
+                ),
+                place_file=lambda: _rename_durably(tmp, final),
             )
         except (OSError, StoreUnavailableError) as exc:
             log.error("C-STORE of %s failed: %s", uid_hash(sop_uid), type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # already renamed, or never written
+        if not stored:
+            log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         self._remember(event, study_uid)
         log.info("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
         if self._on_stored:
@@ -213,24 +219,20 @@ class DicomListener:
             except StoreUnavailableError:
                 log.warning("could not expedite studies; they will publish after the quiet period")
 
-    def _write_atomically(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
-        folder = self.storage_dir / uid_hash(study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{sop_uid}.dcm"
-        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            # the rename itself must survive a power cut before we answer success
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        return final
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rename_durably(tmp: Path, final: Path) -> None:
+    """Atomic rename, then fsync the folder so the rename itself survives a power cut."""
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -36,19 +36,48 @@ CLINICAL_TYPES = {
 # Required bindings fhir.resources does not enforce (it accepts Observation.status = "not-a-status")
 _REQUIRED_CODES: dict[tuple[str, str], set[str]] = {
     ("Observation", "status"): {
-        "registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown",
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
     },
     ("DiagnosticReport", "status"): {
-        "registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
-        "entered-in-error", "unknown",
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
     },
     ("Patient", "gender"): {"male", "female", "other", "unknown"},
     ("MedicationRequest", "status"): {
-        "active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown",
+        "active",
+        "on-hold",
+        "cancelled",
+        "completed",
+        "entered-in-error",
+        "stopped",
+        "draft",
+        "unknown",
     },
     ("ImagingStudy", "status"): {"registered", "available", "cancelled", "entered-in-error", "unknown"},
     ("Encounter", "status"): {
-        "planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error",
+        "planned",
+        "arrived",
+        "triaged",
+        "in-progress",
+        "onleave",
+        "finished",
+        "cancelled",
+        "entered-in-error",
         "unknown",
     },
 }
@@ -76,9 +105,7 @@ def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, 
     if not isinstance(rtype, str) or not rtype:
         raise InvalidResourceError([("resourceType", "resourceType is required")], 400)
     if expected_type and rtype != expected_type:
-        raise InvalidResourceError(
-            [("resourceType", f"body is a {rtype} but the URL names {expected_type}")], 400
-        )
+        raise InvalidResourceError([("resourceType", f"body is a {rtype} but the URL names {expected_type}")], 400)
     try:
         model = get_fhir_model_class(rtype)
     except (ValueError, KeyError):
@@ -126,7 +153,9 @@ def identifiers_of(resource: dict[str, Any]) -> str | None:
     ids = resource.get("identifier")
     if isinstance(ids, dict):
         ids = [ids]
-    tokens = [f"{i.get('system', '')}|{i.get('value', '')}" for i in ids or [] if isinstance(i, dict) and i.get("value")]
+    tokens = [
+        f"{i.get('system', '')}|{i.get('value', '')}" for i in ids or [] if isinstance(i, dict) and i.get("value")
+    ]
     return f" {' '.join(tokens)} " if tokens else None
 
 
@@ -222,7 +251,10 @@ def imaging_study_for(study_uid: str, instances: list[DicomInstance], patient_re
                 "modality": {"system": DCM_SYSTEM, "code": members[0].modality or "OT"},
                 "numberOfInstances": len(members),
                 "instance": [
-                    {"uid": m.sop_instance_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{m.sop_class_uid}"}}
+                    {
+                        "uid": m.sop_instance_uid,
+                        "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{m.sop_class_uid}"},
+                    }
                     for m in members
                 ],
             }

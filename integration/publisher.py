@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy.orm import Session
 
-from integration.fhir_resources import imaging_study_for, patient_for_dicom
+from integration.fhir_resources import imaging_study_for, patient_for_dicom, store_resource
 from integration.phi import uid_hash
 from integration.store import ChangeTracker, Store
 from schemas.events import TOPIC_RECORD_RECEIVED, TOPIC_STUDY_RECEIVED, RecordReceived, StudyReceived
@@ -82,7 +81,7 @@ def announce_study(s: Session, tracker: ChangeTracker) -> None:
     instances = Store.instances_in(s, study_uid)
     patient_ref = patient_for_dicom(s, instances)
     imaging_study = imaging_study_for(study_uid, instances, patient_ref)
-    Store.put_resource(s, imaging_study, subject_ref=patient_ref, status=imaging_study["status"])
+    store_resource(s, imaging_study, track=False)
     event = StudyReceived(
         study_instance_uid=study_uid,
         revision=tracker.revision,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -168,11 +168,12 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {"future": True, "pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
-            kwargs["pool_size"] = 10
+            # a server can drop idle connections; a local file cannot, so SQLite skips the probe
+            kwargs.update(pool_size=10, pool_pre_ping=True)
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             _enable_sqlite_wal(self.engine)
@@ -211,10 +212,10 @@ class Store:
     def add_to_outbox(s: Session, topic: str, event: BaseModel, key: str | None) -> None:
         s.add(
             OutboxEntry(
-                event_id=getattr(event, "event_id"),
+                event_id=event.event_id,
                 topic=topic,
                 key=key,
-                event_type=getattr(event, "event_type"),
+                event_type=event.event_type,
                 payload=event.model_dump_json(),
             )
         )
@@ -320,12 +321,15 @@ class Store:
         return result.rowcount == 1  # type: ignore[attr-defined]
 
     # DICOM -----------------------------------------------------------------------------------
-    def add_instance(self, inst: DicomInstance) -> bool:
-        """Record a stored instance; False when that SOP Instance UID was already held (kept first)."""
+    def add_instance(self, inst: DicomInstance, place_file: Callable[[], None]) -> bool:
+        """Record an instance in one transaction; False when that SOP Instance UID is already held
+        (the first is kept). ``place_file`` moves the durable file into place just before the commit,
+        so a row never points at a missing file."""
         try:
             with self.session() as s:
                 if s.get(DicomInstance, inst.sop_instance_uid) is not None:
                     return False
+                place_file()
                 s.add(inst)
                 self.touch(s, "study", inst.study_instance_uid)
             return True

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, Passage
+from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, Passage, icd10cm_passage_id
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def icd10cm_passages(roots: Iterable[str] = DEFAULT_ICD_ROOTS, *, include_catego
         parent_description = icd.get_description(parent) if parent else None
         passages.append(
             Passage(
-                id=f"icd10cm:{code}",
+                id=icd10cm_passage_id(code),
                 source=SOURCE_ICD10CM,
                 # The title is the bare description so embedding_text() sees it inside the text and
                 # embeds the text alone: half the tokens, and ingestion time is dominated by embedding.

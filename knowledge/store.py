@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -216,8 +216,21 @@ class KnowledgeBase:
         if ids:
             self._collection.delete(ids=list(ids))
 
-    def query(self, text: str, k: int = 5) -> list[RetrievedPassage]:
-        """The ``k`` passages most similar to ``text``, best first.
+    def get(self, ids: Sequence[str]) -> list[Passage]:
+        """Stored passages by id, in the order given; unknown ids are skipped."""
+        if not ids:
+            return []
+        try:
+            got = self._collection.get(ids=list(ids), include=["documents", "metadatas"])
+        except Exception as exc:
+            raise KnowledgeBaseError(f"reading {self.location} failed: {exc}") from exc
+        docs = got["documents"] or [""] * len(got["ids"])
+        metas = got["metadatas"] or [None] * len(got["ids"])
+        found = {pid: _passage(pid, doc, meta) for pid, doc, meta in zip(got["ids"], docs, metas, strict=True)}
+        return [found[i] for i in ids if i in found]
+
+    def query(self, text: str, k: int = 5, *, source: str | None = None) -> list[RetrievedPassage]:
+        """The ``k`` passages most similar to ``text``, best first, optionally only from ``source``.
 
         Returns:
             up to ``k`` passages (fewer when the store is smaller; none for blank text), each with
@@ -236,7 +249,10 @@ class KnowledgeBase:
             return []
         try:
             res = self._collection.query(
-                query_texts=[text], n_results=n, include=["documents", "metadatas", "distances"]
+                query_texts=[text],
+                n_results=n,
+                where={"source": source} if source else None,
+                include=["documents", "metadatas", "distances"],
             )
         except Exception as exc:
             raise KnowledgeBaseError(f"querying {self.location} failed: {exc}") from exc
@@ -246,17 +262,24 @@ class KnowledgeBase:
         dists = (res["distances"] or [[]])[0]
         out: list[RetrievedPassage] = []
         for pid, doc, meta, dist in zip(ids, docs, metas, dists, strict=True):
-            meta = meta or {}
-            code = meta.get("code")
-            out.append(
-                RetrievedPassage(
-                    id=pid,
-                    source=str(meta.get("source", "")),
-                    title=str(meta.get("title", "")),
-                    text=doc or "",
-                    code=str(code) if code else None,
-                    # cosine distance = 1 - cosine similarity
-                    score=min(1.0, max(0.0, 1.0 - float(dist))),
-                )
-            )
+            # cosine distance = 1 - cosine similarity
+            score = min(1.0, max(0.0, 1.0 - float(dist)))
+            out.append(RetrievedPassage(**_passage(pid, doc, meta).model_dump(), score=score))
         return out
+
+
+def _passage(pid: str, doc: str | None, meta: Mapping[str, Any] | None) -> Passage:
+    meta = meta or {}
+    code = meta.get("code")
+    return Passage(
+        id=pid,
+        source=str(meta.get("source", "")),
+        title=str(meta.get("title", "")),
+        text=doc or "",
+        code=str(code) if code else None,
+    )
+
+
+def icd10cm_passage_id(code: str) -> str:
+    """The stable id of the ICD-10-CM passage for ``code`` (with its dot, e.g. ``E11.9``)."""
+    return f"icd10cm:{code.strip().upper()}"

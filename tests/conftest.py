@@ -94,11 +94,14 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def seeded_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ChromaDB folder seeded once with the shipped corpus; runtimes copy it."""
-    from inference.clinical.worker import open_knowledge_base
+    """A ChromaDB folder holding the full shipped corpus, ingested once per session; runtimes copy it."""
+    from knowledge.ingest import ingest_default_corpus
+    from knowledge.store import KnowledgeBase
 
     path = tmp_path_factory.mktemp("chroma-seed")
-    open_knowledge_base(path, "")
+    kb = KnowledgeBase(path)
+    written = ingest_default_corpus(kb)
+    assert written == kb.count() > 0
     return path
 
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom import dcmread
 from pydicom.data import get_testdata_file

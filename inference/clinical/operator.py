@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from knowledge.llm import ChatMessage, TextGenerator
-from knowledge.store import SOURCE_ICD10CM, KnowledgeBase, RetrievedPassage
+from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, RetrievedPassage, icd10cm_passage_id
 from schemas.clinical import CodedItem, ObservationItem, PatientContext
 from schemas.events import EvidencePassage
 
@@ -124,6 +124,11 @@ def _observation_line(obs: ObservationItem) -> str:
     return line
 
 
+def _passage_line(p: RetrievedPassage) -> str:
+    # ICD passages already name their code and description; repeating the title wastes context.
+    return p.text if p.title in p.text else f"{p.source}, {p.title}: {p.text}"
+
+
 def _normalise_code(code: str) -> str:
     return code.replace(".", "").strip().upper()
 
@@ -160,24 +165,39 @@ def patient_facts(ctx: PatientContext) -> str:
     return "\n".join(lines)
 
 
-def retrieval_queries(ctx: PatientContext) -> list[str]:
-    """Queries for the knowledge base: one combined, then one per condition and abnormal observation.
+class RetrievalQuery(BaseModel):
+    """One knowledge-base query: its text and, optionally, the only source it searches."""
 
-    Observations with no interpretation are kept (their abnormality is unknown); those marked
-    normal are left out because they rarely need explaining.
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    source: str | None = None
+
+
+def retrieval_queries(ctx: PatientContext) -> list[RetrievalQuery]:
+    """Knowledge-base queries for ``ctx``, most general first.
+
+    One combined query over everything (conditions, abnormal observations, medications); one per
+    condition over ICD-10-CM only, so each condition gets candidate codes; one per abnormal
+    observation over the notes only, because observation wording ("Hemoglobin A1c 8.2 %")
+    otherwise matches unrelated code descriptions (haemoglobinopathies). Observations with no
+    interpretation are kept (their abnormality is unknown); those marked normal are left out.
     """
     conditions = [c.display for c in ctx.conditions]
-    observations = [
-        f"{o.display} {o.value or ''} {o.unit or ''} {o.interpretation or ''}".split()
+    obs_texts = [
+        " ".join(f"{o.display} {o.value or ''} {o.unit or ''} {o.interpretation or ''}".split())
         for o in ctx.observations
         if _is_abnormal(o) is not False
     ]
-    obs_texts = [" ".join(words) for words in observations]
     meds = [m.display for m in ctx.medications]
-    combined = "; ".join([*conditions, *obs_texts, *meds])
-    unique: dict[str, None] = {}  # ordered set
-    for q in [combined, *conditions, *obs_texts]:
-        if q.strip():
+    queries = [
+        RetrievalQuery(text="; ".join([*conditions, *obs_texts, *meds])),
+        *(RetrievalQuery(text=c, source=SOURCE_ICD10CM) for c in conditions),
+        *(RetrievalQuery(text=o, source=SOURCE_NOTES) for o in obs_texts),
+    ]
+    unique: dict[RetrievalQuery, None] = {}  # ordered set
+    for q in queries:
+        if q.text.strip():
             unique[q] = None
     return list(unique)
 
@@ -214,8 +234,19 @@ class ClinicalImpressionOperator:
         return self.llm.context_length - self.max_new_tokens - PROMPT_MARGIN_TOKENS
 
     def retrieve(self, ctx: PatientContext) -> list[RetrievedPassage]:
-        """Up to ``k`` passages, interleaving the best hits of each query so every condition is covered."""
-        results = [self.kb.query(q, self.k) for q in retrieval_queries(ctx)]
+        """Up to ``k`` passages, best first.
+
+        The ICD-10-CM passages of the patient's own coded conditions come first (score 1.0: an
+        exact match, not a similarity), then the best hits of each query interleaved, so every
+        condition and abnormal observation is represented before any gets a second passage.
+        """
+        exact_ids = [
+            icd10cm_passage_id(c.code)
+            for c in ctx.conditions
+            if c.code and (c.system is None or "icd-10" in c.system.lower())
+        ]
+        exact = [RetrievedPassage(**p.model_dump(), score=1.0) for p in self.kb.get(exact_ids)]
+        results = [exact, *(self.kb.query(q.text, self.k, source=q.source) for q in retrieval_queries(ctx))]
         best: dict[str, RetrievedPassage] = {}
         order: list[str] = []
         for rank in range(self.k):
@@ -230,7 +261,7 @@ class ClinicalImpressionOperator:
 
     def build_messages(self, ctx: PatientContext, passages: Sequence[RetrievedPassage]) -> list[ChatMessage]:
         """System and user messages; passages are numbered from 1 in the given order."""
-        refs = "\n".join(f"[{i}] {p.source} - {p.title}: {p.text}" for i, p in enumerate(passages, 1))
+        refs = "\n".join(f"[{i}] {_passage_line(p)}" for i, p in enumerate(passages, 1))
         user = (
             f"{patient_facts(ctx)}\n\n"
             f"Reference passages:\n{refs if refs else '(none)'}\n\n"
@@ -294,6 +325,13 @@ class ClinicalImpressionOperator:
                 impression=NO_CONTENT_TEXT, evidence=[], model_name=self.llm.model_name, generated=False
             )
         prepared = self.prepare(ctx)
+        # Counts only: the prompt and output hold clinical details and stay out of the logs.
+        logger.debug(
+            "clinical impression: %d passages (%d dropped), %d prompt tokens",
+            len(prepared.passages),
+            prepared.passages_dropped,
+            prepared.prompt_tokens,
+        )
         output = self.llm.generate(prepared.messages, self.max_new_tokens).strip()
         cited = parse_citations(output, len(prepared.passages)) if output else set()
         evidence = [

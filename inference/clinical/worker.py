@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inference.clinical.operator import ClinicalImpressionOperator
+from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
 from integration.broker import EventConsumer
 from integration.clinical_context import build_patient_context
+from integration.errors import PermanentEventError
 from integration.phi import uid_hash
 from integration.store import Store
 from knowledge.ingest import ingest_default_corpus
@@ -97,7 +98,10 @@ class ClinicalWorker:
         if not ctx.has_clinical_content():
             log.info("record %s has no clinical content yet", uid_hash(event.patient_ref))
             return None
-        result = self.operator.run(ctx)
+        try:
+            result = self.operator.run(ctx)
+        except ClinicalOperatorError as exc:  # this record can never fit the model: do not retry it
+            raise PermanentEventError(str(exc)) from exc
         return ClinicalInferenceCompleted(
             source_event_id=event.event_id,
             patient_ref=event.patient_ref,

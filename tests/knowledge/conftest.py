@@ -8,23 +8,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from knowledge.ingest import ingest_default_corpus  # noqa: E402
 from knowledge.store import KnowledgeBase  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def ingested_kb_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A knowledge base folder holding the full default corpus, ingested once per session."""
-    path = tmp_path_factory.mktemp("kb-default")
-    kb = KnowledgeBase(path)
-    written = ingest_default_corpus(kb)
-    assert written == kb.count() > 0
-    yield path
+def ingested_kb_path(seeded_chroma: Path) -> Path:
+    """A knowledge base folder holding the full default corpus, ingested once per session (root conftest)."""
+    return seeded_chroma
 
 
 @pytest.fixture(scope="session")

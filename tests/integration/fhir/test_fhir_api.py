@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import httpx
 import json
 
+import httpx
 from carebundle import generate_bundle, to_json
 from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import select

@@ -1,0 +1,142 @@
+"""DICOM ingest throughput: the same N instances on one association from dcmtk `storescu` into
+(a) dcmtk `storescp`, (b) Orthanc (when installed), (c) MedBridge (durable storage, store record,
+event publication through the outbox to Kafka), in one run. Reports images/s and ratios to storescp.
+
+    .venv/bin/python bench/dicom_ingest.py --n 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def make_instances(folder: Path, n: int) -> list[Path]:
+    """n instances of CT_small.dcm in one study and series, each with its own SOP Instance UID."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send_all(port: int, aec: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, env=NODELAY)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu to {aec} failed: {proc.stderr[-500:]}")
+    return elapsed
+
+
+def bench_storescp(files: list[Path], work: Path) -> float:
+    port, out = free_port(), work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=NODELAY,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send_all(port, "STORESCP", files)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bench_orthanc(files: list[Path], work: Path) -> float | None:
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        return None
+    port, http = free_port(), free_port()
+    config = work / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+    }))
+    proc = subprocess.Popen([binary, str(config)], env=NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send_all(port, "ORTHANC", files)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def bench_medbridge(files: list[Path], work: Path) -> float:
+    from integration.runtime import Runtime
+    from integration.settings import Settings
+
+    settings = Settings(data_dir=work / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),
+                        embedded_kafka_port=free_port(), kafka_bootstrap_servers="", viewer_enabled=False,
+                        workers="reports", database_url="")
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        return await asyncio.to_thread(send_all, settings.dicom_port, "MEDBRIDGE", files)
+    finally:
+        await runtime.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="medbridge-ingest-"))
+    try:
+        files = make_instances(work, args.n)
+        results = {"storescp": bench_storescp(files, work)}
+        orthanc = bench_orthanc(files, work)
+        if orthanc is not None:
+            results["orthanc"] = orthanc
+        results["medbridge"] = asyncio.run(bench_medbridge(files, work))
+        base = args.n / results["storescp"]
+        print(f"\n{args.n} instances of CT_small.dcm (39 KB) on one association, storescu with TCP_NODELAY\n")
+        print("| receiver | images/s | ratio to storescp |\n|---|---|---|")
+        for name, secs in results.items():
+            rate = args.n / secs
+            print(f"| {name} | {rate:.0f} | {rate / base:.2f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

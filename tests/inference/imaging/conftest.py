@@ -1,0 +1,34 @@
+"""Imaging fixtures: one quick demo model trained for the whole test session (real DICOM data)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from inference.imaging.operator import LesionDetector  # noqa: E402
+from inference.imaging.train import train_demo_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Train the quick schedule once; yields (weights path, meta)."""
+    folder = tmp_path_factory.mktemp("imaging-model")
+    weights = folder / "lesion.pt"
+    lines: list[str] = []
+    meta = train_demo_model(weights, quick=True, seed=0, log=lines.append)
+    assert lines, "training should report progress"
+    yield weights, meta
+    weights.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def detector(trained_model: tuple[Path, dict[str, Any]]) -> LesionDetector:
+    return LesionDetector(trained_model[0], device="cpu")

@@ -1,0 +1,137 @@
+"""The demo lesion detector end to end: train (quick), load, score real images, explain with Grad-CAM."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from inference.imaging.model import FINDINGS, INTENDED_USE, ModelNotFoundError, load_weights
+from inference.imaging.operator import ImagingResult, LesionDetector
+from inference.imaging.pixels import dataset_to_image
+from inference.imaging.train import TRAIN_SOURCES, VALIDATION_SOURCES, insert_synthetic_lesion
+
+# A held-out image: in VALIDATION_SOURCES, never in TRAIN_SOURCES.
+HELD_OUT = "693_UNCR.dcm"
+
+
+def _held_out_image() -> np.ndarray:
+    assert HELD_OUT in VALIDATION_SOURCES and HELD_OUT not in TRAIN_SOURCES
+    path = get_testdata_file(HELD_OUT, download=False)
+    assert path is not None, "pydicom-data must be installed"
+    return dataset_to_image(pydicom.dcmread(path))
+
+
+def _lesion_cases() -> list[tuple[np.ndarray, tuple[int, int], float]]:
+    """The held-out CT with bright/dark lesions at known places (radius 8 % of the width)."""
+    image = _held_out_image()
+    size = image.shape[1]
+    radius = 0.08 * size  # training draws 7-10 % of the model input width
+    cases = []
+    rng = np.random.default_rng(123)
+    for row_f, col_f, contrast in ((0.45, 0.35, 0.45), (0.6, 0.65, -0.45), (0.3, 0.6, 0.5)):
+        center = (int(row_f * image.shape[0]), int(col_f * size))
+        cases.append((insert_synthetic_lesion(image, center, radius, contrast, rng), center, radius))
+    return cases
+
+
+def test_weights_carry_honest_metadata(trained_model: tuple[Path, dict[str, Any]]) -> None:
+    weights, meta = trained_model
+    network, loaded = load_weights(weights, "cpu")
+    assert loaded == meta
+    assert meta["name"] == "medbridge-demo-lesion-densenet"
+    assert meta["findings"] == list(FINDINGS)
+    assert meta["intended_use"] == INTENDED_USE and "not for clinical use" in meta["intended_use"]
+    assert meta["version"].startswith("0.1.0+")
+    assert set(meta["trained_on"]).isdisjoint(meta["validated_on"])
+    # The quick schedule is far short of the full one; it must still be well above chance (0.5).
+    assert meta["metrics"]["validation_accuracy"] >= 0.7
+    assert meta["metrics"]["validation_auc"] >= 0.8
+    assert not network.training
+
+
+def test_detects_lesion_on_held_out_image_and_not_without(detector: LesionDetector) -> None:
+    clean = detector.run(_held_out_image())
+    assert clean.probabilities[FINDINGS[0]] < 0.5
+    for image, _center, _radius in _lesion_cases():
+        assert detector.run(image).probabilities[FINDINGS[0]] > 0.5
+
+
+def test_gradcam_peak_lies_near_the_lesion(detector: LesionDetector) -> None:
+    size = detector.input_size
+    for image, center, _radius in _lesion_cases():
+        result = detector.run(image)
+        assert result.heatmap.shape == (size, size)
+        peak = np.unravel_index(int(np.argmax(result.heatmap)), result.heatmap.shape)
+        # The held-out CT is square, so model-input pixels map linearly to image pixels.
+        scale = size / image.shape[1]
+        distance = np.hypot(peak[0] - center[0] * scale, peak[1] - center[1] * scale)
+        assert distance <= 0.25 * size, (peak, center)
+
+
+def test_result_pngs_are_colour_images_at_display_size(detector: LesionDetector) -> None:
+    image, _, _ = _lesion_cases()[0]
+    result = detector.run(image)
+    assert isinstance(result, ImagingResult)
+    for data in (result.heatmap_png, result.overlay_png):
+        png = Image.open(io.BytesIO(data))
+        assert png.format == "PNG" and png.mode == "RGB"
+        assert max(png.size) == 512 and png.size[0] == png.size[1]
+    heat = np.asarray(Image.open(io.BytesIO(result.heatmap_png)))
+    assert heat.std() > 5, "the heatmap is not a flat colour"
+    assert result.heatmap.dtype == np.float32
+    assert 0.0 <= float(result.heatmap.min()) and float(result.heatmap.max()) <= 1.0
+
+
+def test_run_dataset_reads_compressed_dicom(detector: LesionDetector) -> None:
+    path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False)
+    result = detector.run_dataset(pydicom.dcmread(path))
+    probability = result.probabilities[FINDINGS[0]]
+    assert 0.0 <= probability <= 1.0
+
+
+def test_concurrent_calls_give_the_same_answer_as_serial_ones(detector: LesionDetector) -> None:
+    cases = [image for image, _, _ in _lesion_cases()] + [_held_out_image()]
+    serial = [detector.run(image).probabilities[FINDINGS[0]] for image in cases]
+    results: dict[int, float] = {}
+
+    def work(index: int) -> None:
+        results[index] = detector.run(cases[index]).probabilities[FINDINGS[0]]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(cases))] == pytest.approx(serial, abs=1e-5)
+
+
+def test_run_rejects_non_images(detector: LesionDetector) -> None:
+    with pytest.raises(ValueError):
+        detector.run(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError):
+        detector.run(np.full((8, 8), np.nan, dtype=np.float32))
+
+
+def test_missing_weights_raise_model_not_found_with_a_hint(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "lesion.pt"
+    with pytest.raises(ModelNotFoundError, match="medbridge train-demo-model") as info:
+        LesionDetector(missing, device="cpu")
+    assert "MEDBRIDGE_IMAGING_MODEL" in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_insert_synthetic_lesion_changes_only_the_disc() -> None:
+    image = np.full((64, 64), 0.4, dtype=np.float32)
+    out = insert_synthetic_lesion(image, (20, 40), 5.0, 0.3, np.random.default_rng(0))
+    assert out[20, 40] > 0.6
+    assert abs(float(out[60, 5]) - 0.4) < 1e-6
+    assert torch.from_numpy(out).dtype == torch.float32
