@@ -63,6 +63,10 @@ def _base_report(report_id: str, patient_ref: str | None, code: dict[str, Any]) 
     return report
 
 
+def _images(n: int) -> str:
+    return "1 image" if n == 1 else f"{n} images"
+
+
 def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> tuple[dict[str, Any], dict[str, Any]]:
     """The DiagnosticReport for an imaging result, and the details kept beside it for the viewer."""
     report_id = stable_id("imaging-report", event.study_instance_uid, str(event.revision))
@@ -90,10 +94,10 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
             label = name.replace("_", " ")
             if positives:
                 lines.append(
-                    f"{label}: suspected in {len(positives)} of {len(findings)} images (highest probability {top:.2f})."
+                    f"{label}: suspected in {len(positives)} of {_images(len(findings))} (highest probability {top:.2f})."
                 )
             else:
-                lines.append(f"{label}: not detected in {len(findings)} images (highest probability {top:.2f}).")
+                lines.append(f"{label}: not detected in {_images(len(findings))} (highest probability {top:.2f}).")
     if event.skipped_instances:
         lines.append(f"{event.skipped_instances} instance(s) could not be decoded and were not analysed.")
     report["conclusion"] = " ".join(lines)

@@ -60,8 +60,12 @@ if detail["kind"] == "imaging":
             st.warning("No image available for this report.")
     with right:
         st.markdown("**Probabilities per image**")
-        rows = [{"image": i["sop_instance_uid"][-12:], **i["probabilities"]} for i in detail["instances"]]
-        st.dataframe(rows, hide_index=True)
+        findings = list(detail["instances"][0]["probabilities"]) if detail["instances"] else []
+        table = ["| image | " + " | ".join(findings) + " |", "|---" * (len(findings) + 1) + "|"]
+        for inst in detail["instances"]:
+            probs = " | ".join(f"{inst['probabilities'][f]:.2f}" for f in findings)
+            table.append(f"| …{inst['sop_instance_uid'][-12:]} | {probs} |")
+        st.markdown("\n".join(table))
 else:
     st.markdown("**Evidence given to the model** (cited passages marked)")
     for n, ev in enumerate(detail["evidence"], start=1):

@@ -28,6 +28,20 @@ SYSTEM_PROMPT = (
     "Do not invent findings; if the facts are not enough for a conclusion, say so."
 )
 
+# A fictitious worked example, shown before every request (see build_messages).
+ONE_SHOT_REQUEST = (
+    "Patient: 70-year-old male.\nConditions: Essential (primary) hypertension (ICD-10-CM I10).\n"
+    "Observations: Blood pressure 162/98 mmHg (high).\n\n"
+    "Reference passages:\n[1] ICD-10-CM I10: Essential (primary) hypertension.\n"
+    "[2] Hypertension stages: stage 2 hypertension is a systolic pressure of 140 mmHg or more "
+    "or a diastolic pressure of 90 mmHg or more.\n\n"
+    "Write the clinical impression, citing passages as [n]."
+)
+ONE_SHOT_ANSWER = (
+    "A blood pressure of 162/98 mmHg meets the threshold for stage 2 hypertension [2], consistent with "
+    "the recorded essential hypertension [1]. Review of treatment is suggested."
+)
+
 EMPTY_OUTPUT_TEXT = (
     "The language model returned no text for this record, so no impression was generated. "
     "The retrieved reference passages are listed as evidence for manual review."
@@ -259,26 +273,55 @@ class ClinicalImpressionOperator:
                         best[p.id] = p
         return [best[i] for i in order[: self.k]]
 
-    def build_messages(self, ctx: PatientContext, passages: Sequence[RetrievedPassage]) -> list[ChatMessage]:
-        """System and user messages; passages are numbered from 1 in the given order."""
+    def build_messages(
+        self, ctx: PatientContext, passages: Sequence[RetrievedPassage], *, one_shot: bool = True
+    ) -> list[ChatMessage]:
+        """System message, one worked example (one-shot), then the patient's request; passages are
+        numbered from 1 in the given order. The example is what makes small and non-instruction-tuned
+        models (Meditron-7B is a pretrained Llama-2) answer briefly and cite as [n]."""
         refs = "\n".join(f"[{i}] {_passage_line(p)}" for i, p in enumerate(passages, 1))
         user = (
             f"{patient_facts(ctx)}\n\n"
             f"Reference passages:\n{refs if refs else '(none)'}\n\n"
             "Write the clinical impression, citing passages as [n]."
         )
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        example: list[ChatMessage] = [
+            {"role": "user", "content": ONE_SHOT_REQUEST},
+            {"role": "assistant", "content": ONE_SHOT_ANSWER},
+        ]
+        return [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *(example if one_shot else []),
+            {"role": "user", "content": user},
+        ]
 
     def fit_passages(self, ctx: PatientContext, passages: Sequence[RetrievedPassage]) -> PreparedPrompt:
         """Fit the prompt into ``prompt_budget``: drop lowest-ranked passages, then truncate the last.
+        The worked example goes first when even one passage would not fit beside it: evidence matters more.
 
         Raises:
             ClinicalOperatorError: the instructions and patient facts alone do not fit.
         """
+        with_example = self._fit(ctx, passages, one_shot=True)
+        if with_example is not None and (with_example.passages or not passages):
+            return with_example
+        without = self._fit(ctx, passages, one_shot=False)
+        if without is None:
+            used = self.llm.count_prompt_tokens(self.build_messages(ctx, [], one_shot=False))
+            raise ClinicalOperatorError(
+                f"the instructions and patient facts need {used} tokens, more than the {self.prompt_budget}-token "
+                f"prompt budget of {self.llm.model_name} (context {self.llm.context_length}, "
+                f"max_new_tokens {self.max_new_tokens}); lower max_new_tokens or use a larger model"
+            )
+        return without
+
+    def _fit(
+        self, ctx: PatientContext, passages: Sequence[RetrievedPassage], *, one_shot: bool
+    ) -> PreparedPrompt | None:
         kept = list(passages)
         budget = self.prompt_budget
         while True:
-            messages = self.build_messages(ctx, kept)
+            messages = self.build_messages(ctx, kept, one_shot=one_shot)
             used = self.llm.count_prompt_tokens(messages)
             if used <= budget:
                 return PreparedPrompt(
@@ -288,11 +331,7 @@ class ClinicalImpressionOperator:
                     passages_dropped=len(passages) - len(kept),
                 )
             if not kept:
-                raise ClinicalOperatorError(
-                    f"the instructions and patient facts need {used} tokens, more than the {budget}-token "
-                    f"prompt budget of {self.llm.model_name} (context {self.llm.context_length}, "
-                    f"max_new_tokens {self.max_new_tokens}); lower max_new_tokens or use a larger model"
-                )
+                return None
             if len(kept) > 1:
                 kept.pop()
                 continue

@@ -288,7 +288,7 @@ def train_demo_model(
 ) -> dict[str, Any]:
     """Train the synthetic-lesion detector, write its weights to ``output``, return the meta.
 
-    ``quick`` trains a smaller schedule for tests (about a quarter of the full one).
+    ``quick`` trains a shorter schedule for tests (450 instead of 1100 steps).
     ``threads`` is torch's intra-op thread count while training (restored afterwards); by
     default the cores that are idle now, because oversubscribed OpenMP threads slow small
     convolutions down many times over.

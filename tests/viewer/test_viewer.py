@@ -34,6 +34,7 @@ async def wait_http(url: str, timeout: float = 60) -> None:
 
 
 async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    # the probability shown must be the API's, to two decimals
     api = f"http://127.0.0.1:{stack.settings.http_port}"
     await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
     async with httpx.AsyncClient(base_url=api) as client:
@@ -56,8 +57,11 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{port}")
             await page.get_by_text("Image with the AI heatmap").wait_for(timeout=60_000)
-            assert await page.get_by_text("synthetic_round_lesion").count() >= 1
             await page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+            assert await page.get_by_text("synthetic_round_lesion").count() >= 1
+            assert await page.locator("img").count() >= 1
+            shown = f"{report['top_probability']:.2f}"
+            assert await page.get_by_text(shown, exact=True).count() >= 1
             await page.get_by_label("Reviewer").fill("dr-viewer")
             await page.get_by_text("Submit review").click()
             await page.get_by_text("Recorded: report is now final").wait_for(timeout=30_000)

@@ -23,7 +23,8 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pa
     folder = tmp_path_factory.mktemp("imaging-model")
     weights = folder / "lesion.pt"
     lines: list[str] = []
-    meta = train_demo_model(weights, quick=True, seed=0, log=lines.append)
+    # One thread: deterministic numerics whatever the machine load.
+    meta = train_demo_model(weights, quick=True, seed=0, log=lines.append, threads=1)
     assert lines, "training should report progress"
     yield weights, meta
     weights.unlink(missing_ok=True)

@@ -31,13 +31,13 @@ def _held_out_image() -> np.ndarray:
 
 
 def _lesion_cases() -> list[tuple[np.ndarray, tuple[int, int], float]]:
-    """The held-out CT with bright/dark lesions at known places (radius 8 % of the width)."""
+    """The held-out CT with bright/dark lesions at known places (radius 9 % of the width)."""
     image = _held_out_image()
     size = image.shape[1]
-    radius = 0.08 * size  # training draws 7-10 % of the model input width
+    radius = 0.09 * size  # training draws 7-10 % of the model input width
     cases = []
     rng = np.random.default_rng(123)
-    for row_f, col_f, contrast in ((0.45, 0.35, 0.45), (0.6, 0.65, -0.45), (0.3, 0.6, 0.5)):
+    for row_f, col_f, contrast in ((0.45, 0.35, 0.55), (0.6, 0.65, -0.55), (0.3, 0.6, 0.55)):
         center = (int(row_f * image.shape[0]), int(col_f * size))
         cases.append((insert_synthetic_lesion(image, center, radius, contrast, rng), center, radius))
     return cases
