@@ -93,9 +93,8 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
             top = max(f.probabilities.get(name, 0.0) for f in findings)
             label = name.replace("_", " ")
             if positives:
-                lines.append(
-                    f"{label}: suspected in {len(positives)} of {_images(len(findings))} (highest probability {top:.2f})."
-                )
+                found = f"suspected in {len(positives)} of {_images(len(findings))}"
+                lines.append(f"{label}: {found} (highest probability {top:.2f}).")
             else:
                 lines.append(f"{label}: not detected in {_images(len(findings))} (highest probability {top:.2f}).")
     if event.skipped_instances:
