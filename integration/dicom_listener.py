@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,9 @@ class DicomListener:
         port: int,
         ae_title: str,
         study_quiet_seconds: float,
+        min_free_bytes: int = 0,
+        max_associations: int = 32,
+        max_pdu_bytes: int = 0,
         on_stored: Any = None,
     ) -> None:
         self.store = store
@@ -93,15 +98,20 @@ class DicomListener:
         self.port = port
         self.ae_title = ae_title
         self.study_quiet_seconds = study_quiet_seconds
+        self.min_free_bytes = min_free_bytes
+        self.max_associations = max_associations
+        self.max_pdu_bytes = max_pdu_bytes
         self._on_stored = on_stored
+        self._free_checked_at = 0.0
+        self._free_ok = True
         self._server: Any = None
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = 32
-        ae.maximum_pdu_size = 0  # no limit: fewer PDUs per instance
+        ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -130,6 +140,17 @@ class DicomListener:
     def running(self) -> bool:
         return self._server is not None
 
+    def has_free_space(self) -> bool:
+        """False once free space under the storage folder is below the floor (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            self._free_checked_at = now
+            try:
+                self._free_ok = shutil.disk_usage(self.storage_dir).free >= self.min_free_bytes
+            except OSError:
+                self._free_ok = False
+        return self._free_ok
+
     # handlers run on association threads ----------------------------------------------------
     @staticmethod
     def _handle_conn_open(event: evt.Event) -> None:
@@ -147,7 +168,8 @@ class DicomListener:
 
         Returns 0x0000 when the instance is durably stored (or was already held: keep first),
         0xC210 when the data set cannot be parsed, 0xC211 when its UIDs are missing or disagree
-        with the C-STORE request, 0xA700 when the disk or the database cannot take it.
+        with the C-STORE request, 0xA700 when the disk or the database cannot take it, or free
+        space is below the configured floor.
         """
         try:
             ds = event.dataset
@@ -171,6 +193,10 @@ class DicomListener:
             return STATUS_CANNOT_UNDERSTAND
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             return STATUS_IDENTIFIER_MISSING
+        if not self.has_free_space():
+            # refuse before the disk is full, so the sender keeps the instance and retries later
+            log.error("C-STORE of %s refused: free space below MEDBRIDGE_MIN_FREE_BYTES", uid_hash(sop_uid))
+            return STATUS_OUT_OF_RESOURCES
         folder = self.storage_dir / uid_hash(study_uid)
         final = folder / f"{sop_uid}.dcm"
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"

@@ -136,10 +136,14 @@ class Runtime:
                 port=s.dicom_port,
                 ae_title=s.dicom_ae_title,
                 study_quiet_seconds=s.study_quiet_seconds,
+                min_free_bytes=s.min_free_bytes,
+                max_associations=s.max_associations,
+                max_pdu_bytes=s.max_pdu_bytes,
             )
             await asyncio.to_thread(self.dicom.start)
             self.components.append(("DICOM listener", self.dicom.stop))
             self.health["dicom_listener"] = self.dicom.running
+            self.health["disk_space"] = self.dicom.has_free_space
 
         services = Services(s, self.store, self.health, self.notify_outbox)
         config = uvicorn.Config(

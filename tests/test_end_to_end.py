@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -134,3 +135,23 @@ async def test_bad_input_at_each_edge_is_refused_and_good_input_still_flows(stac
         health = await client.get("/health")
         assert health.status_code == 200, health.text
         assert (await client.get("/api/dead-letters")).json() == []
+
+
+async def test_logs_carry_no_patient_data(stack, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    header = dcmread(CT_SMALL, stop_before_pixels=True)
+    bundle = demo_bundle(mrn="MRN-SECRET-4711")
+    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+        await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
+        r = await client.post("/fhir", json=bundle)
+        patient_ref = r.json()["entry"][0]["response"]["location"].split("/_history")[0]
+        await wait_for(client, "/fhir/DiagnosticReport", {"subject": patient_ref}, timeout=120)
+        await wait_for(client, "/fhir/DiagnosticReport", {"status": "preliminary"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "stored instance" in text  # the pipeline did log
+    patient = bundle["entry"][0]["resource"]
+    for phi in (str(header.PatientName), str(header.PatientID), "MRN-SECRET-4711",
+                patient["name"][0]["family"], patient["birthDate"], "1961"):
+        assert phi not in text, f"{phi!r} leaked into the logs"

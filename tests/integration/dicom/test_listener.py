@@ -139,3 +139,20 @@ def test_released_study_is_announced_once_with_its_imaging_study(listener: Dicom
     assert study["series"][0]["instance"][0]["uid"] == dcmread(CT_SMALL).SOPInstanceUID
     patient = store.get_resource("Patient", event.patient_ref.split("/")[1])
     assert patient["identifier"][0]["value"] == str(dcmread(CT_SMALL).PatientID)
+
+
+def test_below_the_free_space_floor_instances_are_refused_with_a700(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, min_free_bytes=2**62)
+    lst.start()
+    try:
+        assert not lst.has_free_space()
+        ds = dcmread(CT_SMALL)
+        assoc = associate(lst.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+        try:
+            assert assoc.send_c_store(ds).Status == 0xA700
+        finally:
+            assoc.release()
+        assert store.get_instance(ds.SOPInstanceUID) is None
+    finally:
+        lst.stop()
