@@ -20,6 +20,14 @@ class ResourceNotFoundError(MedBridgeError):
         self.resource_id = resource_id
 
 
+class ResourceGoneError(ResourceNotFoundError):
+    """The resource existed and was deleted (HTTP 410)."""
+
+    def __init__(self, resource_type: str, resource_id: str) -> None:
+        super().__init__(resource_type, resource_id)
+        self.args = (f"{resource_type}/{resource_id} was deleted",)
+
+
 class VersionConflictError(MedBridgeError):
     """If-Match did not match the current version."""
 

@@ -16,6 +16,7 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from integration.errors import (
     InvalidResourceError,
+    ResourceGoneError,
     ResourceNotFoundError,
     StoreUnavailableError,
     VersionConflictError,
@@ -81,7 +82,7 @@ def _parse_if_match(value: str | None) -> int | None:
         return None
     digits = value.replace("W/", "").strip('"')
     if not digits.isdigit():
-        raise InvalidResourceError([("If-Match", "If-Match must be an ETag like W/\"3\"")], 400)
+        raise InvalidResourceError([("If-Match", 'If-Match must be an ETag like W/"3"')], 400)
     return int(digits)
 
 
@@ -89,11 +90,27 @@ def _parse_if_match(value: str | None) -> int | None:
 async def capability_statement(services: ServicesDep) -> Response:
     search = [
         {"name": n, "type": t}
-        for n, t in (("_id", "token"), ("subject", "reference"), ("patient", "reference"), ("status", "token"),
-                     ("identifier", "token"))
+        for n, t in (
+            ("_id", "token"),
+            ("subject", "reference"),
+            ("patient", "reference"),
+            ("status", "token"),
+            ("identifier", "token"),
+        )
     ]
-    types = ["Patient", "Condition", "Observation", "Encounter", "MedicationRequest", "AllergyIntolerance",
-             "Procedure", "DocumentReference", "ImagingStudy", "DiagnosticReport", "ServiceRequest"]
+    types = [
+        "Patient",
+        "Condition",
+        "Observation",
+        "Encounter",
+        "MedicationRequest",
+        "AllergyIntolerance",
+        "Procedure",
+        "DocumentReference",
+        "ImagingStudy",
+        "DiagnosticReport",
+        "ServiceRequest",
+    ]
     body = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -108,7 +125,12 @@ async def capability_statement(services: ServicesDep) -> Response:
                 "resource": [
                     {
                         "type": t,
-                        "interaction": [{"code": c} for c in ("read", "create", "update", "search-type")],
+                        "interaction": [
+                            {"code": c}
+                            for c in ("read", "vread", "create", "update", "delete", "history-instance", "search-type")
+                        ],
+                        "versioning": "versioned",
+                        "conditionalCreate": True,
                         "searchParam": search,
                     }
                     for t in types
@@ -121,16 +143,52 @@ async def capability_statement(services: ServicesDep) -> Response:
     return fhir_response(body)
 
 
+def _preferred(request: Request, stored: dict[str, Any], status_code: int) -> Response:
+    """Honour ``Prefer: return=minimal | representation | OperationOutcome``."""
+    headers = {"Location": _location(stored), "ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]}
+    prefer = request.headers.get("prefer", "").replace(" ", "").lower()
+    if "return=minimal" in prefer:
+        return Response(status_code=status_code, headers=headers)
+    if "return=operationoutcome" in prefer:
+        body = operation_outcome([("", f"{_location(stored)} stored")], code="informational", severity="information")
+        return fhir_response(body, status_code, headers)
+    return fhir_response(stored, status_code, headers)
+
+
+def _conditional_matches(services: Services, resource_type: str, criteria: str) -> list[dict[str, Any]]:
+    """Resources matching an If-None-Exist query (``identifier=system|value`` or ``_id=...``)."""
+    params = dict(p.split("=", 1) for p in criteria.lstrip("?").split("&") if "=" in p)
+    unknown = set(params) - {"identifier", "_id"}
+    if unknown or not params:
+        raise InvalidResourceError(
+            [("If-None-Exist", "If-None-Exist supports the identifier and _id search parameters")], 400
+        )
+    rows, _ = services.store.search_resources(
+        resource_type,
+        ids=params["_id"].split(",") if "_id" in params else None,
+        identifier=params.get("identifier"),
+        limit=2,
+    )
+    return rows
+
+
 @router.post("/{resource_type}")
 async def create(resource_type: str, request: Request, services: ServicesDep) -> Response:
     data = await read_json_body(request, services.settings.max_request_bytes)
     resource = validate_resource(data, resource_type)
+    condition = request.headers.get("if-none-exist")
+    if condition:
+        existing = _conditional_matches(services, resource_type, condition)
+        if len(existing) > 1:
+            raise InvalidResourceError([("If-None-Exist", "more than one resource matches")], 412)
+        if existing:
+            return _preferred(request, existing[0], 200)  # already there: nothing is created
     resource = {**resource, "id": new_id()}  # the server assigns ids on create
     with services.store.session() as s:
         stored, _ = store_resource(s, resource)
     services.notify_outbox()
     log.info("created %s %s", resource_type, stored["id"])
-    return fhir_response(stored, 201, {"Location": _location(stored), "ETag": _etag(stored)})
+    return _preferred(request, stored, 201)
 
 
 @router.put("/{resource_type}/{resource_id}")
@@ -143,13 +201,53 @@ async def update(resource_type: str, resource_id: str, request: Request, service
     with services.store.session() as s:
         stored, created = store_resource(s, resource, if_match=if_match)
     services.notify_outbox()
-    return fhir_response(stored, 201 if created else 200, {"Location": _location(stored), "ETag": _etag(stored)})
+    return _preferred(request, stored, 201 if created else 200)
 
 
 @router.get("/{resource_type}/{resource_id}")
 async def read(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
     stored = services.store.get_resource(resource_type, resource_id)
-    return fhir_response(stored, 200, {"ETag": _etag(stored)})
+    return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
+
+
+@router.get("/{resource_type}/{resource_id}/_history/{version_id}")
+async def vread(resource_type: str, resource_id: str, version_id: str, services: ServicesDep) -> Response:
+    if not version_id.isdigit():
+        raise InvalidResourceError([("", "a version id is a positive integer")], 400)
+    stored = services.store.get_version(resource_type, resource_id, int(version_id))
+    return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
+
+
+@router.get("/{resource_type}/{resource_id}/_history")
+async def instance_history(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+    versions = services.store.history(resource_type, resource_id)
+    entries = []
+    for content, deleted in versions:
+        vid = content["meta"]["versionId"]
+        entry: dict[str, Any] = {
+            "fullUrl": f"{resource_type}/{resource_id}",
+            "request": {
+                "method": "DELETE" if deleted else ("POST" if vid == "1" else "PUT"),
+                "url": f"{resource_type}/{resource_id}" if vid != "1" or deleted else resource_type,
+            },
+            "response": {
+                "status": "204" if deleted else ("201" if vid == "1" else "200"),
+                "etag": f'W/"{vid}"',
+                "lastModified": content["meta"]["lastUpdated"],
+            },
+        }
+        if not deleted:
+            entry["resource"] = content
+        entries.append(entry)
+    return fhir_response({"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
+
+
+@router.delete("/{resource_type}/{resource_id}")
+async def delete(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+    with services.store.session() as s:
+        version = services.store.delete_resource(s, resource_type, resource_id)
+    headers = {"ETag": f'W/"{version}"'} if version else {}
+    return Response(status_code=204, headers=headers)
 
 
 @router.get("/{resource_type}")
@@ -192,9 +290,7 @@ async def search(resource_type: str, request: Request, services: ServicesDep) ->
         "type": "searchset",
         "total": total,
         "link": links,
-        "entry": [
-            {"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in rows
-        ],
+        "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in rows],
     }
     return fhir_response(bundle)
 
@@ -240,8 +336,12 @@ def _prepare_entries(entries: list[Any]) -> list[dict[str, Any]]:
         resource = entry["resource"]
         if resource.get("resourceType") != rtype:
             raise InvalidResourceError(
-                [(f"Bundle.entry[{i}].resource.resourceType", f"entry is a {resource.get('resourceType')}, "
-                  f"request.url names {rtype}")],
+                [
+                    (
+                        f"Bundle.entry[{i}].resource.resourceType",
+                        f"entry is a {resource.get('resourceType')}, request.url names {rtype}",
+                    )
+                ],
                 400,
             )
         rid = url_id if method == "PUT" else new_id()
@@ -311,8 +411,11 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
             results = [store_resource(s, p["resource"]) for p in prepared]
         services.notify_outbox()
         return fhir_response(
-            {"resourceType": "Bundle", "type": "transaction-response",
-             "entry": [_response_entry(st, c) for st, c in results]}
+            {
+                "resourceType": "Bundle",
+                "type": "transaction-response",
+                "entry": [_response_entry(st, c) for st, c in results],
+            }
         )
     out = []
     for i, entry in enumerate(entries):
@@ -322,8 +425,16 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
                 stored, created = store_resource(s, p["resource"])
             out.append(_response_entry(stored, created))
         except InvalidResourceError as exc:
-            out.append({"response": {"status": f"{exc.status_code}", "outcome": operation_outcome(
-                [(e.replace("Bundle.entry[0]", f"Bundle.entry[{i}]"), m) for e, m in exc.issues])}})
+            out.append(
+                {
+                    "response": {
+                        "status": f"{exc.status_code}",
+                        "outcome": operation_outcome(
+                            [(e.replace("Bundle.entry[0]", f"Bundle.entry[{i}]"), m) for e, m in exc.issues]
+                        ),
+                    }
+                }
+            )
     services.notify_outbox()
     return fhir_response({"resourceType": "Bundle", "type": "batch-response", "entry": out})
 
@@ -338,6 +449,8 @@ def install_exception_handlers(app: Any) -> None:
 
     @app.exception_handler(ResourceNotFoundError)
     async def _missing(_: Request, exc: ResourceNotFoundError) -> Response:
+        if isinstance(exc, ResourceGoneError):
+            return outcome_response(410, [("", str(exc))], "deleted")
         return outcome_response(404, [("", str(exc))], "not-found")
 
     @app.exception_handler(VersionConflictError)

@@ -34,7 +34,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from integration.errors import ResourceNotFoundError, StoreUnavailableError, VersionConflictError
+from integration.errors import (
+    ResourceGoneError,
+    ResourceNotFoundError,
+    StoreUnavailableError,
+    VersionConflictError,
+)
 
 NAMESPACE = uuid.UUID("6f1c2b52-6a43-4d59-9a53-1c5c7f7f5e11")
 
@@ -87,6 +92,7 @@ class FhirResource(Base):
     subject_ref: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str | None] = mapped_column(String(32), index=True)
     identifier: Mapped[str | None] = mapped_column(String(256), index=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
@@ -95,6 +101,7 @@ class FhirResourceVersion(Base):
     resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
@@ -401,16 +408,66 @@ class Store:
             current.subject_ref = subject_ref
             current.status = status
             current.identifier = identifier
+            current.deleted = False
             current.content = content
         s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content))
         return content, current is None
+
+    @staticmethod
+    def delete_resource(s: Session, resource_type: str, resource_id: str) -> int | None:
+        """Delete (a new, empty version marked deleted); returns that version, None if nothing was there."""
+        current = s.get(FhirResource, (resource_type, resource_id), with_for_update=True)
+        if current is None or current.deleted:
+            return None
+        now = utcnow()
+        current.version_id += 1
+        current.last_updated = now
+        current.deleted = True
+        stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        tomb = {
+            "resourceType": resource_type,
+            "id": resource_id,
+            "meta": {"versionId": str(current.version_id), "lastUpdated": stamp},
+        }
+        current.content = tomb
+        s.add(
+            FhirResourceVersion(
+                resource_type=resource_type, id=resource_id, version_id=current.version_id, deleted=True, content=tomb
+            )
+        )
+        return current.version_id
 
     def get_resource(self, resource_type: str, resource_id: str) -> dict[str, Any]:
         with self.session() as s:
             row = s.get(FhirResource, (resource_type, resource_id))
             if row is None:
                 raise ResourceNotFoundError(resource_type, resource_id)
+            if row.deleted:
+                raise ResourceGoneError(resource_type, resource_id)
             return row.content
+
+    def get_version(self, resource_type: str, resource_id: str, version_id: int) -> dict[str, Any]:
+        with self.session() as s:
+            row = s.get(FhirResourceVersion, (resource_type, resource_id, version_id))
+            if row is None:
+                raise ResourceNotFoundError(resource_type, f"{resource_id}/_history/{version_id}")
+            if row.deleted:
+                raise ResourceGoneError(resource_type, f"{resource_id}/_history/{version_id}")
+            return row.content
+
+    def history(self, resource_type: str, resource_id: str) -> list[tuple[dict[str, Any], bool]]:
+        """Every version, newest first, as (content, deleted)."""
+        with self.session() as s:
+            rows = list(
+                s.scalars(
+                    select(FhirResourceVersion)
+                    .where(FhirResourceVersion.resource_type == resource_type, FhirResourceVersion.id == resource_id)
+                    .order_by(FhirResourceVersion.version_id.desc())
+                )
+            )
+        if not rows:
+            raise ResourceNotFoundError(resource_type, resource_id)
+        return [(r.content, r.deleted) for r in rows]
 
     def search_resources(
         self,
@@ -424,7 +481,7 @@ class Store:
         offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
         """Resources of a type matching every given criterion, newest first; also the total count."""
-        q = select(FhirResource).where(FhirResource.resource_type == resource_type)
+        q = select(FhirResource).where(FhirResource.resource_type == resource_type, FhirResource.deleted.is_(False))
         if ids:
             q = q.where(FhirResource.id.in_(list(ids)))
         if subject_ref:

@@ -131,3 +131,41 @@ def test_capability_statement_is_valid(fhir_client: httpx.Client) -> None:
     assert r.status_code == 200
     get_fhir_model_class("CapabilityStatement").model_validate(r.json())
     assert r.json()["fhirVersion"] == "4.0.1"
+
+
+def test_vread_history_and_delete(fhir_client: httpx.Client) -> None:
+    rid = fhir_client.post("/fhir/Observation", json=OBSERVATION).json()["id"]
+    v1 = fhir_client.get(f"/fhir/Observation/{rid}").json()
+    fhir_client.put(f"/fhir/Observation/{rid}", json={**v1, "status": "amended"})
+    assert fhir_client.get(f"/fhir/Observation/{rid}/_history/1").json()["status"] == "final"
+    assert fhir_client.get(f"/fhir/Observation/{rid}/_history/2").json()["status"] == "amended"
+    assert fhir_client.get(f"/fhir/Observation/{rid}/_history/9").status_code == 404
+    deleted = fhir_client.delete(f"/fhir/Observation/{rid}")
+    assert deleted.status_code == 204 and deleted.headers["etag"] == 'W/"3"'
+    gone = fhir_client.get(f"/fhir/Observation/{rid}")
+    assert gone.status_code == 410 and gone.json()["issue"][0]["code"] == "deleted"
+    assert fhir_client.get("/fhir/Observation", params={"_id": rid}).json()["total"] == 0
+    history = fhir_client.get(f"/fhir/Observation/{rid}/_history").json()
+    assert history["type"] == "history"
+    assert [e["response"]["etag"] for e in history["entry"]] == ['W/"3"', 'W/"2"', 'W/"1"']
+    assert "resource" not in history["entry"][0] and history["entry"][0]["request"]["method"] == "DELETE"
+    assert fhir_client.delete(f"/fhir/Observation/{rid}").status_code == 204  # idempotent
+
+
+def test_conditional_create_twice_gives_one_resource(fhir_client: httpx.Client) -> None:
+    patient = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "12345"}]}
+    headers = {"If-None-Exist": "identifier=urn:mrn|12345"}
+    first = fhir_client.post("/fhir/Patient", json=patient, headers=headers)
+    second = fhir_client.post("/fhir/Patient", json=patient, headers=headers)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert fhir_client.get("/fhir/Patient", params={"identifier": "urn:mrn|12345"}).json()["total"] == 1
+    bad = fhir_client.post("/fhir/Patient", json=patient, headers={"If-None-Exist": "name=x"})
+    assert bad.status_code == 400
+
+
+def test_prefer_return_minimal_and_operation_outcome(fhir_client: httpx.Client) -> None:
+    minimal = fhir_client.post("/fhir/Observation", json=OBSERVATION, headers={"Prefer": "return=minimal"})
+    assert minimal.status_code == 201 and minimal.content == b"" and minimal.headers["location"]
+    outcome = fhir_client.post("/fhir/Observation", json=OBSERVATION, headers={"Prefer": "return=OperationOutcome"})
+    assert outcome.status_code == 201 and outcome.json()["resourceType"] == "OperationOutcome"
