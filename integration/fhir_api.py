@@ -56,6 +56,10 @@ def outcome_response(status_code: int, issues: list[tuple[str, str]], code: str 
     return fhir_response(operation_outcome(issues, code), status_code)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def read_json_body(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -64,8 +68,8 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise InvalidResourceError([("", f"request body exceeds {max_bytes} bytes")], 413)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidResourceError([("", f"body is not valid JSON: {exc}")], 400) from None
 
 
@@ -258,7 +262,10 @@ async def search(resource_type: str, request: Request, services: ServicesDep) ->
         return outcome_response(404, [("", f"{resource_type} is not a FHIR R4 resource type")], "not-supported")
     params = request.query_params
     unknown = sorted(set(params.keys()) - SEARCH_PARAMS)
-    if unknown:
+    ignored = [(p, f"search parameter '{p}' is not supported and was ignored") for p in unknown]
+    # FHIR search: lenient handling (the default) ignores what it cannot process and says so in an
+    # OperationOutcome entry; Prefer: handling=strict turns the same into an error.
+    if unknown and "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower():
         return outcome_response(
             400, [(p, f"search parameter '{p}' is not supported") for p in unknown], "not-supported"
         )
@@ -292,6 +299,9 @@ async def search(resource_type: str, request: Request, services: ServicesDep) ->
         "link": links,
         "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in rows],
     }
+    if ignored:
+        outcome = operation_outcome(ignored, code="not-supported", severity="warning")
+        bundle["entry"].append({"resource": outcome, "search": {"mode": "outcome"}})
     return fhir_response(bundle)
 
 

@@ -55,8 +55,11 @@ def test_unknown_type_mismatch_bad_json_and_oversize_are_4xx_outcomes(fhir_clien
     huge = {**OBSERVATION, "note": [{"text": "x" * 300_000}]}
     assert fhir_client.post("/fhir/Observation", json=huge).status_code == 413
     assert fhir_client.get("/fhir/Observation/nope").status_code == 404
-    unsupported = fhir_client.get("/fhir/Observation", params={"code:bogus": "1"})
-    assert unsupported.status_code == 400 and "not supported" in unsupported.json()["issue"][0]["diagnostics"]
+    strict = fhir_client.get("/fhir/Observation", params={"code:bogus": "1"}, headers={"Prefer": "handling=strict"})
+    assert strict.status_code == 400 and "not supported" in strict.json()["issue"][0]["diagnostics"]
+    lenient = fhir_client.get("/fhir/Observation", params={"code:bogus": "1"}).json()
+    (outcome,) = [e for e in lenient["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcome["resource"]["issue"][0]["expression"] == ["code:bogus"]
 
 
 def test_search_by_subject_status_and_paging(fhir_client: httpx.Client) -> None:
