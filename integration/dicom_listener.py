@@ -91,6 +91,7 @@ class DicomListener:
         max_associations: int = 32,
         max_pdu_bytes: int = 0,
         on_stored: Any = None,
+        on_study_ready: Any = None,
     ) -> None:
         self.store = store
         self.storage_dir = storage_dir
@@ -102,6 +103,7 @@ class DicomListener:
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
         self._on_stored = on_stored
+        self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
         self._free_checked_at = 0.0
         self._free_ok = True
         self._server: Any = None
@@ -244,6 +246,9 @@ class DicomListener:
                 self.store.expedite("study", sorted(studies), self.study_quiet_seconds)
             except StoreUnavailableError:
                 log.warning("could not expedite studies; they will publish after the quiet period")
+                return
+            if self._on_study_ready:
+                self._on_study_ready()
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -40,9 +40,18 @@ class QuietPeriodPublisher:
         self.on_announced = on_announced
         self.poll_seconds = poll_seconds
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"publisher-{self.kind}")
+
+    def wake(self) -> None:
+        """Look for due trackers now (thread-safe: DICOM threads call it when an association ends)."""
+        if self._loop and self._wake:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self) -> None:
         if self._task:
@@ -67,12 +76,15 @@ class QuietPeriodPublisher:
         return announced
 
     async def _run(self) -> None:
+        assert self._wake is not None
         while True:
             try:
                 await asyncio.to_thread(self.publish_due)
             except Exception:  # noqa: BLE001 - keep publishing; the tracker stays due and is retried
                 log.exception("%s publisher failed; retrying", self.kind)
-            await asyncio.sleep(self.poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+            self._wake.clear()
 
 
 def announce_study(s: Session, tracker: ChangeTracker) -> None:

@@ -88,12 +88,14 @@ class Runtime:
         relay = self.relay
         self.health["broker"] = lambda: relay.running() and relay.last_error is None
 
+        publishers = {}
         for kind, quiet, announce in (
             ("study", s.study_quiet_seconds, announce_study),
             ("patient", s.record_quiet_seconds, announce_record),
         ):
             pub = QuietPeriodPublisher(self.store, kind, quiet, announce, on_announced=self.notify_outbox)
             await pub.start()
+            publishers[kind] = pub
             self.components.append((f"{kind} publisher", pub.stop))
             self.health[f"{kind}_publisher"] = pub.running
 
@@ -139,6 +141,7 @@ class Runtime:
                 min_free_bytes=s.min_free_bytes,
                 max_associations=s.max_associations,
                 max_pdu_bytes=s.max_pdu_bytes,
+                on_study_ready=publishers["study"].wake,
             )
             await asyncio.to_thread(self.dicom.start)
             self.components.append(("DICOM listener", self.dicom.stop))
