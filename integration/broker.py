@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -361,5 +361,61 @@ def resolve_bootstrap(configured: str, embedded: EmbeddedBroker | None) -> str:
     return embedded.bootstrap_servers
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """What every worker's consumer needs from the composition root."""
+
+    bootstrap: str
+    group_prefix: str
+    max_attempts: int
+    notify_outbox: Callable[[], None]
+    dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None
+
+
+class ConsumerWorker:
+    """Base of the workers: one consumer group named after the worker, on ``topics``.
+
+    Subclasses set ``name`` and ``topics``, load their model in ``load()`` (a missing model is a
+    start-up error) and implement ``handle(event)``; ``finish()`` writes the result event to the
+    outbox and marks the input processed in one transaction.
+    """
+
+    name: str = ""
+    topics: tuple[str, ...] = ()
+
+    def __init__(self, store: Store, options: ConsumerOptions) -> None:
+        self.store = store
+        self.notify_outbox = options.notify_outbox
+        self.consumer = EventConsumer(
+            name=self.name,
+            topics=self.topics,
+            group_id=f"{options.group_prefix}.{self.name}",
+            bootstrap=options.bootstrap,
+            store=store,
+            handler=self.handle,
+            max_attempts=options.max_attempts,
+            dead_letter_producer=options.dead_letter_producer,
+        )
+
+    async def load(self) -> None:
+        """Load models before consuming; the default has none."""
+
+    async def handle(self, event: MedBridgeEvent) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self.load()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    def running(self) -> bool:
+        return self.consumer.running()
+
+    def finish(self, event_id: str, result: Any | None = None, topic: str = "", key: str | None = None) -> None:
+        with self.store.session() as s:
+            if result is not None:
+                Store.add_to_outbox(s, topic, result, key=key)
+            Store.mark_processed(s, self.name, event_id)
+        self.notify_outbox()

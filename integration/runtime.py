@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from integration.app import create_app
-from integration.broker import EmbeddedBroker, OutboxRelay, ensure_topics
+from integration.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
 from integration.dicom_listener import DicomListener
 from integration.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.services import Services
@@ -99,20 +99,20 @@ class Runtime:
             self.components.append((f"{kind} publisher", pub.stop))
             self.health[f"{kind}_publisher"] = pub.running
 
-        common = {
-            "bootstrap": self.bootstrap,
-            "group_prefix": s.kafka_group_prefix,
-            "max_attempts": s.consumer_max_attempts,
-            "notify_outbox": self.notify_outbox,
-            "dead_letter_producer": self._dlq_producer,
-        }
+        options = ConsumerOptions(
+            bootstrap=self.bootstrap,
+            group_prefix=s.kafka_group_prefix,
+            max_attempts=s.consumer_max_attempts,
+            notify_outbox=self.notify_outbox,
+            dead_letter_producer=self._dlq_producer,
+        )
         if "reports" in s.enabled_workers:
-            writer = ReportWriter(self.store, **common)
+            writer = ReportWriter(self.store, options)
             await self._start_worker("report_writer", writer)
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
 
-            imaging = ImagingWorker(self.store, s.imaging_model_path, s.artifacts_dir, device=s.device, **common)
+            imaging = ImagingWorker(self.store, s.imaging_model_path, s.artifacts_dir, device=s.device, options=options)
             await self._start_worker("imaging_worker", imaging)
         if "clinical" in s.enabled_workers:
             from inference.clinical.worker import ClinicalWorker
@@ -126,7 +126,7 @@ class Runtime:
                 device=s.device,
                 retrieval_k=s.retrieval_k,
                 max_new_tokens=s.llm_max_new_tokens,
-                **common,
+                options=options,
             )
             await self._start_worker("clinical_worker", clinical)
 

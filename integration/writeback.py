@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from integration.broker import EventConsumer
+from integration.broker import ConsumerWorker
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
 from integration.fhir_resources import MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
 from integration.store import AiResult, FhirResource, Review, Store, stable_id, utcnow
@@ -41,7 +40,6 @@ AI_ASSERTED = {
     "display": "Artificial Intelligence asserted",
 }
 ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
-CONSUMER_NAME = REPORT_WRITER
 
 
 def _iso_now() -> str:
@@ -122,15 +120,15 @@ def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], 
     report = _base_report(
         report_id,
         event.patient_ref,
-        {"coding": [{"system": "http://loinc.org", "code": "51855-5", "display": "Patient Note"}],
-         "text": "AI clinical impression"},
+        {
+            "coding": [{"system": "http://loinc.org", "code": "51855-5", "display": "Patient Note"}],
+            "text": "AI clinical impression",
+        },
     )
     observations = [r for r in event.input_refs if r.startswith("Observation/")]
     if observations:
         report["result"] = [{"reference": r} for r in observations]
-    sources = [
-        f"[{i}] {p.title} ({p.source})" for i, p in enumerate(event.evidence, start=1) if p.cited
-    ]
+    sources = [f"[{i}] {p.title} ({p.source})" for i, p in enumerate(event.evidence, start=1) if p.cited]
     conclusion = event.impression.strip()
     if sources:
         conclusion += "\n\nCited sources: " + "; ".join(sources)
@@ -150,7 +148,11 @@ def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], 
 
 
 def _store_report(
-    s: Session, report: dict[str, Any], details: dict[str, Any], kind: str, event: MedBridgeEvent,
+    s: Session,
+    report: dict[str, Any],
+    details: dict[str, Any],
+    kind: str,
+    event: MedBridgeEvent,
     study_uid: str | None,
 ) -> None:
     validate_resource(report)
@@ -165,7 +167,7 @@ def _store_report(
     row.details = details
     issued = ReportIssued(report_id=report["id"], source_event_id=event.event_id, patient_ref=row.subject_ref)
     Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, issued, key=report["id"])
-    Store.mark_processed(s, CONSUMER_NAME, event.event_id)
+    Store.mark_processed(s, REPORT_WRITER, event.event_id)
 
 
 def write_report(store: Store, event: MedBridgeEvent) -> str:
@@ -206,33 +208,12 @@ def apply_review(store: Store, report_id: str, review: ReviewRequest) -> dict[st
     return stored
 
 
-class ReportWriter:
-    """Consumes result events and writes DiagnosticReports."""
+class ReportWriter(ConsumerWorker):
+    """Consumes result events and writes DiagnosticReports (write_report marks them processed)."""
 
-    def __init__(self, store: Store, bootstrap: str, group_prefix: str, max_attempts: int,
-                 notify_outbox: Callable[[], None], dead_letter_producer: Any = None) -> None:
-        self.store = store
-        self.notify_outbox = notify_outbox
-        self.consumer = EventConsumer(
-            name=CONSUMER_NAME,
-            topics=(TOPIC_IMAGING_COMPLETED, TOPIC_CLINICAL_COMPLETED),
-            group_id=f"{group_prefix}.{CONSUMER_NAME}",
-            bootstrap=bootstrap,
-            store=store,
-            handler=self.handle,
-            max_attempts=max_attempts,
-            dead_letter_producer=dead_letter_producer,
-        )
+    name = REPORT_WRITER
+    topics = (TOPIC_IMAGING_COMPLETED, TOPIC_CLINICAL_COMPLETED)
 
     async def handle(self, event: MedBridgeEvent) -> None:
         await asyncio.to_thread(write_report, self.store, event)
         self.notify_outbox()
-
-    async def start(self) -> None:
-        await self.consumer.start()
-
-    async def stop(self) -> None:
-        await self.consumer.stop()
-
-    def running(self) -> bool:
-        return self.consumer.running()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
-from integration.broker import EventConsumer
+from integration.broker import ConsumerOptions, ConsumerWorker
 from integration.clinical_context import build_patient_context
 from integration.errors import PermanentEventError
 from integration.phi import uid_hash
@@ -32,7 +30,6 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
-CONSUMER_NAME = CLINICAL_WORKER
 
 
 def open_knowledge_base(chroma_dir: Path, chroma_url: str) -> KnowledgeBase:
@@ -44,7 +41,10 @@ def open_knowledge_base(chroma_dir: Path, chroma_url: str) -> KnowledgeBase:
     return kb
 
 
-class ClinicalWorker:
+class ClinicalWorker(ConsumerWorker):
+    name = CLINICAL_WORKER
+    topics = (TOPIC_RECORD_RECEIVED,)
+
     def __init__(
         self,
         store: Store,
@@ -56,13 +56,9 @@ class ClinicalWorker:
         device: str,
         retrieval_k: int,
         max_new_tokens: int,
-        bootstrap: str,
-        group_prefix: str,
-        max_attempts: int,
-        notify_outbox: Callable[[], None],
-        dead_letter_producer: Any = None,
+        options: ConsumerOptions,
     ) -> None:
-        self.store = store
+        super().__init__(store, options)
         self._open = lambda: ClinicalImpressionOperator(
             open_knowledge_base(chroma_dir, chroma_url),
             load_text_generator(llm_model, llm_cache_dir, device),
@@ -70,27 +66,9 @@ class ClinicalWorker:
             max_new_tokens=max_new_tokens,
         )
         self.operator: ClinicalImpressionOperator | None = None
-        self.notify_outbox = notify_outbox
-        self.consumer = EventConsumer(
-            name=CONSUMER_NAME,
-            topics=(TOPIC_RECORD_RECEIVED,),
-            group_id=f"{group_prefix}.{CONSUMER_NAME}",
-            bootstrap=bootstrap,
-            store=store,
-            handler=self.handle,
-            max_attempts=max_attempts,
-            dead_letter_producer=dead_letter_producer,
-        )
 
-    async def start(self) -> None:
+    async def load(self) -> None:
         self.operator = await asyncio.to_thread(self._open)
-        await self.consumer.start()
-
-    async def stop(self) -> None:
-        await self.consumer.stop()
-
-    def running(self) -> bool:
-        return self.consumer.running()
 
     def infer(self, event: RecordReceived) -> ClinicalInferenceCompleted | None:
         assert self.operator is not None
@@ -117,8 +95,4 @@ class ClinicalWorker:
         if not isinstance(event, RecordReceived):
             return
         result = await asyncio.to_thread(self.infer, event)
-        with self.store.session() as s:
-            if result is not None:
-                Store.add_to_outbox(s, TOPIC_CLINICAL_COMPLETED, result, key=event.patient_ref)
-            Store.mark_processed(s, CONSUMER_NAME, event.event_id)
-        self.notify_outbox()
+        self.finish(event.event_id, result, TOPIC_CLINICAL_COMPLETED, key=event.patient_ref)

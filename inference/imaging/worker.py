@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
-from integration.broker import EventConsumer
+from integration.broker import ConsumerOptions, ConsumerWorker
 from integration.phi import uid_hash
 from integration.store import Store
 from schemas.events import (
@@ -33,7 +31,6 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
-CONSUMER_NAME = IMAGING_WORKER
 
 
 def _write_png(path: Path, data: bytes) -> None:
@@ -84,55 +81,25 @@ def infer_study(
     )
 
 
-class ImagingWorker:
+class ImagingWorker(ConsumerWorker):
+    name = IMAGING_WORKER
+    topics = (TOPIC_STUDY_RECEIVED,)
+
     def __init__(
-        self,
-        store: Store,
-        weights: Path,
-        artifacts_dir: Path,
-        *,
-        device: str,
-        bootstrap: str,
-        group_prefix: str,
-        max_attempts: int,
-        notify_outbox: Callable[[], None],
-        dead_letter_producer: Any = None,
+        self, store: Store, weights: Path, artifacts_dir: Path, *, device: str, options: ConsumerOptions
     ) -> None:
-        self.store = store
+        super().__init__(store, options)
         self.weights = weights
         self.device = device
         self.artifacts_dir = artifacts_dir
-        self.notify_outbox = notify_outbox
         self.detector: LesionDetector | None = None
-        self.consumer = EventConsumer(
-            name=CONSUMER_NAME,
-            topics=(TOPIC_STUDY_RECEIVED,),
-            group_id=f"{group_prefix}.{CONSUMER_NAME}",
-            bootstrap=bootstrap,
-            store=store,
-            handler=self.handle,
-            max_attempts=max_attempts,
-            dead_letter_producer=dead_letter_producer,
-        )
 
-    async def start(self) -> None:
-        # a missing model is a startup error, never a None found later
+    async def load(self) -> None:
         self.detector = await asyncio.to_thread(LesionDetector, self.weights, self.device)
-        await self.consumer.start()
-
-    async def stop(self) -> None:
-        await self.consumer.stop()
-
-    def running(self) -> bool:
-        return self.consumer.running()
 
     async def handle(self, event: MedBridgeEvent) -> None:
         if not isinstance(event, StudyReceived):
             return
         assert self.detector is not None
         result = await asyncio.to_thread(infer_study, self.store, self.detector, self.artifacts_dir, event)
-        with self.store.session() as s:
-            if result is not None:
-                Store.add_to_outbox(s, TOPIC_IMAGING_COMPLETED, result, key=event.study_instance_uid)
-            Store.mark_processed(s, CONSUMER_NAME, event.event_id)
-        self.notify_outbox()
+        self.finish(event.event_id, result, TOPIC_IMAGING_COMPLETED, key=event.study_instance_uid)
