@@ -90,6 +90,7 @@ class DicomListener:
         min_free_bytes: int = 0,
         max_associations: int = 32,
         max_pdu_bytes: int = 0,
+        allowed_calling_aets: list[str] | None = None,
         on_stored: Any = None,
         on_study_ready: Any = None,
     ) -> None:
@@ -102,6 +103,7 @@ class DicomListener:
         self.min_free_bytes = min_free_bytes
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
+        self.allowed_calling_aets = allowed_calling_aets or []
         self._on_stored = on_stored
         self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
         self._free_checked_at = 0.0
@@ -114,6 +116,10 @@ class DicomListener:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
+        # With an allow-list, unknown callers, or callers that name another AE, get A-ASSOCIATE-RJ.
+        # Without one (the embedded default) any caller is accepted, as Orthanc does out of the box.
+        ae.require_called_aet = bool(self.allowed_calling_aets)
+        ae.require_calling_aet = self.allowed_calling_aets
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)

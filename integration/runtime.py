@@ -141,6 +141,7 @@ class Runtime:
                 min_free_bytes=s.min_free_bytes,
                 max_associations=s.max_associations,
                 max_pdu_bytes=s.max_pdu_bytes,
+                allowed_calling_aets=[a.strip() for a in s.dicom_allowed_peers.split(",") if a.strip()],
                 on_study_ready=publishers["study"].wake,
             )
             await asyncio.to_thread(self.dicom.start)

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     dicom_port: int = Field(11112, alias="MEDBRIDGE_DICOM_PORT")
     dicom_ae_title: str = Field("MEDBRIDGE", alias="MEDBRIDGE_AE_TITLE")
     study_quiet_seconds: float = Field(3.0, alias="MEDBRIDGE_STUDY_QUIET_SECONDS")
+    # Comma-separated calling AE titles allowed to associate; empty allows any caller
+    dicom_allowed_peers: str = Field("", alias="MEDBRIDGE_DICOM_ALLOWED_AETS")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
     max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")

@@ -156,3 +156,27 @@ def test_below_the_free_space_floor_instances_are_refused_with_a700(store: Store
         assert store.get_instance(ds.SOPInstanceUID) is None
     finally:
         lst.stop()
+
+
+def test_unknown_callers_and_wrong_called_ae_are_rejected_at_association(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, allowed_calling_aets=["PACS1"])
+    lst.start()
+    try:
+        def try_associate(calling: str, called: str) -> bool:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", lst.port, ae_title=called)
+            ok = assoc.is_established
+            if ok:
+                assoc.release()
+            return ok and not assoc.is_rejected
+
+        assert try_associate("PACS1", "MEDBRIDGE")
+        assert not try_associate("STRANGER", "MEDBRIDGE")
+        assert not try_associate("PACS1", "SOMEONE_ELSE")
+        proc = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port)],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "Rejected" in proc.stdout + proc.stderr
+    finally:
+        lst.stop()
