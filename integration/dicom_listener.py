@@ -91,7 +91,6 @@ class DicomListener:
         max_associations: int = 32,
         max_pdu_bytes: int = 0,
         allowed_calling_aets: list[str] | None = None,
-        on_stored: Any = None,
         on_study_ready: Any = None,
     ) -> None:
         self.store = store
@@ -104,7 +103,6 @@ class DicomListener:
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
         self.allowed_calling_aets = allowed_calling_aets or []
-        self._on_stored = on_stored
         self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
         self._free_checked_at = 0.0
         self._free_ok = True
@@ -236,8 +234,6 @@ class DicomListener:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         self._remember(event, study_uid)
         log.info("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
-        if self._on_stored:
-            self._on_stored()
         return STATUS_SUCCESS
 
     def _remember(self, event: evt.Event, study_uid: str) -> None:

@@ -21,7 +21,13 @@ from integration.errors import (
     StoreUnavailableError,
     VersionConflictError,
 )
-from integration.fhir_resources import new_id, normalise_reference, store_resource, validate_resource
+from integration.fhir_resources import (
+    new_id,
+    normalise_reference,
+    resource_model,
+    store_resource,
+    validate_resource,
+)
 from integration.services import Services, get_services
 
 log = logging.getLogger(__name__)
@@ -256,10 +262,7 @@ async def delete(resource_type: str, resource_id: str, services: ServicesDep) ->
 
 @router.get("/{resource_type}")
 async def search(resource_type: str, request: Request, services: ServicesDep) -> Response:
-    try:
-        get_fhir_model_class(resource_type)
-    except (ValueError, KeyError):
-        return outcome_response(404, [("", f"{resource_type} is not a FHIR R4 resource type")], "not-supported")
+    resource_model(resource_type)  # 404 for anything that is not a resource type
     params = request.query_params
     unknown = sorted(set(params.keys()) - SEARCH_PARAMS)
     ignored = [(p, f"search parameter '{p}' is not supported and was ignored") for p in unknown]

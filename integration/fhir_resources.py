@@ -9,6 +9,7 @@ from typing import Any
 
 import pydicom
 from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -93,6 +94,18 @@ def _expression(resource_type: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def resource_model(resource_type: str) -> type[Resource]:
+    """The R4B model class of a resource type; InvalidResourceError (404) for anything else,
+    data types such as Quantity included."""
+    try:
+        model = get_fhir_model_class(resource_type)
+    except (ValueError, KeyError):
+        model = None
+    if model is None or not issubclass(model, Resource):
+        raise InvalidResourceError([("resourceType", f"{resource_type} is not a FHIR R4 resource type")], 404)
+    return model
+
+
 def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, Any]:
     """Validate FHIR JSON; return it unchanged (what the sender wrote is what we keep).
 
@@ -106,10 +119,7 @@ def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, 
         raise InvalidResourceError([("resourceType", "resourceType is required")], 400)
     if expected_type and rtype != expected_type:
         raise InvalidResourceError([("resourceType", f"body is a {rtype} but the URL names {expected_type}")], 400)
-    try:
-        model = get_fhir_model_class(rtype)
-    except (ValueError, KeyError):
-        raise InvalidResourceError([("resourceType", f"{rtype} is not a FHIR R4 resource type")], 404) from None
+    model = resource_model(rtype)
     try:
         model.model_validate(data)
     except ValidationError as exc:

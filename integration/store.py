@@ -7,7 +7,6 @@ the state it announces, and the outbox relay publishes it (at least once).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -530,7 +529,3 @@ class Store:
     def reviews_for(self, report_id: str) -> list[Review]:
         with self.session() as s:
             return list(s.scalars(select(Review).where(Review.report_id == report_id).order_by(Review.id)))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)

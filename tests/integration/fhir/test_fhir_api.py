@@ -49,6 +49,8 @@ def test_invalid_content_is_422_naming_the_element(fhir_client: httpx.Client) ->
 
 def test_unknown_type_mismatch_bad_json_and_oversize_are_4xx_outcomes(fhir_client: httpx.Client) -> None:
     assert fhir_client.post("/fhir/Spaceship", json={"resourceType": "Spaceship"}).status_code == 404
+    assert fhir_client.post("/fhir/Quantity", json={"resourceType": "Quantity"}).status_code == 404  # a data type
+    assert fhir_client.get("/fhir/Quantity").status_code == 404
     mismatch = fhir_client.post("/fhir/Condition", json=OBSERVATION)
     assert mismatch.status_code == 400 and mismatch.json()["issue"][0]["expression"] == ["resourceType"]
     assert fhir_client.post("/fhir/Observation", content=b"{not json").status_code == 400
