@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     select,
     text,
     update,
@@ -274,7 +275,7 @@ class Store:
 
     def outbox_backlog(self) -> int:
         with self.session() as s:
-            return len(list(s.scalars(select(OutboxEntry.id).where(OutboxEntry.published_at.is_(None)))))
+            return s.scalar(select(func.count()).where(OutboxEntry.published_at.is_(None))) or 0
 
     # change tracking (quiet periods) ---------------------------------------------------------
     @staticmethod
@@ -492,8 +493,9 @@ class Store:
             token = identifier if "|" in identifier else f"|{identifier}"
             q = q.where(FhirResource.identifier.like(f"% {token} %" if "|" in identifier else f"%{token} %"))
         with self.session() as s:
-            rows = list(s.scalars(q.order_by(FhirResource.last_updated.desc())))
-            return [r.content for r in rows[offset : offset + limit]], len(rows)
+            total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+            page = s.scalars(q.order_by(FhirResource.last_updated.desc(), FhirResource.id).limit(limit).offset(offset))
+            return [r.content for r in page], total
 
     # consumers -------------------------------------------------------------------------------
     def is_processed(self, consumer: str, event_id: str) -> bool:
