@@ -68,17 +68,21 @@ def send_all(port: int, aec: str, files: list[Path]) -> float:
     return elapsed
 
 
-def bench_storescp(files: list[Path], work: Path) -> float:
-    port, out = free_port(), work / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=NODELAY,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def send_to_receiver(command: list[str], port: int, aec: str, files: list[Path]) -> float:
+    """Start a third-party receiver, send every file to it once it listens, stop it."""
+    proc = subprocess.Popen(command, env=NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        return send_all(port, "STORESCP", files)
+        return send_all(port, aec, files)
     finally:
         proc.terminate()
         proc.wait()
+
+
+def bench_storescp(files: list[Path], work: Path) -> float:
+    port, out = free_port(), work / "storescp"
+    out.mkdir()
+    return send_to_receiver(["storescp", "-od", str(out), str(port)], port, "STORESCP", files)
 
 
 def bench_orthanc(files: list[Path], work: Path) -> float | None:
@@ -92,13 +96,7 @@ def bench_orthanc(files: list[Path], work: Path) -> float | None:
         "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
     }))
-    proc = subprocess.Popen([binary, str(config)], env=NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        return send_all(port, "ORTHANC", files)
-    finally:
-        proc.terminate()
-        proc.wait()
+    return send_to_receiver([binary, str(config)], port, "ORTHANC", files)
 
 
 async def bench_medbridge(files: list[Path], work: Path) -> float:
