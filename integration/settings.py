@@ -9,8 +9,17 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DicomPeer(BaseModel):
+    """A DICOM application MedBridge knows: it may call us, and we may send to it (C-MOVE, export)."""
+
+    ae_title: str
+    host: str
+    port: int | None = None  # where it listens; needed only to send to it
+    export: bool = False  # receives MedBridge's AI results (SR + Secondary Capture)
 
 
 class Settings(BaseSettings):
@@ -23,6 +32,8 @@ class Settings(BaseSettings):
     dicom_port: int = Field(11112, alias="MEDBRIDGE_DICOM_PORT")
     dicom_ae_title: str = Field("MEDBRIDGE", alias="MEDBRIDGE_AE_TITLE")
     study_quiet_seconds: float = Field(3.0, alias="MEDBRIDGE_STUDY_QUIET_SECONDS")
+    # Known peers, JSON: [{"ae_title": "PACS", "host": "10.0.0.5", "port": 104, "export": true}]
+    dicom_peers: list[DicomPeer] = Field(default_factory=list, alias="MEDBRIDGE_DICOM_PEERS")
     # Comma-separated calling AE titles allowed to associate; empty allows any caller
     dicom_allowed_peers: str = Field("", alias="MEDBRIDGE_DICOM_ALLOWED_AETS")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
