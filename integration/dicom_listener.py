@@ -14,12 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
 from integration.errors import StoreUnavailableError
+from integration.settings import DicomPeer
 from integration.store import Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 # pynetdicom logs request identifiers (patient names among them) at debug level; never let it.
 pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+STATUS_DUPLICATE_WARNING = 0xB000
 
 
 class DicomListener:
@@ -44,7 +49,9 @@ class DicomListener:
         min_free_bytes: int = 0,
         max_associations: int = 32,
         max_pdu_bytes: int = 0,
-        allowed_calling_aets: list[str] | None = None,
+        peers: list[DicomPeer] | None = None,
+        allow_any_caller: bool | None = None,
+        duplicate_status: str = "warning",
         on_study_ready: Any = None,
     ) -> None:
         self.store = store
@@ -56,7 +63,11 @@ class DicomListener:
         self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes)
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
-        self.allowed_calling_aets = allowed_calling_aets or []
+        self.peers = peers or []
+        # Without configured peers (the embedded default) any caller is accepted, as Orthanc does
+        self.allow_any_caller = not self.peers if allow_any_caller is None else allow_any_caller
+        self.duplicate_status = duplicate_status
+        self._peer_addresses: dict[str, set[str]] = {}
         self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
         self._server: Any = None
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
@@ -66,10 +77,8 @@ class DicomListener:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
-        # With an allow-list, unknown callers, or callers that name another AE, get A-ASSOCIATE-RJ.
-        # Without one (the embedded default) any caller is accepted, as Orthanc does out of the box.
-        ae.require_called_aet = bool(self.allowed_calling_aets)
-        ae.require_calling_aet = self.allowed_calling_aets
+        # Callers that name another AE get A-ASSOCIATE-RJ; unknown callers too (see _handle_requested)
+        ae.require_called_aet = not self.allow_any_caller
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -77,9 +86,11 @@ class DicomListener:
 
     def start(self) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         ae = self._build_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, self._handle_conn_open),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_assoc_end),
@@ -109,6 +120,25 @@ class DicomListener:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _handle_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RJ (permanent, calling AE not recognised) for callers that are not known peers.
+
+        A peer is known by its AE title and the address it calls from, so a stolen AE title used
+        from another host is refused too.
+        """
+        if self.allow_any_caller:
+            return
+        requestor = event.assoc.requestor
+        calling = str(requestor.primitive.calling_ae_title).strip()
+        addresses = self._peer_addresses.get(calling)
+        if addresses is not None and ("*" in addresses or requestor.address in addresses):
+            return
+        # AE titles and addresses name machines, not patients
+        log.warning("association from unknown caller %s at %s rejected", calling, requestor.address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.is_rejected = True
+        event.assoc.kill()
+
     @staticmethod
     def _handle_echo(event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -123,9 +153,12 @@ class DicomListener:
             log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
         outcome = self.ingest.ingest(ds, part10, expected_sop_uid=str(event.request.AffectedSOPInstanceUID))
-        if outcome.status == STATUS_SUCCESS and outcome.study_instance_uid:
-            self._remember(event, outcome.study_instance_uid)
-        return outcome.status
+        if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
+            return outcome.status
+        self._remember(event, outcome.study_instance_uid)
+        if not outcome.stored and self.duplicate_status == "warning":
+            return _duplicate_warning()
+        return STATUS_SUCCESS
 
     def _remember(self, event: evt.Event, study_uid: str) -> None:
         with self._lock:
@@ -142,3 +175,26 @@ class DicomListener:
                 return
             if self._on_study_ready:
                 self._on_study_ready()
+
+
+def _duplicate_warning() -> Dataset:
+    """Stored (the copy already held stands), with a warning the sender's operator can read.
+
+    PS3.4 B.2.3 has no warning meant for duplicates; 0xB000 with an Error Comment is what senders
+    log and treat as stored, which is the truth: the instance is held and will not be stored twice.
+    """
+    status = Dataset()
+    status.Status = STATUS_DUPLICATE_WARNING
+    status.ErrorComment = "Duplicate SOP Instance UID: the instance already held was kept"
+    return status
+
+
+def _addresses_of(host: str) -> set[str]:
+    """The IP addresses a peer's configured host name stands for ('*' for any)."""
+    if host == "*":
+        return {"*"}
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        log.error("DICOM peer host %r does not resolve; that peer cannot associate until it does", host)
+        return set()

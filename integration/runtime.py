@@ -141,7 +141,9 @@ class Runtime:
                 min_free_bytes=s.min_free_bytes,
                 max_associations=s.max_associations,
                 max_pdu_bytes=s.max_pdu_bytes,
-                allowed_calling_aets=[a.strip() for a in s.dicom_allowed_peers.split(",") if a.strip()],
+                peers=s.dicom_peers,
+                allow_any_caller=s.dicom_allow_any_caller,
+                duplicate_status=s.dicom_duplicate_status,
                 on_study_ready=publishers["study"].wake,
             )
             await asyncio.to_thread(self.dicom.start)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,8 +35,10 @@ class Settings(BaseSettings):
     study_quiet_seconds: float = Field(3.0, alias="MEDBRIDGE_STUDY_QUIET_SECONDS")
     # Known peers, JSON: [{"ae_title": "PACS", "host": "10.0.0.5", "port": 104, "export": true}]
     dicom_peers: list[DicomPeer] = Field(default_factory=list, alias="MEDBRIDGE_DICOM_PEERS")
-    # Comma-separated calling AE titles allowed to associate; empty allows any caller
-    dicom_allowed_peers: str = Field("", alias="MEDBRIDGE_DICOM_ALLOWED_AETS")
+    # Accept callers that are not peers; unset means "yes while no peers are configured"
+    dicom_allow_any_caller: bool | None = Field(None, alias="MEDBRIDGE_DICOM_ALLOW_ANY_CALLER")
+    # Answer to a duplicate SOP Instance (the first is kept): "warning" (0xB000) or "success"
+    dicom_duplicate_status: Literal["warning", "success"] = Field("warning", alias="MEDBRIDGE_DICOM_DUPLICATE_STATUS")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
     max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")

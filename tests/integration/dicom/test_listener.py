@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from integration.dicom_listener import DicomListener
 from integration.publisher import QuietPeriodPublisher, announce_study
+from integration.settings import DicomPeer
 from integration.store import OutboxEntry, Store
 from schemas.events import StudyReceived
 
@@ -111,15 +112,40 @@ def test_unwritable_storage_answers_out_of_resources(listener: DicomListener, st
     assert store.get_instance(ds.SOPInstanceUID) is None
 
 
-def test_duplicate_instance_keeps_the_first(listener: DicomListener, store: Store) -> None:
-    ds = dcmread(CT_SMALL)
-    for _ in range(2):
+def test_duplicate_instance_keeps_the_first_and_answers_a_warning(listener: DicomListener, store: Store) -> None:
+    first = dcmread(CT_SMALL)
+    second = dcmread(CT_SMALL)
+    second.InstanceNumber = 99  # same SOP Instance UID, other content: the copy already held stands
+    statuses = []
+    for ds in (first, second):
         assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
         try:
-            assert assoc.send_c_store(ds).Status == 0x0000
+            statuses.append(assoc.send_c_store(ds))
         finally:
             assoc.release()
-    assert len(store.study_instances(ds.StudyInstanceUID)) == 1
+    assert statuses[0].Status == 0x0000
+    assert statuses[1].Status == 0xB000 and "Duplicate" in statuses[1].ErrorComment
+    held = store.study_instances(first.StudyInstanceUID)
+    assert len(held) == 1 and dcmread(held[0].path).InstanceNumber == first.InstanceNumber
+    # dcmtk treats the warning as stored: exit status 0
+    proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), CT_SMALL],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_duplicate_status_can_be_plain_success(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, duplicate_status="success")
+    lst.start()
+    try:
+        ds = dcmread(CT_SMALL)
+        assoc = associate(lst.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+        try:
+            assert [assoc.send_c_store(ds).Status for _ in range(2)] == [0x0000, 0x0000]
+        finally:
+            assoc.release()
+    finally:
+        lst.stop()
 
 
 def test_released_study_is_announced_once_with_its_imaging_study(listener: DicomListener, store: Store) -> None:
@@ -159,8 +185,9 @@ def test_below_the_free_space_floor_instances_are_refused_with_a700(store: Store
 
 
 def test_unknown_callers_and_wrong_called_ae_are_rejected_at_association(store: Store, tmp_path: Path) -> None:
+    peers = [DicomPeer(ae_title="PACS1", host="localhost"), DicomPeer(ae_title="FARAWAY", host="192.0.2.7")]
     lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60, allowed_calling_aets=["PACS1"])
+                        study_quiet_seconds=60, peers=peers)
     lst.start()
     try:
         def try_associate(calling: str, called: str) -> bool:
@@ -175,8 +202,22 @@ def test_unknown_callers_and_wrong_called_ae_are_rejected_at_association(store: 
         assert try_associate("PACS1", "MEDBRIDGE")
         assert not try_associate("STRANGER", "MEDBRIDGE")
         assert not try_associate("PACS1", "SOMEONE_ELSE")
+        assert not try_associate("FARAWAY", "MEDBRIDGE")  # a known AE title, called from the wrong host
         proc = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port)],
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode != 0 and "Rejected" in proc.stdout + proc.stderr
+    finally:
+        lst.stop()
+
+
+def test_administrator_can_allow_any_caller_beside_peers(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, peers=[DicomPeer(ae_title="PACS1", host="192.0.2.7")],
+                        allow_any_caller=True)
+    lst.start()
+    try:
+        proc = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port)],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
     finally:
         lst.stop()
