@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
+
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
@@ -32,24 +34,27 @@ STATUS_IDENTIFIER_MISSING = 0xC211  # parsed, but a required UID is missing or d
 # Composite objects that carry no pixels for the CNN, even if they are "storage" classes
 _NON_IMAGE_MODALITIES = {"SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR", "KO", "ECG", "DOC", "REG", "SEG"}
 
-def _first_truncated_element(ds: Any) -> str | None:
+def _first_truncated_element(ds: Any, transfer_syntax: UID) -> str | None:
     """The tag of a top-level element holding fewer bytes than its declared length, if any.
 
     pydicom reads a truncated value silently (short bytes); a sender that lost the end of a file
-    must get a failure, not a stored half image. Undefined-length values fail in pydicom itself.
+    must get a failure, not a stored half image. Only the last element read can be short (the
+    parser stops at the end of the bytes), so only it is checked. Undefined-length values fail in
+    pydicom itself.
     """
-    for tag in ds.keys():
-        raw = ds.get_item(tag)
+    last = next(reversed(ds.keys()), None) if len(ds) else None
+    if last is not None:
+        raw = ds.get_item(last)
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
         if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
-            return str(tag)
-    return _short_native_pixel_data(ds)
+            return str(last)
+    return _short_native_pixel_data(ds, transfer_syntax)
 
 
-def _short_native_pixel_data(ds: Any) -> str | None:
+def _short_native_pixel_data(ds: Any, transfer_syntax: UID) -> str | None:
     """'PixelData' when uncompressed pixel data holds fewer bytes than its image attributes need."""
-    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+    if "PixelData" not in ds or transfer_syntax.is_compressed:
         return None
     raw = ds.get_item(0x7FE00010)
     value = getattr(raw, "value", None)
@@ -93,8 +98,12 @@ class InstanceIngest:
                 self._free_ok = False
         return self._free_ok
 
-    def ingest(self, ds: Any, part10: bytes, *, expected_sop_uid: str | None = None) -> IngestOutcome:
-        """Store one instance: ``ds`` is its parsed data set (``file_meta`` set), ``part10`` the file bytes.
+    def ingest(
+        self, ds: Any, part10: bytes, *, transfer_syntax: str | None = None, expected_sop_uid: str | None = None
+    ) -> IngestOutcome:
+        """Store one instance: ``ds`` is its parsed data set, ``part10`` the file bytes.
+
+        ``transfer_syntax`` is the one the data set was received in (default: ``ds.file_meta``'s).
 
         Status 0x0000 when the instance is durably stored (or was already held: keep first),
         0xC210 when the data set cannot be parsed, 0xC211 when its UIDs are missing or disagree
@@ -109,8 +118,8 @@ class InstanceIngest:
             modality = str(ds.get("Modality", "") or "") or None
             patient_id = str(ds.get("PatientID", "") or "") or None
             is_image = "PixelData" in ds and (modality or "") not in _NON_IMAGE_MODALITIES
-            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-            truncated = _first_truncated_element(ds)
+            transfer_syntax = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+            truncated = _first_truncated_element(ds, transfer_syntax)
         except AttributeError:
             log.warning("instance refused: required UID missing")
             return IngestOutcome(STATUS_IDENTIFIER_MISSING)
@@ -137,7 +146,7 @@ class InstanceIngest:
                     study_instance_uid=study_uid,
                     series_instance_uid=series_uid,
                     sop_class_uid=sop_class,
-                    transfer_syntax_uid=transfer_syntax,
+                    transfer_syntax_uid=str(transfer_syntax),
                     modality=modality,
                     patient_id=patient_id,
                     is_image=is_image,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -32,6 +33,10 @@ pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 STATUS_DUPLICATE_WARNING = 0xB000
+
+# Written into the files MedBridge stores, as the implementation that wrote them (PS3.7 D.3.3.2)
+MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
+MEDBRIDGE_IMPLEMENTATION_VERSION = "MEDBRIDGE_010"
 
 
 class DicomListener:
@@ -145,14 +150,25 @@ class DicomListener:
 
     def _handle_store(self, event: evt.Event) -> int:
         """Store one instance; the status says why not (see ``InstanceIngest.ingest``)."""
+        request = event.request
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta
-            part10 = event.encoded_dataset()
+            part10 = part10_bytes(
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                event.assoc.requestor.ae_title,
+                request.DataSet.getvalue(),
+            )
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
-        outcome = self.ingest.ingest(ds, part10, expected_sop_uid=str(event.request.AffectedSOPInstanceUID))
+        outcome = self.ingest.ingest(
+            ds,
+            part10,
+            transfer_syntax=str(event.context.transfer_syntax),
+            expected_sop_uid=str(request.AffectedSOPInstanceUID),
+        )
         if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
             return outcome.status
         self._remember(event, outcome.study_instance_uid)
@@ -198,3 +214,46 @@ def _addresses_of(host: str) -> set[str]:
     except OSError:
         log.error("DICOM peer host %r does not resolve; that peer cannot associate until it does", host)
         return set()
+
+
+def part10_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str, data_set: bytes) -> bytes:
+    """The DICOM file (PS3.10) for a data set as received: preamble, 'DICM', File Meta Information.
+
+    The meta group is five short elements; encoding it here instead of through pydicom (what
+    ``event.encoded_dataset()`` does) takes a tenth of the time, and this runs once per C-STORE.
+    The data set bytes are stored exactly as the peer sent them (deflated ones stay deflated,
+    which is what a deflated-syntax file holds after its meta group).
+    """
+    group = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _uid(sop_class)),
+        _meta_element(0x0003, b"UI", _uid(sop_instance)),
+        _meta_element(0x0010, b"UI", _uid(transfer_syntax)),
+        _IMPLEMENTATION_ELEMENTS,
+        _meta_element(0x0016, b"AE", _text(source_ae.strip())),
+    ))
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(group)))
+    return b"".join((_PREAMBLE, length, group, data_set))
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit-VR little-endian element of group 0002."""
+    if vr == b"OB":
+        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_IMPLEMENTATION_ELEMENTS = _meta_element(0x0012, b"UI", _uid(MEDBRIDGE_IMPLEMENTATION_UID)) + _meta_element(
+    0x0013, b"SH", _text(MEDBRIDGE_IMPLEMENTATION_VERSION)
+)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -30,8 +32,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from integration.errors import (
@@ -331,17 +335,49 @@ class Store:
     def add_instance(self, inst: DicomInstance, place_file: Callable[[], None]) -> bool:
         """Record an instance in one transaction; False when that SOP Instance UID is already held
         (the first is kept). ``place_file`` moves the durable file into place just before the commit,
-        so a row never points at a missing file."""
+        so a row never points at a missing file.
+
+        Core statements rather than the ORM: this runs once per C-STORE, and an upsert on each
+        table is a third of the cost of a session's get-then-add.
+        """
+        values = {c.key: v for c in DicomInstance.__table__.columns if (v := getattr(inst, c.key)) is not None}
+        values.setdefault("received_at", utcnow())
+        insert, touch = self._instance_statements()
         try:
-            with self.session() as s:
-                if s.get(DicomInstance, inst.sop_instance_uid) is not None:
+            with self.engine.begin() as conn:
+                if conn.execute(insert, values).first() is None:  # RETURNING gives no row on a conflict
                     return False
                 place_file()
-                s.add(inst)
-                self.touch(s, "study", inst.study_instance_uid)
+                conn.execute(touch, {"kind": "study", "key": inst.study_instance_uid, "now": time.time()})
             return True
-        except IntegrityError:
-            return False
+        except OperationalError as exc:
+            raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+    @cache  # noqa: B019 - one Store per process; statements are built once, not per instance
+    def _instance_statements(self) -> tuple[Any, Any]:
+        """INSERT of an instance (nothing on a duplicate) and the upsert that bumps its study's tracker."""
+        instances, trackers = DicomInstance.__table__, ChangeTracker.__table__
+        insert = (
+            self._upsert(instances)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(instances.c.sop_instance_uid)
+        )
+        touch = (
+            self._upsert(trackers)
+            .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
+                    last_change_at=bindparam("now"))
+            .on_conflict_do_update(
+                index_elements=["kind", "key"],
+                set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
+            )
+        )
+        return insert, touch
+
+    def _upsert(self, table: Any) -> Any:
+        """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+        if self.engine.dialect.name == "postgresql":
+            return postgresql_insert(table)
+        return sqlite_insert(table)
 
     @staticmethod
     def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:

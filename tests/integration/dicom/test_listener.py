@@ -221,3 +221,36 @@ def test_administrator_can_allow_any_caller_beside_peers(store: Store, tmp_path:
         assert proc.returncode == 0, proc.stderr
     finally:
         lst.stop()
+
+
+def test_stored_file_meta_is_what_pydicom_reads_and_the_data_set_is_byte_for_byte_as_sent(
+    listener: DicomListener, store: Store
+) -> None:
+    sent = Path(get_testdata_file("JPEG2000.dcm"))  # compressed: stored as received, not transcoded
+    original = dcmread(sent)
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(original.SOPClassUID, original.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    try:
+        assert assoc.send_c_store(sent).Status == 0x0000  # a path: pynetdicom sends the file's bytes as they are
+    finally:
+        assoc.release()
+    held = store.get_instance(original.SOPInstanceUID)
+    assert held is not None
+    stored = dcmread(held.path)
+    meta = stored.file_meta
+    assert meta.MediaStorageSOPClassUID == original.SOPClassUID
+    assert meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert meta.SourceApplicationEntityTitle == "MODALITY1"
+    assert meta.ImplementationVersionName == "MEDBRIDGE_010"
+    data_offset = 132 + 12 + meta.FileMetaInformationGroupLength
+    assert Path(held.path).read_bytes()[data_offset:] == _data_set_bytes(sent)
+    assert stored.PixelData == original.PixelData
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """The data set of a Part 10 file without its preamble and meta group."""
+    raw = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return raw[132 + 12 + meta.FileMetaInformationGroupLength:]
