@@ -61,7 +61,10 @@ def _short_native_pixel_data(ds: Any, transfer_syntax: UID) -> str | None:
     if not isinstance(value, bytes):
         return None
     try:
-        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+            samples = 2  # chroma subsampled: two samples per pixel on average (PS3.3 C.7.6.3.1.2)
+        pixels = int(ds.Rows) * int(ds.Columns) * samples
         pixels *= int(ds.get("NumberOfFrames", 1) or 1)
         needed = (pixels * int(ds.BitsAllocated) + 7) // 8
     except (AttributeError, TypeError, ValueError):

@@ -96,6 +96,8 @@ class ImagingInferenceCompleted(_Event):
     model_version: str
     findings: list[InstanceFinding]
     skipped_instances: int = 0
+    # image instances the detector could not decode: reported, so every image has one outcome
+    skipped_sop_instance_uids: list[str] = Field(default_factory=list)
 
 
 class EvidencePassage(BaseModel):

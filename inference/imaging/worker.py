@@ -49,14 +49,14 @@ def infer_study(
         log.info("study %s has no image instances; nothing to infer", uid_hash(event.study_instance_uid))
         return None
     findings: list[InstanceFinding] = []
-    skipped = 0
+    skipped: list[str] = []
     for inst in instances:
         try:
             ds = pydicom.dcmread(inst.path)
             result = detector.run_dataset(ds)
         except (NotAnImageError, PixelDecodeError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
-            skipped += 1
+            skipped.append(inst.sop_instance_uid)
             continue
         png = artifacts_dir / "heatmaps" / uid_hash(event.study_instance_uid) / f"{inst.sop_instance_uid}.png"
         _write_png(png, result.overlay_png)
@@ -77,7 +77,8 @@ def infer_study(
         model_name=detector.model_name,
         model_version=detector.model_version,
         findings=findings,
-        skipped_instances=skipped,
+        skipped_instances=len(skipped),
+        skipped_sop_instance_uids=skipped,
     )
 
 
