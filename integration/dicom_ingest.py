@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from integration.dicom_query import index_fields
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
@@ -143,6 +144,7 @@ class InstanceIngest:
                     is_image=is_image,
                     path=str(final),
                     size=len(part10),
+                    **index_fields(ds),
                 ),
                 place_file=lambda: _rename_durably(tmp, final),
             )

@@ -143,13 +143,14 @@ class Runtime:
                 max_pdu_bytes=s.max_pdu_bytes,
                 allowed_calling_aets=[a.strip() for a in s.dicom_allowed_peers.split(",") if a.strip()],
                 on_study_ready=publishers["study"].wake,
+                dicom_peers=s.dicom_peers,
             )
             await asyncio.to_thread(self.dicom.start)
             self.components.append(("DICOM listener", self.dicom.stop))
             self.health["dicom_listener"] = self.dicom.running
             self.health["disk_space"] = self.dicom.has_free_space
 
-        services = Services(s, self.store, self.health, self.notify_outbox)
+        services = Services(s, self.store, self.health, self.notify_outbox, on_study_ready=publishers["study"].wake)
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
             access_log=False,  # URLs carry patient references

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Float,
+    Index,
     Integer,
     String,
     Text,
@@ -70,6 +71,29 @@ class DicomInstance(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Query index (C-FIND, QIDO-RS): filled by integration.dicom_query.index_fields at ingest
+    patient_name: Mapped[str | None] = mapped_column(String(324), index=True, default=None)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), default=None)
+    patient_sex: Mapped[str | None] = mapped_column(String(16), default=None)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True, default=None)
+    study_time: Mapped[str | None] = mapped_column(String(16), default=None)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    study_id: Mapped[str | None] = mapped_column(String(16), default=None)
+    study_description: Mapped[str | None] = mapped_column(String(64), default=None)
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324), default=None)
+    series_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    series_description: Mapped[str | None] = mapped_column(String(64), default=None)
+    body_part_examined: Mapped[str | None] = mapped_column(String(16), default=None)
+    instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    series_date: Mapped[str | None] = mapped_column(String(8), default=None)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, default=None)
+    # DICOM JSON (PS3.18 F.2) of the non-bulk attributes: QIDO includefield and WADO-RS metadata
+    dicom_json: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+# series-level queries and retrieves select by these too
+Index("ix_dicom_instances_series_instance_uid", DicomInstance.series_instance_uid)
+Index("ix_dicom_instances_patient_id", DicomInstance.patient_id)
 
 
 class ChangeTracker(Base):
