@@ -1,8 +1,8 @@
 """One query engine over what MedBridge holds, shared by C-FIND (DIMSE) and QIDO-RS (DICOMweb).
 
 * :func:`index_fields` extracts, at ingest, the attributes queries match on (columns of
-  ``DicomInstance``) and the DICOM JSON of the non-bulk attributes (``dicom_json``), from
-  non-pixel attributes only.
+  ``DicomInstance``), from non-pixel attributes only. The DICOM JSON of the non-bulk attributes
+  (``dicom_json``: includefield, WADO-RS metadata) is cached on the row the first time it is needed.
 * :class:`QueryEngine` answers a :class:`Query` (level + matching keys) at the PATIENT, STUDY,
   SERIES or IMAGE level, in SQL: single value matching, wildcards ``*``/``?`` (case-sensitive,
   except PN which matches case-insensitively, PS3.4 C.2.2.2), date and time ranges, UID lists,
@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from sqlalchemy import ColumnElement, and_, distinct, func, or_, select
+from sqlalchemy import ColumnElement, and_, distinct, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
+from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
 
 log = logging.getLogger(__name__)
@@ -112,25 +114,24 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _strip_bulk(node: Any) -> Any:
+def _strip_bulk(dataset: dict[str, Any]) -> dict[str, Any]:
     """Drop the values ``to_json_dict`` handed to the bulk handler (pixels, overlays, icons)."""
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if isinstance(value, dict) and value.get("BulkDataURI") == _BULK:
-                continue
-            out[key] = _strip_bulk(value)
-        return out
-    if isinstance(node, list):
-        return [_strip_bulk(v) for v in node]
-    return node
+    out = {}
+    for tag, element in dataset.items():
+        if element.get("BulkDataURI") == _BULK:
+            continue
+        if element.get("vr") == "SQ" and element.get("Value"):
+            element = {**element, "Value": [_strip_bulk(item) for item in element["Value"]]}
+        out[tag] = element
+    return out
 
 
 def index_fields(ds: Dataset) -> dict[str, Any]:
     """The ``DicomInstance`` query-index columns of ``ds`` (keyword arguments for the row).
 
     Reads only non-pixel attributes; a malformed attribute leaves its column empty rather than
-    refusing the instance (the ingest checks decide that).
+    refusing the instance (the ingest checks decide that). ``dicom_json`` is not filled here: it
+    costs ~40 us per element, so :meth:`QueryEngine.with_json` fills it on first use instead.
     """
     fields: dict[str, Any] = {}
     for column, keyword, size in (
@@ -151,18 +152,12 @@ def index_fields(ds: Dataset) -> dict[str, Any]:
             fields[column] = _int(ds, keyword)
         except Exception:  # noqa: BLE001
             fields[column] = None
-    try:
-        top = Dataset()
-        for elem in ds:
-            if elem.tag != 0x7FE00010 and elem.tag.group != 0x0002:
-                top.add(elem)
-        fields["dicom_json"] = _strip_bulk(
-            top.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _e: _BULK)
-        )
-    except Exception as exc:  # noqa: BLE001 - metadata of an odd instance is served from the file instead
-        log.warning("DICOM JSON not indexed (%s)", type(exc).__name__)
-        fields["dicom_json"] = None
     return fields
+
+
+def dataset_json(ds: Dataset) -> dict[str, Any]:
+    """The DICOM JSON of ``ds`` without bulk values (pixel data, overlays, icons)."""
+    return _strip_bulk(ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _e: _BULK))
 
 
 # ---- queries -----------------------------------------------------------------------------------
@@ -323,6 +318,21 @@ class QueryEngine:
                 out.append(condition)
         return out
 
+    def with_json(self, rows: Sequence[DicomInstance]) -> None:
+        """Fill ``dicom_json`` of ``rows`` that lack it from their files, and keep it on the row."""
+        for row in rows:
+            if row.dicom_json is not None:
+                continue
+            try:
+                row.dicom_json = dataset_json(dcmread(row.path, stop_before_pixels=True))
+            except Exception as exc:  # noqa: BLE001 - an unreadable file answers with the indexed columns only
+                log.warning("instance %s: metadata not readable (%s)", uid_hash(row.sop_instance_uid),
+                            type(exc).__name__)
+                continue
+            with self.store.session() as s:
+                s.execute(update(_C).where(_C.sop_instance_uid == row.sop_instance_uid)
+                          .values(dicom_json=row.dicom_json))
+
     # -- searching ---------------------------------------------------------------------------
     def count(self, query: Query) -> int:
         group = _GROUP_COLUMN[query.level]
@@ -362,6 +372,7 @@ class QueryEngine:
             reps = {r.sop_instance_uid: r for r in s.scalars(select(_C).where(_C.sop_instance_uid.in_(
                 [sop for _, sop in found])))}
             computed = self._computed(s, level, keys, query)
+        self.with_json(list(reps.values()))
         return [self._identifier(reps[sop], level, query, computed.get(key, {})) for key, sop in found]
 
     def _computed(self, s: Any, level: str, keys: list[str], query: Query) -> dict[str, dict[str, Any]]:

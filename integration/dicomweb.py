@@ -35,7 +35,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
 from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
-from integration.dicom_query import ATTRIBUTES, Query, QueryEngine, QueryError, index_fields, keyword_of, tag_of
+from integration.dicom_query import ATTRIBUTES, Query, QueryEngine, QueryError, keyword_of, tag_of
 from integration.dicom_render import PixelError, frames, render
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
@@ -422,11 +422,12 @@ def retrieve_instance(study: str, series: str, instance: str, request: Request,
     return _retrieve(request, _rows(services, study, series, instance))
 
 
-def _metadata(request: Request, rows: list[DicomInstance]) -> Response:
+def _metadata(request: Request, services: Services, rows: list[DicomInstance]) -> Response:
     base = _base(request)
+    _engine(services).with_json(rows)
     out = []
     for row in rows:
-        meta = dict(row.dicom_json or index_fields(dcmread(row.path, stop_before_pixels=True))["dicom_json"] or {})
+        meta = dict(row.dicom_json or {})
         meta["00083002"] = {"vr": "UI", "Value": [row.transfer_syntax_uid]}  # AvailableTransferSyntaxUID
         if row.is_image or "00280010" in meta:
             count = int(row.number_of_frames or 1)
@@ -439,17 +440,17 @@ def _metadata(request: Request, rows: list[DicomInstance]) -> Response:
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: metadata of a study")
 def study_metadata(study: str, request: Request, services: ServicesDep) -> Response:
-    return _metadata(request, _rows(services, study))
+    return _metadata(request, services, _rows(services, study))
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: metadata of a series")
 def series_metadata(study: str, series: str, request: Request, services: ServicesDep) -> Response:
-    return _metadata(request, _rows(services, study, series))
+    return _metadata(request, services, _rows(services, study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/metadata", summary="WADO-RS: instance metadata")
 def instance_metadata(study: str, series: str, instance: str, request: Request, services: ServicesDep) -> Response:
-    return _metadata(request, _rows(services, study, series, instance))
+    return _metadata(request, services, _rows(services, study, series, instance))
 
 
 def _frame_numbers(value: str) -> list[int]:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
@@ -87,7 +88,7 @@ class DicomInstance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
     series_date: Mapped[str | None] = mapped_column(String(8), default=None)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, default=None)
-    # DICOM JSON (PS3.18 F.2) of the non-bulk attributes: QIDO includefield and WADO-RS metadata
+    # DICOM JSON (PS3.18 F.2) of the non-bulk attributes (QIDO includefield, WADO-RS metadata), cached on first use
     dicom_json: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
@@ -214,6 +215,7 @@ class Store:
     def start(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            self._add_missing_columns()
         except OperationalError as exc:
             raise StoreUnavailableError(
                 f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
@@ -221,6 +223,24 @@ class Store:
 
     def stop(self) -> None:
         self.engine.dispose()
+
+    def _add_missing_columns(self) -> None:
+        """Columns appended to a model after its table was created (nullable ones): ADD COLUMN, and
+        their indexes, so a database from an earlier version opens without a migration tool."""
+        inspector = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            missing = [c for c in table.columns if c.name not in present and c.nullable]
+            if not missing:
+                continue
+            with self.engine.begin() as conn:
+                for column in missing:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     def healthy(self) -> bool:
         try:

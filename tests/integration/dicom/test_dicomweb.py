@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 import time
 import uuid
@@ -231,3 +232,20 @@ async def test_stowed_study_is_announced_as_study_received(stack) -> None:  # no
         await asyncio.sleep(0.2)
     event = StudyReceived.model_validate_json(rows[0].payload)
     assert event.instance_count == 1
+
+
+def test_logs_carry_no_patient_data(client: DICOMwebClient, base_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    ct = dcmread(CT_SMALL)
+    truncated = Path(CT_SMALL).read_bytes()[:5000]
+    body, headers = multipart(Path(CT_SMALL).read_bytes(), truncated)
+    assert httpx.post(f"{base_url}/studies", content=body, headers=headers).status_code == 202
+    client.search_for_studies(search_filters={"PatientName": "CompressedSamples*", "PatientID": str(ct.PatientID)})
+    client.retrieve_study_metadata(ct.StudyInstanceUID)
+    httpx.get(f"{base_url}/studies", params={"PatientBirthDate": "1970-01-01"})
+    # the service's records (the test's own HTTP clients log the URLs they call)
+    text = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "dicomweb_client")))
+    assert "STOW-RS" in text and "QIDO-RS" in text  # the routes did log
+    for secret in ("CompressedSamples", str(ct.PatientID), "20040119", "1970-01-01", ct.StudyInstanceUID,
+                   ct.SOPInstanceUID):
+        assert secret not in text

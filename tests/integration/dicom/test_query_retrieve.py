@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -18,9 +19,11 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
+from sqlalchemy import text
 
 from integration.dicom_listener import DicomListener
 from integration.settings import DicomPeer
@@ -239,3 +242,61 @@ def test_movescu_to_an_unknown_destination_fails_with_a801(listener: DicomListen
         proc = movescu(listener, destination, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ct.StudyInstanceUID}")
         assert proc.returncode != 0
         assert "MoveDestinationUnknown" in proc.stderr  # dcmtk's name for 0xA801
+
+
+def test_patient_root_find_at_patient_level_counts_studies(listener: DicomListener) -> None:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"
+    identifier.PatientID = ""
+    identifier.PatientName = "Last^*"
+    identifier.NumberOfPatientRelatedStudies = ""
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    try:
+        answers = [ds for st, ds in assoc.send_c_find(identifier, PatientRootQueryRetrieveInformationModelFind)
+                   if st.Status == 0xFF00]
+    finally:
+        assoc.release()
+    plan = dcmread(RTPLAN)
+    assert [(a.PatientID, a.PatientName, int(a.NumberOfPatientRelatedStudies)) for a in answers] == [
+        (plan.PatientID, plan.PatientName, 1)]
+
+
+def test_logs_carry_no_patient_data(listener: DicomListener, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # the service's level; pynetdicom's DEBUG dumps show UIDs
+    ct = dcmread(CT_SMALL)
+    findscu(listener, tmp_path / "p", "QueryRetrieveLevel=STUDY", "PatientName=Compressed*", "PatientID",
+            "PatientBirthDate", "StudyDate=20040101-")
+    findscu(listener, tmp_path / "q", "QueryRetrieveLevel=STUDY", "StudyDate=not-a-date")
+    subprocess.run(["getscu", "-S", "-aec", "MEDBRIDGE", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=STUDY",
+                    "-k", f"StudyInstanceUID={ct.StudyInstanceUID}", "127.0.0.1", str(listener.port)],
+                   capture_output=True, timeout=60, env=DCMTK_ENV, check=True)
+    text = caplog.text
+    assert "C-FIND" in text  # the handlers did log
+    for secret in ("CompressedSamples", "Compressed*", str(ct.PatientID), "20040119", "not-a-date",
+                   ct.StudyInstanceUID):
+        assert secret not in text
+
+
+def test_a_database_from_before_the_query_index_opens_and_gains_its_columns(store: Store, tmp_path: Path) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE dicom_instances DROP COLUMN study_description"))
+        conn.execute(text("ALTER TABLE dicom_instances DROP COLUMN dicom_json"))
+    store.stop()
+    reopened = Store(store.url)
+    reopened.start()
+    try:
+        lst = DicomListener(reopened, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                            study_quiet_seconds=60)
+        lst.start()
+        try:
+            subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port), CT_SMALL],
+                           capture_output=True, timeout=60, env=DCMTK_ENV, check=True)
+            found = findscu(lst, tmp_path / "m", "QueryRetrieveLevel=STUDY", "StudyDescription", "StudyInstanceUID")
+        finally:
+            lst.stop()
+    finally:
+        reopened.stop()
+    assert [ds.StudyDescription for ds in found] == [dcmread(CT_SMALL).StudyDescription]
