@@ -320,6 +320,7 @@ class QueryEngine:
 
     def with_json(self, rows: Sequence[DicomInstance]) -> None:
         """Fill ``dicom_json`` of ``rows`` that lack it from their files, and keep it on the row."""
+        filled = []
         for row in rows:
             if row.dicom_json is not None:
                 continue
@@ -329,9 +330,12 @@ class QueryEngine:
                 log.warning("instance %s: metadata not readable (%s)", uid_hash(row.sop_instance_uid),
                             type(exc).__name__)
                 continue
+            filled.append(row)
+        if filled:
             with self.store.session() as s:
-                s.execute(update(_C).where(_C.sop_instance_uid == row.sop_instance_uid)
-                          .values(dicom_json=row.dicom_json))
+                for row in filled:
+                    s.execute(update(_C).where(_C.sop_instance_uid == row.sop_instance_uid)
+                              .values(dicom_json=row.dicom_json))
 
     # -- searching ---------------------------------------------------------------------------
     def count(self, query: Query) -> int:

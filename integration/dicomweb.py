@@ -233,7 +233,8 @@ def _qido_query(request: Request, level: str, path_keys: dict[str, str]) -> tupl
             if keyword not in ATTRIBUTES:
                 raise HTTPException(400, f"{keyword}: MedBridge cannot match on this attribute; "
                                          f"matching keys are {', '.join(sorted(ATTRIBUTES))}")
-            query.keys[keyword] = value
+            # QIDO-RS UID lists may be separated by commas (PS3.18 8.3.4.1)
+            query.keys[keyword] = value.replace(",", "\\") if ATTRIBUTES[keyword].vr == "UI" else value
     defaults = {"STUDY": ["STUDY"], "SERIES": ["SERIES"], "IMAGE": ["IMAGE"]}[level]
     if "StudyInstanceUID" not in path_keys and level != "STUDY":
         defaults = ["STUDY", *defaults]
@@ -471,11 +472,13 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str, req
     a client that accepts only application/octet-stream gets compressed frames decoded."""
     numbers = _frame_numbers(frame_list)
     row = _rows(services, study, series, instance)[0]
-    accepted = {media for media, _ in _accepted(request)}
+    accepted = _accepted(request)
     ds = dcmread(row.path)
-    compressed_ok = bool(accepted - {"application/octet-stream"})
+    # anything beyond plain octet-stream (image/jp2, */*, or octet-stream; transfer-syntax=*) takes frames as stored
+    as_stored = any(media != "application/octet-stream" or params.get_param("transfer-syntax") == "*"
+                    for media, params in accepted)
     try:
-        out = frames(ds, numbers, decode=not compressed_ok)
+        out = frames(ds, numbers, decode=not as_stored)
     except PixelError as exc:
         raise HTTPException(404 if "does not exist" in str(exc) else 406, str(exc)) from None
     part_type = out[0][1].split(";")[0]

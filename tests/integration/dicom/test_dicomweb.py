@@ -249,3 +249,24 @@ def test_logs_carry_no_patient_data(client: DICOMwebClient, base_url: str, caplo
     for secret in ("CompressedSamples", str(ct.PatientID), "20040119", "1970-01-01", ct.StudyInstanceUID,
                    ct.SOPInstanceUID):
         assert secret not in text
+
+
+def test_qido_uid_lists_take_commas(loaded: DICOMwebClient) -> None:
+    ct, mr = dcmread(CT_SMALL), dcmread(MR_SMALL)
+    both = f"{ct.StudyInstanceUID},{mr.StudyInstanceUID}"
+    found = loaded.search_for_studies(search_filters={"StudyInstanceUID": both})
+    assert uids(found) == {ct.StudyInstanceUID, mr.StudyInstanceUID}
+
+
+def test_compressed_frames_are_decoded_for_a_client_that_takes_only_octet_stream(loaded: DICOMwebClient,
+                                                                               base_url: str) -> None:
+    nm = dcmread(JPEG2K)
+    url = f"{base_url}/studies/{nm.StudyInstanceUID}/series/{nm.SeriesInstanceUID}/instances/{nm.SOPInstanceUID}"
+    rsp = httpx.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert rsp.status_code == 200
+    boundary = rsp.headers["content-type"].split("boundary=")[1]
+    headers, data = rsp.content.split(f"--{boundary}".encode())[1].split(b"\r\n\r\n", 1)
+    assert b"application/octet-stream" in headers
+    assert data[:-2] == nm.pixel_array.tobytes()
+    beyond = httpx.get(f"{url}/frames/2")
+    assert beyond.status_code == 404 and "1 frame" in beyond.json()["detail"]
