@@ -67,7 +67,8 @@ def _failure(status: int, message: str, element: str | None = None) -> Dataset:
 
 
 def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket.socket
+    wrapper = event.assoc.dul.socket
+    sock = wrapper.socket if wrapper is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -162,6 +163,7 @@ class QueryRetrieveSCP:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
+            ds: Dataset
             try:
                 ds = dcmread(row.path)
             except (OSError, ValueError) as exc:
@@ -193,8 +195,7 @@ class QueryRetrieveSCP:
         0xA801 when the destination AE title is not a configured peer with a port (or refuses the
         association); other failures as ``handle_get``.
         """
-        destination = event.move_destination.strip() if isinstance(event.move_destination, str) else (
-            event.move_destination.decode("ascii", "replace").strip())
+        destination = str(event.move_destination or "").strip()
         peer = self.peers.get(destination)
         if peer is None or peer.port is None:
             log.warning("C-MOVE refused: destination %s is not a configured peer with a port", destination)

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlalchemy import text
 
@@ -300,3 +301,25 @@ def test_a_database_from_before_the_query_index_opens_and_gains_its_columns(stor
     finally:
         reopened.stop()
     assert [ds.StudyDescription for ds in found] == [dcmread(CT_SMALL).StudyDescription]
+
+
+def test_an_instance_missing_from_disk_is_a_failed_suboperation(listener: DicomListener, archive: Path) -> None:
+    ct, mr = dcmread(CT_SMALL), dcmread(MR_SMALL)
+    row = listener.store.get_instance(ct.SOPInstanceUID)
+    assert row is not None
+    Path(row.path).unlink()
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = [ct.StudyInstanceUID, mr.StudyInstanceUID]
+    try:
+        responses = assoc.send_c_move(identifier, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove)
+        final = [st for st, _ in responses][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0xB000
+    assert (final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (1, 1)
+    assert len(list(archive.iterdir())) == 1
