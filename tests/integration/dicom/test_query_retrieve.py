@@ -123,6 +123,18 @@ def test_findscu_date_ranges(listener: DicomListener, tmp_path: Path, date_range
     assert {str(ds.StudyInstanceUID) for ds in found} == {dcmread(p).StudyInstanceUID for p in expected}
 
 
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [(("StudyTime=0700-0800",), {CT_SMALL}), (("StudyTime=07",), {CT_SMALL}),
+     (("ModalitiesInStudy=MR\\RTPLAN",), {MR_SMALL, RTPLAN}), (("AccessionNumber=*", "StudyID=*"), set(FILES))],
+)
+def test_findscu_time_ranges_modalities_and_universal_wildcards(
+    listener: DicomListener, tmp_path: Path, keys: tuple[str, ...], expected: set[str]
+) -> None:
+    found = findscu(listener, tmp_path / "t", "QueryRetrieveLevel=STUDY", *keys, "StudyInstanceUID")
+    assert {str(ds.StudyInstanceUID) for ds in found} == {dcmread(p).StudyInstanceUID for p in expected}
+
+
 def test_findscu_image_level_with_uid_list(listener: DicomListener, tmp_path: Path) -> None:
     ct, mr = dcmread(CT_SMALL), dcmread(MR_SMALL)
     found = findscu(listener, tmp_path / "i", "QueryRetrieveLevel=IMAGE",
