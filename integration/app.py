@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from integration import api, fhir_api
+from integration import api, dicomweb, fhir_api
 from integration.services import Services
 
 
@@ -19,6 +19,7 @@ def create_app(services: Services) -> FastAPI:
     fhir_api.install_exception_handlers(app)
     app.include_router(fhir_api.router)
     app.include_router(api.router)
+    app.include_router(dicomweb.router)
 
     @app.get("/health", tags=["ops"])
     def health() -> JSONResponse:

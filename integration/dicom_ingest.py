@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from integration.dicom_query import index_fields
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
@@ -155,6 +156,7 @@ class InstanceIngest:
                     is_image=is_image,
                     path=str(final),
                     size=len(part10),
+                    **index_fields(ds),
                 ),
                 place_file=lambda: _rename_durably(tmp, final),
             )

@@ -21,6 +21,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
+from integration.dicom_qr import QueryRetrieveSCP
 from integration.errors import StoreUnavailableError
 from integration.settings import DicomPeer
 from integration.store import Store
@@ -77,6 +78,7 @@ class DicomListener:
         self._server: Any = None
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
+        self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -87,6 +89,7 @@ class DicomListener:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.query_retrieve.add_contexts(ae)
         return ae
 
     def start(self) -> None:
@@ -100,6 +103,7 @@ class DicomListener:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_assoc_end),
             (evt.EVT_ABORTED, self._handle_assoc_end),
+            *self.query_retrieve.handlers(),
         ]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         # port 0 means "any free port" (tests): report the real one

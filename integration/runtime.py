@@ -152,6 +152,7 @@ class Runtime:
             self.health["disk_space"] = self.dicom.has_free_space
 
         services = Services(s, self.store, self.health, self.notify_outbox)
+        services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
             access_log=False,  # URLs carry patient references

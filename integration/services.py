@@ -19,6 +19,8 @@ class Services:
     health_checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
     # nudges the outbox relay after a write, so events leave at once rather than at the next poll
     notify_outbox: Callable[[], None] = lambda: None
+    # wakes the study publisher once studies are due (STOW-RS, like the listener on release)
+    on_study_ready: Callable[[], None] = lambda: None
 
 
 def get_services(request: Request) -> Services:

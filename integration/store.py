@@ -21,6 +21,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Float,
+    Index,
     Integer,
     String,
     Text,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
@@ -74,6 +76,29 @@ class DicomInstance(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Query index (C-FIND, QIDO-RS): filled by integration.dicom_query.index_fields at ingest
+    patient_name: Mapped[str | None] = mapped_column(String(324), index=True, default=None)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), default=None)
+    patient_sex: Mapped[str | None] = mapped_column(String(16), default=None)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True, default=None)
+    study_time: Mapped[str | None] = mapped_column(String(16), default=None)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    study_id: Mapped[str | None] = mapped_column(String(16), default=None)
+    study_description: Mapped[str | None] = mapped_column(String(64), default=None)
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324), default=None)
+    series_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    series_description: Mapped[str | None] = mapped_column(String(64), default=None)
+    body_part_examined: Mapped[str | None] = mapped_column(String(16), default=None)
+    instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    series_date: Mapped[str | None] = mapped_column(String(8), default=None)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, default=None)
+    # DICOM JSON (PS3.18 F.2) of the non-bulk attributes (QIDO includefield, WADO-RS metadata), cached on first use
+    dicom_json: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+# series-level queries and retrieves select by these too
+Index("ix_dicom_instances_series_instance_uid", DicomInstance.series_instance_uid)
+Index("ix_dicom_instances_patient_id", DicomInstance.patient_id)
 
 
 class ChangeTracker(Base):
@@ -194,6 +219,7 @@ class Store:
     def start(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            self._add_missing_columns()
         except OperationalError as exc:
             raise StoreUnavailableError(
                 f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
@@ -201,6 +227,24 @@ class Store:
 
     def stop(self) -> None:
         self.engine.dispose()
+
+    def _add_missing_columns(self) -> None:
+        """Columns appended to a model after its table was created (nullable ones): ADD COLUMN, and
+        their indexes, so a database from an earlier version opens without a migration tool."""
+        inspector = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            missing = [c for c in table.columns if c.name not in present and c.nullable]
+            if not missing:
+                continue
+            with self.engine.begin() as conn:
+                for column in missing:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     def healthy(self) -> bool:
         try:
