@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    generate_uid,
 )
 from pynetdicom import AE, evt
 
-from integration.store import AiResult, DicomInstance
+from integration.store import AiResult, DicomInstance, stable_id
 
 MANUFACTURER = "MedBridge"
 SR_SERIES_NUMBER = 9901
@@ -69,8 +69,10 @@ class ExportObjects:
 
 
 def export_uid(report_id: str, part: str) -> str:
-    """A deterministic UID (2.25 form) for a derived object of a report: ``part`` is e.g. 'sr-series'."""
-    return generate_uid(prefix=None, entropy_srcs=["medbridge-export", report_id, part])
+    """A deterministic UID for a derived object of a report (``part`` is e.g. 'sr-series'): the
+    2.25 form of a name-based UUID (PS3.5 B.2). pydicom's ``generate_uid(prefix=None)`` would
+    ignore its entropy sources and return a random one."""
+    return f"2.25.{uuid.UUID(stable_id('dicom-export', report_id, part)).int}"
 
 
 def finding_concept(name: str) -> hd.sr.CodedConcept:

@@ -114,6 +114,7 @@ def claim_due(store: Store, lease_seconds: float, limit: int = 20) -> list[Dicom
                 update(DicomExport)
                 .where(DicomExport.id == row.id, DicomExport.state == "pending", DicomExport.next_attempt_at <= now)
                 .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 claimed.append(row)
@@ -126,6 +127,7 @@ def record_success(store: Store, export_id: int) -> None:
         s.execute(
             update(DicomExport).where(DicomExport.id == export_id)
             .values(state="sent", attempts=DicomExport.attempts + 1, sent_at=now, updated_at=now, last_error=None)
+            .execution_options(synchronize_session=False)
         )
 
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +116,33 @@ def orthanc(orthanc_factory: Any) -> Orthanc:
     server = orthanc_factory()
     server.start()
     return server
+
+
+@pytest.fixture
+async def export_stack(tmp_path: Path, imaging_weights: Path) -> AsyncIterator[Any]:
+    """Starts the MedBridge runtime (imaging, reports and dicom-export workers, no LLM) with the
+    given DICOM peers and settings overrides; stops it at teardown. Usage: ``await export_stack(peers)``."""
+    from integration.runtime import Runtime
+    from integration.settings import DicomPeer
+    from tests.conftest import stack_settings
+
+    runtimes: list[Runtime] = []
+
+    async def start(peers: list[DicomPeer], **overrides: object) -> Runtime:
+        values: dict[str, object] = {
+            "imaging_model": imaging_weights,
+            "workers": "imaging,reports,dicom-export",
+            "dicom_peers": peers,
+            "dicom_export_backoff_seconds": 0.3,
+            "dicom_export_max_backoff_seconds": 2.0,
+            "dicom_export_timeout_seconds": 10.0,
+        }
+        values.update(overrides)
+        runtime = Runtime(stack_settings(tmp_path, **values))
+        runtimes.append(runtime)
+        await runtime.start()
+        return runtime
+
+    yield start
+    for runtime in reversed(runtimes):
+        await runtime.stop()
