@@ -233,7 +233,8 @@ def build_export(ai: AiResult, instances: list[DicomInstance]) -> ExportObjects:
 
 def _set_nodelay(event: evt.Event) -> None:
     # one small PDU exchange per object: Nagle's algorithm would add ~40 ms to each on loopback
-    sock = event.assoc.dul.socket.socket
+    dul_socket = event.assoc.dul.socket
+    sock = dul_socket.socket if dul_socket is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

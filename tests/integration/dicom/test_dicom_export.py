@@ -34,6 +34,7 @@ from integration.dicom_export_queue import (
     claim_due,
     count_by_state,
     enqueue_report,
+    export_peers,
     list_exports,
     record_failure,
     record_success,
@@ -173,6 +174,13 @@ def test_unreachable_peer_fails_with_what_to_check() -> None:
     with pytest.raises(ExportSendError, match="could not be reached; check the peer is running"):
         send_datasets([ds], host="127.0.0.1", port=free_port(), called_ae="PACS", calling_ae="MEDBRIDGE",
                       timeout=5)
+
+
+def test_an_export_peer_without_a_port_is_refused_with_what_to_set() -> None:
+    peers = [DicomPeer(ae_title="MODALITY", host="10.0.0.9"), DicomPeer(ae_title="PACS", host="10.0.0.5", export=True)]
+    with pytest.raises(ValueError, match="peer PACS has export=true but no port; set the port"):
+        export_peers(peers)
+    assert export_peers(peers[:1]) == []  # no export peer: the worker is not started
 
 
 # the queue --------------------------------------------------------------------------------------
