@@ -78,12 +78,14 @@ def export_peers(peers: list[DicomPeer]) -> list[DicomPeer]:
 
 # queue operations (each one transaction) ------------------------------------------------------
 def enqueue_report(store: Store, consumer: str, event: ReportIssued, destinations: list[str]) -> int:
-    """Create the pending rows of an imaging report (none for other kinds) and mark the event
-    processed, in one transaction. Returns how many rows were created."""
+    """Create the pending rows of an imaging report (none for other kinds, nor for a result that
+    analysed no image) and mark the event processed, in one transaction. Returns how many rows
+    were created."""
     created = 0
     with store.session() as s:
         ai = s.get(AiResult, event.report_id)
-        if ai is not None and ai.kind == "imaging":
+        # a result without an analysed image has nothing to show the PACS
+        if ai is not None and ai.kind == "imaging" and ai.details.get("instances"):
             for ae in destinations:
                 exists = s.scalar(
                     select(DicomExport.id).where(DicomExport.report_id == event.report_id,

@@ -201,6 +201,11 @@ def test_report_issued_queues_one_export_per_destination_once_and_only_for_imagi
     clinical = ReportIssued(report_id="clin-1", source_event_id="e-2", patient_ref=None)
     assert enqueue_report(store, "dicom-export", clinical, ["PACS_A"]) == 0
     assert store.is_processed("dicom-export", clinical.event_id)
+    nothing_analysed = ai_result("img-2", CT_SMALL, None)
+    nothing_analysed.details = {**nothing_analysed.details, "instances": [], "skipped_instances": 1}
+    _add_ai(store, nothing_analysed)
+    assert enqueue_report(store, "dicom-export", ReportIssued(report_id="img-2", source_event_id="e-3",
+                                                              patient_ref=None), ["PACS_A"]) == 0
     rows = list_exports(store)
     assert sorted((r.report_id, r.destination_ae, r.state) for r in rows) == [
         ("img-1", "PACS_A", "pending"), ("img-1", "PACS_B", "pending")]
