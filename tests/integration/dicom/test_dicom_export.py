@@ -23,6 +23,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 
+from integration.broker import ConsumerOptions
 from integration.dicom_export import (
     ExportSendError,
     build_export,
@@ -31,6 +32,8 @@ from integration.dicom_export import (
 )
 from integration.dicom_export_queue import (
     DicomExport,
+    DicomExportWorker,
+    ExportPolicy,
     claim_due,
     count_by_state,
     enqueue_report,
@@ -76,7 +79,9 @@ def ai_result(report_id: str, source: str, png: Path | None, probability: float 
 def source_instance(source: str) -> DicomInstance:
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     return DicomInstance(sop_instance_uid=ds.SOPInstanceUID, study_instance_uid=ds.StudyInstanceUID,
-                         series_instance_uid=ds.SeriesInstanceUID, path=source)
+                         series_instance_uid=ds.SeriesInstanceUID, sop_class_uid=ds.SOPClassUID,
+                         transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, modality=ds.Modality,
+                         patient_id=None, is_image=True, path=source, size=Path(source).stat().st_size)
 
 
 def finding_values(sr: pydicom.Dataset) -> tuple[list[str], list[float], list[str]]:
@@ -240,6 +245,42 @@ def test_failures_back_off_exponentially_then_die_and_a_replay_starts_afresh(sto
     with store.session() as s:
         row = s.get(DicomExport, export_id)
         assert row is not None and row.state == "sent" and row.sent_at is not None and row.last_error is None
+
+
+async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
+    store: Store, refusing_scp: tuple[int, list[str]], tmp_path: Path
+) -> None:
+    port, received = refusing_scp
+    png = overlay_png(tmp_path / "overlay.png", CT_SMALL)
+    _add_ai(store, ai_result("img-1", CT_SMALL, png))
+    with store.session() as s:
+        s.add(source_instance(CT_SMALL))
+    worker = DicomExportWorker(
+        store,
+        ConsumerOptions(bootstrap="127.0.0.1:1", group_prefix="test", max_attempts=1, notify_outbox=lambda: None),
+        [DicomPeer(ae_title="REFUSER", host="127.0.0.1", port=port, export=True)],
+        ExportPolicy(calling_ae="MEDBRIDGE", max_attempts=2, backoff_seconds=0.01, timeout_seconds=10),
+    )  # not started: no Kafka needed to drive the sender directly
+    enqueue_report(store, worker.name, ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
+                   list(worker.peers))
+    assert await worker.send_due() == 1
+    row = list_exports(store)[0]
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert row.last_error == "REFUSER refused a Comprehensive SR Storage with status 0xA700"
+    await poll(worker.send_due, timeout=30, what="the second attempt")
+    row = list_exports(store)[0]
+    assert (row.state, row.attempts) == ("dead", 2)
+    assert received.count(ComprehensiveSRStorage) == 2
+
+
+async def test_without_an_export_peer_the_exporter_does_not_start(export_stack: Any) -> None:
+    runtime = await export_stack([DicomPeer(ae_title="MODALITY", host="127.0.0.1", port=104)],
+                                 workers="reports,dicom-export")
+    assert "dicom_exporter" not in runtime.workers
+    async with httpx.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
+        assert (await client.get("/api/dicom-exports")).json() == []
+        health = (await client.get("/health")).json()
+        assert health["details"]["dicom_exports"] == {"pending": 0, "sent": 0, "dead": 0}
 
 
 # the whole runtime ------------------------------------------------------------------------------
