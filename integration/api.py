@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
+from integration.dicom_export_queue import (
+    DicomExport,
+    ExportNotDeadError,
+    ExportNotFoundError,
+    list_exports,
+    replay_export,
+)
 from integration.errors import ResourceNotFoundError
 from integration.services import Services, get_services
 from integration.store import AiResult
 from integration.writeback import apply_review
-from schemas.api import InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
+from schemas.api import DicomExportRecord, InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
 from schemas.events import EvidencePassage
 
 router = APIRouter(prefix="/api", tags=["query"])
@@ -115,3 +122,28 @@ def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
         {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id, "error": d.error, "at": d.at}
         for d in services.store.dead_letters()
     ]
+
+
+def _export_record(row: DicomExport) -> DicomExportRecord:
+    return DicomExportRecord.model_validate(row, from_attributes=True)
+
+
+@router.get("/dicom-exports", response_model=list[DicomExportRecord])
+def dicom_exports(
+    services: ServicesDep,
+    state: Annotated[Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[DicomExportRecord]:
+    """DICOM exports of AI results to the PACS, newest first; ``state=dead`` lists those to replay."""
+    return [_export_record(r) for r in list_exports(services.store, state, limit)]
+
+
+@router.post("/dicom-exports/{export_id}/replay", response_model=DicomExportRecord)
+def replay_dicom_export(export_id: int, services: ServicesDep) -> DicomExportRecord:
+    """Put a dead export back to pending with a fresh attempt budget (404 unknown, 409 not dead)."""
+    try:
+        return _export_record(replay_export(services.store, export_id))
+    except ExportNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ExportNotDeadError as exc:
+        raise HTTPException(409, str(exc)) from exc

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from integration import api, dicomweb, fhir_api
+from integration.dicom_export_queue import count_by_state
 from integration.services import Services
 
 
@@ -26,6 +27,9 @@ def create_app(services: Services) -> FastAPI:
         checks = {name: bool(check()) for name, check in services.health_checks.items()}
         checks["store"] = services.store.healthy()
         ok = all(checks.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, status_code=200 if ok else 503)
+        body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
+        if checks["store"]:
+            body["details"] = {"dicom_exports": count_by_state(services.store)}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return app

@@ -22,6 +22,7 @@ import uvicorn
 
 from integration.app import create_app
 from integration.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
+from integration.dicom_export_queue import DicomExportWorker, ExportPolicy, export_peers
 from integration.dicom_listener import DicomListener
 from integration.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.services import Services
@@ -129,6 +130,15 @@ class Runtime:
                 options=options,
             )
             await self._start_worker("clinical_worker", clinical)
+        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
+            policy = ExportPolicy(
+                calling_ae=s.dicom_ae_title,
+                max_attempts=s.dicom_export_max_attempts,
+                backoff_seconds=s.dicom_export_backoff_seconds,
+                max_backoff_seconds=s.dicom_export_max_backoff_seconds,
+                timeout_seconds=s.dicom_export_timeout_seconds,
+            )
+            await self._start_worker("dicom_exporter", DicomExportWorker(self.store, options, s.dicom_peers, policy))
 
         if s.dicom_enabled:
             self.dicom = DicomListener(

@@ -77,8 +77,14 @@ class Settings(BaseSettings):
     # Whether this process runs the DICOM listener (workers-only processes in a cluster set false)
     dicom_enabled: bool = Field(True, alias="MEDBRIDGE_DICOM")
 
-    # Which workers this process runs (comma list of imaging, clinical, reports); all by default
-    workers: str = Field("imaging,clinical,reports", alias="MEDBRIDGE_WORKERS")
+    # Which workers this process runs (comma list of imaging, clinical, reports, dicom-export); all by default
+    workers: str = Field("imaging,clinical,reports,dicom-export", alias="MEDBRIDGE_WORKERS")
+
+    # DICOM export of AI results (SR + Secondary Capture) to the peers with export=true
+    dicom_export_max_attempts: int = Field(8, ge=1, alias="MEDBRIDGE_DICOM_EXPORT_MAX_ATTEMPTS")
+    dicom_export_backoff_seconds: float = Field(5.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_BACKOFF_SECONDS")
+    dicom_export_max_backoff_seconds: float = Field(600.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_MAX_BACKOFF_SECONDS")
+    dicom_export_timeout_seconds: float = Field(30.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_TIMEOUT_SECONDS")
 
     @property
     def dicom_dir(self) -> Path:

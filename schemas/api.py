@@ -52,3 +52,18 @@ class ReviewRequest(BaseModel):
     reviewer: str = Field(min_length=1, max_length=200)
     comment: str | None = Field(None, max_length=4000)
     conclusion: str | None = Field(None, max_length=8000, description="Required when action is 'amended'")
+
+
+class DicomExportRecord(BaseModel):
+    """One report's DICOM export to one destination (no patient data)."""
+
+    id: int
+    report_id: str
+    destination_ae: str
+    state: Literal["pending", "sent", "dead"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
