@@ -133,6 +133,7 @@ async def export_stack(tmp_path: Path, imaging_weights: Path) -> AsyncIterator[A
             "imaging_model": imaging_weights,
             "workers": "imaging,reports,dicom-export",
             "dicom_peers": peers,
+            "dicom_allow_any_caller": True,  # the tests' modalities (storescu, pynetdicom) are not peers
             "dicom_export_backoff_seconds": 0.3,
             "dicom_export_max_backoff_seconds": 2.0,
             "dicom_export_timeout_seconds": 10.0,
