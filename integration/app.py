@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-from integration import api, fhir_api
+from integration import api, fhir_api, upstream
 from integration.services import Services
 
 
@@ -25,6 +25,22 @@ def create_app(services: Services) -> FastAPI:
         checks = {name: bool(check()) for name, check in services.health_checks.items()}
         checks["store"] = services.store.healthy()
         ok = all(checks.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, status_code=200 if ok else 503)
+        body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
+        if services.settings.upstream_urls:
+            body["details"] = {"writeback": upstream.writeback_counts(services.store)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text format."""
+        counts = upstream.writeback_counts(services.store)
+        return (
+            "# HELP medbridge_writeback_pending Writebacks to the upstream EHR not yet sent\n"
+            "# TYPE medbridge_writeback_pending gauge\n"
+            f"medbridge_writeback_pending {counts['pending']}\n"
+            "# HELP medbridge_writeback_dead Writebacks that need an administrator's replay\n"
+            "# TYPE medbridge_writeback_dead gauge\n"
+            f"medbridge_writeback_dead {counts['dead']}\n"
+        )
 
     return app
