@@ -26,7 +26,7 @@ def create_app(services: Services) -> FastAPI:
         checks["store"] = services.store.healthy()
         ok = all(checks.values())
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
-        if services.settings.upstream_urls:
+        if services.settings.upstream_urls and checks["store"]:
             body["details"] = {"writeback": upstream.writeback_counts(services.store)}
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -37,7 +37,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from sqlalchemy import JSON, DateTime, Integer, String, Text, and_, func, select
+from sqlalchemy import JSON, DateTime, Integer, String, Text, and_, func, select, update
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from integration.errors import MedBridgeError
@@ -92,6 +92,7 @@ class WritebackJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     upstream_ref: Mapped[str | None] = mapped_column(String(256))
+    claim: Mapped[int] = mapped_column(Integer, default=0)  # bumped by the sender that takes the job
 
 
 class UpstreamReport(Base):
@@ -354,6 +355,18 @@ def _due_jobs(store: Store, limit: int) -> list[WritebackJob]:
             .limit(limit)
         )
         return list(s.scalars(q))
+
+
+def _claim(store: Store, job: WritebackJob, lease_seconds: float) -> bool:
+    """Takes a job for ``lease_seconds``: a second MedBridge process on the same database skips it,
+    and if this one dies mid-send the job is due again when the lease ends."""
+    with store.session() as s:
+        result = s.execute(
+            update(WritebackJob)
+            .where(WritebackJob.id == job.id, WritebackJob.claim == job.claim, WritebackJob.state == "pending")
+            .values(claim=job.claim + 1, next_attempt_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 # Authentication ------------------------------------------------------------------------------
@@ -646,20 +659,25 @@ class UpstreamSender:
         while True:
             try:
                 await self.send_due()
-            except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup; the job stays queued
-                log.exception("upstream writeback round failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive a database hiccup; jobs stay queued
+                # the type only: a database error's text can quote the payload, which holds patient data
+                log.error("upstream writeback round failed (%s); retrying in %.1f s", type(exc).__name__,
+                          self.settings.upstream_poll_seconds)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.upstream_poll_seconds)
 
     async def send_due(self) -> int:
         """One round: send every due job, in order. Returns how many were sent."""
+        lease = self.settings.upstream_timeout_seconds * 4 + 30
         jobs = await asyncio.to_thread(_due_jobs, self.store, 100)
         down: set[str] = set()
         sent = 0
         for job in jobs:
             if job.upstream in down or job.upstream not in self._clients:
                 continue
+            if not await asyncio.to_thread(_claim, self.store, job, lease):
+                continue  # another process took it
             try:
                 result = await self._send(job)
             except UpstreamError as exc:
