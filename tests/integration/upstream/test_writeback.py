@@ -9,6 +9,7 @@ reports exist and when; ``test_cstore_study_reaches_the_upstream_ehr`` drives th
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -104,8 +105,9 @@ async def pending(rt: Runtime) -> int:
 
 
 async def test_report_lands_as_one_transaction_with_observations_devices_provenance_and_aiast(
-    upstream_fhir, medbridge
+    upstream_fhir, medbridge, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="integration")
     up = upstream_fhir(UPSTREAM_BEARER_TOKEN="s3cret-token")
     rt = await medbridge(up.base, upstream_auth="bearer", upstream_token="s3cret-token")
     report_id = await issue(rt, imaging_event(seed_patient(rt.store, "MRN-0001")))
@@ -144,11 +146,20 @@ async def test_report_lands_as_one_transaction_with_observations_devices_provena
         assert health["checks"]["upstream_writeback"] is True
     # the token is really checked: without it the upstream refuses
     assert httpx.get(f"{up.base}/DiagnosticReport", timeout=10).status_code == 401
+    # the logs name the report and the job, never the patient or the token
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("integration"))
+    assert f"report {report_id}" in ours
+    for secret in ("MRN-0001", "s3cret-token"):
+        assert secret not in ours
 
 
-async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(upstream_fhir, medbridge) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
+    engine: str, request: pytest.FixtureRequest, upstream_fhir, medbridge
+) -> None:
     up = upstream_fhir()
-    rt = await medbridge(up.base)
+    database = request.getfixturevalue("postgres_url") if engine == "postgresql" else ""
+    rt = await medbridge(up.base, database_url=database)
     report_id = await issue(rt, imaging_event(seed_patient(rt.store, "MRN-0002")))
     query = f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}"
     (created,) = await eventually(lambda: up.search(query), what="the report upstream")
