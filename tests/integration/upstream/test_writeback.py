@@ -25,7 +25,7 @@ from integration.fhir_resources import store_resource
 from integration.runtime import Runtime
 from integration.store import Store
 from integration.writeback import write_report
-from schemas.events import ImagingInferenceCompleted, InstanceFinding
+from schemas.events import ClinicalInferenceCompleted, EvidencePassage, ImagingInferenceCompleted, InstanceFinding
 from tests.conftest import stack_settings
 from tests.integration.upstream.conftest import eventually, key_pair
 
@@ -358,3 +358,58 @@ async def test_cstore_study_reaches_the_upstream_ehr(tmp_path: Path, imaging_wei
     assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
     assert report["presentedForm"][0]["contentType"] == "image/png"
     assert len(up.search("Provenance")) == 1
+
+
+async def test_clinical_report_names_its_inputs_by_identifier_in_the_provenance(upstream_fhir, medbridge) -> None:
+    up = upstream_fhir()
+    rt = await medbridge(up.base)
+    patient = seed_patient(rt.store, "MRN-0004")
+    observation = {
+        "resourceType": "Observation", "id": "bp-1", "status": "final",
+        "identifier": [{"system": "urn:test:lab", "value": "LAB-77"}],
+        "code": {"text": "Blood pressure"}, "subject": {"reference": patient},
+    }
+    with rt.store.session() as s:
+        store_resource(s, observation, track=False)
+    event = ClinicalInferenceCompleted(
+        source_event_id=str(uuid.uuid4()), patient_ref=patient, revision=1, model_name="tiny-llm",
+        impression="Elevated blood pressure [1].",
+        evidence=[EvidencePassage(passage_id="i10", source="icd10cm", title="I10 Essential hypertension",
+                                  text="...", score=0.9, cited=True, code="I10")],
+        input_refs=["Observation/bp-1"], conclusion_codes=[("I10", "Essential (primary) hypertension")],
+    )
+    report_id = await issue(rt, event)
+    (report,) = await eventually(lambda: up.search(f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}"),
+                                 what="the clinical report upstream")
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "I10"
+    assert "result" not in report  # the inputs are the EHR's own data, not results of this report
+    (prov,) = up.search(f"Provenance?target=DiagnosticReport/{report['id']}")
+    assert prov["entity"] == [{"role": "source", "what": {"type": "Observation",
+                                                          "identifier": {"system": "urn:test:lab", "value": "LAB-77"}}}]
+    (device,) = [d for d in up.search("Device") if d["deviceName"][0]["name"] == "tiny-llm"]
+    author = next(a for a in prov["agent"] if a["type"]["coding"][0]["code"] == "author")
+    assert author["who"]["reference"] == f"Device/{device['id']}"
+
+
+async def test_a_writeback_that_keeps_failing_goes_dead_after_max_attempts(
+    upstream_fhir, fault_proxy, medbridge
+) -> None:
+    up = upstream_fhir()
+    proxy = fault_proxy(up.port)
+    proxy.set_mode("503")
+    rt = await medbridge(proxy.base, upstream_max_attempts=3)
+    report_id = await issue(rt, imaging_event(None, 9))
+    async with api(rt) as client:
+        for _ in range(300):
+            dead = (await client.get("/api/writebacks", params={"state": "dead"})).json()
+            if dead:
+                break
+            await asyncio.sleep(0.2)
+        (job,) = dead
+        assert job["report_id"] == report_id and job["attempts"] == 3 and "HTTP 503" in job["last_error"]
+        assert proxy.requests_by_mode["503"] == 3
+        assert await pending(rt) == 0
+        proxy.set_mode("pass")
+        assert (await client.post(f"/api/writebacks/{job['id']}/replay")).status_code == 200
+    await eventually(lambda: _sent_count(rt.store) == 1, what="the replayed job sent")
+    assert len(up.search(f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}")) == 1
