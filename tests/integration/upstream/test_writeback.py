@@ -413,3 +413,20 @@ async def test_a_writeback_that_keeps_failing_goes_dead_after_max_attempts(
         assert (await client.post(f"/api/writebacks/{job['id']}/replay")).status_code == 200
     await eventually(lambda: _sent_count(rt.store) == 1, what="the replayed job sent")
     assert len(up.search(f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}")) == 1
+
+
+async def test_each_upstream_gets_the_report_and_one_outage_does_not_hold_back_the_other(
+    upstream_fhir, fault_proxy, medbridge
+) -> None:
+    up_a, up_b = upstream_fhir(), upstream_fhir()
+    proxy_b = fault_proxy(up_b.port)
+    proxy_b.set_mode("refuse")
+    rt = await medbridge(f"{up_a.base},{proxy_b.base}", upstream_max_attempts=10_000)
+    report_id = await issue(rt, imaging_event(None, 11))
+    query = f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}"
+    await eventually(lambda: up_a.search(query), what="the report at the first upstream")
+    assert await pending(rt) == 1  # the second upstream's copy waits
+    proxy_b.set_mode("pass")
+    await eventually(lambda: up_b.search(query), what="the report at the second upstream")
+    await eventually(lambda: _sent_count(rt.store) == 2, what="both jobs sent")
+    assert len(up_a.search(query)) == len(up_b.search(query)) == 1
