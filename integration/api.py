@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
+from integration import upstream
 from integration.dicom_export_queue import (
     DicomExport,
     ExportNotDeadError,
@@ -110,7 +111,7 @@ def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | 
 
 @router.post("/reports/{report_id}/review", response_model=ReportDetail)
 def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
-    apply_review(services.store, report_id, review)
+    apply_review(services.store, report_id, review, services.settings.upstream_urls)
     services.notify_outbox()
     return _detail(services, report_id)
 
@@ -147,3 +148,28 @@ def replay_dicom_export(export_id: int, services: ServicesDep) -> DicomExportRec
         raise HTTPException(404, str(exc)) from exc
     except ExportNotDeadError as exc:
         raise HTTPException(409, str(exc)) from exc
+
+
+@router.get("/writebacks", tags=["writeback"])
+def writebacks(
+    services: ServicesDep,
+    state: Annotated[
+        Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead; all when absent")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[dict[str, Any]]:
+    """Writebacks to the upstream EHR, oldest first (payloads omitted: they hold patient data)."""
+    return upstream.list_jobs(services.store, state, limit)
+
+
+@router.post("/writebacks/{job_id}/replay", tags=["writeback"])
+def replay_writeback(job_id: int, services: ServicesDep) -> dict[str, Any]:
+    """Queue a dead writeback again (after fixing what made the upstream refuse it)."""
+    try:
+        job = upstream.replay_job(services.store, job_id)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    if job is None:
+        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
+    services.notify_outbox()  # also wakes the writeback sender
+    return job

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-from integration import api, dicomweb, fhir_api
+from integration import api, dicomweb, fhir_api, upstream
 from integration.dicom_export_queue import count_by_state
 from integration.services import Services
 
@@ -29,7 +29,30 @@ def create_app(services: Services) -> FastAPI:
         ok = all(checks.values())
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
         if checks["store"]:
-            body["details"] = {"dicom_exports": count_by_state(services.store)}
+            details: dict[str, object] = {"dicom_exports": count_by_state(services.store)}
+            if services.settings.upstream_urls:
+                details["writeback"] = upstream.writeback_counts(services.store)
+            body["details"] = details
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text format."""
+        counts = upstream.writeback_counts(services.store)
+        exports = count_by_state(services.store)
+        return (
+            "# HELP medbridge_writeback_pending Writebacks to the upstream EHR not yet sent\n"
+            "# TYPE medbridge_writeback_pending gauge\n"
+            f"medbridge_writeback_pending {counts['pending']}\n"
+            "# HELP medbridge_writeback_dead Writebacks that need an administrator's replay\n"
+            "# TYPE medbridge_writeback_dead gauge\n"
+            f"medbridge_writeback_dead {counts['dead']}\n"
+            "# HELP medbridge_dicom_export_pending DICOM exports of AI results to PACS peers not yet sent\n"
+            "# TYPE medbridge_dicom_export_pending gauge\n"
+            f"medbridge_dicom_export_pending {exports.get('pending', 0)}\n"
+            "# HELP medbridge_dicom_export_dead DICOM exports that need an administrator's replay\n"
+            "# TYPE medbridge_dicom_export_dead gauge\n"
+            f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
+        )
 
     return app

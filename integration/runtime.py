@@ -28,6 +28,7 @@ from integration.publisher import QuietPeriodPublisher, announce_record, announc
 from integration.services import Services
 from integration.settings import Settings
 from integration.store import Store
+from integration.upstream import UpstreamSender
 from integration.writeback import ReportWriter
 from schemas.events import CONSUMER_OF_TOPIC
 
@@ -56,10 +57,13 @@ class Runtime:
         self.components: list[tuple[str, Callable[[], Awaitable[None] | None]]] = []  # stop callbacks
         self.health: dict[str, Callable[[], bool]] = {}
         self.workers: dict[str, Any] = {}
+        self.upstream: UpstreamSender | None = None
 
     def notify_outbox(self) -> None:
         if self.relay:
             self.relay.wake()
+        if self.upstream:
+            self.upstream.wake()
 
     def _dlq_producer(self) -> Any:
         return self.relay.producer if self.relay else None
@@ -107,8 +111,14 @@ class Runtime:
             notify_outbox=self.notify_outbox,
             dead_letter_producer=self._dlq_producer,
         )
+        if s.upstream_urls:
+            self.upstream = UpstreamSender(self.store, s)  # refuses incomplete upstream settings
+            await self.upstream.start()
+            self.components.append(("upstream writeback", self.upstream.stop))
+            self.health["upstream_writeback"] = self.upstream.running
         if "reports" in s.enabled_workers:
             writer = ReportWriter(self.store, options)
+            writer.upstreams = s.upstream_urls
             await self._start_worker("report_writer", writer)
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes

@@ -86,6 +86,24 @@ class Settings(BaseSettings):
     dicom_export_max_backoff_seconds: float = Field(600.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_MAX_BACKOFF_SECONDS")
     dicom_export_timeout_seconds: float = Field(30.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_TIMEOUT_SECONDS")
 
+    # Writeback to the upstream EHR (FHIR R4): empty URL means no writeback; comma-separate several
+    upstream_fhir_url: str = Field("", alias="MEDBRIDGE_UPSTREAM_FHIR_URL")
+    upstream_auth: str = Field("none", alias="MEDBRIDGE_UPSTREAM_AUTH")  # none | bearer | smart-backend
+    upstream_token: str = Field("", alias="MEDBRIDGE_UPSTREAM_TOKEN")
+    upstream_token_url: str = Field("", alias="MEDBRIDGE_UPSTREAM_TOKEN_URL")
+    upstream_client_id: str = Field("", alias="MEDBRIDGE_UPSTREAM_CLIENT_ID")
+    upstream_private_key: Path | None = Field(None, alias="MEDBRIDGE_UPSTREAM_PRIVATE_KEY")
+    upstream_key_id: str = Field("", alias="MEDBRIDGE_UPSTREAM_KEY_ID")
+    upstream_scope: str = Field(
+        "system/DiagnosticReport.cruds system/Observation.cruds system/Device.cruds system/Provenance.cruds",
+        alias="MEDBRIDGE_UPSTREAM_SCOPE",
+    )
+    upstream_timeout_seconds: float = Field(10.0, alias="MEDBRIDGE_UPSTREAM_TIMEOUT_SECONDS")
+    upstream_max_attempts: int = Field(20, alias="MEDBRIDGE_UPSTREAM_MAX_ATTEMPTS")
+    upstream_backoff_base_seconds: float = Field(1.0, alias="MEDBRIDGE_UPSTREAM_BACKOFF_BASE_SECONDS")
+    upstream_backoff_max_seconds: float = Field(300.0, alias="MEDBRIDGE_UPSTREAM_BACKOFF_MAX_SECONDS")
+    upstream_poll_seconds: float = Field(1.0, alias="MEDBRIDGE_UPSTREAM_POLL_SECONDS")
+
     @property
     def dicom_dir(self) -> Path:
         return self.data_dir / "dicom"
@@ -113,6 +131,10 @@ class Settings(BaseSettings):
     @property
     def enabled_workers(self) -> set[str]:
         return {w.strip() for w in self.workers.split(",") if w.strip()}
+
+    @property
+    def upstream_urls(self) -> tuple[str, ...]:
+        return tuple(u.strip().rstrip("/") for u in self.upstream_fhir_url.split(",") if u.strip())
 
 
 @lru_cache

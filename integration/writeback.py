@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from integration.broker import ConsumerWorker
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
 from integration.fhir_resources import MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
 from integration.store import AiResult, FhirResource, Review, Store, stable_id, utcnow
+from integration.upstream import enqueue_report_issued, enqueue_report_reviewed
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
@@ -154,6 +156,7 @@ def _store_report(
     kind: str,
     event: MedBridgeEvent,
     study_uid: str | None,
+    upstreams: Sequence[str] = (),
 ) -> None:
     validate_resource(report)
     store_resource(s, report, track=False)
@@ -168,11 +171,13 @@ def _store_report(
     issued = ReportIssued(report_id=report["id"], source_event_id=event.event_id, patient_ref=row.subject_ref)
     Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, issued, key=report["id"])
     Store.mark_processed(s, REPORT_WRITER, event.event_id)
+    enqueue_report_issued(s, report, details, upstreams)  # same transaction: the writeback cannot be lost
 
 
-def write_report(store: Store, event: MedBridgeEvent) -> str:
+def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] = ()) -> str:
     """Build, validate and store the report for one result event, in one transaction. Idempotent:
-    the report id derives from the study (or patient) and revision, so a replay rewrites it."""
+    the report id derives from the study (or patient) and revision, so a replay rewrites it.
+    ``upstreams``: the EHR FHIR base URLs the report is queued for (integration.upstream)."""
     if isinstance(event, ImagingInferenceCompleted):
         report, details = imaging_report(event)
         kind, study = "imaging", event.study_instance_uid
@@ -183,15 +188,18 @@ def write_report(store: Store, event: MedBridgeEvent) -> str:
         raise PermanentEventError(f"report writer cannot handle {event.event_type}")
     try:
         with store.session() as s:
-            _store_report(s, report, details, kind, event, study)
+            _store_report(s, report, details, kind, event, study, upstreams)
     except InvalidResourceError as exc:
         raise PermanentEventError(f"generated report is not valid FHIR: {exc}") from exc
     log.info("report %s issued (%s) for event %s", report["id"], kind, event.event_id)
     return report["id"]
 
 
-def apply_review(store: Store, report_id: str, review: ReviewRequest) -> dict[str, Any]:
-    """Record a reviewer's decision and move the report to its new status (one new version)."""
+def apply_review(
+    store: Store, report_id: str, review: ReviewRequest, upstreams: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Record a reviewer's decision and move the report to its new status (one new version), and
+    queue the update for each upstream EHR in ``upstreams`` in the same transaction."""
     if review.action == "amended" and not (review.conclusion and review.conclusion.strip()):
         raise InvalidResourceError([("conclusion", "an amendment needs the amended conclusion")], 422)
     with store.session() as s:
@@ -204,6 +212,7 @@ def apply_review(store: Store, report_id: str, review: ReviewRequest) -> dict[st
             report["conclusion"] = review.conclusion
         stored, _ = store_resource(s, validate_resource(report), track=False)
         s.add(Review(report_id=report_id, action=review.action, reviewer=review.reviewer, comment=review.comment))
+        enqueue_report_reviewed(s, stored, upstreams)
     log.info("report %s reviewed: %s", report_id, review.action)
     return stored
 
@@ -213,7 +222,8 @@ class ReportWriter(ConsumerWorker):
 
     name = REPORT_WRITER
     topics = (TOPIC_IMAGING_COMPLETED, TOPIC_CLINICAL_COMPLETED)
+    upstreams: tuple[str, ...] = ()  # set by the runtime from MEDBRIDGE_UPSTREAM_FHIR_URL
 
     async def handle(self, event: MedBridgeEvent) -> None:
-        await asyncio.to_thread(write_report, self.store, event)
+        await asyncio.to_thread(write_report, self.store, event, self.upstreams)
         self.notify_outbox()

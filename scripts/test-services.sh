@@ -15,3 +15,14 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 bash "$(dirname "$0")/postgres.sh"
+# The upstream EHR stand-in for the writeback tests: Medplum's FHIR router (npm, Node >= 20.19)
+command -v node >/dev/null && command -v npm >/dev/null || {
+  [ "$(id -u)" = 0 ] || { echo "please install Node.js 20 and npm" >&2; exit 1; }
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm
+}
+upstream="$(dirname "$0")/../tests/upstream_fhir"
+lock_sum="$(sha1sum "$upstream/package-lock.json" | cut -c1-12)"
+if [ "$(cat "$upstream/node_modules/.medbridge-lock" 2>/dev/null)" != "$lock_sum" ]; then
+  (cd "$upstream" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$lock_sum" > "$upstream/node_modules/.medbridge-lock"
+fi
