@@ -17,15 +17,19 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
+    Index,
     Integer,
     String,
     Text,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     select,
     text,
     update,
@@ -103,6 +107,40 @@ class FhirResourceVersion(Base):
     version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # when this version was written (type-level _history and _since); NULL in rows older than the column
+    last_updated: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# _lastUpdated searches, the default sort and type-level _history read these without a full scan
+Index("ix_fhir_resources_type_updated", FhirResource.resource_type, FhirResource.last_updated)
+Index("ix_fhir_versions_type_updated", FhirResourceVersion.resource_type, FhirResourceVersion.last_updated)
+
+
+class FhirSearchIndex(Base):
+    """One row per indexed search-parameter value of a current resource (see integration.fhir_search).
+
+    token: (system, value) with system '' when absent; reference: (target type, target id);
+    string: value normalised (lower case, no accents); date: [date_start, date_end) in UTC.
+    Written in the same transaction as the resource, replaced on update, removed on delete.
+    """
+
+    __tablename__ = "fhir_search_index"
+    row_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                        autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    param: Mapped[str] = mapped_column(String(64))
+    system: Mapped[str | None] = mapped_column(String(256))
+    value: Mapped[str | None] = mapped_column(String(256))
+    date_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    date_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_fhir_search_value", "resource_type", "param", "value", "system"),
+        Index("ix_fhir_search_date_start", "resource_type", "param", "date_start"),
+        Index("ix_fhir_search_date_end", "resource_type", "param", "date_end"),
+        Index("ix_fhir_search_resource", "resource_type", "resource_id", "param"),
+    )
 
 
 class OutboxEntry(Base):
@@ -389,6 +427,15 @@ class Store:
         meta["versionId"] = str(version)
         meta["lastUpdated"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         content["meta"] = meta
+        # imported here: fhir_search reads the models above, and every write must be indexed
+        from integration.fhir_search import index_rows
+
+        if current is not None:
+            s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == rtype,
+                                                    FhirSearchIndex.resource_id == rid))
+        rows = index_rows(content)
+        if rows:
+            s.execute(insert(FhirSearchIndex), rows)
         if current is None:
             s.add(
                 FhirResource(
@@ -410,7 +457,8 @@ class Store:
             current.identifier = identifier
             current.deleted = False
             current.content = content
-        s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content))
+        s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content,
+                                  last_updated=now))
         return content, current is None
 
     @staticmethod
@@ -430,9 +478,12 @@ class Store:
             "meta": {"versionId": str(current.version_id), "lastUpdated": stamp},
         }
         current.content = tomb
+        s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == resource_type,
+                                                FhirSearchIndex.resource_id == resource_id))
         s.add(
             FhirResourceVersion(
-                resource_type=resource_type, id=resource_id, version_id=current.version_id, deleted=True, content=tomb
+                resource_type=resource_type, id=resource_id, version_id=current.version_id, deleted=True, content=tomb,
+                last_updated=now,
             )
         )
         return current.version_id
@@ -489,9 +540,15 @@ class Store:
         if status:
             q = q.where(FhirResource.status.in_(list(status)))
         if identifier:
-            # identifiers are stored as " system|value system|value "
-            token = identifier if "|" in identifier else f"|{identifier}"
-            q = q.where(FhirResource.identifier.like(f"% {token} %" if "|" in identifier else f"%{token} %"))
+            system, _, value = identifier.rpartition("|")
+            matches = select(FhirSearchIndex.resource_id).where(
+                FhirSearchIndex.resource_type == resource_type,
+                FhirSearchIndex.param == "identifier",
+                FhirSearchIndex.value == value,
+            )
+            if "|" in identifier:
+                matches = matches.where(FhirSearchIndex.system == system)
+            q = q.where(FhirResource.id.in_(matches))
         with self.session() as s:
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             page = s.scalars(q.order_by(FhirResource.last_updated.desc(), FhirResource.id).limit(limit).offset(offset))

@@ -165,7 +165,7 @@ def test_conditional_create_twice_gives_one_resource(fhir_client: httpx.Client) 
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"]
     assert fhir_client.get("/fhir/Patient", params={"identifier": "urn:mrn|12345"}).json()["total"] == 1
-    bad = fhir_client.post("/fhir/Patient", json=patient, headers={"If-None-Exist": "name=x"})
+    bad = fhir_client.post("/fhir/Patient", json=patient, headers={"If-None-Exist": "telecom=x"})
     assert bad.status_code == 400
 
 
