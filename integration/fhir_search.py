@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from sqlalchemy import ColumnElement, Select, and_, func, not_, or_, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, func, not_, or_, select
 from sqlalchemy.orm import Session
 
 from integration.errors import InvalidResourceError
@@ -569,12 +569,16 @@ def _included(s: Session, q: SearchQuery, ids: list[str]) -> list[dict[str, Any]
     keys = sorted({(t, i) for t, i in targets if t and i})
     if not keys:
         return []
-    rows = s.scalars(
-        select(FhirResource).where(
-            tuple_(FhirResource.resource_type, FhirResource.id).in_(keys), FhirResource.deleted.is_(False)
-        )
-    )
+    rows = s.scalars(select(FhirResource).where(_keys_clause(keys), FhirResource.deleted.is_(False)))
     return [r.content for r in rows]
+
+
+def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
+    """(type, id) IN keys, written per type: SQLite scans for a row-value IN but seeks the primary key here."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in keys:
+        by_type.setdefault(rtype, []).append(rid)
+    return or_(*(and_(FhirResource.resource_type == t, FhirResource.id.in_(i)) for t, i in by_type.items()))
 
 
 def matching_ids(s: Session, resource_type: str, criteria: str, *, limit: int = 2) -> list[str]:
@@ -626,7 +630,7 @@ def existing_resources(s: Session, keys: Sequence[tuple[str, str]]) -> set[tuple
         chunk = list(keys[start : start + 500])
         rows = s.execute(
             select(FhirResource.resource_type, FhirResource.id).where(
-                tuple_(FhirResource.resource_type, FhirResource.id).in_(chunk), FhirResource.deleted.is_(False)
+                _keys_clause(chunk), FhirResource.deleted.is_(False)
             )
         )
         found.update((t, i) for t, i in rows)
