@@ -29,6 +29,7 @@ from integration.fhir_resources import (
     new_id,
     resource_model,
     store_resource,
+    store_resources,
     validate_resource,
 )
 from integration.services import Services, get_services
@@ -478,13 +479,15 @@ def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
 
 
 def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write the prepared entries (multi-row INSERTs); response entries in the bundle's order."""
+    written = iter(store_resources(s, [p["resource"] for p in prepared if not p["existing"]]))
     out = []
     for p in prepared:
         if p["existing"]:
             current = s.get(FhirResource, (p["resource"]["resourceType"], p["resource"]["id"]))
             out.append(_response_entry(current.content, False))
         else:
-            out.append(_response_entry(*store_resource(s, p["resource"])))
+            out.append(_response_entry(*next(written)))
     return out
 
 

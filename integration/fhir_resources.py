@@ -211,6 +211,17 @@ def store_resource(
     return stored, created
 
 
+def store_resources(s: Session, resources: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs."""
+    subjects = [subject_of(r) for r in resources]
+    results = Store.put_resources(s, resources, subjects)
+    pairs = zip(resources, subjects, strict=True)
+    changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
+    for subject in sorted(changed):  # once per patient: one change, however many resources it touched
+        Store.touch(s, "patient", subject)
+    return results
+
+
 # Resources derived from DICOM --------------------------------------------------------------------
 def _dicom_patient_name(name: Any) -> dict[str, Any] | None:
     if not name:
