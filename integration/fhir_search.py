@@ -324,7 +324,9 @@ class SearchQuery:
     """A parsed search: ``where`` clauses on fhir_resources, paging, sort, includes, and what was ignored."""
 
     resource_type: str
-    where: list[ColumnElement[bool]] = field(default_factory=list)
+    where: list[ColumnElement[bool]] = field(default_factory=list)  # on fhir_resources' own columns
+    # conditions on fhir_search_index rows: (selectivity rank, parameter, condition); see clauses()
+    indexed: list[tuple[int, str, ColumnElement[bool]]] = field(default_factory=list)
     count: int = DEFAULT_COUNT
     offset: int = 0
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
@@ -332,17 +334,27 @@ class SearchQuery:
     summary_count: bool = False
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (parameter, why)
 
+    def clauses(self) -> list[ColumnElement[bool]]:
+        """WHERE clauses on fhir_resources. The most selective index condition (tokens and references
+        before strings before dates) drives the query as ``id IN (index lookup)``; the others are
+        correlated EXISTS probes of each candidate's own index rows, so a broad condition such as
+        ``date=ge2000`` never materialises every matching id."""
+        out = list(self.where)
+        for n, (_, name, cond) in enumerate(sorted(self.indexed, key=lambda c: c[0])):
+            base = (FhirSearchIndex.resource_type == self.resource_type, FhirSearchIndex.param == name, cond)
+            if n == 0:
+                out.append(FhirResource.id.in_(select(FhirSearchIndex.resource_id).where(*base)))
+            else:
+                out.append(select(FhirSearchIndex.row_id).where(
+                    FhirSearchIndex.resource_id == FhirResource.id, *base).exists())
+        return out
+
 
 def _refuse(param: str, message: str) -> InvalidResourceError:
     return InvalidResourceError([(param, message)], 400)
 
 
-def _in_index(rtype: str, name: str, *conds: ColumnElement[bool]) -> ColumnElement[bool]:
-    """fhir_resources.id IN (ids whose index rows for ``name`` satisfy ``conds``)."""
-    ids = select(FhirSearchIndex.resource_id).where(
-        FhirSearchIndex.resource_type == rtype, FhirSearchIndex.param == name, *conds
-    )
-    return FhirResource.id.in_(ids)
+_RANK = {"token": 0, "reference": 0, "string": 1, "date": 2}
 
 
 def _token_cond(raw: str) -> ColumnElement[bool]:
@@ -413,24 +425,28 @@ def _string_cond(raw: str) -> ColumnElement[bool]:
                 FhirSearchIndex.value.like(f"{escaped}%", escape="\\"))
 
 
-def _one_param(rtype: str, name: str, raw: str) -> ColumnElement[bool]:
-    """The clause of one ``name=raw`` pair (comma-separated values are ORed)."""
+def _one_param(q: SearchQuery, name: str, raw: str) -> None:
+    """Add the condition of one ``name=raw`` pair to ``q`` (comma-separated values are ORed)."""
+    rtype = q.resource_type
     values = [v for v in raw.split(",")]
     if any(not v for v in values):
         raise _refuse(name, f"{name} has an empty value")
     if name == "_id":
-        return FhirResource.id.in_(values)
+        q.where.append(FhirResource.id.in_(values))
+        return
     if name == "_lastUpdated":
-        return or_(*(_last_updated_cond(name, v) for v in values))
+        q.where.append(or_(*(_last_updated_cond(name, v) for v in values)))
+        return
     param = params_for(rtype)[name]
     if param.type == "token":
-        return _in_index(rtype, name, or_(*(_token_cond(v) for v in values)))
-    if param.type == "reference":
-        return _in_index(rtype, name, or_(*(_reference_cond(param, v) for v in values)))
-    if param.type == "string":
-        return _in_index(rtype, name, or_(*(_string_cond(v) for v in values)))
-    return _in_index(rtype, name, or_(*(_date_cond(name, v, FhirSearchIndex.date_start, FhirSearchIndex.date_end)
-                                        for v in values)))
+        cond = or_(*(_token_cond(v) for v in values))
+    elif param.type == "reference":
+        cond = or_(*(_reference_cond(param, v) for v in values))
+    elif param.type == "string":
+        cond = or_(*(_string_cond(v) for v in values))
+    else:
+        cond = or_(*(_date_cond(name, v, FhirSearchIndex.date_start, FhirSearchIndex.date_end) for v in values))
+    q.indexed.append((_RANK[param.type], name, cond))
 
 
 def _last_updated_cond(name: str, raw: str) -> ColumnElement[bool]:
@@ -499,7 +515,7 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
         elif modifier:
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
         elif name in COMMON_PARAMS or name in known:
-            q.where.append(_one_param(resource_type, name, raw))
+            _one_param(q, name, raw)
         else:
             q.ignored.append((key, f"search parameter '{key}' is not supported"))
     if strict and q.ignored:
@@ -533,7 +549,7 @@ def _sort_key(rtype: str, name: str, desc: bool) -> list[Any]:
 def search_statement(q: SearchQuery) -> Select[Any]:
     """The SELECT of the matching current resources, without paging or order."""
     return select(FhirResource).where(
-        FhirResource.resource_type == q.resource_type, FhirResource.deleted.is_(False), *q.where
+        FhirResource.resource_type == q.resource_type, FhirResource.deleted.is_(False), *q.clauses()
     )
 
 
@@ -541,7 +557,7 @@ def run_search(store: Store, q: SearchQuery) -> SearchResult:
     """Execute a parsed search: the total, one page of matches, and the resources they _include."""
     stmt = search_statement(q)
     with store.session() as s:
-        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+        total = s.scalar(stmt.with_only_columns(func.count())) or 0
         if q.summary_count:
             return SearchResult(total, [], [])
         order: list[Any] = []
@@ -550,9 +566,11 @@ def run_search(store: Store, q: SearchQuery) -> SearchResult:
         if not q.sort:
             order.append(FhirResource.last_updated.desc())
         order.append(FhirResource.id)
-        page = list(s.scalars(stmt.order_by(*order).limit(q.count).offset(q.offset)))
-        matches = [r.content for r in page]
-        included = _included(s, q, [r.id for r in page])
+        # two columns, not ORM entities: a page is read-only, and entity bookkeeping costs per row
+        page = s.execute(stmt.with_only_columns(FhirResource.id, FhirResource.content)
+                         .order_by(*order).limit(q.count).offset(q.offset)).all()
+        matches = [content for _, content in page]
+        included = _included(s, q, [rid for rid, _ in page])
     return SearchResult(total, matches, included)
 
 
@@ -569,8 +587,8 @@ def _included(s: Session, q: SearchQuery, ids: list[str]) -> list[dict[str, Any]
     keys = sorted({(t, i) for t, i in targets if t and i})
     if not keys:
         return []
-    rows = s.scalars(select(FhirResource).where(_keys_clause(keys), FhirResource.deleted.is_(False)))
-    return [r.content for r in rows]
+    rows = s.scalars(select(FhirResource.content).where(_keys_clause(keys), FhirResource.deleted.is_(False)))
+    return list(rows)
 
 
 def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
@@ -594,10 +612,10 @@ def matching_ids(s: Session, resource_type: str, criteria: str, *, limit: int = 
     if not items:
         raise _refuse(criteria, "conditional criteria are empty")
     q = parse_search(resource_type, [(unquote(k), unquote(v)) for k, v in items], strict=True)
-    if not q.where:
+    if not q.where and not q.indexed:
         raise _refuse(criteria, "conditional criteria need at least one search parameter that selects resources")
     stmt = select(FhirResource.id).where(
-        FhirResource.resource_type == resource_type, FhirResource.deleted.is_(False), *q.where
+        FhirResource.resource_type == resource_type, FhirResource.deleted.is_(False), *q.clauses()
     )
     return list(s.scalars(stmt.limit(limit)))
 
