@@ -653,3 +653,60 @@ def existing_resources(s: Session, keys: Sequence[tuple[str, str]]) -> set[tuple
         )
         found.update((t, i) for t, i in rows)
     return found
+
+
+def reindex_if_empty(store: Store, batch: int = 500) -> int:
+    """Index every current resource when the index is empty but resources exist (a store created before
+    the index table). Returns how many resources were indexed."""
+    with store.session() as s:
+        if s.scalar(select(FhirSearchIndex.row_id).limit(1)) is not None:
+            return 0
+        if s.scalar(select(FhirResource.id).limit(1)) is None:
+            return 0
+    done = 0
+    last: tuple[str, str] = ("", "")
+    while True:
+        with store.session() as s:
+            rows = s.execute(
+                select(FhirResource.resource_type, FhirResource.id, FhirResource.content)
+                .where(FhirResource.deleted.is_(False),
+                       or_(FhirResource.resource_type > last[0],
+                           and_(FhirResource.resource_type == last[0], FhirResource.id > last[1])))
+                .order_by(FhirResource.resource_type, FhirResource.id)
+                .limit(batch)
+            ).all()
+            if not rows:
+                return done
+            entries = [row for _, _, content in rows for row in index_rows(content)]
+            if entries:
+                s.connection().execute(FhirSearchIndex.__table__.insert(), entries)
+            done += len(rows)
+            last = (rows[-1][0], rows[-1][1])
+
+
+def backfill_version_times(store: Store) -> int:
+    """Set fhir_resource_versions.last_updated from each version's meta.lastUpdated where it is NULL
+    (rows written before the column existed). Returns how many rows were set."""
+    from sqlalchemy import update
+
+    done = 0
+    while True:
+        with store.session() as s:
+            rows = s.execute(
+                select(FhirResourceVersion.resource_type, FhirResourceVersion.id, FhirResourceVersion.version_id,
+                       FhirResourceVersion.content)
+                .where(FhirResourceVersion.last_updated.is_(None))
+                .limit(500)
+            ).all()
+            if not rows:
+                return done
+            for rtype, rid, vid, content in rows:
+                stamp = ((content or {}).get("meta") or {}).get("lastUpdated")
+                try:
+                    when = date_range(stamp)[0] if isinstance(stamp, str) else MIN_DATE
+                except ValueError:
+                    when = MIN_DATE
+                s.execute(update(FhirResourceVersion).where(
+                    FhirResourceVersion.resource_type == rtype, FhirResourceVersion.id == rid,
+                    FhirResourceVersion.version_id == vid).values(last_updated=when))
+            done += len(rows)

@@ -228,10 +228,29 @@ class Store:
     def start(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            self._add_new_columns()
         except OperationalError as exc:
             raise StoreUnavailableError(
                 f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
             ) from exc
+
+    def _add_new_columns(self) -> None:
+        """Columns added after a table's first release (create_all does not alter existing tables)."""
+        from sqlalchemy import inspect
+
+        have = {c["name"] for c in inspect(self.engine).get_columns("fhir_resource_versions")}
+        if "last_updated" not in have:
+            kind = "TIMESTAMP WITH TIME ZONE" if self.engine.dialect.name == "postgresql" else "DATETIME"
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE fhir_resource_versions ADD COLUMN last_updated {kind}")
+                conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_fhir_versions_type_updated "
+                                     "ON fhir_resource_versions (resource_type, last_updated)")
+        # resources stored before the search index existed: index them once (imported here, see put_resource)
+        from integration.fhir_search import backfill_version_times, reindex_if_empty
+
+        if "last_updated" not in have:
+            backfill_version_times(self)
+        reindex_if_empty(self)
 
     def stop(self) -> None:
         self.engine.dispose()
