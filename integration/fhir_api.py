@@ -204,10 +204,10 @@ def _history_bundle(versions: list[tuple[dict[str, Any], bool]], total: int, lin
     return fhir_response(body)
 
 
-def _page_links(request: Request, offset: int, count: int, total: int) -> list[dict[str, str]]:
+def _page_links(request: Request, offset: int, count: int, has_next: bool) -> list[dict[str, str]]:
     """self, and next/previous as the same query with another _offset."""
     links = [{"relation": "self", "url": str(request.url)}]
-    if count and offset + count < total:
+    if count and has_next:
         links.append({"relation": "next", "url": str(request.url.include_query_params(_offset=offset + count,
                                                                                        _count=count))})
     if count and offset > 0:
@@ -238,7 +238,7 @@ async def type_history(resource_type: str, request: Request, services: ServicesD
     count = min(int(params.get("_count", fhir_search.DEFAULT_COUNT)), fhir_search.MAX_COUNT)
     offset = int(params.get("_offset", "0"))
     total, versions = fhir_search.type_history(services.store, resource_type, since=since, count=count, offset=offset)
-    return _history_bundle(versions, total, _page_links(request, offset, count, total))
+    return _history_bundle(versions, total, _page_links(request, offset, count, offset + count < total))
 
 
 @router.get("/{resource_type}/{resource_id}")
@@ -277,13 +277,13 @@ async def search(resource_type: str, request: Request, services: ServicesDep) ->
     resource_model(resource_type)  # 404 for anything that is not a resource type
     strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower()
     query = fhir_search.parse_search(resource_type, request.query_params.multi_items(), strict=strict)
-    result = fhir_search.run_search(services.store, query)
+    result = fhir_search.run_search(services.store, query, total_limit=services.settings.fhir_exact_total_limit)
     base = str(request.url).split("?")[0]
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": result.total,
-        "link": _page_links(request, query.offset, 0 if query.summary_count else query.count, result.total),
+        **({"total": result.total} if result.total is not None else {}),
+        "link": _page_links(request, query.offset, 0 if query.summary_count else query.count, result.has_next),
         "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                   for r in result.matches],
     }

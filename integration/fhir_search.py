@@ -483,7 +483,9 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
     known = params_for(resource_type)
     for key, raw in items:
         name, _, modifier = key.partition(":")
-        if name in ("_count", "_offset"):
+        if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
+            q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
+        elif name in ("_count", "_offset"):
             if not raw.isdigit():
                 raise _refuse(name, f"{name} must be a non-negative integer")
             if name == "_count":
@@ -512,8 +514,6 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
                                        f"{', '.join(include_values(resource_type)) or 'none'}"))
                 continue
             q.includes.append(param)
-        elif modifier:
-            q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
         elif name in COMMON_PARAMS or name in known:
             _one_param(q, name, raw)
         else:
@@ -526,9 +526,10 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
 # Execution ----------------------------------------------------------------------------------------
 @dataclass
 class SearchResult:
-    total: int
+    total: int | None  # None: more matches than the exact-count limit
     matches: list[dict[str, Any]]
     included: list[dict[str, Any]]
+    has_next: bool = False
 
 
 def _sort_key(rtype: str, name: str, desc: bool) -> list[Any]:
@@ -553,13 +554,14 @@ def search_statement(q: SearchQuery) -> Select[Any]:
     )
 
 
-def run_search(store: Store, q: SearchQuery) -> SearchResult:
-    """Execute a parsed search: the total, one page of matches, and the resources they _include."""
+def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> SearchResult:
+    """Execute a parsed search: one page of matches, the resources they _include, whether a next page
+    exists, and the total: exact when there are at most ``total_limit`` matches (or for
+    ``_summary=count``), None above, so that a broad search does not count every match for each page."""
     stmt = search_statement(q)
     with store.session() as s:
-        total = s.scalar(stmt.with_only_columns(func.count())) or 0
         if q.summary_count:
-            return SearchResult(total, [], [])
+            return SearchResult(s.scalar(stmt.with_only_columns(func.count())) or 0, [], [])
         order: list[Any] = []
         for name, desc in q.sort:
             order += _sort_key(q.resource_type, name, desc)
@@ -568,10 +570,19 @@ def run_search(store: Store, q: SearchQuery) -> SearchResult:
         order.append(FhirResource.id)
         # two columns, not ORM entities: a page is read-only, and entity bookkeeping costs per row
         page = s.execute(stmt.with_only_columns(FhirResource.id, FhirResource.content)
-                         .order_by(*order).limit(q.count).offset(q.offset)).all()
+                         .order_by(*order).limit(q.count + 1).offset(q.offset)).all()
+        has_next = len(page) > q.count
+        page = page[: q.count]
+        total: int | None
+        if not has_next and (page or q.offset == 0):
+            total = q.offset + len(page)  # the last page: the total is known without counting
+        else:
+            capped = stmt.with_only_columns(FhirResource.id).limit(total_limit + 1).subquery()
+            counted = s.scalar(select(func.count()).select_from(capped)) or 0
+            total = counted if counted <= total_limit else None
         matches = [content for _, content in page]
         included = _included(s, q, [rid for rid, _ in page])
-    return SearchResult(total, matches, included)
+    return SearchResult(total, matches, included, has_next)
 
 
 def _included(s: Session, q: SearchQuery, ids: list[str]) -> list[dict[str, Any]]:

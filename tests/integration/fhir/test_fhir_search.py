@@ -8,6 +8,9 @@ from typing import Any
 
 import httpx
 
+from integration import fhir_search
+from integration.store import Store
+
 LOINC = "http://loinc.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
@@ -195,14 +198,14 @@ def test_updates_and_deletes_replace_the_index_rows(fhir_client: httpx.Client) -
 def test_unsupported_parameters_are_reported_or_refused(fhir_client: httpx.Client) -> None:
     post(fhir_client, observation("a"))
     params = {"code:text": "x", "value-quantity": "5", "_sort": "value", "_include": "Observation:performer",
-              "_summary": "true", "status": "final"}
+              "_summary": "true", "_include:iterate": "Observation:patient", "status": "final"}
     lenient = fhir_client.get("/fhir/Observation", params=params)
     assert lenient.status_code == 200
     body = lenient.json()
     assert body["total"] == 1  # the supported parameter still applied
     (outcome,) = [e["resource"] for e in body["entry"] if e["search"]["mode"] == "outcome"]
     reported = {i["expression"][0] for i in outcome["issue"]}
-    assert reported == {"code:text", "value-quantity", "_sort", "_include", "_summary"}
+    assert reported == {"code:text", "value-quantity", "_sort", "_include", "_summary", "_include:iterate"}
     assert all(i["severity"] == "warning" and i["code"] == "not-supported" for i in outcome["issue"])
     strict = fhir_client.get("/fhir/Observation", params=params, headers={"Prefer": "handling=strict"})
     assert strict.status_code == 400
@@ -210,3 +213,16 @@ def test_unsupported_parameters_are_reported_or_refused(fhir_client: httpx.Clien
     for bad in ({"_count": "-1"}, {"_count": "many"}, {"status": ""}, {"_offset": "x"}):
         r = fhir_client.get("/fhir/Observation", params=bad)
         assert r.status_code == 400 and r.json()["issue"][0]["expression"] == [next(iter(bad))], bad
+
+
+def test_total_is_exact_up_to_the_limit_and_paging_goes_on_beyond(fhir_client: httpx.Client, store: Store) -> None:
+    for _ in range(5):
+        post(fhir_client, observation("a"))
+    query = fhir_search.parse_search("Observation", [("code", "a"), ("_count", "2")], strict=True)
+    broad = fhir_search.run_search(store, query, total_limit=3)
+    assert broad.total is None and broad.has_next and len(broad.matches) == 2
+    assert fhir_search.run_search(store, query, total_limit=5).total == 5
+    last = fhir_search.parse_search("Observation", [("code", "a"), ("_count", "2"), ("_offset", "4")], strict=True)
+    assert fhir_search.run_search(store, last, total_limit=3).total == 5  # the last page knows
+    counted = fhir_search.parse_search("Observation", [("code", "a"), ("_summary", "count")], strict=True)
+    assert fhir_search.run_search(store, counted, total_limit=3).total == 5
