@@ -390,7 +390,7 @@ def _prepare_entries(s: Any, entries: list[Any], *, check_targets: bool = True) 
             else:
                 rid = matches[0] if matches else (resource.get("id") or new_id())
         else:
-            rid = url_id if method == "PUT" else new_id()
+            rid = url_id if method == "PUT" and url_id else new_id()
         full_url = entry.get("fullUrl")
         if isinstance(full_url, str) and full_url:
             mapping[full_url] = f"{rtype}/{rid}"

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from sqlalchemy import ColumnElement, Select, and_, func, not_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, insert, not_, or_, select
 from sqlalchemy.orm import Session
 
 from integration.errors import InvalidResourceError
@@ -361,8 +361,8 @@ def _token_cond(raw: str) -> ColumnElement[bool]:
     if "|" not in raw:
         return FhirSearchIndex.value == raw
     system, _, code = raw.partition("|")
-    if not code:
-        return FhirSearchIndex.system == system
+    if not code:  # value IS NOT NULL lets the (partial) value index serve it
+        return and_(FhirSearchIndex.value.is_not(None), FhirSearchIndex.system == system)
     return and_(FhirSearchIndex.value == code, FhirSearchIndex.system == system)
 
 
@@ -690,7 +690,7 @@ def reindex_if_empty(store: Store, batch: int = 500) -> int:
                 return done
             entries = [row for _, _, content in rows for row in index_rows(content)]
             if entries:
-                s.connection().execute(FhirSearchIndex.__table__.insert(), entries)
+                s.connection().execute(insert(FhirSearchIndex), entries)
             done += len(rows)
             last = (rows[-1][0], rows[-1][1])
 

@@ -135,10 +135,15 @@ class FhirSearchIndex(Base):
     date_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     date_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
+    # partial indexes: a row carries a value or a date range, never both, so each row is written into
+    # two indexes rather than four (a comparison on the column implies IS NOT NULL for both planners)
     __table_args__ = (
-        Index("ix_fhir_search_value", "resource_type", "param", "value", "system"),
-        Index("ix_fhir_search_date_start", "resource_type", "param", "date_start"),
-        Index("ix_fhir_search_date_end", "resource_type", "param", "date_end"),
+        Index("ix_fhir_search_value", "resource_type", "param", "value", "system",
+              sqlite_where=text("value IS NOT NULL"), postgresql_where=text("value IS NOT NULL")),
+        Index("ix_fhir_search_date_start", "resource_type", "param", "date_start",
+              sqlite_where=text("date_start IS NOT NULL"), postgresql_where=text("date_start IS NOT NULL")),
+        Index("ix_fhir_search_date_end", "resource_type", "param", "date_end",
+              sqlite_where=text("date_end IS NOT NULL"), postgresql_where=text("date_end IS NOT NULL")),
         Index("ix_fhir_search_resource", "resource_type", "resource_id", "param"),
     )
 
@@ -535,7 +540,7 @@ class Store:
         conn = s.connection()
         for model, rows in ((FhirResource, new_rows), (FhirResourceVersion, versions), (FhirSearchIndex, index)):
             if rows:
-                conn.execute(model.__table__.insert(), rows)
+                conn.execute(insert(model), rows)
         return out
 
     @staticmethod
