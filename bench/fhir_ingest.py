@@ -227,6 +227,7 @@ def main() -> None:
             FhirSearchIndex.resource_type == "Patient", FhirSearchIndex.param == "identifier").limit(args.queries)))
     rng = random.Random(9)
     kinds: dict[str, Any] = {
+        "floor: GET /health (HTTP + one SELECT 1)": lambda i: (f"http://127.0.0.1:{port}/health", None),
         "read Observation/{id}": lambda i: (f"{base}/Observation/{observations[i]}", None),
         "Observation?patient": lambda i: (f"{base}/Observation", {"patient": f"Patient/{patients[i]}"}),
         "Observation?patient&code&date=ge": lambda i: (f"{base}/Observation", {
@@ -240,17 +241,17 @@ def main() -> None:
             "patient": f"Patient/{patients[i]}", "date": "ge2015", "_sort": "-date"}),
     }
     print(f"\nread and search over HTTP at {have + added} resources ({args.queries} requests each):")
-    print(f"  {'request':42s} {'p50 ms':>7s} {'p95 ms':>7s}")
+    print(f"  {'request':44s} {'p50 ms':>7s} {'p95 ms':>7s}")
     all_search: list[float] = []
     with httpx.Client(timeout=60) as client:
         for name, make in kinds.items():
             for i in range(5):
                 timed(client, *make(i))  # warm-up
             times = [timed(client, *make(i)) for i in range(args.queries)]
-            if not name.startswith("read"):
+            if not name.startswith(("read", "floor")):
                 all_search += times
-            print(f"  {name:42s} {pct(times, 50):7.1f} {pct(times, 95):7.1f}")
-    print(f"  {'all searches':42s} {pct(all_search, 50):7.1f} {pct(all_search, 95):7.1f}  (target p95 < 20 ms)")
+            print(f"  {name:44s} {pct(times, 50):7.1f} {pct(times, 95):7.1f}")
+    print(f"  {'all searches':44s} {pct(all_search, 50):7.1f} {pct(all_search, 95):7.1f}  (target p95 < 20 ms)")
     server.should_exit = True
     thread.join(10)
     store.stop()

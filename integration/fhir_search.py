@@ -568,11 +568,14 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
         if not q.sort:
             order.append(FhirResource.last_updated.desc())
         order.append(FhirResource.id)
-        # two columns, not ORM entities: a page is read-only, and entity bookkeeping costs per row
-        page = s.execute(stmt.with_only_columns(FhirResource.id, FhirResource.content)
-                         .order_by(*order).limit(q.count + 1).offset(q.offset)).all()
-        has_next = len(page) > q.count
-        page = page[: q.count]
+        # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
+        ids = list(s.scalars(stmt.with_only_columns(FhirResource.id)
+                             .order_by(*order).limit(q.count + 1).offset(q.offset)))
+        has_next = len(ids) > q.count
+        ids = ids[: q.count]
+        contents = dict(s.execute(select(FhirResource.id, FhirResource.content).where(
+            FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids))).all()) if ids else {}
+        page = [(rid, contents[rid]) for rid in ids if rid in contents]
         total: int | None
         if not has_next and (page or q.offset == 0):
             total = q.offset + len(page)  # the last page: the total is known without counting
