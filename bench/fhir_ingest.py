@@ -145,30 +145,8 @@ def timed(client: httpx.Client, url: str, params: Any = None) -> float:
     return elapsed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundles", type=int, default=40, help="carebundle transaction bundles to post")
-    ap.add_argument("--fill", type=int, default=100_000, help="stored resources for the read/search phase")
-    ap.add_argument("--queries", type=int, default=200, help="requests per read/search kind")
-    ap.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
-    ap.add_argument("--profile", action="store_true", help="also cProfile the in-process transaction path")
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
-    url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
-    store = Store(url)
-    store.start()
-    settings = Settings(data_dir=tmp, database_url=url, viewer_enabled=False)  # type: ignore[call-arg]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}/fhir"
-    print(f"store: {store.engine.dialect.name}; generating {args.bundles} carebundle transaction bundles ...")
-    bundles = make_bundles(args.bundles)
+def ingest_phase(store: Store, base: str, bundles: list[dict[str, Any]], profile: bool) -> None:
+    """Post the bundles over HTTP; compare with bare validation; break the time down by stage."""
     n_resources = sum(len(b["entry"]) for b in bundles)
     bodies = [json.dumps(b).encode() for b in bundles]
 
@@ -198,7 +176,7 @@ def main() -> None:
         print(f"    {name:36s} {seconds / n_resources * 1e6:7.0f}")
     print(f"    {'in-process total':36s} {total_stages / n_resources * 1e6:7.0f}  (over HTTP above: "
           f"{per_ingest:.0f}; the difference is HTTP, routing and the response, give or take the noise)")
-    if args.profile:
+    if profile:
         profiler = cProfile.Profile()
         profiler.enable()
         stage_breakdown(store, bundles)
@@ -207,6 +185,35 @@ def main() -> None:
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
         print(out.getvalue())
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", type=int, default=40, help="carebundle transaction bundles to post")
+    ap.add_argument("--fill", type=int, default=100_000, help="stored resources for the read/search phase")
+    ap.add_argument("--queries", type=int, default=200, help="requests per read/search kind")
+    ap.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
+    ap.add_argument("--profile", action="store_true", help="also cProfile the in-process transaction path")
+    ap.add_argument("--skip-ingest", action="store_true",
+                    help="only fill (if needed) and measure read/search, e.g. again on a --database-url already filled")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
+    url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
+    store = Store(url)
+    store.start()
+    settings = Settings(data_dir=tmp, database_url=url, viewer_enabled=False)  # type: ignore[call-arg]
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}/fhir"
+    print(f"store: {store.engine.dialect.name}; generating {args.bundles} carebundle transaction bundles ...")
+    bundles = make_bundles(args.bundles)
+    if not args.skip_ingest:
+        ingest_phase(store, base, bundles, args.profile)
     with store.session() as s:
         have = s.scalar(select(func.count()).select_from(FhirResource)) or 0  # the warm-up bundle counts too
     added, fill_s = fill(store, bundles, args.fill, have)

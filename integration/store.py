@@ -224,6 +224,9 @@ class Store:
         else:
             # a server can drop idle connections; a local file cannot, so SQLite skips the probe
             kwargs.update(pool_size=10, pool_pre_ping=True)
+            # psycopg prepares a statement after 5 runs and PostgreSQL may then keep a generic plan, blind to
+            # the searched value: a FHIR search on a rare code and on a common one need different plans
+            kwargs["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             _enable_sqlite_wal(self.engine)
