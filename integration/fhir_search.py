@@ -334,15 +334,16 @@ class SearchQuery:
     summary_count: bool = False
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (parameter, why)
 
-    def clauses(self) -> list[ColumnElement[bool]]:
+    def clauses(self, *, drive: bool = True) -> list[ColumnElement[bool]]:
         """WHERE clauses on fhir_resources. The most selective index condition (tokens and references
         before strings before dates) drives the query as ``id IN (index lookup)``; the others are
         correlated EXISTS probes of each candidate's own index rows, so a broad condition such as
-        ``date=ge2000`` never materialises every matching id."""
+        ``date=ge2000`` never materialises every matching id. ``drive=False`` makes them all probes,
+        for walking the resources in _lastUpdated order (see run_search)."""
         out = list(self.where)
         for n, (_, name, cond) in enumerate(sorted(self.indexed, key=lambda c: c[0])):
             base = (FhirSearchIndex.resource_type == self.resource_type, FhirSearchIndex.param == name, cond)
-            if n == 0:
+            if n == 0 and drive:
                 out.append(FhirResource.id.in_(select(FhirSearchIndex.resource_id).where(*base)))
             else:
                 out.append(select(FhirSearchIndex.row_id).where(
@@ -547,11 +548,16 @@ def _sort_key(rtype: str, name: str, desc: bool) -> list[Any]:
     return [key.desc().nulls_last() if desc else key.asc().nulls_last()]
 
 
-def search_statement(q: SearchQuery) -> Select[Any]:
+def search_statement(q: SearchQuery, *, drive: bool = True) -> Select[Any]:
     """The SELECT of the matching current resources, without paging or order."""
     return select(FhirResource).where(
-        FhirResource.resource_type == q.resource_type, FhirResource.deleted.is_(False), *q.clauses()
+        FhirResource.resource_type == q.resource_type, FhirResource.deleted.is_(False), *q.clauses(drive=drive)
     )
+
+
+# Above this many matches, a page in the default order (newest first) is found by walking the
+# (resource_type, last_updated) index and probing each resource, instead of sorting every match.
+BROAD_MATCHES = 200
 
 
 def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> SearchResult:
@@ -568,8 +574,13 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
         if not q.sort:
             order.append(FhirResource.last_updated.desc())
         order.append(FhirResource.id)
+        page_stmt = stmt
+        if not q.sort and q.indexed:
+            probe = stmt.with_only_columns(FhirResource.id).limit(BROAD_MATCHES + 1).subquery()
+            if (s.scalar(select(func.count()).select_from(probe)) or 0) > BROAD_MATCHES:
+                page_stmt = search_statement(q, drive=False)
         # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
-        ids = list(s.scalars(stmt.with_only_columns(FhirResource.id)
+        ids = list(s.scalars(page_stmt.with_only_columns(FhirResource.id)
                              .order_by(*order).limit(q.count + 1).offset(q.offset)))
         has_next = len(ids) > q.count
         ids = ids[: q.count]

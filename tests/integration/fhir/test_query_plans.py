@@ -29,6 +29,8 @@ SEARCHES: list[tuple[str, list[tuple[str, str]]]] = [
     ("Observation", [("code", "http://loinc.org|code-7")]),
     ("Observation", [("code", "code-7,code-8")]),
     ("Observation", [("status", "amended")]),
+    ("Observation", [("status", "final")]),  # broad: walked in _lastUpdated order, each row probed
+    ("Observation", [("category", "laboratory"), ("date", "ge2020-03-01")]),
     ("Observation", [("category", "vital-signs")]),
     ("Observation", [("date", "2020-02-02")]),
     ("Observation", [("date", "ge2020-03-01")]),
