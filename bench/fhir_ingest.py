@@ -104,7 +104,7 @@ def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, fl
     """Seconds per stage of the transaction path, run in-process on fresh copies of the bundles (the HTTP
     server runs in another thread, out of a profiler's sight): JSON parsing, preparation (validation,
     reference resolution and checks), the writes, the commit."""
-    from integration.fhir_api import _apply, _prepare_entries
+    from integration.fhir_bundles import prepare_entries, write_entries
 
     stages = {"json": 0.0, "validate (model_validate)": 0.0, "prepare (refs, bindings, checks)": 0.0,
               "write (SQL)": 0.0, "commit": 0.0}
@@ -119,10 +119,10 @@ def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, fl
         stages["validate (model_validate)"] += time.perf_counter() - t  # prepare validates again: subtracted below
         with store.session() as s:
             t = time.perf_counter()
-            prepared = _prepare_entries(s, data["entry"])
+            prepared = prepare_entries(s, data["entry"])
             stages["prepare (refs, bindings, checks)"] += time.perf_counter() - t
             t = time.perf_counter()
-            _apply(s, prepared)
+            write_entries(s, prepared)
             s.flush()
             stages["write (SQL)"] += time.perf_counter() - t
             t = time.perf_counter()

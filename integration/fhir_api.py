@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fhir.resources.R4B import get_fhir_model_class
 
-from integration import fhir_search
+from integration import fhir_bundles, fhir_search
 from integration.errors import (
     InvalidResourceError,
     ResourceGoneError,
@@ -29,11 +29,9 @@ from integration.fhir_resources import (
     new_id,
     resource_model,
     store_resource,
-    store_resources,
     validate_resource,
 )
 from integration.services import Services, get_services
-from integration.store import FhirResource
 
 log = logging.getLogger(__name__)
 
@@ -301,171 +299,6 @@ async def search(resource_type: str, request: Request, services: ServicesDep) ->
 
 
 # Bundles ------------------------------------------------------------------------------------------
-def _rewrite_references(node: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            else:
-                out[k] = _rewrite_references(v, mapping)
-        return out
-    if isinstance(node, list):
-        return [_rewrite_references(v, mapping) for v in node]
-    return node
-
-
-def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | None, str | None]:
-    """(method, resource type, id from URL, conditional criteria) of a Bundle entry's request."""
-    req = entry.get("request") or {}
-    if not isinstance(req, dict):
-        raise InvalidResourceError([(f"Bundle.entry[{index}].request", "request must be an object")], 400)
-    method = str(req.get("method", "")).upper()
-    url = req.get("url")
-    if method not in {"POST", "PUT"}:
-        raise InvalidResourceError(
-            [(f"Bundle.entry[{index}].request.method", f"method '{method or '?'}' is not supported in bundles")], 400
-        )
-    if not isinstance(url, str) or not url.strip("/"):
-        raise InvalidResourceError([(f"Bundle.entry[{index}].request.url", "request.url is required")], 400)
-    path, _, criteria = url.partition("?")
-    parts = [p for p in path.split("/") if p]
-    if method == "POST":
-        condition = req.get("ifNoneExist")
-        if condition is not None and not isinstance(condition, str):
-            raise InvalidResourceError([(f"Bundle.entry[{index}].request.ifNoneExist", "must be a string")], 400)
-        return method, parts[0], None, condition or None
-    if len(parts) == 1 and criteria:
-        return method, parts[0], None, criteria
-    if len(parts) != 2:
-        raise InvalidResourceError(
-            [(f"Bundle.entry[{index}].request.url", "a PUT url is Type/id or Type?search-criteria")], 400
-        )
-    return method, parts[0], parts[1], None
-
-
-def _resolve_conditional(s: Any, index: int, rtype: str, criteria: str, field: str) -> list[str]:
-    try:
-        return fhir_search.matching_ids(s, rtype, criteria)
-    except InvalidResourceError as exc:
-        raise InvalidResourceError(
-            [(f"Bundle.entry[{index}].request.{field}", m) for _, m in exc.issues], 400
-        ) from None
-
-
-def _prepare_entries(s: Any, entries: list[Any], *, check_targets: bool = True) -> list[dict[str, Any]]:
-    """Validate every entry, resolve conditional entries and assign ids; resolve urn:uuid references
-    between entries; refuse references to resources that are neither in the bundle nor stored.
-
-    Returns dicts with ``resource``, ``index`` and ``existing`` (an ifNoneExist entry that matched:
-    nothing to write). Runs inside session ``s`` so that the lookups see what the writes will see.
-    """
-    prepared: list[dict[str, Any]] = []
-    mapping: dict[str, str] = {}
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
-            raise InvalidResourceError([(f"Bundle.entry[{i}].resource", "each entry needs a resource")], 400)
-        method, rtype, url_id, criteria = _entry_target(entry, i)
-        resource = entry["resource"]
-        if resource.get("resourceType") != rtype:
-            raise InvalidResourceError(
-                [
-                    (
-                        f"Bundle.entry[{i}].resource.resourceType",
-                        f"entry is a {resource.get('resourceType')}, request.url names {rtype}",
-                    )
-                ],
-                400,
-            )
-        resource_model(rtype)
-        existing = False
-        if criteria is not None:
-            field = "ifNoneExist" if method == "POST" else "url"
-            matches = _resolve_conditional(s, i, rtype, criteria, field)
-            if len(matches) > 1:
-                raise InvalidResourceError([(f"Bundle.entry[{i}].request.{field}", "more than one match")], 412)
-            if method == "POST":
-                existing = bool(matches)
-                rid = matches[0] if matches else new_id()
-            else:
-                rid = matches[0] if matches else (resource.get("id") or new_id())
-        else:
-            rid = url_id if method == "PUT" and url_id else new_id()
-        full_url = entry.get("fullUrl")
-        if isinstance(full_url, str) and full_url:
-            mapping[full_url] = f"{rtype}/{rid}"
-        prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing})
-    for p in prepared:
-        p["resource"] = _rewrite_references(p["resource"], mapping)
-        try:
-            validate_resource(p["resource"])
-        except InvalidResourceError as exc:
-            exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
-            raise
-        unresolved = _unresolved_urns(p["resource"])
-        if unresolved:
-            raise InvalidResourceError(
-                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved} matches no entry's fullUrl")], 400
-            )
-    if check_targets:
-        _check_reference_targets(s, prepared)
-    return prepared
-
-
-def _references(node: Any, path: str) -> list[tuple[str, str]]:
-    """(FHIRPath-like location, reference) of every relative Type/id reference inside ``node``."""
-    found: list[tuple[str, str]] = []
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and "://" not in ref and not ref.startswith(("#", "urn:")):
-            found.append((f"{path}.reference", ref))
-        for k, v in node.items():
-            if k not in ("reference", "contained"):
-                found += _references(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            found += _references(v, f"{path}[{i}]")
-    return found
-
-
-def _check_reference_targets(s: Any, prepared: list[dict[str, Any]]) -> None:
-    """A transaction may only point at resources it writes or that are stored (and not deleted)."""
-    in_bundle = {(p["resource"]["resourceType"], p["resource"]["id"]) for p in prepared}
-    wanted: dict[tuple[str, str], str] = {}
-    for p in prepared:
-        for where, ref in _references(p["resource"], f"Bundle.entry[{p['index']}].resource"):
-            parts = ref.split("/_history")[0].split("/")
-            if len(parts) != 2 or not parts[0][:1].isupper():
-                raise InvalidResourceError([(where, f"'{ref}' is not a Type/id reference")], 422)
-            key = (parts[0], parts[1])
-            if key not in in_bundle:
-                wanted.setdefault(key, where)
-    if not wanted:
-        return
-    stored = fhir_search.existing_resources(s, list(wanted))
-    missing = [(where, f"{t}/{i} is neither in this bundle nor stored") for (t, i), where in wanted.items()
-               if (t, i) not in stored]
-    if missing:
-        raise InvalidResourceError(missing[:20], 422)
-
-
-def _unresolved_urns(node: Any) -> str | None:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref.startswith("urn:uuid:"):
-            return ref
-        for v in node.values():
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    elif isinstance(node, list):
-        for v in node:
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    return None
-
-
 def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
     return {
         "fullUrl": f"{stored['resourceType']}/{stored['id']}",
@@ -479,16 +312,7 @@ def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
 
 
 def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Write the prepared entries (multi-row INSERTs); response entries in the bundle's order."""
-    written = iter(store_resources(s, [p["resource"] for p in prepared if not p["existing"]]))
-    out = []
-    for p in prepared:
-        if p["existing"]:
-            current = s.get(FhirResource, (p["resource"]["resourceType"], p["resource"]["id"]))
-            out.append(_response_entry(current.content, False))
-        else:
-            out.append(_response_entry(*next(written)))
-    return out
+    return [_response_entry(stored, created) for stored, created in fhir_bundles.write_entries(s, prepared)]
 
 
 @router.post("")
@@ -506,7 +330,7 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
     if kind == "transaction":
         # all or nothing: one session, and any refused entry rolls back the whole bundle
         with services.store.session() as s:
-            results = _apply(s, _prepare_entries(s, entries))
+            results = _apply(s, fhir_bundles.prepare_entries(s, entries))
         services.notify_outbox()
         return fhir_response({"resourceType": "Bundle", "type": "transaction-response", "entry": results})
     out = []
@@ -514,7 +338,7 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
         try:
             with services.store.session() as s:
                 # batch entries are independent: like a plain create, they may point at what comes later
-                out += _apply(s, _prepare_entries(s, [entry], check_targets=False))
+                out += _apply(s, fhir_bundles.prepare_entries(s, [entry], check_targets=False))
         except (InvalidResourceError, VersionConflictError) as exc:
             issues = exc.issues if isinstance(exc, InvalidResourceError) else [("", str(exc))]
             status = exc.status_code if isinstance(exc, InvalidResourceError) else 412

@@ -584,8 +584,11 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
                              .order_by(*order).limit(q.count + 1).offset(q.offset)))
         has_next = len(ids) > q.count
         ids = ids[: q.count]
-        contents = dict(s.execute(select(FhirResource.id, FhirResource.content).where(
-            FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids))).all()) if ids else {}
+        contents: dict[str, dict[str, Any]] = {}
+        if ids:
+            rows = s.execute(select(FhirResource.id, FhirResource.content).where(
+                FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
+            contents = {rid: content for rid, content in rows}
         page = [(rid, contents[rid]) for rid in ids if rid in contents]
         total: int | None
         if not has_next and (page or q.offset == 0):
