@@ -128,11 +128,14 @@ def _conditional_matches(services: Services, resource_type: str, criteria: str, 
 async def create(resource_type: str, request: Request, services: ServicesDep) -> Response:
     data = await read_json_body(request, services.settings.max_request_bytes)
     resource = validate_resource(data, resource_type)
-    condition = request.headers.get("if-none-exist")
+    # the standard carries the criteria in If-None-Exist; some clients (fhirpy's get_or_create) send them as
+    # the query string: both are honoured, never ignored
+    header = "If-None-Exist" if request.headers.get("if-none-exist") else "url"
+    condition = request.headers.get("if-none-exist") or request.url.query
     if condition:
-        existing = _conditional_matches(services, resource_type, condition, "If-None-Exist")
+        existing = _conditional_matches(services, resource_type, condition, header)
         if len(existing) > 1:
-            raise InvalidResourceError([("If-None-Exist", "more than one resource matches")], 412)
+            raise InvalidResourceError([(header, "more than one resource matches")], 412)
         if existing:  # already there: nothing is created
             return _preferred(request, services.store.get_resource(resource_type, existing[0]), 200)
     resource = {**resource, "id": new_id()}  # the server assigns ids on create

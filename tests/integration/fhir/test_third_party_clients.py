@@ -28,6 +28,29 @@ def test_fhirpy_create_read_search_with_paging_and_delete(fhir_client: httpx.Cli
     fetched.delete()
     assert client.resources("Patient").search(identifier="urn:mrn|fp-1").count() == 0
 
+    # conditional create twice (fhirpy sends the criteria as the query string), then conditional update
+    mrn = client.resources("Patient").search(identifier="urn:mrn|fp-2")
+    first, created = mrn.get_or_create(client.resource("Patient", identifier=[{"system": "urn:mrn", "value": "fp-2"}]))
+    again, created_again = mrn.get_or_create(client.resource("Patient",
+                                                             identifier=[{"system": "urn:mrn", "value": "fp-2"}]))
+    assert (created, created_again) == (True, False) and first.id == again.id
+    updated, created = mrn.update(client.resource("Patient", identifier=[{"system": "urn:mrn", "value": "fp-2"}],
+                                                  gender="other"))
+    assert not created and updated.id == first.id and mrn.count() == 1
+    assert client.reference("Patient", first.id).to_resource()["gender"] == "other"
+
+    # a transaction through the client's raw request API
+    response = client.execute("", method="post", data={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:fp-3", "resource": {"resourceType": "Patient", "gender": "male"},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "pulse"},
+                      "subject": {"reference": "urn:uuid:fp-3"}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ]})
+    assert response["type"] == "transaction-response"
+    new_patient = response["entry"][0]["fullUrl"]
+    assert client.resources("Observation").search(subject=new_patient).count() == 1
+
 
 json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
