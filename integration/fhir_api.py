@@ -1,19 +1,23 @@
 """The FHIR edge: a FHIR R4 REST facade under /fhir.
 
-Interactions: create, read, update, search (``_id``, ``subject``/``patient``, ``status``,
-``identifier``, ``_count``, ``_offset``), transaction and batch Bundles, and ``metadata``.
-Every refusal is a 4xx with an OperationOutcome whose ``expression`` names the element.
+Interactions: create (also conditional, If-None-Exist), read, vread, update (If-Match; conditional by
+search criteria), delete, instance and type ``_history``, search (parameters from the registry in
+``integration.fhir_search``), transaction and batch Bundles, and ``metadata`` (generated from this
+router and that registry). Every refusal is a 4xx with an OperationOutcome whose ``expression``
+names the element.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fhir.resources.R4B import get_fhir_model_class
 
+from integration import fhir_bundles, fhir_search
 from integration.errors import (
     InvalidResourceError,
     ResourceGoneError,
@@ -23,7 +27,6 @@ from integration.errors import (
 )
 from integration.fhir_resources import (
     new_id,
-    normalise_reference,
     resource_model,
     store_resource,
     validate_resource,
@@ -33,7 +36,6 @@ from integration.services import Services, get_services
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
-SEARCH_PARAMS = {"_id", "subject", "patient", "status", "identifier", "_count", "_offset", "_format"}
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -98,59 +100,7 @@ def _parse_if_match(value: str | None) -> int | None:
 
 @router.get("/metadata")
 async def capability_statement(services: ServicesDep) -> Response:
-    search = [
-        {"name": n, "type": t}
-        for n, t in (
-            ("_id", "token"),
-            ("subject", "reference"),
-            ("patient", "reference"),
-            ("status", "token"),
-            ("identifier", "token"),
-        )
-    ]
-    types = [
-        "Patient",
-        "Condition",
-        "Observation",
-        "Encounter",
-        "MedicationRequest",
-        "AllergyIntolerance",
-        "Procedure",
-        "DocumentReference",
-        "ImagingStudy",
-        "DiagnosticReport",
-        "ServiceRequest",
-    ]
-    body = {
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": "2026-11-29",
-        "kind": "instance",
-        "software": {"name": "MedBridge", "version": "0.1.0"},
-        "fhirVersion": "4.0.1",
-        "format": ["json"],
-        "rest": [
-            {
-                "mode": "server",
-                "resource": [
-                    {
-                        "type": t,
-                        "interaction": [
-                            {"code": c}
-                            for c in ("read", "vread", "create", "update", "delete", "history-instance", "search-type")
-                        ],
-                        "versioning": "versioned",
-                        "conditionalCreate": True,
-                        "searchParam": search,
-                    }
-                    for t in types
-                ],
-                "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            }
-        ],
-    }
-    get_fhir_model_class("CapabilityStatement").model_validate(body)
-    return fhir_response(body)
+    return fhir_response(capability_statement_body())
 
 
 def _preferred(request: Request, stored: dict[str, Any], status_code: int) -> Response:
@@ -165,40 +115,56 @@ def _preferred(request: Request, stored: dict[str, Any], status_code: int) -> Re
     return fhir_response(stored, status_code, headers)
 
 
-def _conditional_matches(services: Services, resource_type: str, criteria: str) -> list[dict[str, Any]]:
-    """Resources matching an If-None-Exist query (``identifier=system|value`` or ``_id=...``)."""
-    params = dict(p.split("=", 1) for p in criteria.lstrip("?").split("&") if "=" in p)
-    unknown = set(params) - {"identifier", "_id"}
-    if unknown or not params:
-        raise InvalidResourceError(
-            [("If-None-Exist", "If-None-Exist supports the identifier and _id search parameters")], 400
-        )
-    rows, _ = services.store.search_resources(
-        resource_type,
-        ids=params["_id"].split(",") if "_id" in params else None,
-        identifier=params.get("identifier"),
-        limit=2,
-    )
-    return rows
+def _conditional_matches(services: Services, resource_type: str, criteria: str, header: str) -> list[str]:
+    """Ids of resources matching conditional criteria (at most two: enough to tell 0, 1 or many)."""
+    try:
+        with services.store.session() as s:
+            return fhir_search.matching_ids(s, resource_type, criteria)
+    except InvalidResourceError as exc:
+        raise InvalidResourceError([(header, f"{m} (in {e})") for e, m in exc.issues], 400) from None
 
 
 @router.post("/{resource_type}")
 async def create(resource_type: str, request: Request, services: ServicesDep) -> Response:
     data = await read_json_body(request, services.settings.max_request_bytes)
     resource = validate_resource(data, resource_type)
-    condition = request.headers.get("if-none-exist")
+    # the standard carries the criteria in If-None-Exist; some clients (fhirpy's get_or_create) send them as
+    # the query string: both are honoured, never ignored
+    header = "If-None-Exist" if request.headers.get("if-none-exist") else "url"
+    condition = request.headers.get("if-none-exist") or request.url.query
     if condition:
-        existing = _conditional_matches(services, resource_type, condition)
+        existing = _conditional_matches(services, resource_type, condition, header)
         if len(existing) > 1:
-            raise InvalidResourceError([("If-None-Exist", "more than one resource matches")], 412)
-        if existing:
-            return _preferred(request, existing[0], 200)  # already there: nothing is created
+            raise InvalidResourceError([(header, "more than one resource matches")], 412)
+        if existing:  # already there: nothing is created
+            return _preferred(request, services.store.get_resource(resource_type, existing[0]), 200)
     resource = {**resource, "id": new_id()}  # the server assigns ids on create
     with services.store.session() as s:
         stored, _ = store_resource(s, resource)
     services.notify_outbox()
     log.info("created %s %s", resource_type, stored["id"])
     return _preferred(request, stored, 201)
+
+
+@router.put("/{resource_type}")
+async def conditional_update(resource_type: str, request: Request, services: ServicesDep) -> Response:
+    """``PUT /fhir/Patient?identifier=sys|val``: no match creates, one match updates it, more is 412."""
+    criteria = request.url.query
+    if not criteria:
+        raise InvalidResourceError([("", "PUT needs an id in the URL (Type/id) or search criteria (Type?...)")], 400)
+    data = await read_json_body(request, services.settings.max_request_bytes)
+    resource = validate_resource(data, resource_type)
+    matches = _conditional_matches(services, resource_type, criteria, "url")
+    if len(matches) > 1:
+        raise InvalidResourceError([("url", f"{len(matches)} or more resources match {criteria}")], 412)
+    rid = matches[0] if matches else resource.get("id") or new_id()
+    if resource.get("id") not in (None, rid):
+        raise InvalidResourceError([(f"{resource_type}.id", f"the body's id differs from the match {rid}")], 400)
+    if_match = _parse_if_match(request.headers.get("if-match"))
+    with services.store.session() as s:
+        stored, created = store_resource(s, {**resource, "id": rid}, if_match=if_match)
+    services.notify_outbox()
+    return _preferred(request, stored, 201 if created else 200)
 
 
 @router.put("/{resource_type}/{resource_id}")
@@ -212,6 +178,68 @@ async def update(resource_type: str, resource_id: str, request: Request, service
         stored, created = store_resource(s, resource, if_match=if_match)
     services.notify_outbox()
     return _preferred(request, stored, 201 if created else 200)
+
+
+def _history_bundle(versions: list[tuple[dict[str, Any], bool]], total: int, links: list[dict[str, str]]) -> Response:
+    entries = []
+    for content, deleted in versions:
+        rtype, rid, vid = content["resourceType"], content["id"], content["meta"]["versionId"]
+        entry: dict[str, Any] = {
+            "fullUrl": f"{rtype}/{rid}",
+            "request": {
+                "method": "DELETE" if deleted else ("POST" if vid == "1" else "PUT"),
+                "url": f"{rtype}/{rid}" if vid != "1" or deleted else rtype,
+            },
+            "response": {
+                "status": "204" if deleted else ("201" if vid == "1" else "200"),
+                "etag": f'W/"{vid}"',
+                "lastModified": content["meta"]["lastUpdated"],
+            },
+        }
+        if not deleted:
+            entry["resource"] = content
+        entries.append(entry)
+    body: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total, "entry": entries}
+    if links:
+        body["link"] = links
+    return fhir_response(body)
+
+
+def _page_links(request: Request, offset: int, count: int, has_next: bool) -> list[dict[str, str]]:
+    """self, and next/previous as the same query with another _offset."""
+    links = [{"relation": "self", "url": str(request.url)}]
+    if count and has_next:
+        links.append({"relation": "next", "url": str(request.url.include_query_params(_offset=offset + count,
+                                                                                       _count=count))})
+    if count and offset > 0:
+        prev = request.url.include_query_params(_offset=max(offset - count, 0), _count=count)
+        links.append({"relation": "previous", "url": str(prev)})
+    return links
+
+
+@router.get("/{resource_type}/_history")
+async def type_history(resource_type: str, request: Request, services: ServicesDep) -> Response:
+    """Every version of every resource of a type, newest first; ``_since`` (instant), ``_count``, ``_offset``."""
+    resource_model(resource_type)
+    params = request.query_params
+    unknown = sorted(set(params) - {"_since", "_count", "_offset", "_format"})
+    if unknown:
+        raise InvalidResourceError([(p, f"'{p}' is not supported by _history (use _since, _count)") for p in unknown])
+    since = None
+    if "_since" in params:
+        try:
+            since = datetime.fromisoformat(params["_since"].replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidResourceError([("_since", "_since must be an instant like 2026-01-01T00:00:00Z")]) from None
+        if since.tzinfo is None:
+            raise InvalidResourceError([("_since", "_since must carry a time zone (Z or +hh:mm)")])
+    for name in ("_count", "_offset"):
+        if not params.get(name, "0").isdigit():
+            raise InvalidResourceError([(name, f"{name} must be a non-negative integer")])
+    count = min(int(params.get("_count", fhir_search.DEFAULT_COUNT)), fhir_search.MAX_COUNT)
+    offset = int(params.get("_offset", "0"))
+    total, versions = fhir_search.type_history(services.store, resource_type, since=since, count=count, offset=offset)
+    return _history_bundle(versions, total, _page_links(request, offset, count, offset + count < total))
 
 
 @router.get("/{resource_type}/{resource_id}")
@@ -231,25 +259,7 @@ async def vread(resource_type: str, resource_id: str, version_id: str, services:
 @router.get("/{resource_type}/{resource_id}/_history")
 async def instance_history(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
     versions = services.store.history(resource_type, resource_id)
-    entries = []
-    for content, deleted in versions:
-        vid = content["meta"]["versionId"]
-        entry: dict[str, Any] = {
-            "fullUrl": f"{resource_type}/{resource_id}",
-            "request": {
-                "method": "DELETE" if deleted else ("POST" if vid == "1" else "PUT"),
-                "url": f"{resource_type}/{resource_id}" if vid != "1" or deleted else resource_type,
-            },
-            "response": {
-                "status": "204" if deleted else ("201" if vid == "1" else "200"),
-                "etag": f'W/"{vid}"',
-                "lastModified": content["meta"]["lastUpdated"],
-            },
-        }
-        if not deleted:
-            entry["resource"] = content
-        entries.append(entry)
-    return fhir_response({"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
+    return _history_bundle(versions, len(versions), [])
 
 
 @router.delete("/{resource_type}/{resource_id}")
@@ -262,138 +272,36 @@ async def delete(resource_type: str, resource_id: str, services: ServicesDep) ->
 
 @router.get("/{resource_type}")
 async def search(resource_type: str, request: Request, services: ServicesDep) -> Response:
+    """Search with the registry's parameters. Lenient handling (the default) ignores what it cannot
+    process and says so in an OperationOutcome entry (search.mode=outcome); ``Prefer: handling=strict``
+    refuses the same with 400."""
     resource_model(resource_type)  # 404 for anything that is not a resource type
-    params = request.query_params
-    unknown = sorted(set(params.keys()) - SEARCH_PARAMS)
-    ignored = [(p, f"search parameter '{p}' is not supported and was ignored") for p in unknown]
-    # FHIR search: lenient handling (the default) ignores what it cannot process and says so in an
-    # OperationOutcome entry; Prefer: handling=strict turns the same into an error.
-    if unknown and "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower():
-        return outcome_response(
-            400, [(p, f"search parameter '{p}' is not supported") for p in unknown], "not-supported"
-        )
-    try:
-        count = min(int(params.get("_count", "50")), 500)
-        offset = max(int(params.get("_offset", "0")), 0)
-    except ValueError:
-        return outcome_response(400, [("_count", "_count and _offset must be integers")])
-    subject = normalise_reference(params.get("subject") or params.get("patient"))
-    if subject and "/" not in subject:
-        subject = f"Patient/{subject}"
-    status = params.get("status")
-    rows, total = services.store.search_resources(
-        resource_type,
-        ids=params.get("_id", "").split(",") if params.get("_id") else None,
-        subject_ref=subject,
-        status=status.split(",") if status else None,
-        identifier=params.get("identifier"),
-        limit=count,
-        offset=offset,
-    )
+    strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower()
+    query = fhir_search.parse_search(resource_type, request.query_params.multi_items(), strict=strict)
+    result = fhir_search.run_search(services.store, query, total_limit=services.settings.fhir_exact_total_limit)
     base = str(request.url).split("?")[0]
-    links = [{"relation": "self", "url": str(request.url)}]
-    if offset + count < total:
-        nxt = request.url.include_query_params(_offset=offset + count, _count=count)
-        links.append({"relation": "next", "url": str(nxt)})
-    bundle = {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in rows],
+        **({"total": result.total} if result.total is not None else {}),
+        "link": _page_links(request, query.offset, 0 if query.summary_count else query.count, result.has_next),
+        "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                  for r in result.matches],
     }
-    if ignored:
-        outcome = operation_outcome(ignored, code="not-supported", severity="warning")
+    root = base.rsplit("/", 1)[0]
+    bundle["entry"] += [
+        {"fullUrl": f"{root}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "include"}}
+        for r in result.included
+    ]
+    if query.ignored:
+        outcome = operation_outcome(query.ignored, code="not-supported", severity="warning")
         bundle["entry"].append({"resource": outcome, "search": {"mode": "outcome"}})
+    if not bundle["entry"]:
+        del bundle["entry"]
     return fhir_response(bundle)
 
 
 # Bundles ------------------------------------------------------------------------------------------
-def _rewrite_references(node: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            else:
-                out[k] = _rewrite_references(v, mapping)
-        return out
-    if isinstance(node, list):
-        return [_rewrite_references(v, mapping) for v in node]
-    return node
-
-
-def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | None]:
-    """(method, resource type, id from URL) of a Bundle entry's request."""
-    req = entry.get("request") or {}
-    method = str(req.get("method", "")).upper()
-    url = str(req.get("url", ""))
-    if method not in {"POST", "PUT"}:
-        raise InvalidResourceError(
-            [(f"Bundle.entry[{index}].request.method", f"method '{method or '?'}' is not supported in bundles")], 400
-        )
-    parts = [p for p in url.split("?")[0].split("/") if p]
-    if not parts:
-        raise InvalidResourceError([(f"Bundle.entry[{index}].request.url", "request.url is required")], 400)
-    return method, parts[0], parts[1] if method == "PUT" and len(parts) > 1 else None
-
-
-def _prepare_entries(entries: list[Any]) -> list[dict[str, Any]]:
-    """Validate every entry and assign ids; resolve urn:uuid references between entries."""
-    prepared: list[dict[str, Any]] = []
-    mapping: dict[str, str] = {}
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
-            raise InvalidResourceError([(f"Bundle.entry[{i}].resource", "each entry needs a resource")], 400)
-        method, rtype, url_id = _entry_target(entry, i)
-        resource = entry["resource"]
-        if resource.get("resourceType") != rtype:
-            raise InvalidResourceError(
-                [
-                    (
-                        f"Bundle.entry[{i}].resource.resourceType",
-                        f"entry is a {resource.get('resourceType')}, request.url names {rtype}",
-                    )
-                ],
-                400,
-            )
-        rid = url_id if method == "PUT" else new_id()
-        full_url = entry.get("fullUrl")
-        if isinstance(full_url, str) and full_url:
-            mapping[full_url] = f"{rtype}/{rid}"
-        prepared.append({"resource": {**resource, "id": rid}, "index": i})
-    for p in prepared:
-        p["resource"] = _rewrite_references(p["resource"], mapping)
-        try:
-            validate_resource(p["resource"])
-        except InvalidResourceError as exc:
-            exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
-            raise
-        unresolved = _unresolved_urns(p["resource"])
-        if unresolved:
-            raise InvalidResourceError(
-                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved} matches no entry's fullUrl")], 400
-            )
-    return prepared
-
-
-def _unresolved_urns(node: Any) -> str | None:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref.startswith("urn:uuid:"):
-            return ref
-        for v in node.values():
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    elif isinstance(node, list):
-        for v in node:
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    return None
-
-
 def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
     return {
         "fullUrl": f"{stored['resourceType']}/{stored['id']}",
@@ -404,6 +312,10 @@ def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
             "lastModified": stored["meta"]["lastUpdated"],
         },
     }
+
+
+def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_response_entry(stored, created) for stored, created in fhir_bundles.write_entries(s, prepared)]
 
 
 @router.post("")
@@ -419,37 +331,94 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
     if not isinstance(entries, list):
         raise InvalidResourceError([("Bundle.entry", "Bundle.entry must be a list")], 400)
     if kind == "transaction":
-        prepared = _prepare_entries(entries)  # all or nothing: any invalid entry refuses the whole bundle
+        # all or nothing: one session, and any refused entry rolls back the whole bundle
         with services.store.session() as s:
-            results = [store_resource(s, p["resource"]) for p in prepared]
+            results = _apply(s, fhir_bundles.prepare_entries(s, entries))
         services.notify_outbox()
-        return fhir_response(
-            {
-                "resourceType": "Bundle",
-                "type": "transaction-response",
-                "entry": [_response_entry(st, c) for st, c in results],
-            }
-        )
+        return fhir_response({"resourceType": "Bundle", "type": "transaction-response", "entry": results})
     out = []
     for i, entry in enumerate(entries):
         try:
-            (p,) = _prepare_entries([entry])
             with services.store.session() as s:
-                stored, created = store_resource(s, p["resource"])
-            out.append(_response_entry(stored, created))
-        except InvalidResourceError as exc:
+                # batch entries are independent: like a plain create, they may point at what comes later
+                out += _apply(s, fhir_bundles.prepare_entries(s, [entry], check_targets=False))
+        except (InvalidResourceError, VersionConflictError) as exc:
+            issues = exc.issues if isinstance(exc, InvalidResourceError) else [("", str(exc))]
+            status = exc.status_code if isinstance(exc, InvalidResourceError) else 412
             out.append(
                 {
                     "response": {
-                        "status": f"{exc.status_code}",
+                        "status": f"{status}",
                         "outcome": operation_outcome(
-                            [(e.replace("Bundle.entry[0]", f"Bundle.entry[{i}]"), m) for e, m in exc.issues]
+                            [(e.replace("Bundle.entry[0]", f"Bundle.entry[{i}]"), m) for e, m in issues]
                         ),
                     }
                 }
             )
     services.notify_outbox()
     return fhir_response({"resourceType": "Bundle", "type": "batch-response", "entry": out})
+
+
+# CapabilityStatement ------------------------------------------------------------------------------
+# The interaction each route implements; metadata lists a route's interaction only if the route exists.
+_TYPE_INTERACTIONS = {
+    read: "read",
+    vread: "vread",
+    update: "update",
+    delete: "delete",
+    instance_history: "history-instance",
+    type_history: "history-type",
+    create: "create",
+    search: "search-type",
+}
+_SYSTEM_INTERACTIONS = {transaction_or_batch: ("transaction", "batch")}
+SOFTWARE_VERSION = "0.1.0"
+
+
+def capability_statement_body() -> dict[str, Any]:
+    """The CapabilityStatement, generated from this router's routes and the search registry."""
+    endpoints = {getattr(r, "endpoint", None) for r in router.routes}
+    interactions = [{"code": code} for fn, code in _TYPE_INTERACTIONS.items() if fn in endpoints]
+    common = [{"name": n, "type": t} for n, t in fhir_search.COMMON_PARAMS.items()]
+    resources = []
+    for rtype in sorted(fhir_search.REGISTRY):
+        params = fhir_search.params_for(rtype).values()
+        resources.append(
+            {
+                "type": rtype,
+                "interaction": interactions,
+                "versioning": "versioned",
+                "readHistory": vread in endpoints,
+                "updateCreate": True,
+                "conditionalCreate": create in endpoints,
+                "conditionalUpdate": conditional_update in endpoints,
+                "conditionalDelete": "not-supported",
+                "searchInclude": fhir_search.include_values(rtype),
+                "searchParam": common + [{"name": p.name, "type": p.type} for p in params],
+            }
+        )
+    system = [{"code": c} for fn, codes in _SYSTEM_INTERACTIONS.items() if fn in endpoints for c in codes]
+    body = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-29",
+        "kind": "instance",
+        "software": {"name": "MedBridge", "version": SOFTWARE_VERSION},
+        "implementation": {"description": "MedBridge FHIR facade"},
+        "fhirVersion": "4.0.1",
+        "format": ["json", FHIR_JSON],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Search result parameters: " + ", ".join(fhir_search.RESULT_PARAMS)
+                + "; _summary=count; _sort by " + "/".join(["_id", "_lastUpdated", "date parameters"]),
+                "resource": resources,
+                "interaction": system,
+            }
+        ],
+    }
+    get_fhir_model_class("CapabilityStatement").model_validate(body)
+    return body
 
 
 def install_exception_handlers(app: Any) -> None:

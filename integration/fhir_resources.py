@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from integration.errors import InvalidResourceError
-from integration.store import DicomInstance, FhirResource, Store, stable_id
+from integration.store import DicomInstance, FhirResource, FhirSearchIndex, Store, stable_id
 
 DICOM_PATIENT_ID_SYSTEM = "urn:medbridge:dicom:patient-id"
 MEDBRIDGE_IDENTIFIER_SYSTEM = "urn:medbridge:report"
@@ -34,54 +34,88 @@ CLINICAL_TYPES = {
     "DocumentReference",
 }
 
-# Required bindings fhir.resources does not enforce (it accepts Observation.status = "not-a-status")
+# Required bindings fhir.resources does not enforce (it accepts Observation.status = "not-a-status").
+# code elements: the allowed codes (R4 value sets; element path -> codes, lists are checked item by item)
+_OBSERVATION_STATUS = {
+    "registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown",
+}
+_REQUEST_STATUS = {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+_REQUEST_INTENT = {
+    "proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order", "instance-order",
+    "option",
+}
+_EVENT_STATUS = {
+    "preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown",
+}
 _REQUIRED_CODES: dict[tuple[str, str], set[str]] = {
-    ("Observation", "status"): {
-        "registered",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    },
-    ("DiagnosticReport", "status"): {
-        "registered",
-        "partial",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "appended",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    },
+    ("Observation", "status"): _OBSERVATION_STATUS,
+    ("DiagnosticReport", "status"): _OBSERVATION_STATUS | {"partial", "appended"},
     ("Patient", "gender"): {"male", "female", "other", "unknown"},
     ("MedicationRequest", "status"): {
-        "active",
-        "on-hold",
-        "cancelled",
-        "completed",
-        "entered-in-error",
-        "stopped",
-        "draft",
-        "unknown",
+        "active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown",
     },
+    ("MedicationRequest", "intent"): _REQUEST_INTENT - {"directive"},
+    ("MedicationRequest", "priority"): {"routine", "urgent", "asap", "stat"},
     ("ImagingStudy", "status"): {"registered", "available", "cancelled", "entered-in-error", "unknown"},
     ("Encounter", "status"): {
-        "planned",
-        "arrived",
-        "triaged",
-        "in-progress",
-        "onleave",
-        "finished",
-        "cancelled",
-        "entered-in-error",
+        "planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error",
         "unknown",
     },
+    ("Procedure", "status"): _EVENT_STATUS,
+    ("ServiceRequest", "status"): _REQUEST_STATUS,
+    ("ServiceRequest", "intent"): _REQUEST_INTENT,
+    ("ServiceRequest", "priority"): {"routine", "urgent", "asap", "stat"},
+    ("DocumentReference", "status"): {"current", "superseded", "entered-in-error"},
+    ("DocumentReference", "docStatus"): {"preliminary", "final", "amended", "entered-in-error"},
+    ("AllergyIntolerance", "type"): {"allergy", "intolerance"},
+    ("AllergyIntolerance", "category"): {"food", "medication", "environment", "biologic"},
+    ("AllergyIntolerance", "criticality"): {"low", "high", "unable-to-assess"},
 }
+# CodeableConcepts bound (required) to one code system: codings in that system must use its codes
+_REQUIRED_CONCEPTS: dict[tuple[str, str], tuple[str, set[str]]] = {
+    ("Condition", "clinicalStatus"): (
+        "http://terminology.hl7.org/CodeSystem/condition-clinical",
+        {"active", "recurrence", "relapse", "inactive", "remission", "resolved"},
+    ),
+    ("Condition", "verificationStatus"): (
+        "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+        {"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"},
+    ),
+    ("AllergyIntolerance", "clinicalStatus"): (
+        "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+        {"active", "inactive", "resolved"},
+    ),
+    ("AllergyIntolerance", "verificationStatus"): (
+        "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+        {"unconfirmed", "confirmed", "refuted", "entered-in-error"},
+    ),
+}
+
+
+def _binding_issues(rtype: str, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(expression, message) for each value outside a required value set."""
+    issues = []
+    for (t, element), allowed in _REQUIRED_CODES.items():
+        if t != rtype or element not in data:
+            continue
+        value = data[element]
+        values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, v in values:
+            if v not in allowed:
+                where = f"{rtype}.{element}" + (f"[{i}]" if i is not None else "")
+                issues.append((where, f"'{v}' is not in the required value set ({', '.join(sorted(allowed))})"))
+    for (t, element), (system, codes) in _REQUIRED_CONCEPTS.items():
+        concept = data.get(element) if t == rtype else None
+        if not isinstance(concept, dict):
+            continue
+        codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+        for i, coding in enumerate(codings):
+            if coding.get("system") == system and coding.get("code") not in codes:
+                issues.append((f"{rtype}.{element}.coding[{i}].code",
+                               f"'{coding.get('code')}' is not a code of {system} ({', '.join(sorted(codes))})"))
+        if not any(c.get("system") == system for c in codings):
+            issues.append((f"{rtype}.{element}", f"a coding from {system} is required (required binding)"))
+    return issues
 
 
 def _expression(resource_type: str, loc: tuple[Any, ...]) -> str:
@@ -125,10 +159,7 @@ def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, 
     except ValidationError as exc:
         issues = [(_expression(rtype, tuple(e["loc"])), e["msg"]) for e in exc.errors()[:20]]
         raise InvalidResourceError(issues, 422) from None
-    issues = []
-    for (t, field), allowed in _REQUIRED_CODES.items():
-        if t == rtype and field in data and data[field] not in allowed:
-            issues.append((f"{rtype}.{field}", f"'{data[field]}' is not in the required value set"))
+    issues = _binding_issues(rtype, data)
     if issues:
         raise InvalidResourceError(issues, 422)
     return data
@@ -158,17 +189,6 @@ def subject_of(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def identifiers_of(resource: dict[str, Any]) -> str | None:
-    """Identifiers as ' system|value system|value ' for LIKE matching; None when there are none."""
-    ids = resource.get("identifier")
-    if isinstance(ids, dict):
-        ids = [ids]
-    tokens = [
-        f"{i.get('system', '')}|{i.get('value', '')}" for i in ids or [] if isinstance(i, dict) and i.get("value")
-    ]
-    return f" {' '.join(tokens)} " if tokens else None
-
-
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -184,11 +204,22 @@ def store_resource(
         if_match=if_match,
         subject_ref=subject,
         status=resource.get("status") if isinstance(resource.get("status"), str) else None,
-        identifier=identifiers_of(resource),
+        identifier=None,  # identifiers are matched through fhir_search_index (see integration.fhir_search)
     )
     if track and subject and resource["resourceType"] in CLINICAL_TYPES:
         Store.touch(s, "patient", subject)
     return stored, created
+
+
+def store_resources(s: Session, resources: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs."""
+    subjects = [subject_of(r) for r in resources]
+    results = Store.put_resources(s, resources, subjects)
+    pairs = zip(resources, subjects, strict=True)
+    changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
+    for subject in sorted(changed):  # once per patient: one change, however many resources it touched
+        Store.touch(s, "patient", subject)
+    return results
 
 
 # Resources derived from DICOM --------------------------------------------------------------------
@@ -212,8 +243,12 @@ def patient_for_dicom(s: Session, instances: list[DicomInstance]) -> str | None:
     if not patient_id:
         return None
     match = s.scalars(
-        select(FhirResource.id)
-        .where(FhirResource.resource_type == "Patient", FhirResource.identifier.like(f"%|{patient_id} %"))
+        select(FhirSearchIndex.resource_id)
+        .where(
+            FhirSearchIndex.resource_type == "Patient",
+            FhirSearchIndex.param == "identifier",
+            FhirSearchIndex.value == patient_id,
+        )
         .limit(1)
     ).first()
     if match:

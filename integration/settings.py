@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")
     http_port: int = Field(8000, alias="MEDBRIDGE_HTTP_PORT")
     max_request_bytes: int = Field(20 * 1024 * 1024, alias="MEDBRIDGE_MAX_REQUEST_BYTES")
+    # FHIR search: Bundle.total is exact up to this many matches and left out above (_summary=count counts all)
+    fhir_exact_total_limit: int = Field(1000, alias="MEDBRIDGE_FHIR_EXACT_TOTAL_LIMIT")
 
     # Viewer
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -27,8 +28,10 @@ from sqlalchemy import (
     Text,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
@@ -132,6 +135,45 @@ class FhirResourceVersion(Base):
     version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # when this version was written (type-level _history and _since); NULL in rows older than the column
+    last_updated: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# _lastUpdated searches, the default sort and type-level _history read these without a full scan
+Index("ix_fhir_resources_type_updated", FhirResource.resource_type, FhirResource.last_updated)
+Index("ix_fhir_versions_type_updated", FhirResourceVersion.resource_type, FhirResourceVersion.last_updated)
+
+
+class FhirSearchIndex(Base):
+    """One row per indexed search-parameter value of a current resource (see integration.fhir_search).
+
+    token: (system, value) with system '' when absent; reference: (target type, target id);
+    string: value normalised (lower case, no accents); date: [date_start, date_end) in UTC.
+    Written in the same transaction as the resource, replaced on update, removed on delete.
+    """
+
+    __tablename__ = "fhir_search_index"
+    row_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                        autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    param: Mapped[str] = mapped_column(String(64))
+    system: Mapped[str | None] = mapped_column(String(256))
+    value: Mapped[str | None] = mapped_column(String(256))
+    date_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    date_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # partial indexes: a row carries a value or a date range, never both, so each row is written into
+    # two indexes rather than four (a comparison on the column implies IS NOT NULL for both planners)
+    __table_args__ = (
+        Index("ix_fhir_search_value", "resource_type", "param", "value", "system",
+              sqlite_where=text("value IS NOT NULL"), postgresql_where=text("value IS NOT NULL")),
+        Index("ix_fhir_search_date_start", "resource_type", "param", "date_start",
+              sqlite_where=text("date_start IS NOT NULL"), postgresql_where=text("date_start IS NOT NULL")),
+        Index("ix_fhir_search_date_end", "resource_type", "param", "date_end",
+              sqlite_where=text("date_end IS NOT NULL"), postgresql_where=text("date_end IS NOT NULL")),
+        Index("ix_fhir_search_resource", "resource_type", "resource_id", "param"),
+    )
 
 
 class OutboxEntry(Base):
@@ -210,6 +252,9 @@ class Store:
         else:
             # a server can drop idle connections; a local file cannot, so SQLite skips the probe
             kwargs.update(pool_size=10, pool_pre_ping=True)
+            # psycopg prepares a statement after 5 runs and PostgreSQL may then keep a generic plan, blind to
+            # the searched value: a FHIR search on a rare code and on a common one need different plans
+            kwargs["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             _enable_sqlite_wal(self.engine)
@@ -219,11 +264,31 @@ class Store:
     def start(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            versions_had_times = "last_updated" in self._columns("fhir_resource_versions")
             self._add_missing_columns()
+            self._add_new_columns(backfill_times=not versions_had_times)
         except OperationalError as exc:
             raise StoreUnavailableError(
                 f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
             ) from exc
+
+    def _columns(self, table: str) -> set[str]:
+        return {c["name"] for c in inspect(self.engine).get_columns(table)}
+
+    def _add_new_columns(self, *, backfill_times: bool) -> None:
+        """FHIR columns added after a table's first release, their values, and the search index."""
+        if "last_updated" not in self._columns("fhir_resource_versions"):
+            kind = "TIMESTAMP WITH TIME ZONE" if self.engine.dialect.name == "postgresql" else "DATETIME"
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE fhir_resource_versions ADD COLUMN last_updated {kind}")
+                conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_fhir_versions_type_updated "
+                                     "ON fhir_resource_versions (resource_type, last_updated)")
+        # resources stored before the search index existed: index them once (imported here, see put_resource)
+        from integration.fhir_search import backfill_version_times, reindex_if_empty
+
+        if backfill_times:
+            backfill_version_times(self)
+        reindex_if_empty(self)
 
     def stop(self) -> None:
         self.engine.dispose()
@@ -469,6 +534,15 @@ class Store:
         meta["versionId"] = str(version)
         meta["lastUpdated"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         content["meta"] = meta
+        # imported here: fhir_search reads the models above, and every write must be indexed
+        from integration.fhir_search import index_rows
+
+        if current is not None:
+            s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == rtype,
+                                                    FhirSearchIndex.resource_id == rid))
+        rows = index_rows(content)
+        if rows:
+            s.execute(insert(FhirSearchIndex), rows)
         if current is None:
             s.add(
                 FhirResource(
@@ -490,8 +564,67 @@ class Store:
             current.identifier = identifier
             current.deleted = False
             current.content = content
-        s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content))
+        s.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, content=content,
+                                  last_updated=now))
         return content, current is None
+
+    @staticmethod
+    def put_resources(
+        s: Session, resources: Sequence[dict[str, Any]], subject_refs: Sequence[str | None]
+    ) -> list[tuple[dict[str, Any], bool]]:
+        """``put_resource`` for many resources in one go (a transaction Bundle): one locking SELECT,
+        then multi-row INSERTs of resources, versions and index rows. Same result as calling
+        ``put_resource`` for each (without If-Match); a resource listed twice falls back to that."""
+        from integration.fhir_search import index_rows
+
+        keys = [(r["resourceType"], r["id"]) for r in resources]
+        if len(set(keys)) != len(keys):
+            return [Store.put_resource(s, r, subject_ref=ref, status=r.get("status") if isinstance(
+                r.get("status"), str) else None) for r, ref in zip(resources, subject_refs, strict=True)]
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in keys:
+            by_type.setdefault(rtype, []).append(rid)
+        current = {
+            (row.resource_type, row.id): row
+            for rtype, ids in by_type.items()
+            for row in s.scalars(
+                select(FhirResource)
+                .where(FhirResource.resource_type == rtype, FhirResource.id.in_(ids))
+                .with_for_update()
+            )
+        }
+        now = utcnow()
+        stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        new_rows, versions, index, out = [], [], [], []
+        for resource, subject_ref in zip(resources, subject_refs, strict=True):
+            rtype, rid = resource["resourceType"], resource["id"]
+            row = current.get((rtype, rid))
+            version = 1 if row is None else row.version_id + 1
+            content = {**resource, "meta": {**(resource.get("meta") or {}), "versionId": str(version),
+                                            "lastUpdated": stamp}}
+            status = content.get("status") if isinstance(content.get("status"), str) else None
+            if row is None:
+                new_rows.append({"resource_type": rtype, "id": rid, "version_id": version, "last_updated": now,
+                                 "subject_ref": subject_ref, "status": status, "identifier": None,
+                                 "deleted": False, "content": content})
+            else:
+                row.version_id, row.last_updated, row.content = version, now, content
+                row.subject_ref, row.status, row.deleted = subject_ref, status, False
+            versions.append({"resource_type": rtype, "id": rid, "version_id": version, "deleted": False,
+                             "content": content, "last_updated": now})
+            index += index_rows(content)
+            out.append((content, row is None))
+        for rtype, ids in by_type.items():
+            stale = [i for i in ids if (rtype, i) in current]
+            if stale:
+                s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == rtype,
+                                                        FhirSearchIndex.resource_id.in_(stale)))
+        s.flush()  # the ORM updates above first; then plain executemany INSERTs (no per-row ORM bookkeeping)
+        conn = s.connection()
+        for model, rows in ((FhirResource, new_rows), (FhirResourceVersion, versions), (FhirSearchIndex, index)):
+            if rows:
+                conn.execute(insert(model), rows)
+        return out
 
     @staticmethod
     def delete_resource(s: Session, resource_type: str, resource_id: str) -> int | None:
@@ -510,9 +643,12 @@ class Store:
             "meta": {"versionId": str(current.version_id), "lastUpdated": stamp},
         }
         current.content = tomb
+        s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == resource_type,
+                                                FhirSearchIndex.resource_id == resource_id))
         s.add(
             FhirResourceVersion(
-                resource_type=resource_type, id=resource_id, version_id=current.version_id, deleted=True, content=tomb
+                resource_type=resource_type, id=resource_id, version_id=current.version_id, deleted=True, content=tomb,
+                last_updated=now,
             )
         )
         return current.version_id
@@ -569,9 +705,15 @@ class Store:
         if status:
             q = q.where(FhirResource.status.in_(list(status)))
         if identifier:
-            # identifiers are stored as " system|value system|value "
-            token = identifier if "|" in identifier else f"|{identifier}"
-            q = q.where(FhirResource.identifier.like(f"% {token} %" if "|" in identifier else f"%{token} %"))
+            system, _, value = identifier.rpartition("|")
+            matches = select(FhirSearchIndex.resource_id).where(
+                FhirSearchIndex.resource_type == resource_type,
+                FhirSearchIndex.param == "identifier",
+                FhirSearchIndex.value == value,
+            )
+            if "|" in identifier:
+                matches = matches.where(FhirSearchIndex.system == system)
+            q = q.where(FhirResource.id.in_(matches))
         with self.session() as s:
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             page = s.scalars(q.order_by(FhirResource.last_updated.desc(), FhirResource.id).limit(limit).offset(offset))

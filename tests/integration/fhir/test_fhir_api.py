@@ -165,8 +165,12 @@ def test_conditional_create_twice_gives_one_resource(fhir_client: httpx.Client) 
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"]
     assert fhir_client.get("/fhir/Patient", params={"identifier": "urn:mrn|12345"}).json()["total"] == 1
-    bad = fhir_client.post("/fhir/Patient", json=patient, headers={"If-None-Exist": "name=x"})
+    bad = fhir_client.post("/fhir/Patient", json=patient, headers={"If-None-Exist": "telecom=x"})
     assert bad.status_code == 400
+    in_url = fhir_client.post("/fhir/Patient?identifier=urn:mrn|12345", json=patient)  # criteria as the query
+    assert in_url.status_code == 200 and in_url.json()["id"] == first.json()["id"]
+    bad_url = fhir_client.post("/fhir/Patient?telecom=x", json=patient)
+    assert bad_url.status_code == 400 and bad_url.json()["issue"][0]["expression"] == ["url"]
 
 
 def test_prefer_return_minimal_and_operation_outcome(fhir_client: httpx.Client) -> None:

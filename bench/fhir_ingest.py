@@ -1,0 +1,269 @@
+"""FHIR ingest and search: carebundle transaction Bundles (US Core R4, generated offline) posted over
+HTTP to the MedBridge app served by uvicorn, against the bare cost of validating the same resources
+with fhir.resources (R4B models) in the same run. Then the store is filled to --fill resources
+(direct store inserts through the same indexing code, not HTTP) and read and search latencies are
+measured over HTTP.
+
+    .venv/bin/python bench/fhir_ingest.py --bundles 40 --fill 100000
+    .venv/bin/python bench/fhir_ingest.py --database-url postgresql+psycopg://... (PostgreSQL)
+
+Targets (FHIR edge issue): ingest at no more than 2x the bare validation cost per resource; search
+p95 under 20 ms at 100,000 stored resources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import carebundle  # noqa: E402
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from integration.app import create_app  # noqa: E402
+from integration.fhir_resources import store_resources  # noqa: E402
+from integration.services import Services  # noqa: E402
+from integration.settings import Settings  # noqa: E402
+from integration.store import FhirResource, FhirSearchIndex, Store  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_bundles(n: int) -> list[dict[str, Any]]:
+    profiles = sorted(carebundle.PROFILES)
+    return [
+        json.loads(carebundle.to_json(carebundle.generate_bundle(
+            profile=profiles[i % len(profiles)], seed=1000 + i, sex="F" if i % 2 else "M", index=i)))
+        for i in range(n)
+    ]
+
+
+def bare_validation_seconds(bundles: list[dict[str, Any]], rounds: int = 3) -> float:
+    """Best of ``rounds``: fhir.resources model_validate of every entry's resource."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for b in bundles:
+            for e in b["entry"]:
+                get_fhir_model_class(e["resource"]["resourceType"]).model_validate(e["resource"])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def relabel(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bundle's resources with fresh ids and urn:uuid references rewritten to Type/id."""
+    mapping = {e["fullUrl"]: f"{e['resource']['resourceType']}/{uuid.uuid4()}" for e in bundle["entry"]}
+    text = json.dumps([e["resource"] for e in bundle["entry"]])
+    for urn, ref in mapping.items():
+        text = text.replace(f'"{urn}"', f'"{ref}"')
+    resources = json.loads(text)
+    copy_tag = uuid.uuid4().hex[:8]
+    for r, e in zip(resources, bundle["entry"], strict=True):
+        r["id"] = mapping[e["fullUrl"]].split("/", 1)[1]
+        for ident in r.get("identifier") or []:  # a copied patient is another patient: its own MRN
+            if isinstance(ident.get("value"), str):
+                ident["value"] = f"{ident['value']}-{copy_tag}"
+    return resources
+
+
+def fill(store: Store, templates: list[dict[str, Any]], target: int, have: int) -> tuple[int, float]:
+    """Insert copies of the template bundles (fresh ids) until ``target`` resources are stored."""
+    t0 = time.perf_counter()
+    count = have
+    i = 0
+    while count < target:
+        resources = relabel(templates[i % len(templates)])[: target - count]
+        with store.session() as s:
+            store_resources(s, resources)
+        count += len(resources)
+        i += 1
+    return count - have, time.perf_counter() - t0
+
+
+def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per stage of the transaction path, run in-process on fresh copies of the bundles (the HTTP
+    server runs in another thread, out of a profiler's sight): JSON parsing, preparation (validation,
+    reference resolution and checks), the writes, the commit."""
+    from integration.fhir_bundles import prepare_entries, write_entries
+
+    stages = {"json": 0.0, "validate (model_validate)": 0.0, "prepare (refs, bindings, checks)": 0.0,
+              "write (SQL)": 0.0, "commit": 0.0}
+    for bundle in bundles:
+        body = json.dumps(bundle).encode()
+        t = time.perf_counter()
+        data = json.loads(body)
+        stages["json"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for e in data["entry"]:
+            get_fhir_model_class(e["resource"]["resourceType"]).model_validate(e["resource"])
+        stages["validate (model_validate)"] += time.perf_counter() - t  # prepare validates again: subtracted below
+        with store.session() as s:
+            t = time.perf_counter()
+            prepared = prepare_entries(s, data["entry"])
+            stages["prepare (refs, bindings, checks)"] += time.perf_counter() - t
+            t = time.perf_counter()
+            write_entries(s, prepared)
+            s.flush()
+            stages["write (SQL)"] += time.perf_counter() - t
+            t = time.perf_counter()
+        stages["commit"] += time.perf_counter() - t
+    stages["prepare (refs, bindings, checks)"] -= stages["validate (model_validate)"]
+    return stages
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def timed(client: httpx.Client, url: str, params: Any = None) -> float:
+    t0 = time.perf_counter()
+    r = client.get(url, params=params)
+    elapsed = (time.perf_counter() - t0) * 1000
+    if r.status_code != 200:
+        raise RuntimeError(f"{url} {params}: {r.status_code} {r.text[:300]}")
+    return elapsed
+
+
+def ingest_phase(store: Store, base: str, bundles: list[dict[str, Any]], profile: bool) -> None:
+    """Post the bundles over HTTP; compare with bare validation; break the time down by stage."""
+    n_resources = sum(len(b["entry"]) for b in bundles)
+    bodies = [json.dumps(b).encode() for b in bundles]
+
+    validation = bare_validation_seconds(bundles)
+    latencies = []
+    with httpx.Client(timeout=120, headers={"Content-Type": "application/fhir+json"}) as client:
+        client.post(base, content=bodies[0])  # warm-up (not counted): imports, first connections
+        t0 = time.perf_counter()
+        for body in bodies:
+            t = time.perf_counter()
+            r = client.post(base, content=body)
+            latencies.append((time.perf_counter() - t) * 1000)
+            if r.status_code != 200:
+                raise RuntimeError(f"transaction refused: {r.status_code} {r.text[:500]}")
+        ingest = time.perf_counter() - t0
+    per_val = validation / n_resources * 1e6
+    per_ingest = ingest / n_resources * 1e6
+    print(f"\ningest: {len(bundles)} transaction bundles, {n_resources} resources")
+    print(f"  bare fhir.resources validation: {per_val:8.0f} us/resource")
+    print(f"  MedBridge over HTTP:            {per_ingest:8.0f} us/resource = {n_resources / ingest:6.0f} resources/s"
+          f"  (bundle p50 {pct(latencies, 50):.0f} ms, p95 {pct(latencies, 95):.0f} ms)")
+    print(f"  ratio: {per_ingest / per_val:.2f}x (target <= 2x)")
+    stages = stage_breakdown(store, bundles)
+    total_stages = sum(stages.values())
+    print("  where the time goes (same bundles again, in-process, us/resource):")
+    for name, seconds in stages.items():
+        print(f"    {name:36s} {seconds / n_resources * 1e6:7.0f}")
+    print(f"    {'in-process total':36s} {total_stages / n_resources * 1e6:7.0f}  (over HTTP above: "
+          f"{per_ingest:.0f}; the difference is HTTP, routing and the response, give or take the noise)")
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        stage_breakdown(store, bundles)
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+        print(out.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", type=int, default=40, help="carebundle transaction bundles to post")
+    ap.add_argument("--fill", type=int, default=100_000, help="stored resources for the read/search phase")
+    ap.add_argument("--queries", type=int, default=200, help="requests per read/search kind")
+    ap.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
+    ap.add_argument("--profile", action="store_true", help="also cProfile the in-process transaction path")
+    ap.add_argument("--skip-ingest", action="store_true",
+                    help="only fill (if needed) and measure read/search, e.g. again on a --database-url already filled")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
+    url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
+    store = Store(url)
+    store.start()
+    settings = Settings(data_dir=tmp, database_url=url, viewer_enabled=False)  # type: ignore[call-arg]
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}/fhir"
+    print(f"store: {store.engine.dialect.name}; generating {args.bundles} carebundle transaction bundles ...")
+    bundles = make_bundles(args.bundles)
+    if not args.skip_ingest:
+        ingest_phase(store, base, bundles, args.profile)
+    with store.session() as s:
+        have = s.scalar(select(func.count()).select_from(FhirResource)) or 0  # the warm-up bundle counts too
+    added, fill_s = fill(store, bundles, args.fill, have)
+    print(f"\nfill: {added} resources by direct store inserts in {fill_s:.1f} s ({added / max(fill_s, 1e-9):.0f}/s)"
+          f"; {have + added} stored")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")  # planner statistics, as autovacuum / a DBA would have them
+
+    with store.session() as s:
+
+        def sample(rtype: str, k: int) -> list[str]:
+            return list(s.scalars(select(FhirResource.id).where(FhirResource.resource_type == rtype).limit(k * 50)))
+
+        patients = random.Random(7).sample(sample("Patient", args.queries), args.queries)
+        observations = random.Random(8).sample(sample("Observation", args.queries), args.queries)
+        codes = [c for c in s.scalars(select(FhirSearchIndex.value).where(
+            FhirSearchIndex.resource_type == "Observation", FhirSearchIndex.param == "code").distinct().limit(50))]
+        idents = list(s.execute(select(FhirSearchIndex.system, FhirSearchIndex.value).where(
+            FhirSearchIndex.resource_type == "Patient", FhirSearchIndex.param == "identifier").limit(args.queries)))
+    rng = random.Random(9)
+    kinds: dict[str, Any] = {
+        "floor: GET /health (HTTP + one SELECT 1)": lambda i: (f"http://127.0.0.1:{port}/health", None),
+        "read Observation/{id}": lambda i: (f"{base}/Observation/{observations[i]}", None),
+        "Observation?patient": lambda i: (f"{base}/Observation", {"patient": f"Patient/{patients[i]}"}),
+        "Observation?patient&code&date=ge": lambda i: (f"{base}/Observation", {
+            "patient": f"Patient/{patients[i]}", "code": rng.choice(codes), "date": "ge2020-01-01"}),
+        "Observation?code (_count=20)": lambda i: (f"{base}/Observation", {"code": rng.choice(codes), "_count": 20}),
+        "Condition?patient": lambda i: (f"{base}/Condition", {"patient": patients[i]}),
+        "Patient?identifier": lambda i: (f"{base}/Patient", {"identifier": "|".join(idents[i % len(idents)])}),
+        "DiagnosticReport?patient&_include": lambda i: (f"{base}/DiagnosticReport", [
+            ("patient", f"Patient/{patients[i]}"), ("_include", "DiagnosticReport:result")]),
+        "Encounter?patient&date=ge&_sort=-date": lambda i: (f"{base}/Encounter", {
+            "patient": f"Patient/{patients[i]}", "date": "ge2015", "_sort": "-date"}),
+    }
+    print(f"\nread and search over HTTP at {have + added} resources ({args.queries} requests each):")
+    print(f"  {'request':44s} {'p50 ms':>7s} {'p95 ms':>7s}")
+    all_search: list[float] = []
+    with httpx.Client(timeout=60) as client:
+        for name, make in kinds.items():
+            for i in range(5):
+                timed(client, *make(i))  # warm-up
+            times = [timed(client, *make(i)) for i in range(args.queries)]
+            if not name.startswith(("read", "floor")):
+                all_search += times
+            print(f"  {name:44s} {pct(times, 50):7.1f} {pct(times, 95):7.1f}")
+    print(f"  {'all searches':44s} {pct(all_search, 50):7.1f} {pct(all_search, 95):7.1f}  (target p95 < 20 ms)")
+    server.should_exit = True
+    thread.join(10)
+    store.stop()
+
+
+if __name__ == "__main__":
+    main()

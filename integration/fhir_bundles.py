@@ -1,0 +1,196 @@
+"""Transaction and batch Bundle entries: validation, conditional entries (``ifNoneExist``, conditional
+``PUT`` URLs), ids, ``urn:uuid`` resolution, reference targets, and the writes.
+
+``prepare_entries`` refuses with InvalidResourceError naming ``Bundle.entry[i]...``; ``write_entries``
+stores what it prepared. Both take the session of the one database transaction a Bundle runs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from integration import fhir_search
+from integration.errors import InvalidResourceError
+from integration.fhir_resources import new_id, resource_model, store_resources, validate_resource
+from integration.store import FhirResource
+
+
+def _rewrite_references(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "reference" and isinstance(v, str) and v in mapping:
+                out[k] = mapping[v]
+            else:
+                out[k] = _rewrite_references(v, mapping)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_references(v, mapping) for v in node]
+    return node
+
+
+def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | None, str | None]:
+    """(method, resource type, id from URL, conditional criteria) of a Bundle entry's request."""
+    req = entry.get("request") or {}
+    if not isinstance(req, dict):
+        raise InvalidResourceError([(f"Bundle.entry[{index}].request", "request must be an object")], 400)
+    method = str(req.get("method", "")).upper()
+    url = req.get("url")
+    if method not in {"POST", "PUT"}:
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{index}].request.method", f"method '{method or '?'}' is not supported in bundles")], 400
+        )
+    if not isinstance(url, str) or not url.strip("/"):
+        raise InvalidResourceError([(f"Bundle.entry[{index}].request.url", "request.url is required")], 400)
+    path, _, criteria = url.partition("?")
+    parts = [p for p in path.split("/") if p]
+    if method == "POST":
+        condition = req.get("ifNoneExist")
+        if condition is not None and not isinstance(condition, str):
+            raise InvalidResourceError([(f"Bundle.entry[{index}].request.ifNoneExist", "must be a string")], 400)
+        return method, parts[0], None, condition or None
+    if len(parts) == 1 and criteria:
+        return method, parts[0], None, criteria
+    if len(parts) != 2:
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{index}].request.url", "a PUT url is Type/id or Type?search-criteria")], 400
+        )
+    return method, parts[0], parts[1], None
+
+
+def _resolve_conditional(s: Session, index: int, rtype: str, criteria: str, field: str) -> list[str]:
+    try:
+        return fhir_search.matching_ids(s, rtype, criteria)
+    except InvalidResourceError as exc:
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{index}].request.{field}", m) for _, m in exc.issues], 400
+        ) from None
+
+
+def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = True) -> list[dict[str, Any]]:
+    """Validate every entry, resolve conditional entries and assign ids; resolve urn:uuid references
+    between entries; refuse references to resources that are neither in the bundle nor stored.
+
+    Returns dicts with ``resource``, ``index`` and ``existing`` (an ifNoneExist entry that matched:
+    nothing to write). Runs inside session ``s`` so that the lookups see what the writes will see.
+    """
+    prepared: list[dict[str, Any]] = []
+    mapping: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            raise InvalidResourceError([(f"Bundle.entry[{i}].resource", "each entry needs a resource")], 400)
+        method, rtype, url_id, criteria = _entry_target(entry, i)
+        resource = entry["resource"]
+        if resource.get("resourceType") != rtype:
+            raise InvalidResourceError(
+                [
+                    (
+                        f"Bundle.entry[{i}].resource.resourceType",
+                        f"entry is a {resource.get('resourceType')}, request.url names {rtype}",
+                    )
+                ],
+                400,
+            )
+        resource_model(rtype)
+        existing = False
+        if criteria is not None:
+            field = "ifNoneExist" if method == "POST" else "url"
+            matches = _resolve_conditional(s, i, rtype, criteria, field)
+            if len(matches) > 1:
+                raise InvalidResourceError([(f"Bundle.entry[{i}].request.{field}", "more than one match")], 412)
+            if method == "POST":
+                existing = bool(matches)
+                rid = matches[0] if matches else new_id()
+            else:
+                rid = matches[0] if matches else (resource.get("id") or new_id())
+        else:
+            rid = url_id if method == "PUT" and url_id else new_id()
+        full_url = entry.get("fullUrl")
+        if isinstance(full_url, str) and full_url:
+            mapping[full_url] = f"{rtype}/{rid}"
+        prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing})
+    for p in prepared:
+        p["resource"] = _rewrite_references(p["resource"], mapping)
+        try:
+            validate_resource(p["resource"])
+        except InvalidResourceError as exc:
+            exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
+            raise
+        unresolved = _unresolved_urns(p["resource"])
+        if unresolved:
+            raise InvalidResourceError(
+                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved} matches no entry's fullUrl")], 400
+            )
+    if check_targets:
+        _check_reference_targets(s, prepared)
+    return prepared
+
+
+def _references(node: Any, path: str) -> list[tuple[str, str]]:
+    """(FHIRPath-like location, reference) of every relative Type/id reference inside ``node``."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and "://" not in ref and not ref.startswith(("#", "urn:")):
+            found.append((f"{path}.reference", ref))
+        for k, v in node.items():
+            if k not in ("reference", "contained"):
+                found += _references(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _references(v, f"{path}[{i}]")
+    return found
+
+
+def _check_reference_targets(s: Session, prepared: list[dict[str, Any]]) -> None:
+    """A transaction may only point at resources it writes or that are stored (and not deleted)."""
+    in_bundle = {(p["resource"]["resourceType"], p["resource"]["id"]) for p in prepared}
+    wanted: dict[tuple[str, str], str] = {}
+    for p in prepared:
+        for where, ref in _references(p["resource"], f"Bundle.entry[{p['index']}].resource"):
+            parts = ref.split("/_history")[0].split("/")
+            if len(parts) != 2 or not parts[0][:1].isupper():
+                raise InvalidResourceError([(where, f"'{ref}' is not a Type/id reference")], 422)
+            key = (parts[0], parts[1])
+            if key not in in_bundle:
+                wanted.setdefault(key, where)
+    if not wanted:
+        return
+    stored = fhir_search.existing_resources(s, list(wanted))
+    missing = [(where, f"{t}/{i} is neither in this bundle nor stored") for (t, i), where in wanted.items()
+               if (t, i) not in stored]
+    if missing:
+        raise InvalidResourceError(missing[:20], 422)
+
+
+def _unresolved_urns(node: Any) -> str | None:
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref.startswith("urn:uuid:"):
+            return ref
+        for v in node.values():
+            found = _unresolved_urns(v)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for v in node:
+            found = _unresolved_urns(v)
+            if found:
+                return found
+    return None
+
+
+def write_entries(s: Session, prepared: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """Write the prepared entries (multi-row INSERTs): (stored content, created) in the bundle's order;
+    an ifNoneExist entry that matched gives the current resource, not created."""
+    written = iter(store_resources(s, [p["resource"] for p in prepared if not p["existing"]]))
+    out = []
+    for p in prepared:
+        if p["existing"]:
+            current = s.get(FhirResource, (p["resource"]["resourceType"], p["resource"]["id"]))
+            out.append((current.content if current is not None else p["resource"], False))
+        else:
+            out.append(next(written))
+    return out

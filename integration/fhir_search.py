@@ -1,0 +1,740 @@
+"""FHIR search: the registry of search parameters, their index, and the queries that use it.
+
+One registry (``REGISTRY``) drives three things:
+
+* indexing: ``index_rows(resource)`` turns a resource into ``fhir_search_index`` rows, written by
+  ``Store.put_resource`` in the same transaction as the resource;
+* searching: ``parse_search`` turns a query string into a ``SearchQuery`` (or refuses it, naming the
+  parameter), and ``run_search`` executes it with SQL that the composite indexes serve;
+* the CapabilityStatement: ``integration.fhir_api`` lists each type's parameters from here.
+
+Value semantics follow FHIR R4 search (https://hl7.org/fhir/R4/search.html): comma = OR within one
+parameter, a repeated parameter = AND; dates are ranges ([start, end), UTC) matched with the
+eq/ne/gt/lt/ge/le/sa/eb/ap prefixes; tokens are ``system|code``, ``code``, ``system|`` or ``|code``;
+strings match case- and accent-insensitively from the start.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from sqlalchemy import ColumnElement, Select, and_, func, insert, not_, or_, select
+from sqlalchemy.orm import Session
+
+from integration.errors import InvalidResourceError
+from integration.store import FhirResource, FhirResourceVersion, FhirSearchIndex, Store
+
+ParamType = Literal["token", "reference", "date", "string"]
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """A search parameter: ``paths`` are dotted element paths (lists are walked through);
+    ``targets`` restricts a reference parameter to those resource types (empty: any)."""
+
+    name: str
+    type: ParamType
+    paths: tuple[str, ...]
+    targets: tuple[str, ...] = ()
+    documentation: str = ""
+
+
+def _p(name: str, ptype: ParamType, *paths: str, targets: tuple[str, ...] = ()) -> SearchParam:
+    return SearchParam(name, ptype, paths, targets)
+
+
+def _common(*, subject: bool = True, encounter: bool = True) -> list[SearchParam]:
+    params = [_p("identifier", "token", "identifier")]
+    if subject:
+        params += [_p("patient", "reference", "subject", targets=("Patient",)), _p("subject", "reference", "subject")]
+    if encounter:
+        params.append(_p("encounter", "reference", "encounter", targets=("Encounter",)))
+    return params
+
+
+# Parameters per resource type (names and paths from the R4 search parameter registry).
+REGISTRY: dict[str, dict[str, SearchParam]] = {
+    rtype: {p.name: p for p in params}
+    for rtype, params in {
+        "Patient": [
+            _p("identifier", "token", "identifier"),
+            _p("gender", "token", "gender"),
+            _p("birthdate", "date", "birthDate"),
+            _p("name", "string", "name.family", "name.given", "name.text", "name.prefix", "name.suffix"),
+            _p("family", "string", "name.family"),
+            _p("given", "string", "name.given"),
+            _p("active", "token", "active"),
+        ],
+        "Encounter": [
+            *_common(encounter=False),
+            _p("status", "token", "status"),
+            _p("class", "token", "class"),
+            _p("type", "token", "type"),
+            _p("date", "date", "period"),
+        ],
+        "Condition": [
+            *_common(),
+            _p("code", "token", "code"),
+            _p("clinical-status", "token", "clinicalStatus"),
+            _p("verification-status", "token", "verificationStatus"),
+            _p("category", "token", "category"),
+            _p("onset-date", "date", "onsetDateTime", "onsetPeriod"),
+            _p("recorded-date", "date", "recordedDate"),
+        ],
+        "Observation": [
+            *_common(),
+            _p("code", "token", "code"),
+            _p("status", "token", "status"),
+            _p("category", "token", "category"),
+            _p("date", "date", "effectiveDateTime", "effectivePeriod", "effectiveInstant"),
+        ],
+        "DiagnosticReport": [
+            *_common(),
+            _p("code", "token", "code"),
+            _p("status", "token", "status"),
+            _p("category", "token", "category"),
+            _p("date", "date", "effectiveDateTime", "effectivePeriod"),
+            _p("issued", "date", "issued"),
+            _p("result", "reference", "result", targets=("Observation",)),
+            _p("imaging-study", "reference", "imagingStudy", targets=("ImagingStudy",)),
+        ],
+        "ImagingStudy": [
+            *_common(),
+            _p("status", "token", "status"),
+            _p("modality", "token", "modality"),
+            _p("started", "date", "started"),
+            _p("basedon", "reference", "basedOn", targets=("ServiceRequest",)),
+        ],
+        "DocumentReference": [
+            *_common(encounter=False),
+            _p("encounter", "reference", "context.encounter", targets=("Encounter",)),
+            _p("status", "token", "status"),
+            _p("type", "token", "type"),
+            _p("category", "token", "category"),
+            _p("date", "date", "date"),
+        ],
+        "MedicationRequest": [
+            *_common(),
+            _p("code", "token", "medicationCodeableConcept"),
+            _p("status", "token", "status"),
+            _p("intent", "token", "intent"),
+            _p("category", "token", "category"),
+            _p("authoredon", "date", "authoredOn"),
+        ],
+        "AllergyIntolerance": [
+            _p("identifier", "token", "identifier"),
+            _p("patient", "reference", "patient", targets=("Patient",)),
+            _p("code", "token", "code"),
+            _p("clinical-status", "token", "clinicalStatus"),
+            _p("verification-status", "token", "verificationStatus"),
+            _p("category", "token", "category"),
+            _p("criticality", "token", "criticality"),
+            _p("date", "date", "recordedDate"),
+        ],
+        "Procedure": [
+            *_common(),
+            _p("code", "token", "code"),
+            _p("status", "token", "status"),
+            _p("category", "token", "category"),
+            _p("date", "date", "performedDateTime", "performedPeriod"),
+        ],
+        "ServiceRequest": [
+            *_common(),
+            _p("code", "token", "code"),
+            _p("status", "token", "status"),
+            _p("intent", "token", "intent"),
+            _p("category", "token", "category"),
+            _p("authored", "date", "authoredOn"),
+        ],
+    }.items()
+}
+
+# Parameters every type has; they read columns of fhir_resources rather than the index.
+COMMON_PARAMS: dict[str, ParamType] = {"_id": "token", "_lastUpdated": "date"}
+# Result parameters this server implements (anything else starting with '_' is reported as unsupported).
+RESULT_PARAMS = ("_count", "_offset", "_sort", "_include", "_summary", "_format")
+SUMMARY_VALUES = ("count",)
+DEFAULT_COUNT = 50
+MAX_COUNT = 500
+
+
+def params_for(resource_type: str) -> dict[str, SearchParam]:
+    """The indexed search parameters of a type ({} for types outside the registry: only _id/_lastUpdated)."""
+    return REGISTRY.get(resource_type, {})
+
+
+def include_values(resource_type: str) -> list[str]:
+    """The ``_include`` values a type supports: every reference parameter."""
+    return [f"{resource_type}:{p.name}" for p in params_for(resource_type).values() if p.type == "reference"]
+
+
+def sort_values(resource_type: str) -> list[str]:
+    return ["_id", "_lastUpdated", *(p.name for p in params_for(resource_type).values() if p.type == "date")]
+
+
+# Indexing -----------------------------------------------------------------------------------------
+_DATE_RE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+MIN_DATE = datetime(1, 1, 1, tzinfo=UTC)
+MAX_DATE = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def date_range(text: str) -> tuple[datetime, datetime]:
+    """The UTC range [start, end) a FHIR date, dateTime or instant denotes: '2020' is the whole year,
+    '2020-03-01T10:00:00Z' one second. A time without zone is taken as UTC. ValueError if malformed."""
+    m = _DATE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"'{text}' is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss[Z|+hh:mm])")
+    g = m.groupdict()
+    year = int(g["y"])
+    if g["m"] is None:
+        start = datetime(year, 1, 1, tzinfo=UTC)
+        end = datetime(year + 1, 1, 1, tzinfo=UTC) if year < 9999 else MAX_DATE
+        return start, end
+    month = int(g["m"])
+    if g["d"] is None:
+        start = datetime(year, month, 1, tzinfo=UTC)
+        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC) if year < 9999 or month < 12 else MAX_DATE
+        return start, end
+    day = datetime(year, month, int(g["d"]), tzinfo=UTC)
+    if g["H"] is None:
+        return day, day + timedelta(days=1)
+    tz = UTC
+    if g["tz"] and g["tz"] != "Z":
+        sign = 1 if g["tz"][0] == "+" else -1
+        hours, minutes = int(g["tz"][1:3]), int(g["tz"][4:6])
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    start = datetime(year, month, int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), tzinfo=tz)
+    if g["f"]:
+        start += timedelta(microseconds=round(float(g["f"]) * 1_000_000))
+        step = timedelta(milliseconds=1)
+    else:
+        step = timedelta(seconds=1) if g["S"] else timedelta(minutes=1)
+    start = start.astimezone(UTC)
+    return start, start + step
+
+
+def normalise_string(text: str) -> str:
+    """Case- and accent-insensitive form used to index and match string parameters."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).lower().split())
+
+
+def _walk(node: Any, path: Sequence[str]) -> Iterable[Any]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, path)
+        return
+    if not path:
+        if node is not None:
+            yield node
+        return
+    if isinstance(node, dict):
+        yield from _walk(node.get(path[0]), path[1:])
+
+
+def _reference_target(ref: str) -> tuple[str, str] | None:
+    """('Patient', 'x') for 'Patient/x', '…/fhir/Patient/x' or '…/Patient/x/_history/2'; None otherwise."""
+    if ref.startswith(("urn:", "#")):
+        return None
+    parts = [p for p in ref.split("?")[0].split("/") if p]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2][:1].isupper():
+        return parts[-2], parts[-1]
+    return None
+
+
+def _values(param: SearchParam, node: Any) -> Iterable[tuple[str | None, str | None, datetime | None, datetime | None]]:
+    """(system, value, date_start, date_end) index entries of one element value."""
+    if param.type == "token":
+        if isinstance(node, bool):
+            yield "", "true" if node else "false", None, None
+        elif isinstance(node, str):
+            yield "", node, None, None
+        elif isinstance(node, dict):
+            if "coding" in node or "text" in node and "code" not in node and "value" not in node:
+                for coding in node.get("coding") or []:
+                    yield from _values(param, coding)
+            elif isinstance(node.get("code"), str):  # Coding
+                yield str(node.get("system") or ""), node["code"], None, None
+            elif isinstance(node.get("value"), str):  # Identifier
+                yield str(node.get("system") or ""), node["value"], None, None
+    elif param.type == "reference":
+        if isinstance(node, dict) and isinstance(node.get("reference"), str):
+            target = _reference_target(node["reference"])
+            if target and (not param.targets or target[0] in param.targets):
+                yield target[0], target[1], None, None
+    elif param.type == "date":
+        try:
+            if isinstance(node, str):
+                start, end = date_range(node)
+                yield None, None, start, end
+            elif isinstance(node, dict) and ("start" in node or "end" in node):  # Period
+                start = date_range(node["start"])[0] if isinstance(node.get("start"), str) else MIN_DATE
+                end = date_range(node["end"])[1] if isinstance(node.get("end"), str) else MAX_DATE
+                yield None, None, start, end
+        except ValueError:
+            return  # validated content never gets here; an unparsable date is simply not indexed
+    elif param.type == "string" and isinstance(node, str):
+        yield None, normalise_string(node)[:256], None, None
+
+
+def index_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``fhir_search_index`` rows of a resource (deduplicated), per the registry."""
+    rtype, rid = resource["resourceType"], resource["id"]
+    seen: set[tuple[Any, ...]] = set()
+    rows = []
+    for param in params_for(rtype).values():
+        for path in param.paths:
+            for node in _walk(resource, path.split(".")):
+                for system, value, start, end in _values(param, node):
+                    key = (param.name, system, value, start, end)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    rows.append(
+                        {
+                            "resource_type": rtype,
+                            "resource_id": rid,
+                            "param": param.name,
+                            "system": system[:256] if system is not None else None,
+                            "value": value[:256] if value is not None else None,
+                            "date_start": start,
+                            "date_end": end,
+                        }
+                    )
+    return rows
+
+
+# Parsing ------------------------------------------------------------------------------------------
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+
+
+@dataclass
+class SearchQuery:
+    """A parsed search: ``where`` clauses on fhir_resources, paging, sort, includes, and what was ignored."""
+
+    resource_type: str
+    where: list[ColumnElement[bool]] = field(default_factory=list)  # on fhir_resources' own columns
+    # conditions on fhir_search_index rows: (selectivity rank, parameter, condition); see clauses()
+    indexed: list[tuple[int, str, ColumnElement[bool]]] = field(default_factory=list)
+    count: int = DEFAULT_COUNT
+    offset: int = 0
+    sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
+    includes: list[SearchParam] = field(default_factory=list)
+    summary_count: bool = False
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (parameter, why)
+
+    def clauses(self, *, drive: bool = True) -> list[ColumnElement[bool]]:
+        """WHERE clauses on fhir_resources. The most selective index condition (tokens and references
+        before strings before dates) drives the query as ``id IN (index lookup)``; the others are
+        correlated EXISTS probes of each candidate's own index rows, so a broad condition such as
+        ``date=ge2000`` never materialises every matching id. ``drive=False`` makes them all probes,
+        for walking the resources in _lastUpdated order (see run_search)."""
+        out = list(self.where)
+        for n, (_, name, cond) in enumerate(sorted(self.indexed, key=lambda c: c[0])):
+            base = (FhirSearchIndex.resource_type == self.resource_type, FhirSearchIndex.param == name, cond)
+            if n == 0 and drive:
+                out.append(FhirResource.id.in_(select(FhirSearchIndex.resource_id).where(*base)))
+            else:
+                out.append(select(FhirSearchIndex.row_id).where(
+                    FhirSearchIndex.resource_id == FhirResource.id, *base).exists())
+        return out
+
+
+def _refuse(param: str, message: str) -> InvalidResourceError:
+    return InvalidResourceError([(param, message)], 400)
+
+
+_RANK = {"token": 0, "reference": 0, "string": 1, "date": 2}
+
+
+def _token_cond(raw: str) -> ColumnElement[bool]:
+    if "|" not in raw:
+        return FhirSearchIndex.value == raw
+    system, _, code = raw.partition("|")
+    if not code:  # value IS NOT NULL lets the (partial) value index serve it
+        return and_(FhirSearchIndex.value.is_not(None), FhirSearchIndex.system == system)
+    return and_(FhirSearchIndex.value == code, FhirSearchIndex.system == system)
+
+
+def _reference_cond(param: SearchParam, raw: str) -> ColumnElement[bool]:
+    target = _reference_target(raw)
+    if target:
+        if param.targets and target[0] not in param.targets:
+            raise _refuse(param.name, f"{param.name} refers to {'/'.join(param.targets)}, not {target[0]}")
+        return and_(FhirSearchIndex.value == target[1], FhirSearchIndex.system == target[0])
+    if "/" in raw or not raw:
+        raise _refuse(param.name, f"'{raw}' is not a reference (Type/id or id)")
+    if len(param.targets) == 1:
+        return and_(FhirSearchIndex.value == raw, FhirSearchIndex.system == param.targets[0])
+    return FhirSearchIndex.value == raw
+
+
+def _split_prefix(raw: str) -> tuple[str, str]:
+    if raw[:2] in PREFIXES and raw[2:3].isdigit():
+        return raw[:2], raw[2:]
+    return "eq", raw
+
+
+def _date_cond(name: str, raw: str, start_col: Any, end_col: Any) -> ColumnElement[bool]:
+    """Range semantics of FHIR date search: the value's range [ps, pe) against the target's [rs, re)."""
+    prefix, value = _split_prefix(raw)
+    try:
+        ps, pe = date_range(value)
+    except ValueError as exc:
+        raise _refuse(name, str(exc)) from None
+    if prefix == "eq":
+        return and_(start_col >= ps, end_col <= pe)
+    if prefix == "ne":
+        return not_(and_(start_col >= ps, end_col <= pe))
+    if prefix == "gt":
+        return end_col > pe
+    if prefix == "lt":
+        return start_col < ps
+    if prefix == "ge":
+        return end_col > ps
+    if prefix == "le":
+        return start_col < pe
+    if prefix == "sa":
+        return start_col >= pe
+    if prefix == "eb":
+        return end_col <= ps
+    # ap: overlap with the value widened by 10% of its distance from now (at least a day)
+    now = datetime.now(UTC)
+    slack = max(abs(now - ps) / 10, timedelta(days=1))
+    return and_(start_col < pe + slack, end_col > ps - slack)
+
+
+def _string_cond(raw: str) -> ColumnElement[bool]:
+    needle = normalise_string(raw)
+    if not needle:
+        return FhirSearchIndex.value.is_not(None)
+    upper = needle[:-1] + chr(ord(needle[-1]) + 1)
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    # the range lets the index serve the prefix match; LIKE keeps it exact under any collation
+    return and_(FhirSearchIndex.value >= needle, FhirSearchIndex.value < upper,
+                FhirSearchIndex.value.like(f"{escaped}%", escape="\\"))
+
+
+def _one_param(q: SearchQuery, name: str, raw: str) -> None:
+    """Add the condition of one ``name=raw`` pair to ``q`` (comma-separated values are ORed)."""
+    rtype = q.resource_type
+    values = [v for v in raw.split(",")]
+    if any(not v for v in values):
+        raise _refuse(name, f"{name} has an empty value")
+    if name == "_id":
+        q.where.append(FhirResource.id.in_(values))
+        return
+    if name == "_lastUpdated":
+        q.where.append(or_(*(_last_updated_cond(name, v) for v in values)))
+        return
+    param = params_for(rtype)[name]
+    if param.type == "token":
+        cond = or_(*(_token_cond(v) for v in values))
+    elif param.type == "reference":
+        cond = or_(*(_reference_cond(param, v) for v in values))
+    elif param.type == "string":
+        cond = or_(*(_string_cond(v) for v in values))
+    else:
+        cond = or_(*(_date_cond(name, v, FhirSearchIndex.date_start, FhirSearchIndex.date_end) for v in values))
+    q.indexed.append((_RANK[param.type], name, cond))
+
+
+def _last_updated_cond(name: str, raw: str) -> ColumnElement[bool]:
+    """_lastUpdated compares the stored instant (a point) with the value's range, on the indexed column."""
+    prefix, value = _split_prefix(raw)
+    try:
+        ps, pe = date_range(value)
+    except ValueError as exc:
+        raise _refuse(name, str(exc)) from None
+    col = FhirResource.last_updated
+    match prefix:
+        case "eq" | "ap":
+            return and_(col >= ps, col < pe)
+        case "ne":
+            return or_(col < ps, col >= pe)
+        case "gt" | "sa":
+            return col >= pe
+        case "lt" | "eb":
+            return col < ps
+        case "ge":
+            return col >= ps
+        case _:  # le
+            return col < pe
+
+
+def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchQuery:
+    """Parse query parameters into a SearchQuery.
+
+    Unknown parameters, modifiers and result parameters are collected in ``ignored`` (lenient) or
+    refused with InvalidResourceError 400 naming the parameter (strict). Malformed values of known
+    parameters are always refused (400).
+    """
+    q = SearchQuery(resource_type)
+    known = params_for(resource_type)
+    for key, raw in items:
+        name, _, modifier = key.partition(":")
+        if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
+            q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
+        elif name in ("_count", "_offset"):
+            if not raw.isdigit():
+                raise _refuse(name, f"{name} must be a non-negative integer")
+            if name == "_count":
+                q.count = min(int(raw), MAX_COUNT)
+                q.summary_count = q.summary_count or q.count == 0
+            else:
+                q.offset = int(raw)
+        elif name == "_format":
+            if raw not in ("json", "application/json", "application/fhir+json"):
+                raise InvalidResourceError([(name, "only JSON is supported (_format=json)")], 406)
+        elif name == "_summary" and raw in SUMMARY_VALUES:
+            q.summary_count = True
+        elif name == "_sort":
+            for term in raw.split(","):
+                desc = term.startswith("-")
+                field_name = term.lstrip("-")
+                if field_name not in sort_values(resource_type):
+                    q.ignored.append((key, f"sorting by '{field_name}' is not supported"))
+                    continue
+                q.sort.append((field_name, desc))
+        elif name == "_include":
+            parts = raw.split(":")
+            param = known.get(parts[1]) if len(parts) in (2, 3) and parts[0] == resource_type else None
+            if param is None or param.type != "reference" or (len(parts) == 3 and parts[2] not in param.targets):
+                q.ignored.append((key, f"_include={raw} is not supported; supported: "
+                                       f"{', '.join(include_values(resource_type)) or 'none'}"))
+                continue
+            q.includes.append(param)
+        elif name in COMMON_PARAMS or name in known:
+            _one_param(q, name, raw)
+        else:
+            q.ignored.append((key, f"search parameter '{key}' is not supported"))
+    if strict and q.ignored:
+        raise InvalidResourceError([(p, why) for p, why in q.ignored], 400)
+    return q
+
+
+# Execution ----------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    total: int | None  # None: more matches than the exact-count limit
+    matches: list[dict[str, Any]]
+    included: list[dict[str, Any]]
+    has_next: bool = False
+
+
+def _sort_key(rtype: str, name: str, desc: bool) -> list[Any]:
+    if name == "_id":
+        return [FhirResource.id.desc() if desc else FhirResource.id]
+    if name == "_lastUpdated":
+        return [FhirResource.last_updated.desc() if desc else FhirResource.last_updated]
+    agg = func.max(FhirSearchIndex.date_end) if desc else func.min(FhirSearchIndex.date_start)
+    key = (
+        select(agg)
+        .where(FhirSearchIndex.resource_type == rtype, FhirSearchIndex.resource_id == FhirResource.id,
+               FhirSearchIndex.param == name)
+        .scalar_subquery()
+    )
+    return [key.desc().nulls_last() if desc else key.asc().nulls_last()]
+
+
+def search_statement(q: SearchQuery, *, drive: bool = True) -> Select[Any]:
+    """The SELECT of the matching current resources, without paging or order."""
+    return select(FhirResource).where(
+        FhirResource.resource_type == q.resource_type, FhirResource.deleted.is_(False), *q.clauses(drive=drive)
+    )
+
+
+# Above this many matches, a page in the default order (newest first) is found by walking the
+# (resource_type, last_updated) index and probing each resource, instead of sorting every match.
+BROAD_MATCHES = 200
+
+
+def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> SearchResult:
+    """Execute a parsed search: one page of matches, the resources they _include, whether a next page
+    exists, and the total: exact when there are at most ``total_limit`` matches (or for
+    ``_summary=count``), None above, so that a broad search does not count every match for each page."""
+    stmt = search_statement(q)
+    with store.session() as s:
+        if q.summary_count:
+            return SearchResult(s.scalar(stmt.with_only_columns(func.count())) or 0, [], [])
+        order: list[Any] = []
+        for name, desc in q.sort:
+            order += _sort_key(q.resource_type, name, desc)
+        if not q.sort:
+            order.append(FhirResource.last_updated.desc())
+        order.append(FhirResource.id)
+        page_stmt = stmt
+        if not q.sort and q.indexed:
+            probe = stmt.with_only_columns(FhirResource.id).limit(BROAD_MATCHES + 1).subquery()
+            if (s.scalar(select(func.count()).select_from(probe)) or 0) > BROAD_MATCHES:
+                page_stmt = search_statement(q, drive=False)
+        # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
+        ids = list(s.scalars(page_stmt.with_only_columns(FhirResource.id)
+                             .order_by(*order).limit(q.count + 1).offset(q.offset)))
+        has_next = len(ids) > q.count
+        ids = ids[: q.count]
+        contents: dict[str, dict[str, Any]] = {}
+        if ids:
+            rows = s.execute(select(FhirResource.id, FhirResource.content).where(
+                FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
+            contents = {rid: content for rid, content in rows}
+        page = [(rid, contents[rid]) for rid in ids if rid in contents]
+        total: int | None
+        if not has_next and (page or q.offset == 0):
+            total = q.offset + len(page)  # the last page: the total is known without counting
+        else:
+            capped = stmt.with_only_columns(FhirResource.id).limit(total_limit + 1).subquery()
+            counted = s.scalar(select(func.count()).select_from(capped)) or 0
+            total = counted if counted <= total_limit else None
+        matches = [content for _, content in page]
+        included = _included(s, q, [rid for rid, _ in page])
+    return SearchResult(total, matches, included, has_next)
+
+
+def _included(s: Session, q: SearchQuery, ids: list[str]) -> list[dict[str, Any]]:
+    if not q.includes or not ids:
+        return []
+    targets = s.execute(
+        select(FhirSearchIndex.system, FhirSearchIndex.value).where(
+            FhirSearchIndex.resource_type == q.resource_type,
+            FhirSearchIndex.resource_id.in_(ids),
+            FhirSearchIndex.param.in_([p.name for p in q.includes]),
+        )
+    ).all()
+    keys = sorted({(t, i) for t, i in targets if t and i})
+    if not keys:
+        return []
+    rows = s.scalars(select(FhirResource.content).where(_keys_clause(keys), FhirResource.deleted.is_(False)))
+    return list(rows)
+
+
+def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
+    """(type, id) IN keys, written per type: SQLite scans for a row-value IN but seeks the primary key here."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in keys:
+        by_type.setdefault(rtype, []).append(rid)
+    return or_(*(and_(FhirResource.resource_type == t, FhirResource.id.in_(i)) for t, i in by_type.items()))
+
+
+def matching_ids(s: Session, resource_type: str, criteria: str, *, limit: int = 2) -> list[str]:
+    """Ids of current resources matching a conditional query string (``identifier=sys|val&...``),
+    as used by If-None-Exist, conditional update and conditional transaction entries. Every
+    parameter must be supported: criteria are refused (400) rather than partly applied."""
+    items = []
+    for part in criteria.lstrip("?").split("&"):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise _refuse(criteria, f"'{part}' is not a name=value search criterion")
+        items.append((key, value))
+    if not items:
+        raise _refuse(criteria, "conditional criteria are empty")
+    q = parse_search(resource_type, [(unquote(k), unquote(v)) for k, v in items], strict=True)
+    if not q.where and not q.indexed:
+        raise _refuse(criteria, "conditional criteria need at least one search parameter that selects resources")
+    stmt = select(FhirResource.id).where(
+        FhirResource.resource_type == resource_type, FhirResource.deleted.is_(False), *q.clauses()
+    )
+    return list(s.scalars(stmt.limit(limit)))
+
+
+# History ------------------------------------------------------------------------------------------
+def type_history(
+    store: Store, resource_type: str, *, since: datetime | None, count: int, offset: int
+) -> tuple[int, list[tuple[dict[str, Any], bool]]]:
+    """Versions of every resource of a type, newest first: (total, [(content, deleted)])."""
+    cond = [FhirResourceVersion.resource_type == resource_type]
+    if since is not None:
+        cond.append(FhirResourceVersion.last_updated >= since)
+    with store.session() as s:
+        total = s.scalar(select(func.count()).select_from(FhirResourceVersion).where(*cond)) or 0
+        rows = s.scalars(
+            select(FhirResourceVersion)
+            .where(*cond)
+            .order_by(FhirResourceVersion.last_updated.desc(), FhirResourceVersion.id,
+                      FhirResourceVersion.version_id.desc())
+            .limit(count)
+            .offset(offset)
+        )
+        return total, [(r.content, r.deleted) for r in rows]
+
+
+def existing_resources(s: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of the (type, id) pairs are stored and not deleted (primary-key lookups)."""
+    found: set[tuple[str, str]] = set()
+    for start in range(0, len(keys), 500):
+        chunk = list(keys[start : start + 500])
+        rows = s.execute(
+            select(FhirResource.resource_type, FhirResource.id).where(
+                _keys_clause(chunk), FhirResource.deleted.is_(False)
+            )
+        )
+        found.update((t, i) for t, i in rows)
+    return found
+
+
+def reindex_if_empty(store: Store, batch: int = 500) -> int:
+    """Index every current resource when the index is empty but resources exist (a store created before
+    the index table). Returns how many resources were indexed."""
+    with store.session() as s:
+        if s.scalar(select(FhirSearchIndex.row_id).limit(1)) is not None:
+            return 0
+        if s.scalar(select(FhirResource.id).limit(1)) is None:
+            return 0
+    done = 0
+    last: tuple[str, str] = ("", "")
+    while True:
+        with store.session() as s:
+            rows = s.execute(
+                select(FhirResource.resource_type, FhirResource.id, FhirResource.content)
+                .where(FhirResource.deleted.is_(False),
+                       or_(FhirResource.resource_type > last[0],
+                           and_(FhirResource.resource_type == last[0], FhirResource.id > last[1])))
+                .order_by(FhirResource.resource_type, FhirResource.id)
+                .limit(batch)
+            ).all()
+            if not rows:
+                return done
+            entries = [row for _, _, content in rows for row in index_rows(content)]
+            if entries:
+                s.connection().execute(insert(FhirSearchIndex), entries)
+            done += len(rows)
+            last = (rows[-1][0], rows[-1][1])
+
+
+def backfill_version_times(store: Store) -> int:
+    """Set fhir_resource_versions.last_updated from each version's meta.lastUpdated where it is NULL
+    (rows written before the column existed). Returns how many rows were set."""
+    from sqlalchemy import update
+
+    done = 0
+    while True:
+        with store.session() as s:
+            rows = s.execute(
+                select(FhirResourceVersion.resource_type, FhirResourceVersion.id, FhirResourceVersion.version_id,
+                       FhirResourceVersion.content)
+                .where(FhirResourceVersion.last_updated.is_(None))
+                .limit(500)
+            ).all()
+            if not rows:
+                return done
+            for rtype, rid, vid, content in rows:
+                stamp = ((content or {}).get("meta") or {}).get("lastUpdated")
+                try:
+                    when = date_range(stamp)[0] if isinstance(stamp, str) else MIN_DATE
+                except ValueError:
+                    when = MIN_DATE
+                s.execute(update(FhirResourceVersion).where(
+                    FhirResourceVersion.resource_type == rtype, FhirResourceVersion.id == rid,
+                    FhirResourceVersion.version_id == vid).values(last_updated=when))
+            done += len(rows)
