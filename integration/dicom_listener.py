@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections import defaultdict
@@ -58,6 +59,8 @@ class DicomListener:
         peers: list[DicomPeer] | None = None,
         allow_any_caller: bool | None = None,
         duplicate_status: str = "warning",
+        tls: ssl.SSLContext | None = None,
+        tls_port: int | None = None,
         on_study_ready: Any = None,
     ) -> None:
         self.store = store
@@ -76,6 +79,9 @@ class DicomListener:
         self._peer_addresses: dict[str, set[str]] = {}
         self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
         self._server: Any = None
+        self.tls = tls
+        self.tls_port = tls_port
+        self._tls_server: Any = None
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
         self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
@@ -109,8 +115,18 @@ class DicomListener:
         # port 0 means "any free port" (tests): report the real one
         self.port = self._server.server_address[1]
         log.info("DICOM listener %s on %s:%d", self.ae_title, self.host, self.port)
+        if self.tls is not None and self.tls_port is not None:
+            # the same AE, handlers and store behind a second port that speaks DICOM TLS (PS3.15 B.1)
+            self._tls_server = ae.start_server(
+                (self.host, self.tls_port), block=False, evt_handlers=handlers, ssl_context=self.tls
+            )
+            self.tls_port = self._tls_server.server_address[1]
+            log.info("DICOM TLS listener %s on %s:%d", self.ae_title, self.host, self.tls_port)
 
     def stop(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -261,3 +277,21 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 _IMPLEMENTATION_ELEMENTS = _meta_element(0x0012, b"UI", _uid(MEDBRIDGE_IMPLEMENTATION_UID)) + _meta_element(
     0x0013, b"SH", _text(MEDBRIDGE_IMPLEMENTATION_VERSION)
 )
+
+
+def tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """Server-side TLS for DICOM: TLS 1.2 or newer (BCP 195); with ``client_ca``, callers must
+    present a certificate that CA signed (mutual TLS), as the DICOM Secure Transport profiles ask."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+        if client_ca is not None:
+            context.load_verify_locations(cafile=client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"cannot load the DICOM TLS certificate/key ({exc}); check MEDBRIDGE_DICOM_TLS_CERT, "
+            "MEDBRIDGE_DICOM_TLS_KEY and MEDBRIDGE_DICOM_TLS_CLIENT_CA"
+        ) from exc
+    return context

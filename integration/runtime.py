@@ -23,7 +23,7 @@ import uvicorn
 from integration.app import create_app
 from integration.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
 from integration.dicom_export_queue import DicomExportWorker, ExportPolicy, export_peers
-from integration.dicom_listener import DicomListener
+from integration.dicom_listener import DicomListener, tls_context
 from integration.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.services import Services
 from integration.settings import Settings
@@ -164,6 +164,8 @@ class Runtime:
                 peers=s.dicom_peers,
                 allow_any_caller=s.dicom_allow_any_caller,
                 duplicate_status=s.dicom_duplicate_status,
+                tls=dicom_tls(s),
+                tls_port=s.dicom_tls_port,
                 on_study_ready=publishers["study"].wake,
             )
             await asyncio.to_thread(self.dicom.start)
@@ -234,3 +236,12 @@ class Runtime:
             except Exception:  # noqa: BLE001 - keep stopping the rest
                 log.exception("stopping %s failed", name)
         self.components.clear()
+
+
+def dicom_tls(s: Settings) -> Any:
+    """The DICOM TLS context when a TLS port is configured (cert and key then required)."""
+    if s.dicom_tls_port is None:
+        return None
+    if s.dicom_tls_cert is None or s.dicom_tls_key is None:
+        raise ValueError("MEDBRIDGE_DICOM_TLS_PORT needs MEDBRIDGE_DICOM_TLS_CERT and MEDBRIDGE_DICOM_TLS_KEY")
+    return tls_context(s.dicom_tls_cert, s.dicom_tls_key, s.dicom_tls_client_ca)

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     dicom_allow_any_caller: bool | None = Field(None, alias="MEDBRIDGE_DICOM_ALLOW_ANY_CALLER")
     # Answer to a duplicate SOP Instance (the first is kept): "warning" (0xB000) or "success"
     dicom_duplicate_status: Literal["warning", "success"] = Field("warning", alias="MEDBRIDGE_DICOM_DUPLICATE_STATUS")
+    # Optional DICOM TLS listener on a second port (same AE and store); client CA makes it mutual TLS
+    dicom_tls_port: int | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_PORT")
+    dicom_tls_cert: Path | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_CERT")
+    dicom_tls_key: Path | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_KEY")
+    dicom_tls_client_ca: Path | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_CLIENT_CA")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
     max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")
