@@ -1,8 +1,10 @@
 """DICOM ingest throughput: the same N instances on one association from dcmtk `storescu` into
 (a) dcmtk `storescp`, (b) Orthanc (when installed), (c) MedBridge (durable storage, store record,
 event publication through the outbox to Kafka), in one run. Reports images/s and ratios to storescp.
+``--parallel K`` sends the same files over K associations at once (K storescu processes).
 
     .venv/bin/python bench/dicom_ingest.py --n 300
+    .venv/bin/python bench/dicom_ingest.py --n 300 --parallel 2
 """
 
 from __future__ import annotations
@@ -58,34 +60,38 @@ def make_instances(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def send_all(port: int, aec: str, files: list[Path]) -> float:
+def send_all(port: int, aec: str, shares: list[list[Path]]) -> float:
+    """Seconds to send every file, each share on its own storescu association, all at once."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, env=NODELAY)
+    procs = [subprocess.Popen(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, share)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=NODELAY)
+             for share in shares]
+    errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed: {proc.stderr[-500:]}")
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu to {aec} failed: {err[-500:]}")
     return elapsed
 
 
-def send_to_receiver(command: list[str], port: int, aec: str, files: list[Path]) -> float:
+def send_to_receiver(command: list[str], port: int, aec: str, shares: list[list[Path]]) -> float:
     """Start a third-party receiver, send every file to it once it listens, stop it."""
     proc = subprocess.Popen(command, env=NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        return send_all(port, aec, files)
+        return send_all(port, aec, shares)
     finally:
         proc.terminate()
         proc.wait()
 
 
-def bench_storescp(files: list[Path], work: Path) -> float:
+def bench_storescp(shares: list[list[Path]], work: Path) -> float:
     port, out = free_port(), work / "storescp"
     out.mkdir()
-    return send_to_receiver(["storescp", "-od", str(out), str(port)], port, "STORESCP", files)
+    return send_to_receiver(["storescp", "-od", str(out), str(port)], port, "STORESCP", shares)
 
 
-def bench_orthanc(files: list[Path], work: Path) -> float | None:
+def bench_orthanc(shares: list[list[Path]], work: Path) -> float | None:
     binary = shutil.which("Orthanc")
     if binary is None:
         return None
@@ -96,10 +102,10 @@ def bench_orthanc(files: list[Path], work: Path) -> float | None:
         "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
     }))
-    return send_to_receiver([binary, str(config)], port, "ORTHANC", files)
+    return send_to_receiver([binary, str(config)], port, "ORTHANC", shares)
 
 
-async def bench_medbridge(files: list[Path], work: Path) -> float:
+async def bench_medbridge(shares: list[list[Path]], work: Path) -> float:
     from integration.runtime import Runtime
     from integration.settings import Settings
 
@@ -109,7 +115,7 @@ async def bench_medbridge(files: list[Path], work: Path) -> float:
     runtime = Runtime(settings)
     await runtime.start()
     try:
-        return await asyncio.to_thread(send_all, settings.dicom_port, "MEDBRIDGE", files)
+        return await asyncio.to_thread(send_all, settings.dicom_port, "MEDBRIDGE", shares)
     finally:
         await runtime.stop()
 
@@ -117,17 +123,20 @@ async def bench_medbridge(files: list[Path], work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--parallel", type=int, default=1, help="associations at once, each with n/parallel files")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="medbridge-ingest-"))
     try:
         files = make_instances(work, args.n)
-        results = {"storescp": bench_storescp(files, work)}
-        orthanc = bench_orthanc(files, work)
+        shares = [files[i :: args.parallel] for i in range(args.parallel)]
+        results = {"storescp": bench_storescp(shares, work)}
+        orthanc = bench_orthanc(shares, work)
         if orthanc is not None:
             results["orthanc"] = orthanc
-        results["medbridge"] = asyncio.run(bench_medbridge(files, work))
+        results["medbridge"] = asyncio.run(bench_medbridge(shares, work))
         base = args.n / results["storescp"]
-        print(f"\n{args.n} instances of CT_small.dcm (39 KB) on one association, storescu with TCP_NODELAY\n")
+        print(f"\n{args.n} instances of CT_small.dcm (39 KB) on {args.parallel} association(s), "
+              "storescu with TCP_NODELAY\n")
         print("| receiver | images/s | ratio to storescp |\n|---|---|---|")
         for name, secs in results.items():
             rate = args.n / secs
