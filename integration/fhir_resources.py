@@ -19,6 +19,12 @@ from integration.store import DicomInstance, FhirResource, FhirSearchIndex, Stor
 
 DICOM_PATIENT_ID_SYSTEM = "urn:medbridge:dicom:patient-id"
 MEDBRIDGE_IDENTIFIER_SYSTEM = "urn:medbridge:report"
+# The HL7 security label on resources an AI asserted (AI Transparency on FHIR)
+AI_ASSERTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 
 # Resources whose arrival means "this patient's clinical picture changed"

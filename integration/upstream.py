@@ -41,17 +41,12 @@ from sqlalchemy import JSON, DateTime, Integer, String, Text, and_, func, select
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from integration.errors import MedBridgeError
-from integration.fhir_resources import MEDBRIDGE_IDENTIFIER_SYSTEM
+from integration.fhir_resources import AI_ASSERTED, MEDBRIDGE_IDENTIFIER_SYSTEM
 from integration.settings import Settings
 from integration.store import Base, FhirResource, Store, stable_id, utcnow
 
 log = logging.getLogger(__name__)
 
-AI_ASSERTED = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-    "code": "AIAST",
-    "display": "Artificial Intelligence asserted",
-}
 OBSERVATION_SYSTEM = "urn:medbridge:observation"
 DEVICE_SYSTEM = "urn:medbridge:device"
 PROVENANCE_TAG_SYSTEM = "urn:medbridge:provenance"

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from integration.broker import ConsumerWorker
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
-from integration.fhir_resources import MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
+from integration.fhir_resources import AI_ASSERTED, MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
 from integration.store import AiResult, FhirResource, Review, Store, stable_id, utcnow
 from integration.upstream import enqueue_report_issued, enqueue_report_reviewed
 from schemas.api import ReviewRequest
@@ -36,11 +36,6 @@ from schemas.events import (
 
 log = logging.getLogger(__name__)
 
-AI_ASSERTED = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-    "code": "AIAST",
-    "display": "Artificial Intelligence asserted",
-}
 ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
