@@ -1,5 +1,6 @@
 """DICOM ingest throughput: the same N instances on one association from dcmtk `storescu` into
-(a) dcmtk `storescp`, (b) Orthanc (when installed), (c) MedBridge (durable storage, store record,
+(a) dcmtk `storescp`, (b) Orthanc (when installed), (c) a bare pynetdicom SCP (the ceiling of
+any pynetdicom receiver), (d) MedBridge (durable storage, store record,
 event publication through the outbox to Kafka), in one run. Reports images/s and ratios to storescp.
 ``--parallel K`` sends the same files over K associations at once (K storescu processes).
 
@@ -105,6 +106,33 @@ def bench_orthanc(shares: list[list[Path]], work: Path) -> float | None:
     return send_to_receiver([binary, str(config)], port, "ORTHANC", shares)
 
 
+def bench_bare_pynetdicom(shares: list[list[Path]], work: Path) -> float:
+    """The ceiling of any pynetdicom SCP here: raw bytes written (no decode, no fsync, no store)."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    out = work / "bare"
+    out.mkdir()
+
+    def nodelay(event: evt.Event) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def store(event: evt.Event) -> int:
+        (out / str(event.request.AffectedSOPInstanceUID)).write_bytes(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE("BARE")
+    ae.maximum_pdu_size = 0
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_C_STORE, store)])
+    try:
+        return send_all(port, "BARE", shares)
+    finally:
+        server.shutdown()
+
+
 async def bench_medbridge(shares: list[list[Path]], work: Path) -> float:
     from integration.runtime import Runtime
     from integration.settings import Settings
@@ -133,6 +161,7 @@ def main() -> None:
         orthanc = bench_orthanc(shares, work)
         if orthanc is not None:
             results["orthanc"] = orthanc
+        results["bare pynetdicom SCP"] = bench_bare_pynetdicom(shares, work)
         results["medbridge"] = asyncio.run(bench_medbridge(shares, work))
         base = args.n / results["storescp"]
         print(f"\n{args.n} instances of CT_small.dcm (39 KB) on {args.parallel} association(s), "
