@@ -155,3 +155,8 @@ async def test_logs_carry_no_patient_data(stack, caplog: pytest.LogCaptureFixtur
     for phi in (str(header.PatientName), str(header.PatientID), "MRN-SECRET-4711",
                 patient["name"][0]["family"], patient["birthDate"], "1961"):
         assert phi not in text, f"{phi!r} leaked into the logs"
+    # MedBridge's own lines name studies and instances only by hashed UIDs
+    ours = "\n".join(r.getMessage() for r in caplog.records
+                     if r.name.split(".")[0] in {"integration", "inference", "knowledge", "medbridge"})
+    for uid in (str(header.StudyInstanceUID), str(header.SOPInstanceUID)):
+        assert uid not in ours, f"raw UID {uid} in MedBridge's logs"
