@@ -99,13 +99,7 @@ def render(ds: Dataset, number: int = 1, *, media_type: str = "image/jpeg") -> b
     if arr.ndim == 3 and arr.shape[-1] == 3:
         image = Image.fromarray(_to_uint8(arr, robust=False) if arr.dtype != np.uint8 else arr, mode="RGB")
     else:
-        data = apply_modality_lut(arr, ds)
-        windowed = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-        if windowed:
-            try:
-                data = apply_voi_lut(data, ds, index=0)
-            except (ValueError, IndexError, TypeError, AttributeError):
-                windowed = False
+        data, windowed = apply_window(arr, ds)
         pixels = _to_uint8(data, robust=not windowed)
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             pixels = 255 - pixels
@@ -113,3 +107,18 @@ def render(ds: Dataset, number: int = 1, *, media_type: str = "image/jpeg") -> b
     out = io.BytesIO()
     image.save(out, format="PNG" if media_type == "image/png" else "JPEG", quality=90)
     return out.getvalue()
+
+
+def apply_window(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
+    """Grey values through the modality LUT, then the data set's VOI window; whether a window applied.
+
+    A malformed window is not fatal: the caller scales the unwindowed values itself. Shared with the
+    CNN's input preparation (inference/imaging/pixels.py), so the viewer shows what the model saw.
+    """
+    data = apply_modality_lut(arr, ds)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        try:
+            return apply_voi_lut(data, ds, index=0), True
+        except (ValueError, IndexError, TypeError, AttributeError):
+            pass
+    return data, False

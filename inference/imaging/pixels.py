@@ -24,8 +24,10 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
+
+from integration.dicom_render import apply_window
 
 __all__ = [
     "NotAnImageError",
@@ -111,16 +113,9 @@ def dataset_to_image(ds: pydicom.Dataset) -> np.ndarray:
     if arr.ndim != 2 or samples not in (1, 3):
         raise PixelDecodeError(f"unexpected decoded pixel array of shape {arr.shape}")
 
-    data = apply_modality_lut(arr, ds)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
-        try:
-            data = apply_voi_lut(data, ds, index=0)
-        except (ValueError, IndexError, TypeError, AttributeError):
-            # A malformed window is not fatal: the percentile scaling below still gives an image.
-            has_voi = False
-            data = apply_modality_lut(arr, ds)
-    # After a window the range is already chosen by the modality, so only stretch it.
+    data, has_voi = apply_window(arr, ds)
+    # After a window the range is already chosen by the modality, so only stretch it; without one
+    # (absent or malformed) the percentile scaling still gives an image.
     image = _normalise(data, robust=not has_voi)
     if photometric == "MONOCHROME1":
         image = 1.0 - image
