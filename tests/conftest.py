@@ -12,6 +12,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -103,6 +104,33 @@ def seeded_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     written = ingest_default_corpus(kb)
     assert written == kb.count() > 0
     return path
+
+
+@contextmanager
+def serve_app(settings, store: Store) -> Iterator[int]:  # noqa: ANN001 - settings is a Settings
+    """The HTTP app (FHIR, DICOMweb, API) on a real uvicorn in a thread, on a free port; yields the port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from integration.app import create_app
+    from integration.services import Services
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - returns Settings

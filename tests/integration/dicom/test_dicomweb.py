@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
@@ -22,11 +20,9 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
-from integration.app import create_app
-from integration.services import Services
 from integration.store import OutboxEntry, Store
 from schemas.events import StudyReceived
-from tests.conftest import free_port, stack_settings
+from tests.conftest import serve_app, stack_settings
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT, 128x128
 MR_SMALL = get_testdata_file("MR_small.dcm")  # CompressedSamples^MR1, StudyDate 20040826, MR
@@ -36,19 +32,8 @@ JPEG2K = get_testdata_file("JPEG2000.dcm")  # CompressedSamples^NM1, JPEG 2000 (
 
 @pytest.fixture
 def base_url(store: Store, tmp_path: Path) -> Iterator[str]:
-    settings = stack_settings(tmp_path, min_free_bytes=0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/dicomweb"
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(stack_settings(tmp_path, min_free_bytes=0), store) as port:
+        yield f"http://127.0.0.1:{port}/dicomweb"
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
@@ -20,15 +18,6 @@ from schemas.events import StudyReceived
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 MR_SMALL = get_testdata_file("MR_small.dcm")
-
-
-@pytest.fixture
-def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60)
-    lst.start()
-    yield lst
-    lst.stop()
 
 
 def associate(port: int, *contexts: tuple[str, str]):  # noqa: ANN201

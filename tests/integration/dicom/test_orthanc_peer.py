@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
@@ -18,15 +16,6 @@ from schemas.events import StudyReceived
 
 # one real study of three CR series (pydicom's DICOMDIR test set), one image each
 CR_STUDY = [get_testdata_file(f"dicomdirtests/77654033/{series}") for series in ("CR1/6154", "CR2/6247", "CR3/6278")]
-
-
-@pytest.fixture
-def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60)
-    lst.start()
-    yield lst
-    lst.stop()
 
 
 def test_orthanc_pushes_a_multi_series_study_and_medbridge_announces_it_once(
