@@ -14,12 +14,16 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.uid import UID
+from pynetdicom.dsutils import decode
 
-from integration.dicom_query import index_fields
+from integration.dicom_journal import ReceiveJournal
+from integration.dicom_scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
@@ -32,47 +36,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, read-only folder, store down: the
 STATUS_CANNOT_UNDERSTAND = 0xC210  # the data set could not be parsed (truncated, malformed)
 STATUS_IDENTIFIER_MISSING = 0xC211  # parsed, but a required UID is missing or disagrees with the command
 
-# Composite objects that carry no pixels for the CNN, even if they are "storage" classes
-_NON_IMAGE_MODALITIES = {"SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR", "KO", "ECG", "DOC", "REG", "SEG"}
-
-def _first_truncated_element(ds: Any, transfer_syntax: UID) -> str | None:
-    """The tag of a top-level element holding fewer bytes than its declared length, if any.
-
-    pydicom reads a truncated value silently (short bytes); a sender that lost the end of a file
-    must get a failure, not a stored half image. Only the last element read can be short (the
-    parser stops at the end of the bytes), so only it is checked. Undefined-length values fail in
-    pydicom itself.
-    """
-    last = next(reversed(ds.keys()), None) if len(ds) else None
-    if last is not None:
-        raw = ds.get_item(last)
-        length = getattr(raw, "length", None)
-        value = getattr(raw, "value", None)
-        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
-            return str(last)
-    return _short_native_pixel_data(ds, transfer_syntax)
-
-
-def _short_native_pixel_data(ds: Any, transfer_syntax: UID) -> str | None:
-    """'PixelData' when uncompressed pixel data holds fewer bytes than its image attributes need."""
-    if "PixelData" not in ds or transfer_syntax.is_compressed:
-        return None
-    raw = ds.get_item(0x7FE00010)
-    value = getattr(raw, "value", None)
-    if not isinstance(value, bytes):
-        return None
-    try:
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
-            samples = 2  # chroma subsampled: two samples per pixel on average (PS3.3 C.7.6.3.1.2)
-        pixels = int(ds.Rows) * int(ds.Columns) * samples
-        pixels *= int(ds.get("NumberOfFrames", 1) or 1)
-        needed = (pixels * int(ds.BitsAllocated) + 7) // 8
-    except (AttributeError, TypeError, ValueError):
-        return "PixelData"  # pixels without the attributes that describe them cannot be understood
-    return "PixelData" if len(value) < needed else None
-
-
 @dataclass(frozen=True)
 class IngestOutcome:
     status: int
@@ -84,10 +47,14 @@ class IngestOutcome:
 class InstanceIngest:
     """Checks, writes and records instances under ``storage_dir``; thread-safe."""
 
-    def __init__(self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0, journal: ReceiveJournal | None = None
+    ) -> None:
         self.store = store
         self.storage_dir = storage_dir
         self.min_free_bytes = min_free_bytes
+        # with a journal, an instance is durable once journaled and its file is written without syncs
+        self.journal = journal
         self._free_checked_at = 0.0
         self._free_ok = True
 
@@ -108,30 +75,51 @@ class InstanceIngest:
         """Store one instance: ``ds`` is its parsed data set, ``part10`` the file bytes.
 
         ``transfer_syntax`` is the one the data set was received in (default: ``ds.file_meta``'s).
-
-        Status 0x0000 when the instance is durably stored (or was already held: keep first),
-        0xC210 when the data set cannot be parsed, 0xC211 when its UIDs are missing or disagree
-        with ``expected_sop_uid`` (the C-STORE request's), 0xA700 when the disk or the database
-        cannot take it, or free space is below the configured floor.
+        Statuses as for :meth:`ingest_facts`, plus 0xC210 when the data set cannot be parsed and
+        0xC211 when a required UID is missing.
         """
         try:
-            sop_uid = str(ds.SOPInstanceUID)
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            sop_class = str(ds.SOPClassUID)
-            modality = str(ds.get("Modality", "") or "") or None
-            patient_id = str(ds.get("PatientID", "") or "") or None
-            is_image = "PixelData" in ds and (modality or "") not in _NON_IMAGE_MODALITIES
-            transfer_syntax = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
-            truncated = _first_truncated_element(ds, transfer_syntax)
+            facts = facts_from_dataset(ds, UID(transfer_syntax or ds.file_meta.TransferSyntaxUID))
         except AttributeError:
             log.warning("instance refused: required UID missing")
             return IngestOutcome(STATUS_IDENTIFIER_MISSING)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
-        if truncated is not None:
-            log.warning("instance %s refused: element %s is truncated", uid_hash(sop_uid), truncated)
+        return self.ingest_facts(facts, part10, transfer_syntax=str(transfer_syntax or ds.file_meta.TransferSyntaxUID),
+                                 expected_sop_uid=expected_sop_uid)
+
+    def ingest_data_set(
+        self, data_set: bytes, transfer_syntax: str, part10: bytes, *, expected_sop_uid: str | None = None
+    ) -> IngestOutcome:
+        """Store one instance received as data set bytes (what a C-STORE carries) in ``transfer_syntax``.
+
+        The byte scanner reads what ingest needs; only what it declines is parsed by pydicom.
+        """
+        syntax = UID(transfer_syntax)
+        facts = scan_facts(data_set, syntax)
+        if facts is not None:
+            return self.ingest_facts(facts, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid)
+        try:
+            ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
+            log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
+            return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
+        return self.ingest(ds, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid)
+
+    def ingest_facts(
+        self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None
+    ) -> IngestOutcome:
+        """Check, write and record one instance whose facts are read.
+
+        Status 0x0000 when the instance is durably stored (or was already held: keep first),
+        0xC210 when an element is truncated, 0xC211 when the SOP Instance UID disagrees with
+        ``expected_sop_uid`` (the C-STORE request's), 0xA700 when the disk or the database
+        cannot take it, or free space is below the configured floor.
+        """
+        sop_uid, study_uid = facts.sop_instance_uid, facts.study_instance_uid
+        if facts.truncated is not None:
+            log.warning("instance %s refused: element %s is truncated", uid_hash(sop_uid), facts.truncated)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, sop_uid, study_uid)
         if expected_sop_uid is not None and sop_uid != expected_sop_uid:
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
@@ -142,23 +130,29 @@ class InstanceIngest:
         folder = self.storage_dir / uid_hash(study_uid)
         final = folder / f"{sop_uid}.dcm"
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
+        journaled = self.journal is not None and len(part10) <= self.journal.largest_record()
         try:
-            _write_durably(tmp, part10)
+            if journaled:
+                # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
+                _write(tmp, part10)
+                self.journal.append(f"{folder.name}/{final.name}", part10)  # type: ignore[union-attr]
+            else:
+                _write_durably(tmp, part10)
             stored = self.store.add_instance(
                 DicomInstance(
                     sop_instance_uid=sop_uid,
                     study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=str(transfer_syntax),
-                    modality=modality,
-                    patient_id=patient_id,
-                    is_image=is_image,
+                    series_instance_uid=facts.series_instance_uid,
+                    sop_class_uid=facts.sop_class_uid,
+                    transfer_syntax_uid=transfer_syntax,
+                    modality=facts.modality,
+                    patient_id=facts.patient_id,
+                    is_image=facts.is_image,
                     path=str(final),
                     size=len(part10),
-                    **index_fields(ds),
+                    **facts.index,
                 ),
-                place_file=lambda: _rename_durably(tmp, final),
+                place_file=(lambda: os.replace(tmp, final)) if journaled else (lambda: _rename_durably(tmp, final)),
             )
         except (OSError, StoreUnavailableError) as exc:
             log.error("instance %s not stored: %s", uid_hash(sop_uid), type(exc).__name__)
@@ -171,6 +165,54 @@ class InstanceIngest:
         else:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
+
+
+    def recover(self) -> int:
+        """Open the journal and restore what a crash may have lost since its last checkpoint:
+        instance files missing or cut short, and rows the database did not keep (SQLite's WAL with
+        synchronous=NORMAL may roll back the last commits on a power cut). Returns how many
+        instances were restored; the journal is checkpointed afterwards."""
+        if self.journal is None:
+            return 0
+        restored = 0
+        for relative, part10 in self.journal.open():
+            if self._restore(self.storage_dir / relative, part10):
+                restored += 1
+        self.journal.checkpoint()
+        if restored:
+            log.warning("restored %d instance(s) from the receive journal after an unclean stop", restored)
+        return restored
+
+    def _restore(self, final: Path, part10: bytes) -> bool:
+        row = self.store.get_instance(final.stem)
+        if row is None:
+            # acknowledged but the row was lost: ingest again, from the journaled bytes
+            journal, self.journal = self.journal, None
+            try:
+                ds = dcmread(BytesIO(part10))
+                return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID)).stored
+            finally:
+                self.journal = journal
+        # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
+        if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
+            tmp = final.with_name(f".{final.name}.restore")
+            _write(tmp, part10)
+            os.replace(tmp, final)
+            return True
+        return False
+
+
+def _holds(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -20,8 +20,17 @@ from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
-from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
+from integration.dicom_association import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    StorageAcceptorConfig,
+    StorageAssociations,
+    storage_request_handler,
+)
+from integration.dicom_ingest import STATUS_SUCCESS, InstanceIngest
+from integration.dicom_journal import ReceiveJournal
 from integration.dicom_qr import QueryRetrieveSCP
 from integration.errors import StoreUnavailableError
 from integration.settings import DicomPeer
@@ -35,6 +44,7 @@ pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 STATUS_DUPLICATE_WARNING = 0xB000
+DUPLICATE_COMMENT = "Duplicate SOP Instance UID: the instance already held was kept"
 
 # Written into the files MedBridge stores, as the implementation that wrote them (PS3.7 D.3.3.2)
 MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
@@ -62,6 +72,7 @@ class DicomListener:
         tls: ssl.SSLContext | None = None,
         tls_port: int | None = None,
         on_study_ready: Any = None,
+        journal_bytes: int = 16 << 20,
     ) -> None:
         self.store = store
         self.storage_dir = storage_dir
@@ -69,7 +80,9 @@ class DicomListener:
         self.port = port
         self.ae_title = ae_title
         self.study_quiet_seconds = study_quiet_seconds
-        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes)
+        # the journal lives beside the files it covers: one syncfs at its checkpoint must reach both
+        journal = ReceiveJournal(storage_dir / ".journal", journal_bytes) if journal_bytes else None
+        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal)
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
         self.peers = peers or []
@@ -85,6 +98,7 @@ class DicomListener:
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
         self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
+        self.storage_associations: StorageAssociations | None = None
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -101,7 +115,17 @@ class DicomListener:
     def start(self) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
+        self.ingest.recover()
         ae = self._build_ae()
+        self.storage_associations = StorageAssociations(self, StorageAcceptorConfig(
+            contexts=ae.supported_contexts,
+            max_pdu_bytes=self.max_pdu_bytes,
+            network_timeout=ae.network_timeout,
+            pynetdicom_only=self.query_retrieve.sop_classes(),
+            max_associations=self.max_associations,
+            implementation_class_uid=MEDBRIDGE_IMPLEMENTATION_UID,
+            implementation_version_name=MEDBRIDGE_IMPLEMENTATION_VERSION,
+        ))
         handlers = [
             (evt.EVT_CONN_OPEN, self._handle_conn_open),
             (evt.EVT_REQUESTED, self._handle_requested),
@@ -111,7 +135,14 @@ class DicomListener:
             (evt.EVT_ABORTED, self._handle_assoc_end),
             *self.query_retrieve.handlers(),
         ]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        # Storage-only associations are served by dicom_association on the accepting thread; the
+        # others (query/retrieve, user identity, ...) by pynetdicom, behind the same port
+        self._server = ae.make_server(
+            (self.host, self.port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+            request_handler=storage_request_handler(self.storage_associations, lambda: len(ae.active_associations)),
+        )
+        ae._servers.append(self._server)  # as start_server(block=False) does, so shutdown() finds it
+        threading.Thread(target=self._server.serve_forever, name="DicomListener", daemon=True).start()
         # port 0 means "any free port" (tests): report the real one
         self.port = self._server.server_address[1]
         log.info("DICOM listener %s on %s:%d", self.ae_title, self.host, self.port)
@@ -130,6 +161,11 @@ class DicomListener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self.storage_associations is not None:
+            self.storage_associations.close_all()
+        if self.ingest.journal is not None:
+            self.ingest.journal.checkpoint()
+            self.ingest.journal.close()
 
     def running(self) -> bool:
         return self._server is not None
@@ -146,63 +182,78 @@ class DicomListener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle_requested(self, event: evt.Event) -> None:
-        """A-ASSOCIATE-RJ (permanent, calling AE not recognised) for callers that are not known peers.
-
-        A peer is known by its AE title and the address it calls from, so a stolen AE title used
-        from another host is refused too.
-        """
-        if self.allow_any_caller:
-            return
+        """pynetdicom's path: A-ASSOCIATE-RJ for callers :meth:`admission` refuses."""
         requestor = event.assoc.requestor
         calling = str(requestor.primitive.calling_ae_title).strip()
-        addresses = self._peer_addresses.get(calling)
-        if addresses is not None and ("*" in addresses or requestor.address in addresses):
-            return
+        reject = self.admission(calling, str(requestor.primitive.called_ae_title).strip(), requestor.address)
+        if reject is not None:
+            event.assoc.acse.send_reject(*reject)
+            event.assoc.is_rejected = True
+            event.assoc.kill()
+
+    def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
+        """None when the caller may associate, else the A-ASSOCIATE-RJ (permanent, calling AE not
+        recognised). A peer is known by its AE title and the address it calls from, so a stolen AE
+        title used from another host is refused too. The called AE title is checked by pynetdicom
+        on its path (``require_called_aet``) and here on the storage path."""
+        if self.allow_any_caller:
+            return None
+        if called_ae != self.ae_title.strip():
+            return REJECT_CALLED_AE
+        addresses = self._peer_addresses.get(calling_ae)
+        if addresses is not None and ("*" in addresses or address in addresses):
+            return None
         # AE titles and addresses name machines, not patients
-        log.warning("association from unknown caller %s at %s rejected", calling, requestor.address)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.is_rejected = True
-        event.assoc.kill()
+        log.warning("association from unknown caller %s at %s rejected", calling_ae, address)
+        return REJECT_CALLING_AE
 
     @staticmethod
     def _handle_echo(event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _handle_store(self, event: evt.Event) -> int:
-        """Store one instance; the status says why not (see ``InstanceIngest.ingest``)."""
-        request = event.request
-        try:
-            ds = event.dataset
-            part10 = part10_bytes(
-                str(request.AffectedSOPClassUID),
-                str(request.AffectedSOPInstanceUID),
-                str(event.context.transfer_syntax),
-                event.assoc.requestor.ae_title,
-                request.DataSet.getvalue(),
-            )
-        except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
-            log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
-            return STATUS_CANNOT_UNDERSTAND
-        outcome = self.ingest.ingest(
-            ds,
-            part10,
-            transfer_syntax=str(event.context.transfer_syntax),
-            expected_sop_uid=str(request.AffectedSOPInstanceUID),
+    def _handle_store(self, event: evt.Event) -> Dataset:
+        """pynetdicom's path: store one instance; the status says why not."""
+        request: Any = event.request  # a C_STORE on this event
+        status, comment = self.store_instance(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            event.assoc.requestor.ae_title,
+            request.DataSet.getvalue(),
+            association=id(event.assoc),
         )
-        if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
-            return outcome.status
-        self._remember(event, outcome.study_instance_uid)
-        if not outcome.stored and self.duplicate_status == "warning":
-            return _duplicate_warning()
-        return STATUS_SUCCESS
+        response = Dataset()
+        response.Status = status
+        if comment:
+            response.ErrorComment = comment
+        return response
 
-    def _remember(self, event: evt.Event, study_uid: str) -> None:
+    def store_instance(
+        self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str, data_set: bytes,
+        *, association: int,
+    ) -> tuple[int, str | None]:
+        """The C-STORE service of both association paths: the status to answer (see
+        ``InstanceIngest.ingest_facts``) and an Error Comment for the sender's operator, if any.
+        ``association`` identifies the association, for :meth:`association_ended`."""
+        part10 = part10_bytes(sop_class, sop_instance, transfer_syntax, calling_ae, data_set)
+        outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance)
+        if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
+            return outcome.status, None
         with self._lock:
-            self._studies_by_assoc[id(event.assoc)].add(study_uid)
+            self._studies_by_assoc[association].add(outcome.study_instance_uid)
+        if not outcome.stored and self.duplicate_status == "warning":
+            # PS3.4 B.2.3 has no warning meant for duplicates; 0xB000 with an Error Comment is what
+            # senders log and treat as stored, which is the truth: the instance is held, once
+            return STATUS_DUPLICATE_WARNING, DUPLICATE_COMMENT
+        return STATUS_SUCCESS, None
 
     def _handle_assoc_end(self, event: evt.Event) -> None:
+        self.association_ended(id(event.assoc))
+
+    def association_ended(self, association: int) -> None:
+        """Released or aborted: the studies it sent are due now rather than after the quiet period."""
         with self._lock:
-            studies = self._studies_by_assoc.pop(id(event.assoc), set())
+            studies = self._studies_by_assoc.pop(association, set())
         if studies:
             try:
                 self.store.expedite("study", sorted(studies), self.study_quiet_seconds)
@@ -211,18 +262,6 @@ class DicomListener:
                 return
             if self._on_study_ready:
                 self._on_study_ready()
-
-
-def _duplicate_warning() -> Dataset:
-    """Stored (the copy already held stands), with a warning the sender's operator can read.
-
-    PS3.4 B.2.3 has no warning meant for duplicates; 0xB000 with an Error Comment is what senders
-    log and treat as stored, which is the truth: the instance is held and will not be stored twice.
-    """
-    status = Dataset()
-    status.Status = STATUS_DUPLICATE_WARNING
-    status.ErrorComment = "Duplicate SOP Instance UID: the instance already held was kept"
-    return status
 
 
 def _addresses_of(host: str) -> set[str]:

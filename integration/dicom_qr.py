@@ -95,6 +95,11 @@ class QueryRetrieveSCP:
             ae.remove_supported_context(cx.abstract_syntax)
             ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
 
+    @staticmethod
+    def sop_classes() -> frozenset[str]:
+        """The query/retrieve SOP classes this SCP serves (associations proposing them are pynetdicom's)."""
+        return frozenset(str(uid) for uid in (*_FIND, *_RETRIEVE))
+
     def handlers(self) -> list[tuple[Any, Any]]:
         return [(evt.EVT_C_FIND, self.handle_find), (evt.EVT_C_GET, self.handle_get),
                 (evt.EVT_C_MOVE, self.handle_move)]

@@ -161,6 +161,7 @@ class Runtime:
                 min_free_bytes=s.min_free_bytes,
                 max_associations=s.max_associations,
                 max_pdu_bytes=s.max_pdu_bytes,
+                journal_bytes=s.dicom_journal_bytes,
                 peers=s.dicom_peers,
                 allow_any_caller=s.dicom_allow_any_caller,
                 duplicate_status=s.dicom_duplicate_status,

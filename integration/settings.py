@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
     max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # Receive journal (integration/dicom_journal.py): a C-STORE is durable after one sync into it;
+    # 0 writes each instance durably on its own (two syncs). Instances above 1/8 of it bypass it.
+    dicom_journal_bytes: int = Field(64 * 1024**2, ge=0, alias="MEDBRIDGE_DICOM_JOURNAL_BYTES")
     record_quiet_seconds: float = Field(2.0, alias="MEDBRIDGE_RECORD_QUIET_SECONDS")
 
     # HTTP edge

@@ -1,0 +1,426 @@
+"""Storage associations served on a blocking socket, without pynetdicom's polling reactors.
+
+pynetdicom runs three threads per association that hand each message on through queues polled
+every millisecond (``time.sleep(0.001)`` in the DUL and association loops), which costs 2-3 ms of
+latency per C-STORE request/response and keeps even a do-nothing pynetdicom SCP at ~0.35x of dcmtk's
+``storescp`` here. Most associations a PACS or modality opens only store (and echo), so the
+listener serves those itself: one thread reads each PDU as it arrives, the instance goes through
+the same ``store_instance`` as on the pynetdicom path, and the response is written at once.
+
+The protocol pieces come from pynetdicom (A-ASSOCIATE-RQ decoding, presentation-context
+negotiation, A-ASSOCIATE-AC encoding); what is written here is the data transfer of PS3.8
+(P-DATA-TF PDVs, A-RELEASE, A-ABORT) and the DIMSE command sets of C-STORE and C-ECHO (PS3.7 9.3.1,
+9.3.5), which are small fixed group-0000 structures.
+
+Anything else goes to pynetdicom untouched: the A-ASSOCIATE-RQ is peeked, not read, so
+:class:`StorageRequestHandler` can hand the connection to pynetdicom's own handler when a request
+proposes query/retrieve, asks for user identity, role selection or extended negotiation, or
+arrives over TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.transport import RequestHandler
+
+log = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
+VERIFICATION = "1.2.840.10008.1.1"
+
+# DIMSE command fields (PS3.7 E.1)
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
+NO_DATA_SET = 0x0101
+STATUS_PROCESSING_FAILURE = 0xC211  # what pynetdicom answers when its handler raises
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, presentation related, local limit exceeded
+# A-ABORT (PS3.8 9.3.8): source 2 = service provider; reasons
+ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x02, 0x06
+
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+_MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ this large is pynetdicom's to refuse
+# user information a storage association may carry and still be served here (PS3.7 D.3.3)
+_PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
+                     ImplementationVersionNameNotification, AsynchronousOperationsWindowNegotiation)
+
+
+class StoreService(Protocol):
+    """What the listener provides to a storage association (``DicomListener`` implements it)."""
+
+    def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
+        """None to accept, or the A-ASSOCIATE-RJ (result, source, reason)."""
+
+    def store_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str,
+                       data_set: bytes, *, association: int) -> tuple[int, str | None]:
+        """The C-STORE status and an optional Error Comment."""
+
+    def association_ended(self, association: int) -> None:
+        """Released, aborted or dropped: what it sent can be announced."""
+
+
+@dataclass(frozen=True)
+class StorageAcceptorConfig:
+    """How the fast path accepts: contexts it negotiates, PDU size it advertises (0 = no limit),
+    the idle timeout, the abstract syntaxes that must go to pynetdicom (query/retrieve), the
+    association limit (both paths together) and the implementation it names in the A-ASSOCIATE-AC."""
+
+    contexts: list[PresentationContext]
+    max_pdu_bytes: int
+    network_timeout: float | None
+    pynetdicom_only: frozenset[str]
+    max_associations: int
+    implementation_class_uid: str
+    implementation_version_name: str
+
+
+class AssociationAborted(Exception):
+    """The peer aborted, closed the connection, or broke the protocol."""
+
+
+class StorageAssociations:
+    """Serves storage associations and tracks the open ones, so ``close_all()`` can end them."""
+
+    def __init__(self, service: StoreService, config: StorageAcceptorConfig) -> None:
+        self.service = service
+        self.config = config
+        self._open: dict[int, socket.socket] = {}
+        self._lock = threading.Lock()
+        self.accepted = 0  # associations this path accepted (the rest were pynetdicom's or refused)
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def can_serve(self, request: A_ASSOCIATE_RQ) -> bool:
+        """True when every proposed context is one this path serves and nothing else is negotiated."""
+        primitive = request.to_primitive()
+        proposed = {str(cx.abstract_syntax) for cx in primitive.presentation_context_definition_list}
+        if proposed & self.config.pynetdicom_only:
+            return False
+        return all(isinstance(item, _PLAIN_USER_ITEMS) for item in primitive.user_information)
+
+    def close_all(self) -> None:
+        with self._lock:
+            sockets = list(self._open.values())
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def serve(self, sock: socket.socket, address: str, rq_length: int, request: A_ASSOCIATE_RQ,
+              pynetdicom_active: int) -> None:
+        """Accept or reject the (peeked) request, then serve the association until it ends."""
+        _recv_exact(sock, rq_length)  # the A-ASSOCIATE-RQ, already decoded from the peek
+        primitive = request.to_primitive()
+        calling, called = str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
+        reject = self.service.admission(calling, called, address)
+        if reject is None and self.active() + pynetdicom_active >= self.config.max_associations:
+            reject = REJECT_TOO_MANY
+        if reject is not None:
+            sock.sendall(_associate_rj(*reject))
+            return
+        association = _Association(self, sock, primitive, calling)
+        with self._lock:
+            self._open[id(association)] = sock
+            self.accepted += 1
+        try:
+            association.run()
+        finally:
+            with self._lock:
+                self._open.pop(id(association), None)
+            self.service.association_ended(id(association))
+
+
+class _Association:
+    """One accepted association: the A-ASSOCIATE-AC, then data transfer until release or abort."""
+
+    def __init__(self, owner: StorageAssociations, sock: socket.socket, request: A_ASSOCIATE, calling_ae: str) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.request = request
+        self.calling_ae = calling_ae
+        self.contexts: dict[int, PresentationContext] = {}
+        self.peer_max_pdu = 0
+
+    def run(self) -> None:
+        self._accept()
+        self.sock.settimeout(self.owner.config.network_timeout)
+        command = bytearray()
+        data: list[bytes] = []
+        command_done: dict[int, Any] | None = None
+        context_id = 0
+        try:
+            while True:
+                pdu_type, body = _read_pdu(self.sock)
+                if pdu_type == 0x05:  # A-RELEASE-RQ
+                    self.sock.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                    return
+                if pdu_type == 0x07:  # A-ABORT
+                    return
+                if pdu_type != 0x04:
+                    self._abort(ABORT_UNEXPECTED_PDU)
+                    return
+                for pdv_context, header, fragment in _pdvs(body):
+                    if pdv_context not in self.contexts:
+                        self._abort(ABORT_INVALID_PARAMETER)
+                        return
+                    if header & 0x01:  # command fragment
+                        command += fragment
+                        if header & 0x02:
+                            command_done, context_id = _command_set(bytes(command)), pdv_context
+                            command.clear()
+                            if command_done.get(0x0800) == NO_DATA_SET:
+                                self._dispatch(context_id, command_done, b"")
+                                command_done = None
+                    else:
+                        if command_done is None or pdv_context != context_id:
+                            self._abort(ABORT_UNEXPECTED_PDU)  # a data set with no command before it
+                            return
+                        data.append(fragment)
+                        if header & 0x02:
+                            self._dispatch(context_id, command_done, b"".join(data))
+                            command_done = None
+                            data.clear()
+        except (AssociationAborted, TimeoutError, OSError) as exc:
+            log.info("storage association from %s ended without release (%s)", self.calling_ae, type(exc).__name__)
+
+    def _accept(self) -> None:
+        """Negotiate the proposed contexts and send the A-ASSOCIATE-AC."""
+        config = self.owner.config
+        results, _roles = negotiate_as_acceptor(self.request.presentation_context_definition_list, config.contexts)
+        self.contexts = {int(cx.context_id): cx for cx in results if cx.result == 0x00}  # type: ignore[arg-type]
+        for item in self.request.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = int(item.maximum_length_received or 0)
+        accept = A_ASSOCIATE()
+        accept.application_context_name = APPLICATION_CONTEXT
+        accept.calling_ae_title = self.request.calling_ae_title
+        accept.called_ae_title = self.request.called_ae_title
+        accept.result, accept.result_source = 0x00, 0x01
+        accept.presentation_context_definition_results_list = results
+        accept.user_information = _acceptor_user_information(config)
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(accept)
+        self.sock.sendall(pdu.encode())
+
+    def _dispatch(self, context_id: int, command: dict[int, Any], data_set: bytes) -> None:
+        field = command.get(0x0100)
+        message_id = int(command.get(0x0110, 0))
+        if field == C_STORE_RQ:
+            sop_class = str(command.get(0x0002, ""))
+            sop_instance = str(command.get(0x1000, ""))
+            context = self.contexts[context_id]
+            try:
+                status, comment = self.owner.service.store_instance(
+                    sop_class, sop_instance, str(context.transfer_syntax[0]), self.calling_ae, data_set,
+                    association=id(self),
+                )
+            except Exception as exc:  # noqa: BLE001 - one failed instance must not end the association
+                log.error("C-STORE failed unexpectedly (%s); answered 0xC211", type(exc).__name__)
+                status, comment = STATUS_PROCESSING_FAILURE, None
+            self._send_command(context_id, _store_response(sop_class, sop_instance, message_id, status, comment))
+        elif field == C_ECHO_RQ:
+            self._send_command(context_id, _echo_response(message_id))
+        elif field == C_CANCEL_RQ:
+            return  # nothing of ours is cancellable: C-STORE answers before the next request is read
+        else:
+            self._abort(ABORT_UNEXPECTED_PDU)
+            raise AssociationAborted(f"unexpected DIMSE command 0x{field or 0:04X}")
+
+    def _send_command(self, context_id: int, command: bytes) -> None:
+        """The command set as PDVs within the peer's maximum PDU length."""
+        room = self.peer_max_pdu - 6 if self.peer_max_pdu else len(command)
+        chunks = [command[i : i + room] for i in range(0, len(command), room)] or [b""]
+        out = []
+        for i, chunk in enumerate(chunks):
+            header = 0x03 if i == len(chunks) - 1 else 0x01
+            pdv = _PDV_HEADER.pack(len(chunk) + 2, context_id, header) + chunk
+            out.append(_PDU_HEADER.pack(0x04, len(pdv)) + pdv)
+        self.sock.sendall(b"".join(out))
+
+    def _abort(self, reason: int) -> None:
+        try:
+            self.sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, reason)))
+        except OSError:
+            pass
+
+
+def _acceptor_user_information(config: StorageAcceptorConfig) -> list[Any]:
+    length = MaximumLengthNotification()
+    length.maximum_length_received = config.max_pdu_bytes
+    klass = ImplementationClassUIDNotification()
+    klass.implementation_class_uid = UID(config.implementation_class_uid)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = config.implementation_version_name
+    return [length, klass, version]
+
+
+def _associate_rj(result: int, source: int, reason: int) -> bytes:
+    return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, reason))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        read = sock.recv_into(view[got:], n - got)
+        if read == 0:
+            raise AssociationAborted("connection closed by the peer")
+        got += read
+    return bytes(buf)
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    pdu_type, length = _PDU_HEADER.unpack(_recv_exact(sock, 6))
+    return pdu_type, _recv_exact(sock, length)
+
+
+def _pdvs(body: bytes) -> Iterable[tuple[int, int, bytes]]:
+    """(context id, message control header, fragment) of each PDV in a P-DATA-TF."""
+    pos, end = 0, len(body)
+    while pos < end:
+        if pos + 6 > end:
+            raise AssociationAborted("PDV header cut short")
+        length, context_id, header = _PDV_HEADER.unpack_from(body, pos)
+        if length < 2 or pos + 4 + length > end:
+            raise AssociationAborted("PDV length beyond its PDU")
+        yield context_id, header, body[pos + 6 : pos + 4 + length]
+        pos += 4 + length
+
+
+def _command_set(raw: bytes) -> dict[int, Any]:
+    """The elements of a group-0000 command set (implicit VR little endian): US values as int,
+    UIDs and texts as str, others as bytes."""
+    out: dict[int, Any] = {}
+    pos, end = 0, len(raw)
+    while pos + 8 <= end:
+        group, element, length = _ELEMENT_HEADER.unpack_from(raw, pos)
+        pos += 8
+        value = raw[pos : pos + length]
+        if group != 0x0000 or len(value) != length:
+            raise AssociationAborted("malformed command set")
+        pos += length
+        if element in _US_ELEMENTS and length == 2:
+            out[element] = _US.unpack(value)[0]
+        elif element in _TEXT_ELEMENTS:
+            out[element] = value.decode("ascii", "replace").rstrip("\x00 ")
+        else:
+            out[element] = value
+    return out
+
+
+_US_ELEMENTS = frozenset({0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1031})
+_TEXT_ELEMENTS = frozenset({0x0002, 0x1000, 0x1030})
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
+
+
+def _even(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _command(elements: list[bytes]) -> bytes:
+    body = b"".join(elements)
+    return _element(0x0000, _UL.pack(len(body))) + body
+
+
+def _store_response(sop_class: str, sop_instance: str, message_id: int, status: int, comment: str | None) -> bytes:
+    """C-STORE-RSP command set (PS3.7 9.3.1.2)."""
+    elements = [
+        _element(0x0002, _even(sop_class.encode("ascii"), b"\x00")),
+        _element(0x0100, _US.pack(C_STORE_RSP)),
+        _element(0x0120, _US.pack(message_id)),
+        _element(0x0800, _US.pack(NO_DATA_SET)),
+        _element(0x0900, _US.pack(status)),
+    ]
+    if comment:
+        elements.append(_element(0x0902, _even(comment[:64].encode("ascii", "replace"), b" ")))
+    elements.append(_element(0x1000, _even(sop_instance.encode("ascii"), b"\x00")))
+    return _command(elements)
+
+
+def _echo_response(message_id: int) -> bytes:
+    """C-ECHO-RSP command set (PS3.7 9.3.5.2)."""
+    return _command([
+        _element(0x0002, _even(VERIFICATION.encode("ascii"), b"\x00")),
+        _element(0x0100, _US.pack(C_ECHO_RSP)),
+        _element(0x0120, _US.pack(message_id)),
+        _element(0x0800, _US.pack(NO_DATA_SET)),
+        _element(0x0900, _US.pack(0x0000)),
+    ])
+
+
+def peek_associate_request(sock: socket.socket, timeout: float | None) -> tuple[int, A_ASSOCIATE_RQ] | None:
+    """The first PDU, if it is an A-ASSOCIATE-RQ pynetdicom can decode, without consuming it:
+    (its length in bytes, the PDU). None leaves the connection to pynetdicom as it came."""
+    sock.settimeout(timeout)
+    try:
+        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(header) < 6 or header[0] != 0x01:
+            return None
+        length = 6 + _PDU_HEADER.unpack(header)[1]
+        if length > _MAX_ASSOCIATE_RQ:
+            return None
+        raw = sock.recv(length, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(raw) < length:
+            return None
+        pdu = A_ASSOCIATE_RQ()
+        pdu.decode(raw)
+        return length, pdu
+    except (OSError, ValueError, struct.error, TypeError, AttributeError, IndexError, KeyError):
+        return None  # pynetdicom reads it again and answers as the protocol says
+
+
+def storage_request_handler(associations: StorageAssociations, pynetdicom_active: Callable[[], int]) -> Any:
+    """A pynetdicom request handler class that serves storage associations itself (see module doc)."""
+
+    class StorageRequestHandler(RequestHandler):
+        def handle(self) -> None:
+            sock = self.request
+            if not isinstance(sock, socket.socket) or type(sock) is not socket.socket:
+                return super().handle()  # TLS: pynetdicom's own path (peeking needs the plain socket)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            blocking = sock.gettimeout()
+            peeked = peek_associate_request(sock, self.ae.acse_timeout)
+            if peeked is None or not associations.can_serve(peeked[1]):
+                sock.settimeout(blocking)
+                return super().handle()
+            try:
+                associations.serve(sock, self.client_address[0], peeked[0], peeked[1], pynetdicom_active())
+            except (AssociationAborted, OSError) as exc:
+                log.info("storage association from %s failed (%s)", self.client_address[0], type(exc).__name__)
+            finally:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    return StorageRequestHandler

@@ -1,0 +1,158 @@
+"""A write-ahead journal that makes a received instance durable with one sync into preallocated space.
+
+A C-STORE may be answered only once its instance survives a power cut. Writing it as its own file
+durably takes two syncs (the file, then its folder for the rename): ~0.75 ms here, the largest cost
+of a C-STORE once the protocol is fast. Appending it to a journal segment whose blocks are already
+allocated and written takes one ``fdatasync`` of data only (~0.25 ms: no metadata changes). The
+instance file is then written and renamed into place *without* syncs; the journal covers it until
+the next checkpoint, which syncs the file system once (``syncfs``) and recycles the segment.
+
+Concurrent associations share syncs (group commit): a writer whose record was already covered by
+another thread's ``fdatasync`` returns without one.
+
+Layout: one segment file of ``segment_bytes``, zero-filled once when created. A 64-byte header holds
+the magic and the segment's generation; records follow: magic, generation, payload length, CRC-32,
+name length, the file's path relative to the storage folder, and the Part 10 bytes. Replay reads
+records of the current generation until the first that does not check out (the torn tail of a
+crash, or an older generation's leftovers), so a recycled segment is never zeroed again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_MAGIC = b"MBJSEG01"
+_RECORD_MAGIC = b"MBJR"
+_SEGMENT_HEADER = struct.Struct("<8sQ")
+_RECORD_HEADER = struct.Struct("<4sQIIH")
+_HEADER_BYTES = 64
+_ZERO_CHUNK = 1 << 20
+
+
+class ReceiveJournal:
+    """The journal in ``folder``; ``open()`` before use, ``close()`` after. Thread-safe."""
+
+    def __init__(self, folder: Path, segment_bytes: int = 64 << 20) -> None:
+        self.folder = folder
+        self.segment_bytes = segment_bytes
+        self.path = folder / "receive.journal"
+        self._fd = -1
+        self._generation = 0
+        self._offset = _HEADER_BYTES
+        self._written = 0  # bytes ever appended (monotonic): what a sync must cover
+        self._synced = 0
+        self._lock = threading.Lock()  # reservation and write of a record, rotation
+        self._sync_lock = threading.Lock()
+        self._syncfs = _syncfs_function()
+
+    def largest_record(self) -> int:
+        """Instances above this size are written durably on their own instead (a journal sized for
+        thousands of ordinary instances should not be recycled for one huge one)."""
+        return self.segment_bytes // 8
+
+    def open(self) -> Iterator[tuple[str, bytes]]:
+        """Open (creating and zero-filling on first use) and yield the records a previous run left
+        unchecked, oldest first, as (relative path, Part 10 bytes). The caller restores them, then
+        calls :meth:`checkpoint`."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size < self.segment_bytes
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if fresh:
+            self._zero_fill()
+            self._start_generation(1)
+            return iter(())
+        header = os.pread(self._fd, _SEGMENT_HEADER.size, 0)
+        magic, generation = _SEGMENT_HEADER.unpack(header)
+        if magic != _SEGMENT_MAGIC:
+            raise RuntimeError(f"{self.path} is not a MedBridge receive journal; move it away and restart")
+        self._generation = generation
+        return self._records(generation)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def append(self, relative_path: str, payload: bytes, before_reuse: Callable[[], None] | None = None) -> None:
+        """Make ``payload`` durable under ``relative_path``; returns once it is on stable storage.
+        When the segment is full, the file system is synced and the segment recycled first."""
+        name = relative_path.encode("utf-8")
+        size = _RECORD_HEADER.size + len(name) + len(payload)
+        with self._lock:
+            if self._offset + size > self.segment_bytes:
+                self._recycle()
+            header = _RECORD_HEADER.pack(_RECORD_MAGIC, self._generation, len(payload), zlib.crc32(payload), len(name))
+            os.pwrite(self._fd, b"".join((header, name, payload)), self._offset)
+            self._offset += size
+            self._written += size
+            end = self._written
+        with self._sync_lock:
+            if self._synced >= end:
+                return  # another writer's sync, begun after our write, covered it
+            target = self._written
+            os.fdatasync(self._fd)
+            self._synced = target
+
+    def checkpoint(self) -> None:
+        """Sync everything written since the last checkpoint, then start the segment afresh."""
+        with self._lock:
+            self._recycle()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _recycle(self) -> None:
+        """Under ``_lock``: the files the records cover are synced, so the records can go."""
+        self._sync_file_system()
+        self._start_generation(self._generation + 1)
+
+    def _start_generation(self, generation: int) -> None:
+        os.pwrite(self._fd, _SEGMENT_HEADER.pack(_SEGMENT_MAGIC, generation).ljust(_HEADER_BYTES, b"\0"), 0)
+        os.fdatasync(self._fd)
+        self._generation = generation
+        self._offset = _HEADER_BYTES
+
+    def _sync_file_system(self) -> None:
+        if self._syncfs is None or self._syncfs(self._fd) != 0:
+            os.sync()
+
+    def _zero_fill(self) -> None:
+        # Written blocks, not fallocate's unwritten extents: a later overwrite then changes no
+        # metadata, so fdatasync flushes data alone (~2x cheaper than a sync that converts extents)
+        chunk = bytes(_ZERO_CHUNK)
+        for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
+            os.pwrite(self._fd, chunk[: min(_ZERO_CHUNK, self.segment_bytes - offset)], offset)
+        os.fsync(self._fd)
+
+    def _records(self, generation: int) -> Iterator[tuple[str, bytes]]:
+        offset = _HEADER_BYTES
+        while offset + _RECORD_HEADER.size <= self.segment_bytes:
+            magic, gen, length, crc, name_length = _RECORD_HEADER.unpack(
+                os.pread(self._fd, _RECORD_HEADER.size, offset))
+            if magic != _RECORD_MAGIC or gen != generation:
+                break
+            start = offset + _RECORD_HEADER.size
+            body = os.pread(self._fd, name_length + length, start)
+            payload = body[name_length:]
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                break  # the torn tail of a crash: never acknowledged
+            yield body[:name_length].decode("utf-8"), payload
+            offset = start + name_length + length
+        self._offset = offset
+
+
+def _syncfs_function() -> Callable[[int], int] | None:
+    """Linux ``syncfs(2)``: syncs only the file system holding the journal (``os.sync`` elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
