@@ -26,7 +26,7 @@ from integration.dicom_journal import ReceiveJournal
 from integration.dicom_scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
-from integration.store import DicomInstance, Store
+from integration.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +139,19 @@ class InstanceIngest:
             else:
                 _write_durably(tmp, part10)
             stored = self.store.add_instance(
-                DicomInstance(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=facts.series_instance_uid,
-                    sop_class_uid=facts.sop_class_uid,
-                    transfer_syntax_uid=transfer_syntax,
-                    modality=facts.modality,
-                    patient_id=facts.patient_id,
-                    is_image=facts.is_image,
-                    path=str(final),
-                    size=len(part10),
+                {
+                    "sop_instance_uid": sop_uid,
+                    "study_instance_uid": study_uid,
+                    "series_instance_uid": facts.series_instance_uid,
+                    "sop_class_uid": facts.sop_class_uid,
+                    "transfer_syntax_uid": transfer_syntax,
+                    "modality": facts.modality,
+                    "patient_id": facts.patient_id,
+                    "is_image": facts.is_image,
+                    "path": str(final),
+                    "size": len(part10),
                     **facts.index,
-                ),
+                },
                 place_file=(lambda: os.replace(tmp, final)) if journaled else (lambda: _rename_durably(tmp, final)),
             )
         except (OSError, StoreUnavailableError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
@@ -241,6 +241,32 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.close()
 
 
+class _CompiledStatement:
+    """A Core statement compiled once for the dialect, run on a DBAPI cursor: ``parameters()`` gives
+    the driver's parameters (positional or named, as its paramstyle wants) with every bound value
+    passed through the column type's bind processor, as ``Connection.execute`` would."""
+
+    def __init__(self, statement: Any, dialect: Any, keys: list[str]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        self.sql = str(compiled)
+        self._compiled = compiled
+        self._order: Sequence[str] | None = compiled.positiontup if compiled.positional else None
+        self._processors = {
+            name: processor
+            for name, bind in compiled.binds.items()
+            if (processor := bind.type._cached_bind_processor(dialect)) is not None
+        }
+
+    def parameters(self, values: Mapping[str, Any]) -> Any:
+        params = self._compiled.construct_params(values, _check=False)
+        for name, processor in self._processors.items():
+            if name in params:
+                params[name] = processor(params[name])
+        if self._order is not None:
+            return tuple(params[name] for name in self._order)
+        return params
+
+
 class Store:
     """Thread-safe facade over the database. Every public method is one transaction."""
 
@@ -441,29 +467,43 @@ class Store:
         return result.rowcount == 1  # type: ignore[attr-defined]
 
     # DICOM -----------------------------------------------------------------------------------
-    def add_instance(self, inst: DicomInstance, place_file: Callable[[], None]) -> bool:
-        """Record an instance in one transaction; False when that SOP Instance UID is already held
-        (the first is kept). ``place_file`` moves the durable file into place just before the commit,
-        so a row never points at a missing file.
+    def add_instance(self, values: Mapping[str, Any], place_file: Callable[[], None]) -> bool:
+        """Record an instance (``values``: ``DicomInstance`` column values) in one transaction; False
+        when that SOP Instance UID is already held (the first is kept). ``place_file`` moves the file
+        into place just before the commit, so a row never points at a missing file.
 
-        Core statements rather than the ORM: this runs once per C-STORE, and an upsert on each
-        table is a third of the cost of a session's get-then-add.
+        This runs once per C-STORE, so its two statements (the insert, and the upsert that bumps the
+        study's tracker) are compiled once and run on the DBAPI cursor with SQLAlchemy's own bind
+        processors: a quarter of the cost of ``Connection.execute`` here.
         """
-        values = {c.key: v for c in DicomInstance.__table__.columns if (v := getattr(inst, c.key)) is not None}
-        values.setdefault("received_at", utcnow())
         insert, touch = self._instance_statements()
+        row = {**values, "received_at": values.get("received_at") or utcnow()}
+        dbapi_error = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
         try:
             with self.engine.begin() as conn:
-                if conn.execute(insert, values).first() is None:  # RETURNING gives no row on a conflict
-                    return False
-                place_file()
-                conn.execute(touch, {"kind": "study", "key": inst.study_instance_uid, "now": time.time()})
+                cursor = conn.connection.cursor()
+                try:
+                    cursor.execute(insert.sql, insert.parameters(row))
+                    if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
+                        return False
+                    place_file()
+                    cursor.execute(touch.sql, touch.parameters(
+                        {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
+                finally:
+                    cursor.close()
             return True
-        except OperationalError as exc:
-            raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+        except (OperationalError, dbapi_error) as exc:
+            raise StoreUnavailableError(f"database unavailable: {getattr(exc, 'orig', exc)}") from exc
 
-    @cache  # noqa: B019 - one Store per process; statements are built once, not per instance
-    def _instance_statements(self) -> tuple[Any, Any]:
+    @cache  # noqa: B019 - one Store per process; compiled once, not per instance
+    def _instance_statements(self) -> tuple[_CompiledStatement, _CompiledStatement]:
+        insert, touch = self._instance_core_statements()
+        # dicom_json stays NULL until first use (see dicom_query.QueryEngine.with_json)
+        columns = [c.key for c in DicomInstance.__table__.columns if c.key != "dicom_json"]
+        return (_CompiledStatement(insert, self.engine.dialect, columns),
+                _CompiledStatement(touch, self.engine.dialect, ["kind", "key", "now"]))
+
+    def _instance_core_statements(self) -> tuple[Any, Any]:
         """INSERT of an instance (nothing on a duplicate) and the upsert that bumps its study's tracker."""
         instances, trackers = DicomInstance.__table__, ChangeTracker.__table__
         insert = (
