@@ -130,30 +130,29 @@ class InstanceIngest:
         folder = self.storage_dir / uid_hash(study_uid)
         final = folder / f"{sop_uid}.dcm"
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
-        journaled = self.journal is not None and len(part10) <= self.journal.largest_record()
+        values = {
+            "sop_instance_uid": sop_uid,
+            "study_instance_uid": study_uid,
+            "series_instance_uid": facts.series_instance_uid,
+            "sop_class_uid": facts.sop_class_uid,
+            "transfer_syntax_uid": transfer_syntax,
+            "modality": facts.modality,
+            "patient_id": facts.patient_id,
+            "is_image": facts.is_image,
+            "path": str(final),
+            "size": len(part10),
+            **facts.index,
+        }
+        journal = self.journal if self.journal is not None and len(part10) <= self.journal.largest_record() else None
         try:
-            if journaled:
+            if journal is not None:
                 # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
                 _write(tmp, part10)
-                self.journal.append(f"{folder.name}/{final.name}", part10)  # type: ignore[union-attr]
+                with journal.covering(f"{folder.name}/{final.name}", part10):
+                    stored = self.store.add_instance(values, place_file=lambda: os.replace(tmp, final))
             else:
                 _write_durably(tmp, part10)
-            stored = self.store.add_instance(
-                {
-                    "sop_instance_uid": sop_uid,
-                    "study_instance_uid": study_uid,
-                    "series_instance_uid": facts.series_instance_uid,
-                    "sop_class_uid": facts.sop_class_uid,
-                    "transfer_syntax_uid": transfer_syntax,
-                    "modality": facts.modality,
-                    "patient_id": facts.patient_id,
-                    "is_image": facts.is_image,
-                    "path": str(final),
-                    "size": len(part10),
-                    **facts.index,
-                },
-                place_file=(lambda: os.replace(tmp, final)) if journaled else (lambda: _rename_durably(tmp, final)),
-            )
+                stored = self.store.add_instance(values, place_file=lambda: _rename_durably(tmp, final))
         except (OSError, StoreUnavailableError) as exc:
             log.error("instance %s not stored: %s", uid_hash(sop_uid), type(exc).__name__)
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, sop_uid, study_uid)
@@ -161,7 +160,7 @@ class InstanceIngest:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # already renamed, or never written
         if stored:
-            log.info("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
+            log.debug("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
         else:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)

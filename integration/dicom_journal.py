@@ -8,7 +8,8 @@ instance file is then written and renamed into place *without* syncs; the journa
 the next checkpoint, which syncs the file system once (``syncfs``) and recycles the segment.
 
 Concurrent associations share syncs (group commit): a writer whose record was already covered by
-another thread's ``fdatasync`` returns without one.
+another thread's ``fdatasync`` returns without one. A checkpoint waits until every journaled
+instance is in place (``covering``), so the sync it does covers them all.
 
 Layout: one segment file of ``segment_bytes``, zero-filled once when created. A 64-byte header holds
 the magic and the segment's generation; records follow: magic, generation, payload length, CRC-32,
@@ -27,6 +28,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class ReceiveJournal:
         self._synced = 0
         self._lock = threading.Lock()  # reservation and write of a record, rotation
         self._sync_lock = threading.Lock()
+        self._drained = threading.Condition()  # guards _in_flight: records whose files are not placed yet
+        self._in_flight = 0
         self._syncfs = _syncfs_function()
 
     def largest_record(self) -> int:
@@ -83,9 +87,20 @@ class ReceiveJournal:
             os.close(self._fd)
             self._fd = -1
 
-    def append(self, relative_path: str, payload: bytes, before_reuse: Callable[[], None] | None = None) -> None:
-        """Make ``payload`` durable under ``relative_path``; returns once it is on stable storage.
-        When the segment is full, the file system is synced and the segment recycled first."""
+    @contextmanager
+    def covering(self, relative_path: str, payload: bytes) -> Iterator[None]:
+        """Make ``payload`` durable under ``relative_path`` (on entry, the record is on stable
+        storage); the caller places the file and commits its row inside the block. A checkpoint
+        waits for open blocks: it may drop a record only once its file is in place to be synced."""
+        self._append(relative_path, payload)
+        try:
+            yield
+        finally:
+            with self._drained:
+                self._in_flight -= 1
+                self._drained.notify_all()
+
+    def _append(self, relative_path: str, payload: bytes) -> None:
         name = relative_path.encode("utf-8")
         size = _RECORD_HEADER.size + len(name) + len(payload)
         with self._lock:
@@ -96,12 +111,20 @@ class ReceiveJournal:
             self._offset += size
             self._written += size
             end = self._written
-        with self._sync_lock:
-            if self._synced >= end:
-                return  # another writer's sync, begun after our write, covered it
-            target = self._written
-            os.fdatasync(self._fd)
-            self._synced = target
+            with self._drained:
+                self._in_flight += 1
+        try:
+            with self._sync_lock:
+                if self._synced >= end:
+                    return  # another writer's sync, begun after our write, covered it
+                target = self._written
+                os.fdatasync(self._fd)
+                self._synced = target
+        except BaseException:
+            with self._drained:
+                self._in_flight -= 1
+                self._drained.notify_all()
+            raise
 
     def checkpoint(self) -> None:
         """Sync everything written since the last checkpoint, then start the segment afresh."""
@@ -110,7 +133,11 @@ class ReceiveJournal:
 
     # ---- internals ---------------------------------------------------------------------------
     def _recycle(self) -> None:
-        """Under ``_lock``: the files the records cover are synced, so the records can go."""
+        """Under ``_lock``: once the writers inside ``covering`` have placed their files, those
+        files are synced, so the records can go."""
+        with self._drained:
+            while self._in_flight:
+                self._drained.wait()
         self._sync_file_system()
         self._start_generation(self._generation + 1)
 

@@ -12,7 +12,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class DicomListener:
         self.tls_port = tls_port
         self._tls_server: Any = None
         self._studies_by_assoc: dict[int, set[str]] = defaultdict(set)
+        self._tally: dict[int, Counter[str]] = defaultdict(Counter)
         self._lock = threading.Lock()
         self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
         self.storage_associations: StorageAssociations | None = None
@@ -237,10 +238,13 @@ class DicomListener:
         ``association`` identifies the association, for :meth:`association_ended`."""
         part10 = part10_bytes(sop_class, sop_instance, transfer_syntax, calling_ae, data_set)
         outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance)
+        with self._lock:
+            tally = self._tally[association]
+            tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
+            if outcome.status == STATUS_SUCCESS and outcome.study_instance_uid:
+                self._studies_by_assoc[association].add(outcome.study_instance_uid)
         if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
             return outcome.status, None
-        with self._lock:
-            self._studies_by_assoc[association].add(outcome.study_instance_uid)
         if not outcome.stored and self.duplicate_status == "warning":
             # PS3.4 B.2.3 has no warning meant for duplicates; 0xB000 with an Error Comment is what
             # senders log and treat as stored, which is the truth: the instance is held, once
@@ -254,6 +258,11 @@ class DicomListener:
         """Released or aborted: the studies it sent are due now rather than after the quiet period."""
         with self._lock:
             studies = self._studies_by_assoc.pop(association, set())
+            tally = self._tally.pop(association, None)
+        if tally:
+            # one line per association, not per instance: a PACS may push thousands (counts carry no PHI)
+            log.info("association ended: %d stored, %d duplicate, %d refused in %d study(ies)",
+                     tally["stored"], tally["duplicate"], tally["refused"], len(studies))
         if studies:
             try:
                 self.store.expedite("study", sorted(studies), self.study_quiet_seconds)

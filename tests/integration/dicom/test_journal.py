@@ -8,6 +8,7 @@ a committed row). The next start replays the journal and restores both.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,16 @@ def ct_instances(n: int) -> list[tuple[str, bytes, bytes]]:
 SYNTAX = "1.2.840.10008.1.2.1"
 
 
+def journal_record(journal: ReceiveJournal, name: str, payload: bytes) -> None:
+    with journal.covering(name, payload):
+        pass  # the caller would place the file and commit its row here
+
+
 def test_journal_replays_unchecked_records_in_order_and_ignores_a_torn_tail(tmp_path: Path) -> None:
     journal = ReceiveJournal(tmp_path, segment_bytes=1 << 20)
     assert list(journal.open()) == []
-    journal.append("a/1.dcm", b"first")
-    journal.append("a/2.dcm", b"second" * 1000)
+    journal_record(journal, "a/1.dcm", b"first")
+    journal_record(journal, "a/2.dcm", b"second" * 1000)
     # a crash in the middle of the next record: its bytes are partly there, it was never acknowledged
     end = journal._offset
     os.pwrite(journal._fd, b"MBJR" + b"\x01" * 20, end)
@@ -58,7 +64,7 @@ def test_journal_replays_unchecked_records_in_order_and_ignores_a_torn_tail(tmp_
     reopened = ReceiveJournal(tmp_path, segment_bytes=1 << 20)
     assert list(reopened.open()) == [("a/1.dcm", b"first"), ("a/2.dcm", b"second" * 1000)]
     reopened.checkpoint()
-    reopened.append("b/3.dcm", b"third")
+    journal_record(reopened, "b/3.dcm", b"third")
     reopened.close()
 
     # after a checkpoint the older records are gone, though their bytes are still in the segment
@@ -71,12 +77,32 @@ def test_a_full_segment_is_recycled_after_syncing(tmp_path: Path) -> None:
     journal = ReceiveJournal(tmp_path, segment_bytes=64 << 10)
     list(journal.open())
     for i in range(40):  # 40 x 4 KiB does not fit in 64 KiB: the segment is recycled on the way
-        journal.append(f"s/{i}.dcm", bytes([i]) * 4096)
+        journal_record(journal, f"s/{i}.dcm", bytes([i]) * 4096)
     journal.close()
     replayed = list(ReceiveJournal(tmp_path, segment_bytes=64 << 10).open())
     assert replayed, "the records since the recycling are still journaled"
     assert [name for name, _ in replayed] == [f"s/{i}.dcm" for i in range(40 - len(replayed), 40)]
     assert all(payload == bytes([int(name[2:-4])]) * 4096 for name, payload in replayed)
+
+
+def test_recycling_waits_for_instances_still_being_placed(tmp_path: Path) -> None:
+    """A record may go only once its file is in place: the sync before recycling must cover it."""
+    journal = ReceiveJournal(tmp_path, segment_bytes=16 << 10)
+    list(journal.open())
+    second_done = threading.Event()
+
+    def second_writer() -> None:
+        journal_record(journal, "s/2.dcm", b"y" * 10_000)  # does not fit beside the first: recycles
+        second_done.set()
+
+    with journal.covering("s/1.dcm", b"x" * 10_000):
+        writer = threading.Thread(target=second_writer)
+        writer.start()
+        assert not second_done.wait(0.3), "recycled while the first instance was not yet in place"
+    assert second_done.wait(5)
+    writer.join()
+    journal.close()
+    assert [name for name, _ in ReceiveJournal(tmp_path, segment_bytes=16 << 10).open()] == ["s/2.dcm"]
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)

@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
@@ -198,3 +199,35 @@ def test_responses_fit_a_peer_that_takes_small_pdus(listener: DicomListener, sto
     status_at = command.index(b"\x00\x00\x00\x09\x02\x00\x00\x00")
     assert struct.unpack("<H", command[status_at + 8 : status_at + 10])[0] == 0x0000
     assert ds.SOPInstanceUID.encode() in command
+
+
+def test_parallel_associations_through_a_recycling_journal_store_everything_once(
+    store: Store, tmp_path: Path
+) -> None:
+    """Four storescu associations at once over a journal that fills and recycles several times:
+    group commit and recycling under concurrency lose nothing and store nothing twice."""
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID = generate_uid()
+    shares: list[list[str]] = [[] for _ in range(4)]
+    for i in range(40):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        shares[i % 4].append(str(path))
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, journal_bytes=1 << 20)  # ~25 instances a segment
+    lst.start()
+    try:
+        procs = [subprocess.Popen(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port), *share],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for share in shares]
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+        assert lst.storage_associations.accepted == 4  # type: ignore[union-attr]
+    finally:
+        lst.stop()
+    with store.session() as s:
+        rows = list(s.scalars(select(DicomInstance)))
+    assert len(rows) == 40 and len({r.sop_instance_uid for r in rows}) == 40
+    for row in rows:
+        assert Path(row.path).stat().st_size == row.size
