@@ -231,3 +231,25 @@ def test_parallel_associations_through_a_recycling_journal_store_everything_once
     assert len(rows) == 40 and len({r.sop_instance_uid for r in rows}) == 40
     for row in rows:
         assert Path(row.path).stat().st_size == row.size
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, max_associations=1)
+    lst.start()
+    try:
+        first = associate_raw(lst.port)
+        ae = AE(ae_title="SECOND")
+        ae.add_requested_context(CT_SOP_CLASS, EXPLICIT_LE)
+        second = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
+        assert second.is_rejected
+        assert second.acceptor.primitive.result == 0x02  # transient: try again later  # type: ignore[union-attr]
+        first.sendall(bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+        assert read_pdu(first)[0] == 0x06
+        first.close()
+        time.sleep(0.2)
+        third = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
+        assert third.is_established  # the slot is free again once the first is released
+        third.release()
+    finally:
+        lst.stop()
