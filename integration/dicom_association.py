@@ -101,6 +101,10 @@ class AssociationAborted(Exception):
     """The peer aborted, closed the connection, or broke the protocol."""
 
 
+class PduTooLong(AssociationAborted):
+    """A P-DATA-TF longer than the maximum we advertised: answered with A-ABORT."""
+
+
 class StorageAssociations:
     """Serves storage associations and tracks the open ones, so ``close_all()`` can end them."""
 
@@ -176,7 +180,7 @@ class _Association:
         context_id = 0
         try:
             while True:
-                pdu_type, body = _read_pdu(self.sock)
+                pdu_type, body = _read_pdu(self.sock, self.owner.config.max_pdu_bytes)
                 if pdu_type == 0x05:  # A-RELEASE-RQ
                     self.sock.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
                     return
@@ -206,7 +210,12 @@ class _Association:
                             self._dispatch(context_id, command_done, b"".join(data))
                             command_done = None
                             data.clear()
-        except (AssociationAborted, TimeoutError, OSError) as exc:
+        except PduTooLong:
+            self._abort(ABORT_INVALID_PARAMETER)
+        except TimeoutError:
+            self._abort(0x00)  # idle past the network timeout: A-ABORT, as pynetdicom does
+            log.info("storage association from %s idle past the network timeout: aborted", self.calling_ae)
+        except (AssociationAborted, OSError) as exc:
             log.info("storage association from %s ended without release (%s)", self.calling_ae, type(exc).__name__)
 
     def _accept(self) -> None:
@@ -285,6 +294,14 @@ def _associate_rj(result: int, source: int, reason: int) -> bytes:
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes. Memory grows with what arrives, not with what a PDU header claims."""
+    if n > _PREALLOCATE:
+        parts, left = [], n
+        while left:
+            part = _recv_exact(sock, min(left, _PREALLOCATE))
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -296,8 +313,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+_PREALLOCATE = 1 << 20
+
+
+def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
+    """The next PDU's type and body; a body over ``max_length`` (what we advertised; 0: no limit)
+    is a protocol violation (PS3.8 9.3.1)."""
     pdu_type, length = _PDU_HEADER.unpack(_recv_exact(sock, 6))
+    if max_length and pdu_type == 0x04 and length > max_length:
+        raise PduTooLong(f"P-DATA-TF of {length} bytes, {max_length} advertised")
     return pdu_type, _recv_exact(sock, length)
 
 

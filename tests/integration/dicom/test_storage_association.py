@@ -253,3 +253,17 @@ def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tm
         third.release()
     finally:
         lst.stop()
+
+
+def test_a_pdu_longer_than_advertised_is_aborted_without_reading_it(store: Store, tmp_path: Path) -> None:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, max_pdu_bytes=16384)
+    lst.start()
+    try:
+        sock = associate_raw(lst.port)
+        sock.sendall(struct.pack(">BxI", 0x04, 1 << 30) + b"\x00" * 100)  # claims 1 GiB
+        pdu_type, body = read_pdu(sock)
+        sock.close()
+        assert pdu_type == 0x07 and body[2:4] == b"\x02\x06"  # provider abort, invalid PDU parameter value
+    finally:
+        lst.stop()
