@@ -101,8 +101,12 @@ class AssociationAborted(Exception):
     """The peer aborted, closed the connection, or broke the protocol."""
 
 
-class PduTooLong(AssociationAborted):
-    """A P-DATA-TF longer than the maximum we advertised: answered with A-ABORT."""
+class ProtocolError(AssociationAborted):
+    """The peer broke the protocol: answered with an A-ABORT (service provider) giving ``reason``."""
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StorageAssociations:
@@ -187,12 +191,10 @@ class _Association:
                 if pdu_type == 0x07:  # A-ABORT
                     return
                 if pdu_type != 0x04:
-                    self._abort(ABORT_UNEXPECTED_PDU)
-                    return
+                    raise ProtocolError(f"PDU type 0x{pdu_type:02X} during data transfer", ABORT_UNEXPECTED_PDU)
                 for pdv_context, header, fragment in _pdvs(body):
                     if pdv_context not in self.contexts:
-                        self._abort(ABORT_INVALID_PARAMETER)
-                        return
+                        raise ProtocolError(f"PDV on presentation context {pdv_context}, which was not accepted")
                     if header & 0x01:  # command fragment
                         command += fragment
                         if header & 0x02:
@@ -203,15 +205,15 @@ class _Association:
                                 command_done = None
                     else:
                         if command_done is None or pdv_context != context_id:
-                            self._abort(ABORT_UNEXPECTED_PDU)  # a data set with no command before it
-                            return
+                            raise ProtocolError("a data set fragment with no command before it", ABORT_UNEXPECTED_PDU)
                         data.append(fragment)
                         if header & 0x02:
                             self._dispatch(context_id, command_done, b"".join(data))
                             command_done = None
                             data.clear()
-        except PduTooLong:
-            self._abort(ABORT_INVALID_PARAMETER)
+        except ProtocolError as exc:
+            log.warning("storage association from %s aborted: %s", self.calling_ae, exc)  # no data set content
+            self._abort(exc.reason)
         except TimeoutError:
             self._abort(0x00)  # idle past the network timeout: A-ABORT, as pynetdicom does
             log.info("storage association from %s idle past the network timeout: aborted", self.calling_ae)
@@ -258,8 +260,7 @@ class _Association:
         elif field == C_CANCEL_RQ:
             return  # nothing of ours is cancellable: C-STORE answers before the next request is read
         else:
-            self._abort(ABORT_UNEXPECTED_PDU)
-            raise AssociationAborted(f"unexpected DIMSE command 0x{field or 0:04X}")
+            raise ProtocolError(f"DIMSE command 0x{field or 0:04X} on a storage association", ABORT_UNEXPECTED_PDU)
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         """The command set as PDVs within the peer's maximum PDU length."""
@@ -308,7 +309,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while got < n:
         read = sock.recv_into(view[got:], n - got)
         if read == 0:
-            raise AssociationAborted("connection closed by the peer")
+            raise AssociationAborted("connection closed by the peer")  # nobody left to tell
         got += read
     return bytes(buf)
 
@@ -321,7 +322,7 @@ def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
     is a protocol violation (PS3.8 9.3.1)."""
     pdu_type, length = _PDU_HEADER.unpack(_recv_exact(sock, 6))
     if max_length and pdu_type == 0x04 and length > max_length:
-        raise PduTooLong(f"P-DATA-TF of {length} bytes, {max_length} advertised")
+        raise ProtocolError(f"P-DATA-TF of {length} bytes, {max_length} advertised")
     return pdu_type, _recv_exact(sock, length)
 
 
@@ -330,10 +331,10 @@ def _pdvs(body: bytes) -> Iterable[tuple[int, int, bytes]]:
     pos, end = 0, len(body)
     while pos < end:
         if pos + 6 > end:
-            raise AssociationAborted("PDV header cut short")
+            raise ProtocolError("PDV header cut short")
         length, context_id, header = _PDV_HEADER.unpack_from(body, pos)
         if length < 2 or pos + 4 + length > end:
-            raise AssociationAborted("PDV length beyond its PDU")
+            raise ProtocolError("PDV length beyond its PDU")
         yield context_id, header, body[pos + 6 : pos + 4 + length]
         pos += 4 + length
 
@@ -348,7 +349,7 @@ def _command_set(raw: bytes) -> dict[int, Any]:
         pos += 8
         value = raw[pos : pos + length]
         if group != 0x0000 or len(value) != length:
-            raise AssociationAborted("malformed command set")
+            raise ProtocolError("malformed command set")
         pos += length
         if element in _US_ELEMENTS and length == 2:
             out[element] = _US.unpack(value)[0]
