@@ -134,13 +134,13 @@ def bench_bare_pynetdicom(shares: list[list[Path]], work: Path) -> float:
         server.shutdown()
 
 
-async def bench_medbridge(shares: list[list[Path]], work: Path) -> float:
+async def bench_medbridge(shares: list[list[Path]], work: Path, processes: int = 1) -> float:
     from integration.runtime import Runtime
     from integration.settings import Settings
 
     settings = Settings(data_dir=work / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),
                         embedded_kafka_port=free_port(), kafka_bootstrap_servers="", viewer_enabled=False,
-                        workers="reports", database_url="")
+                        workers="reports", database_url="", dicom_processes=processes)
     runtime = Runtime(settings)
     await runtime.start()
     try:
@@ -153,6 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=1, help="associations at once, each with n/parallel files")
+    parser.add_argument("--dicom-processes", type=int, default=1,
+                        help="MedBridge listener processes sharing the port (MEDBRIDGE_DICOM_PROCESSES)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds; each round runs every receiver once, in turn, and the median round counts")
     args = parser.parse_args()
@@ -169,7 +171,8 @@ def main() -> None:
             if orthanc is not None:
                 seconds.setdefault("orthanc", []).append(orthanc)
             seconds.setdefault("bare pynetdicom SCP", []).append(bench_bare_pynetdicom(shares, here))
-            seconds.setdefault("medbridge", []).append(asyncio.run(bench_medbridge(shares, here)))
+            label = "medbridge" if args.dicom_processes == 1 else f"medbridge ({args.dicom_processes} processes)"
+            seconds.setdefault(label, []).append(asyncio.run(bench_medbridge(shares, here, args.dicom_processes)))
         base = args.n / statistics.median(seconds["storescp"])
         print(f"\n{args.n} instances of CT_small.dcm (39 KB) on {args.parallel} association(s), "
               f"storescu with TCP_NODELAY, median of {args.repeat} interleaved rounds\n")

@@ -112,9 +112,11 @@ class ProtocolError(AssociationAborted):
 class StorageAssociations:
     """Serves storage associations and tracks the open ones, so ``close_all()`` can end them."""
 
-    def __init__(self, service: StoreService, config: StorageAcceptorConfig) -> None:
+    def __init__(self, service: StoreService, config: StorageAcceptorConfig,
+                 on_accept: Callable[[], None] | None = None) -> None:
         self.service = service
         self.config = config
+        self.on_accept = on_accept  # told of each association accepted (a counter across processes)
         self._open: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self.accepted = 0  # associations this path accepted (the rest were pynetdicom's or refused)
@@ -156,6 +158,8 @@ class StorageAssociations:
         with self._lock:
             self._open[id(association)] = sock
             self.accepted += 1
+        if self.on_accept is not None:
+            self.on_accept()
         try:
             association.run()
         finally:

@@ -182,6 +182,22 @@ class InstanceIngest:
             log.warning("restored %d instance(s) from the receive journal after an unclean stop", restored)
         return restored
 
+    def recover_others(self) -> int:
+        """Replay and checkpoint the other journals beside this one (listener processes that ran
+        before and will not start again); call before those processes start."""
+        if self.journal is None or not self.journal.folder.exists():
+            return 0
+        restored = 0
+        own = self.journal
+        for other in own.siblings():
+            self.journal = other
+            try:
+                restored += self.recover()
+            finally:
+                other.close()
+                self.journal = own
+        return restored
+
     def _restore(self, final: Path, part10: bytes) -> bool:
         row = self.store.get_instance(final.stem)
         if row is None:

@@ -44,10 +44,10 @@ _ZERO_CHUNK = 1 << 20
 class ReceiveJournal:
     """The journal in ``folder``; ``open()`` before use, ``close()`` after. Thread-safe."""
 
-    def __init__(self, folder: Path, segment_bytes: int = 64 << 20) -> None:
+    def __init__(self, folder: Path, segment_bytes: int = 64 << 20, *, name: str = "receive") -> None:
         self.folder = folder
         self.segment_bytes = segment_bytes
-        self.path = folder / "receive.journal"
+        self.path = folder / f"{name}.journal"  # one writer process per journal file
         self._fd = -1
         self._generation = 0
         self._offset = _HEADER_BYTES
@@ -58,6 +58,11 @@ class ReceiveJournal:
         self._drained = threading.Condition()  # guards _in_flight: records whose files are not placed yet
         self._in_flight = 0
         self._syncfs = _syncfs_function()
+
+    def siblings(self) -> list[ReceiveJournal]:
+        """The other journals in the folder (other listener processes'), as journals of their own size."""
+        return [ReceiveJournal(self.folder, path.stat().st_size, name=path.stem)
+                for path in sorted(self.folder.glob("*.journal")) if path != self.path]
 
     def largest_record(self) -> int:
         """Instances above this size are written durably on their own instead (a journal sized for

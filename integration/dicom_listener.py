@@ -13,6 +13,7 @@ import ssl
 import struct
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from integration.dicom_ingest import STATUS_SUCCESS, InstanceIngest
 from integration.dicom_journal import ReceiveJournal
 from integration.dicom_qr import QueryRetrieveSCP
 from integration.errors import StoreUnavailableError
-from integration.settings import DicomPeer
+from integration.settings import DicomPeer, Settings
 from integration.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class DicomListener:
         tls_port: int | None = None,
         on_study_ready: Any = None,
         journal_bytes: int = 16 << 20,
+        process_index: int = 0,
+        share_port: bool = False,
     ) -> None:
         self.store = store
         self.storage_dir = storage_dir
@@ -81,7 +84,12 @@ class DicomListener:
         self.ae_title = ae_title
         self.study_quiet_seconds = study_quiet_seconds
         # the journal lives beside the files it covers: one syncfs at its checkpoint must reach both
-        journal = ReceiveJournal(storage_dir / ".journal", journal_bytes) if journal_bytes else None
+        # one journal per listener process (a journal has one writer); process 0 keeps the plain name
+        name = "receive" if process_index == 0 else f"receive-{process_index}"
+        journal = ReceiveJournal(storage_dir / ".journal", journal_bytes, name=name) if journal_bytes else None
+        self.process_index = process_index
+        # several listener processes on one port (SO_REUSEPORT): the kernel spreads the associations
+        self.share_port = share_port
         self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal)
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
@@ -100,6 +108,23 @@ class DicomListener:
         self._lock = threading.Lock()
         self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
         self.storage_associations: StorageAssociations | None = None
+        self.on_storage_association: Callable[[], None] | None = None
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, s: Settings, *, port: int | None = None, tls: ssl.SSLContext | None = None,
+        on_study_ready: Callable[[], None] | None = None, process_index: int = 0,
+    ) -> DicomListener:
+        """The listener the settings describe; ``process_index`` > 0 for the extra listener
+        processes (``MEDBRIDGE_DICOM_PROCESSES``), which share the port and have no TLS port."""
+        return cls(
+            store, s.dicom_dir, host=s.dicom_host, port=s.dicom_port if port is None else port,
+            ae_title=s.dicom_ae_title, study_quiet_seconds=s.study_quiet_seconds, min_free_bytes=s.min_free_bytes,
+            max_associations=s.max_associations, max_pdu_bytes=s.max_pdu_bytes, journal_bytes=s.dicom_journal_bytes,
+            peers=s.dicom_peers, allow_any_caller=s.dicom_allow_any_caller, duplicate_status=s.dicom_duplicate_status,
+            tls=tls, tls_port=s.dicom_tls_port if tls is not None else None, on_study_ready=on_study_ready,
+            process_index=process_index, share_port=s.dicom_processes > 1,
+        )
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -117,6 +142,9 @@ class DicomListener:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         self.ingest.recover()
+        if self.process_index == 0:
+            # journals of listener processes that will not start again (fewer processes than before)
+            self.ingest.recover_others()
         ae = self._build_ae()
         self.storage_associations = StorageAssociations(self, StorageAcceptorConfig(
             contexts=ae.supported_contexts,
@@ -126,7 +154,7 @@ class DicomListener:
             max_associations=self.max_associations,
             implementation_class_uid=MEDBRIDGE_IMPLEMENTATION_UID,
             implementation_version_name=MEDBRIDGE_IMPLEMENTATION_VERSION,
-        ))
+        ), on_accept=self.on_storage_association)
         handlers = [
             (evt.EVT_CONN_OPEN, self._handle_conn_open),
             (evt.EVT_REQUESTED, self._handle_requested),
@@ -139,7 +167,8 @@ class DicomListener:
         # Storage-only associations are served by dicom_association on the accepting thread; the
         # others (query/retrieve, user identity, ...) by pynetdicom, behind the same port
         self._server = ae.make_server(
-            (self.host, self.port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+            (self.host, self.port), evt_handlers=handlers,
+            server_class=_SharedPortServer if self.share_port else ThreadedAssociationServer,
             request_handler=storage_request_handler(self.storage_associations, lambda: len(ae.active_associations)),
         )
         ae._servers.append(self._server)  # as start_server(block=False) does, so shutdown() finds it
@@ -271,6 +300,14 @@ class DicomListener:
                 return
             if self._on_study_ready:
                 self._on_study_ready()
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """A pynetdicom server whose port MedBridge's other listener processes bind too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
 
 
 def _addresses_of(host: str) -> set[str]:

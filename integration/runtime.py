@@ -24,6 +24,7 @@ from integration.app import create_app
 from integration.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
 from integration.dicom_export_queue import DicomExportWorker, ExportPolicy, export_peers
 from integration.dicom_listener import DicomListener, tls_context
+from integration.dicom_processes import ListenerProcesses
 from integration.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.services import Services
 from integration.settings import Settings
@@ -151,28 +152,18 @@ class Runtime:
             await self._start_worker("dicom_exporter", DicomExportWorker(self.store, options, s.dicom_peers, policy))
 
         if s.dicom_enabled:
-            self.dicom = DicomListener(
-                self.store,
-                s.dicom_dir,
-                host=s.dicom_host,
-                port=s.dicom_port,
-                ae_title=s.dicom_ae_title,
-                study_quiet_seconds=s.study_quiet_seconds,
-                min_free_bytes=s.min_free_bytes,
-                max_associations=s.max_associations,
-                max_pdu_bytes=s.max_pdu_bytes,
-                journal_bytes=s.dicom_journal_bytes,
-                peers=s.dicom_peers,
-                allow_any_caller=s.dicom_allow_any_caller,
-                duplicate_status=s.dicom_duplicate_status,
-                tls=dicom_tls(s),
-                tls_port=s.dicom_tls_port,
-                on_study_ready=publishers["study"].wake,
+            self.dicom = DicomListener.from_settings(
+                self.store, s, tls=dicom_tls(s), on_study_ready=publishers["study"].wake
             )
             await asyncio.to_thread(self.dicom.start)
             self.components.append(("DICOM listener", self.dicom.stop))
             self.health["dicom_listener"] = self.dicom.running
             self.health["disk_space"] = self.dicom.has_free_space
+            if s.dicom_processes > 1:
+                more = ListenerProcesses(s, s.dicom_processes, self.dicom.port)
+                await asyncio.to_thread(more.start)
+                self.components.append(("DICOM listener processes", more.stop))
+                self.health["dicom_listener_processes"] = more.alive
 
         services = Services(s, self.store, self.health, self.notify_outbox)
         services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Receive journal (integration/dicom_journal.py): a C-STORE is durable after one sync into it;
     # 0 writes each instance durably on its own (two syncs). Instances above 1/8 of it bypass it.
     dicom_journal_bytes: int = Field(64 * 1024**2, ge=0, alias="MEDBRIDGE_DICOM_JOURNAL_BYTES")
+    # DICOM listener processes sharing the port (integration/dicom_processes.py): one per core for
+    # parallel associations; 1 keeps the listener in the main process only
+    dicom_processes: int = Field(1, ge=1, le=64, alias="MEDBRIDGE_DICOM_PROCESSES")
     record_quiet_seconds: float = Field(2.0, alias="MEDBRIDGE_RECORD_QUIET_SECONDS")
 
     # HTTP edge

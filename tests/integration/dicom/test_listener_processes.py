@@ -1,0 +1,86 @@
+"""Several DICOM listener processes on one port (MEDBRIDGE_DICOM_PROCESSES): associations spread over
+them, each instance is stored once, and a process that dies leaves a journal the next start replays."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from sqlalchemy import delete, func, select
+
+from integration.dicom_listener import DicomListener
+from integration.dicom_processes import ListenerProcesses
+from integration.settings import Settings
+from integration.store import DicomInstance, Store
+from tests.conftest import free_port
+
+
+def make_shares(folder: Path, associations: int, per_association: int) -> list[list[str]]:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    shares: list[list[str]] = []
+    for a in range(associations):
+        share = []
+        for i in range(per_association):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            path = folder / f"{a}-{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            share.append(str(path))
+        shares.append(share)
+    return shares
+
+
+def send_in_parallel(port: int, shares: list[list[str]]) -> None:
+    procs = [subprocess.Popen(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(port), *share],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for share in shares]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def count_rows(store: Store) -> int:
+    with store.session() as s:
+        return int(s.scalar(select(func.count()).select_from(DicomInstance)) or 0)
+
+
+def test_two_processes_share_the_port_and_a_killed_ones_journal_is_replayed(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
+                        dicom_processes=2, dicom_journal_bytes=8 << 20, study_quiet_seconds=60,
+                        database_url=f"sqlite:///{tmp_path / 'store.db'}")
+    store = Store(settings.effective_database_url)
+    store.start()
+    main = DicomListener.from_settings(store, settings)
+    main.start()
+    more = ListenerProcesses(settings, 2, main.port)
+    more.start()
+    try:
+        shares = make_shares(tmp_path, associations=16, per_association=2)
+        send_in_parallel(main.port, shares)
+        served_by_main = main.storage_associations.accepted  # type: ignore[union-attr]
+        served_by_child = more.accepted[1]
+        assert served_by_main + served_by_child == 16
+        assert served_by_main > 0 and served_by_child > 0, "the kernel spread the associations over both"
+        assert count_rows(store) == 32
+        # the child dies without a checkpoint; then the store loses every row and file (the worst case)
+        os.kill(more._processes[0].pid, signal.SIGKILL)
+        more._processes[0].join(10)
+    finally:
+        more.stop()
+        main.stop()
+    with store.session() as s:
+        s.execute(delete(DicomInstance))
+    for path in settings.dicom_dir.rglob("*.dcm"):
+        path.unlink()
+
+    # one process now: its start replays the dead process's journal as well as its own (checkpointed)
+    single = DicomListener.from_settings(store, settings.model_copy(update={"dicom_processes": 1}))
+    single.start()
+    single.stop()
+    store.stop()
+    assert count_rows(store) == 2 * served_by_child
+    restored = list(settings.dicom_dir.rglob("*.dcm"))
+    assert len(restored) == 2 * served_by_child
