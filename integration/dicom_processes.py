@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import threading
 from typing import Any
@@ -74,6 +75,11 @@ def serve_listener(config: dict[str, Any], index: int, port: int, ready: Any, ac
     settings = Settings.model_validate(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        # a parent killed outright must not leave us on the port, writing a journal its successor replays
+        threading.Thread(target=lambda: (multiprocessing.connection.wait([parent.sentinel]), stop.set()),
+                         name="parent-watch", daemon=True).start()
     store = Store(settings.effective_database_url)
     store.start()
     listener = DicomListener.from_settings(store, settings, port=port, process_index=index)
