@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from integration import api, dicomweb, fhir_api, upstream
@@ -17,6 +18,13 @@ def create_app(services: Services) -> FastAPI:
         description="FHIR/DICOM integration with AI-assisted, clinician-reviewed DiagnosticReports.",
     )
     app.state.services = services
+    origins = [o.strip() for o in services.settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # a DICOMweb viewer such as OHIF served from another origin reads studies and frames from here
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["*"], expose_headers=["ETag", "Location", "Content-Location", "Warning"],
+        )
     fhir_api.install_exception_handlers(app)
     app.include_router(fhir_api.router)
     app.include_router(api.router)

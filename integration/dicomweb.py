@@ -256,10 +256,20 @@ def _qido_query(request: Request, level: str, path_keys: dict[str, str]) -> tupl
 
 def _qido(request: Request, services: Services, level: str, path_keys: dict[str, str]) -> Response:
     query, limit, offset, fuzzy = _qido_query(request, level, path_keys)
+    # at most MEDBRIDGE_QIDO_MAX_RESULTS per response, one more fetched to tell whether there are more
+    most = services.settings.qido_max_results
+    take = most if limit is None else min(limit, most)
     try:
-        matches = _engine(services).find(query, limit=limit, offset=offset)
+        matches = _engine(services).find(query, limit=take + 1, offset=offset)
     except QueryError as exc:
         raise HTTPException(400, str(exc)) from None
+    warnings = []
+    if len(matches) > take:
+        matches = matches[:take]
+        if limit is None or limit > most:
+            # the Warning PS3.18 8.3.4.4 prescribes; the client pages on with offset
+            warnings.append('299 MedBridge: "The number of results exceeded the maximum supported by the server. '
+                            'Additional results can be requested."')
     base = _base(request)
     for match in matches:
         url = f"{base}/studies/{match['0020000D']['Value'][0]}"
@@ -268,10 +278,10 @@ def _qido(request: Request, services: Services, level: str, path_keys: dict[str,
         if level == "IMAGE":
             url += f"/instances/{match['00080018']['Value'][0]}"
         match["00081190"] = {"vr": "UR", "Value": [url]}
-    headers = {}
     if fuzzy:
-        headers["Warning"] = '299 MedBridge: "The fuzzymatching parameter is not supported. Only literal matching ' \
-                             'has been performed."'
+        warnings.append('299 MedBridge: "The fuzzymatching parameter is not supported. Only literal matching '
+                        'has been performed."')
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
     log.info("QIDO-RS %s level: %d matches", level, len(matches))
     return _dicom_json([dict(sorted(m.items())) for m in matches], headers=headers)
 

@@ -255,3 +255,32 @@ def test_compressed_frames_are_decoded_for_a_client_that_takes_only_octet_stream
     assert data[:-2] == nm.pixel_array.tobytes()
     beyond = httpx.get(f"{url}/frames/2")
     assert beyond.status_code == 404 and "1 frame" in beyond.json()["detail"]
+
+
+def test_qido_answers_at_most_the_configured_number_with_the_standard_warning(store: Store, tmp_path: Path) -> None:
+    with serve_app(stack_settings(tmp_path, min_free_bytes=0, qido_max_results=2), store) as port:
+        base = f"http://127.0.0.1:{port}/dicomweb"
+        DICOMwebClient(url=base).store_instances([dcmread(p) for p in (CT_SMALL, MR_SMALL, RTPLAN, JPEG2K)])
+        first = httpx.get(f"{base}/studies")
+        assert first.status_code == 200 and len(first.json()) == 2
+        assert "exceeded the maximum supported by the server" in first.headers["Warning"]
+        rest = httpx.get(f"{base}/studies", params={"offset": 2})
+        assert len(rest.json()) == 2 and "Warning" not in rest.headers
+        assert uids(first.json()) | uids(rest.json()) == {dcmread(p).StudyInstanceUID
+                                                          for p in (CT_SMALL, MR_SMALL, RTPLAN, JPEG2K)}
+        one = httpx.get(f"{base}/studies", params={"limit": 1})
+        assert len(one.json()) == 1 and "Warning" not in one.headers  # the client asked for fewer
+
+
+def test_a_viewer_on_a_configured_origin_may_call_dicomweb_and_others_may_not(store: Store, tmp_path: Path) -> None:
+    viewer = "http://ohif.example:3000"
+    with serve_app(stack_settings(tmp_path, min_free_bytes=0, cors_origins=viewer), store) as port:
+        base = f"http://127.0.0.1:{port}/dicomweb"
+        preflight = httpx.options(f"{base}/studies", headers={
+            "Origin": viewer, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "accept"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == viewer
+        allowed = httpx.get(f"{base}/studies", headers={"Origin": viewer})
+        assert allowed.headers["access-control-allow-origin"] == viewer
+        other = httpx.get(f"{base}/studies", headers={"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
