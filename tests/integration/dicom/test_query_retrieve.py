@@ -335,3 +335,40 @@ def test_an_instance_missing_from_disk_is_a_failed_suboperation(listener: DicomL
     assert final.Status == 0xB000
     assert (final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (1, 1)
     assert len(list(archive.iterdir())) == 1
+
+
+def test_c_cancel_stops_a_long_c_find_with_fe00(listener: DicomListener, tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    paths = []
+    for i in range(150):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=120, env=DCMTK_ENV)
+    assert proc.returncode == 0, proc.stderr
+
+    ae = AE(ae_title="CANCELLER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    query.SeriesInstanceUID = ds.SeriesInstanceUID
+    query.SOPInstanceUID = ""
+    context_id = assoc.accepted_contexts[0].context_id
+    statuses = []
+    try:
+        for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7):
+            statuses.append(int(status.Status))
+            if len(statuses) == 1:
+                assoc.send_c_cancel(7, context_id)
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0xFE00, "the find ends as cancelled"
+    assert all(s == 0xFF00 for s in statuses[:-1])
+    assert len(statuses) - 1 < 150, "the SCP stopped sending matches once cancelled"
