@@ -78,8 +78,11 @@ def serve_listener(config: dict[str, Any], index: int, port: int, ready: Any, ac
     parent = multiprocessing.parent_process()
     if parent is not None:
         # a parent killed outright must not leave us on the port, writing a journal its successor replays
-        threading.Thread(target=lambda: (multiprocessing.connection.wait([parent.sentinel]), stop.set()),
-                         name="parent-watch", daemon=True).start()
+        def watch_parent() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            stop.set()
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     store = Store(settings.effective_database_url)
     store.start()
     listener = DicomListener.from_settings(store, settings, port=port, process_index=index)
