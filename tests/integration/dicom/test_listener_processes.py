@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pydicom import dcmread
@@ -84,3 +86,45 @@ def test_two_processes_share_the_port_and_a_killed_ones_journal_is_replayed(tmp_
     assert count_rows(store) == 2 * served_by_child
     restored = list(settings.dicom_dir.rglob("*.dcm"))
     assert len(restored) == 2 * served_by_child
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from integration.dicom_processes import ListenerProcesses
+from integration.settings import Settings
+from integration.store import Store
+settings = Settings(data_dir=Path(sys.argv[1]), dicom_host="127.0.0.1", dicom_port=int(sys.argv[2]),
+                    dicom_processes=2, dicom_journal_bytes=1 << 20, database_url=sys.argv[3])
+Store(settings.effective_database_url).start()
+more = ListenerProcesses(settings, 2, settings.dicom_port)
+more.start()
+print(more._processes[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_listener_processes_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "var"), str(free_port()),
+                               f"sqlite:///{tmp_path / 'store.db'}"], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.1)
+        assert not _alive(child), "an orphaned listener process would keep the port and its journal"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie counts as gone: it no longer runs (its parent, killed, cannot reap it; init will)
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(") ")[1][0] != "Z"
