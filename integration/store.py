@@ -7,6 +7,7 @@ the state it announces, and the outbox relay publishes it (at least once).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,9 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
+    and_,
     bindparam,
     create_engine,
     delete,
@@ -33,13 +36,14 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -239,6 +243,38 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
+
+
+
+def _json_text(content: dict[str, Any]) -> str:
+    """A resource as the JSON text stored in a ``content`` column (compact; ASCII, as json.dumps writes it)."""
+    return json.dumps(content, separators=(",", ":"))
+
+
+def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``_json_text``) in
+    the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
+    DB-API executemany on SQLite. The column types' own bind processors convert the other values, as
+    SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
+    dialect = conn.dialect
+    names = list(rows[0])
+    columns = [table.c[n] for n in names]
+    quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
+    if dialect.name == "postgresql":
+        # psycopg adapts the Python values itself (aware datetimes, booleans, None); JSON text goes as is
+        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+            with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row([row[n] for n in names])
+        return
+    processors = [None if isinstance(c.type, JSON) else c.type.dialect_impl(dialect).bind_processor(dialect)
+                  for c in columns]
+    converted = [
+        tuple(v if p is None or v is None else p(v) for p, v in zip(processors, (row[n] for n in names), strict=True))
+        for row in rows
+    ]
+    placeholders = ", ".join("?" for _ in names)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
 
 
 class Store:
@@ -584,12 +620,13 @@ class Store:
         by_type: dict[str, list[str]] = {}
         for rtype, rid in keys:
             by_type.setdefault(rtype, []).append(rid)
+        # one locking SELECT for the whole bundle (a primary-key seek per type on both engines)
         current = {
             (row.resource_type, row.id): row
-            for rtype, ids in by_type.items()
             for row in s.scalars(
                 select(FhirResource)
-                .where(FhirResource.resource_type == rtype, FhirResource.id.in_(ids))
+                .where(or_(*(and_(FhirResource.resource_type == rtype, FhirResource.id.in_(ids))
+                             for rtype, ids in by_type.items())))
                 .with_for_update()
             )
         }
@@ -603,15 +640,16 @@ class Store:
             content = {**resource, "meta": {**(resource.get("meta") or {}), "versionId": str(version),
                                             "lastUpdated": stamp}}
             status = content.get("status") if isinstance(content.get("status"), str) else None
+            document = _json_text(content)  # serialised once, for the current row and the history row
             if row is None:
                 new_rows.append({"resource_type": rtype, "id": rid, "version_id": version, "last_updated": now,
                                  "subject_ref": subject_ref, "status": status, "identifier": None,
-                                 "deleted": False, "content": content})
+                                 "deleted": False, "content": document})
             else:
                 row.version_id, row.last_updated, row.content = version, now, content
                 row.subject_ref, row.status, row.deleted = subject_ref, status, False
             versions.append({"resource_type": rtype, "id": rid, "version_id": version, "deleted": False,
-                             "content": content, "last_updated": now})
+                             "content": document, "last_updated": now})
             index += index_rows(content)
             out.append((content, row is None))
         for rtype, ids in by_type.items():
@@ -619,11 +657,12 @@ class Store:
             if stale:
                 s.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_type == rtype,
                                                         FhirSearchIndex.resource_id.in_(stale)))
-        s.flush()  # the ORM updates above first; then plain executemany INSERTs (no per-row ORM bookkeeping)
+        s.flush()  # the ORM updates above first; then the bulk writes (no per-row ORM or Core bookkeeping)
         conn = s.connection()
-        for model, rows in ((FhirResource, new_rows), (FhirResourceVersion, versions), (FhirSearchIndex, index)):
+        for table, rows in ((FhirResource.__table__, new_rows), (FhirResourceVersion.__table__, versions),
+                            (FhirSearchIndex.__table__, index)):
             if rows:
-                conn.execute(insert(model), rows)
+                _bulk_insert(conn, table, rows)
         return out
 
     @staticmethod
