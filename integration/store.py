@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
+from operator import itemgetter
 from typing import Any
 
 from pydantic import BaseModel
@@ -247,6 +248,26 @@ def _enable_sqlite_wal(engine: Engine) -> None:
 
 
 
+def _dialect_insert(dialect: str, table: Any) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+    return postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+
+
+@cache
+def _tracker_touch(dialect: str) -> Any:
+    """The upsert that creates a change tracker at revision 1 or bumps its revision (``kind``, ``key``, ``now``)."""
+    trackers = ChangeTracker.__table__
+    return (
+        _dialect_insert(dialect, trackers)
+        .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
+                last_change_at=bindparam("now"))
+        .on_conflict_do_update(
+            index_elements=["kind", "key"],
+            set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
+        )
+    )
+
+
 def _json_text(content: dict[str, Any]) -> str:
     """A resource as the JSON text stored in a ``content`` column (compact; ASCII, as json.dumps writes it)."""
     return json.dumps(content, separators=(",", ":"))
@@ -259,6 +280,7 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
     SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
     dialect = conn.dialect
     names = list(rows[0])
+    getter = itemgetter(*names)  # every row has the same keys (more than one)
     columns = [table.c[n] for n in names]
     quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
     if dialect.name == "postgresql":
@@ -266,14 +288,17 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
         with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
             with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN") as copy:
                 for row in rows:
-                    copy.write_row([row[n] for n in names])
+                    copy.write_row(getter(row))
         return
-    processors = [None if isinstance(c.type, JSON) else c.type.dialect_impl(dialect).bind_processor(dialect)
-                  for c in columns]
-    converted = [
-        tuple(v if p is None or v is None else p(v) for p, v in zip(processors, (row[n] for n in names), strict=True))
-        for row in rows
-    ]
+    convert = [(i, p) for i, c in enumerate(columns) if not isinstance(c.type, JSON)
+               and (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
+    converted = []
+    for row in rows:
+        values = list(getter(row))
+        for i, p in convert:
+            if values[i] is not None:
+                values[i] = p(values[i])
+        converted.append(tuple(values))
     placeholders = ", ".join("?" for _ in names)
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
 
@@ -446,13 +471,9 @@ class Store:
     # change tracking (quiet periods) ---------------------------------------------------------
     @staticmethod
     def touch(s: Session, kind: str, key: str, *, at: float | None = None) -> None:
+        """Bump the tracker of ``kind``/``key`` (created at revision 1): one upsert, one round trip."""
         now = time.time() if at is None else at
-        row = s.get(ChangeTracker, (kind, key), with_for_update=True)
-        if row is None:
-            s.add(ChangeTracker(kind=kind, key=key, revision=1, published_revision=0, last_change_at=now))
-        else:
-            row.revision += 1
-            row.last_change_at = now
+        s.execute(_tracker_touch(s.get_bind().dialect.name), {"kind": kind, "key": key, "now": now})
 
     def expedite(self, kind: str, keys: Sequence[str], quiet_seconds: float) -> None:
         """Make trackers due now (used when an association is released)."""
@@ -518,28 +539,17 @@ class Store:
     @cache  # noqa: B019 - one Store per process; statements are built once, not per instance
     def _instance_statements(self) -> tuple[Any, Any]:
         """INSERT of an instance (nothing on a duplicate) and the upsert that bumps its study's tracker."""
-        instances, trackers = DicomInstance.__table__, ChangeTracker.__table__
+        instances = DicomInstance.__table__
         insert = (
             self._upsert(instances)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             .returning(instances.c.sop_instance_uid)
         )
-        touch = (
-            self._upsert(trackers)
-            .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
-                    last_change_at=bindparam("now"))
-            .on_conflict_do_update(
-                index_elements=["kind", "key"],
-                set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
-            )
-        )
-        return insert, touch
+        return insert, _tracker_touch(self.engine.dialect.name)
 
     def _upsert(self, table: Any) -> Any:
         """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-        if self.engine.dialect.name == "postgresql":
-            return postgresql_insert(table)
-        return sqlite_insert(table)
+        return _dialect_insert(self.engine.dialect.name, table)
 
     @staticmethod
     def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:
