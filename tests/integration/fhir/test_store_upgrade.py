@@ -59,7 +59,7 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
             with upgraded.engine.connect() as conn:
                 target = conn.exec_driver_sql("SELECT stxstattarget FROM pg_statistic_ext "
                                               "WHERE stxname = 'fhir_search_index_value_stats'").scalar()
-            assert target == 1000
+            assert target == 300
         upgraded.stop()
         again = Store(store.url)  # starting twice changes nothing
         again.start()
