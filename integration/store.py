@@ -273,6 +273,12 @@ def _json_text(content: dict[str, Any]) -> str:
     return json.dumps(content, separators=(",", ":"))
 
 
+# PostgreSQL types of the FHIR tables' columns, for binary COPY: varchar and json (already serialised by
+# _json_text) go as text, whose binary form is the same UTF-8 bytes the server reads for both
+_COPY_TYPES: dict[type, str] = {String: "text", Integer: "int4", BigInteger: "int8", DateTime: "timestamptz",
+                                Boolean: "bool", JSON: "text"}
+
+
 def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``_json_text``) in
     the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
@@ -284,9 +290,11 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
     columns = [table.c[n] for n in names]
     quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
     if dialect.name == "postgresql":
-        # psycopg adapts the Python values itself (aware datetimes, booleans, None); JSON text goes as is
+        # binary COPY: psycopg packs the values as the server stores them, nothing to parse on either side
+        types = [_COPY_TYPES[type(c.type)] for c in columns]
         with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
-            with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN") as copy:
+            with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
                 for row in rows:
                     copy.write_row(getter(row))
         return
