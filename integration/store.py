@@ -182,6 +182,69 @@ class FhirSearchIndex(Base):
     )
 
 
+def _dialect_insert(dialect: str, table: Any) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+    return postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+
+
+@cache
+def _tracker_touch(dialect: str) -> Any:
+    """The upsert that creates a change tracker at revision 1 or bumps its revision (``kind``, ``key``, ``now``)."""
+    trackers = ChangeTracker.__table__
+    return (
+        _dialect_insert(dialect, trackers)
+        .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
+                last_change_at=bindparam("now"))
+        .on_conflict_do_update(
+            index_elements=["kind", "key"],
+            set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
+        )
+    )
+
+
+def _json_text(content: dict[str, Any]) -> str:
+    """A resource as the JSON text stored in a ``content`` column (compact; ASCII, as json.dumps writes it)."""
+    return json.dumps(content, separators=(",", ":"))
+
+
+# PostgreSQL types of the FHIR tables' columns, for binary COPY: varchar and json (already serialised by
+# _json_text) go as text, whose binary form is the same UTF-8 bytes the server reads for both
+_COPY_TYPES: dict[type, str] = {String: "text", Integer: "int4", BigInteger: "int8", DateTime: "timestamptz",
+                                Boolean: "bool", JSON: "text"}
+
+
+def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``_json_text``) in
+    the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
+    DB-API executemany on SQLite. The column types' own bind processors convert the other values, as
+    SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
+    dialect = conn.dialect
+    names = list(rows[0])
+    getter = itemgetter(*names)  # every row has the same keys (more than one)
+    columns = [table.c[n] for n in names]
+    quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
+    if dialect.name == "postgresql":
+        # binary COPY: psycopg packs the values as the server stores them, nothing to parse on either side
+        types = [_COPY_TYPES[type(c.type)] for c in columns]
+        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+            with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
+                for row in rows:
+                    copy.write_row(getter(row))
+        return
+    convert = [(i, p) for i, c in enumerate(columns) if not isinstance(c.type, JSON)
+               and (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
+    converted = []
+    for row in rows:
+        values = list(getter(row))
+        for i, p in convert:
+            if values[i] is not None:
+                values[i] = p(values[i])
+        converted.append(tuple(values))
+    placeholders = ", ".join("?" for _ in names)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
+
+
 class OutboxEntry(Base):
     __tablename__ = "outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -245,70 +308,6 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
-
-
-
-def _dialect_insert(dialect: str, table: Any) -> Any:
-    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-    return postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
-
-
-@cache
-def _tracker_touch(dialect: str) -> Any:
-    """The upsert that creates a change tracker at revision 1 or bumps its revision (``kind``, ``key``, ``now``)."""
-    trackers = ChangeTracker.__table__
-    return (
-        _dialect_insert(dialect, trackers)
-        .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
-                last_change_at=bindparam("now"))
-        .on_conflict_do_update(
-            index_elements=["kind", "key"],
-            set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
-        )
-    )
-
-
-def _json_text(content: dict[str, Any]) -> str:
-    """A resource as the JSON text stored in a ``content`` column (compact; ASCII, as json.dumps writes it)."""
-    return json.dumps(content, separators=(",", ":"))
-
-
-# PostgreSQL types of the FHIR tables' columns, for binary COPY: varchar and json (already serialised by
-# _json_text) go as text, whose binary form is the same UTF-8 bytes the server reads for both
-_COPY_TYPES: dict[type, str] = {String: "text", Integer: "int4", BigInteger: "int8", DateTime: "timestamptz",
-                                Boolean: "bool", JSON: "text"}
-
-
-def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``_json_text``) in
-    the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
-    DB-API executemany on SQLite. The column types' own bind processors convert the other values, as
-    SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
-    dialect = conn.dialect
-    names = list(rows[0])
-    getter = itemgetter(*names)  # every row has the same keys (more than one)
-    columns = [table.c[n] for n in names]
-    quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
-    if dialect.name == "postgresql":
-        # binary COPY: psycopg packs the values as the server stores them, nothing to parse on either side
-        types = [_COPY_TYPES[type(c.type)] for c in columns]
-        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
-            with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(types)
-                for row in rows:
-                    copy.write_row(getter(row))
-        return
-    convert = [(i, p) for i, c in enumerate(columns) if not isinstance(c.type, JSON)
-               and (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
-    converted = []
-    for row in rows:
-        values = list(getter(row))
-        for i, p in convert:
-            if values[i] is not None:
-                values[i] = p(values[i])
-        converted.append(tuple(values))
-    placeholders = ", ".join("?" for _ in names)
-    conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
 
 
 class Store:
@@ -552,17 +551,28 @@ class Store:
     @cache  # noqa: B019 - one Store per process; statements are built once, not per instance
     def _instance_statements(self) -> tuple[Any, Any]:
         """INSERT of an instance (nothing on a duplicate) and the upsert that bumps its study's tracker."""
-        instances = DicomInstance.__table__
+        instances, trackers = DicomInstance.__table__, ChangeTracker.__table__
         insert = (
             self._upsert(instances)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             .returning(instances.c.sop_instance_uid)
         )
-        return insert, _tracker_touch(self.engine.dialect.name)
+        touch = (
+            self._upsert(trackers)
+            .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
+                    last_change_at=bindparam("now"))
+            .on_conflict_do_update(
+                index_elements=["kind", "key"],
+                set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
+            )
+        )
+        return insert, touch
 
     def _upsert(self, table: Any) -> Any:
         """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-        return _dialect_insert(self.engine.dialect.name, table)
+        if self.engine.dialect.name == "postgresql":
+            return postgresql_insert(table)
+        return sqlite_insert(table)
 
     @staticmethod
     def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:
