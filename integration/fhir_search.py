@@ -487,6 +487,8 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
     q = SearchQuery(resource_type)
     known = params_for(resource_type)
     for key, raw in items:
+        if "\x00" in key or "\x00" in raw:  # no FHIR value holds one, and PostgreSQL text cannot
+            raise _refuse(key.replace("\x00", ""), "a search parameter cannot contain a NUL character")
         name, _, modifier = key.partition(":")
         if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
@@ -585,7 +587,7 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
         if not q.sort:
             order.append(FhirResource.last_updated.desc())
         order.append(FhirResource.id)
-        page_stmt = stmt
+        broad = False
         counted: int | None = None  # matches counted up to cap, when counting them first was cheap
         if not q.sort and q.indexed:
             if _index_only(q) is not None and q.total != "none" and (cap is None or cap > BROAD_MATCHES):
@@ -593,19 +595,26 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
                 matches = counted
             else:
                 matches = _count(s, q, stmt, BROAD_MATCHES + 1)
-            if matches > BROAD_MATCHES:
-                page_stmt = search_statement(q, drive=False)
-        # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
-        ids = list(s.scalars(page_stmt.with_only_columns(FhirResource.id)
-                             .order_by(*order).limit(q.count + 1).offset(q.offset)))
-        has_next = len(ids) > q.count
-        ids = ids[: q.count]
-        contents: dict[str, dict[str, Any]] = {}
-        if ids:
-            rows = s.execute(select(FhirResource.id, FhirResource.content).where(
-                FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
-            contents = {rid: content for rid, content in rows}
-        page = [(rid, contents[rid]) for rid in ids if rid in contents]
+            broad = matches > BROAD_MATCHES
+        page: list[tuple[str, dict[str, Any]]]
+        if broad:
+            # the walk reads the resources newest first and stops after the page: content comes along
+            rows = s.execute(search_statement(q, drive=False).with_only_columns(FhirResource.id, FhirResource.content)
+                             .order_by(*order).limit(q.count + 1).offset(q.offset)).all()
+            has_next = len(rows) > q.count
+            page = [(rid, content) for rid, content in rows[: q.count]]
+        else:
+            # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
+            ids = list(s.scalars(stmt.with_only_columns(FhirResource.id)
+                                 .order_by(*order).limit(q.count + 1).offset(q.offset)))
+            has_next = len(ids) > q.count
+            ids = ids[: q.count]
+            contents: dict[str, dict[str, Any]] = {}
+            if ids:
+                found = s.execute(select(FhirResource.id, FhirResource.content).where(
+                    FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
+                contents = {rid: content for rid, content in found}
+            page = [(rid, contents[rid]) for rid in ids if rid in contents]
         total: int | None
         if not has_next and (page or q.offset == 0):
             total = q.offset + len(page)  # the last page: the total is known without counting
