@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -369,7 +369,7 @@ class Store:
         PostgreSQL, statistics on (resource_type, param, value) together. The planner otherwise multiplies
         three independent frequencies and guesses a tenth of a common code's matches: it then sorts every
         match instead of walking the resources newest first (see fhir_search.run_search)."""
-        for index in FhirSearchIndex.__table__.indexes:
+        for index in cast(Table, FhirSearchIndex.__table__).indexes:
             index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_search_value")
@@ -711,10 +711,9 @@ class Store:
                                                         FhirSearchIndex.resource_id.in_(stale)))
         s.flush()  # the ORM updates above first; then the bulk writes (no per-row ORM or Core bookkeeping)
         conn = s.connection()
-        for table, rows in ((FhirResource.__table__, new_rows), (FhirResourceVersion.__table__, versions),
-                            (FhirSearchIndex.__table__, index)):
+        for model, rows in ((FhirResource, new_rows), (FhirResourceVersion, versions), (FhirSearchIndex, index)):
             if rows:
-                _bulk_insert(conn, table, rows)
+                _bulk_insert(conn, cast(Table, model.__table__), rows)
         return out
 
     @staticmethod
