@@ -373,7 +373,8 @@ class Store:
             index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_search_value")
-            if self.engine.dialect.name == "postgresql":
+            if self.engine.dialect.name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (12,):
+                # (MCV statistics exist from PostgreSQL 12; older servers keep the per-column estimate)
                 conn.exec_driver_sql("CREATE STATISTICS IF NOT EXISTS fhir_search_index_value_stats (mcv) "
                                      "ON resource_type, param, value FROM fhir_search_index")
                 # a larger sample than the default 100 (more common codes of each type); 1,000 added 1-2 ms
