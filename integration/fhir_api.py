@@ -411,7 +411,10 @@ def capability_statement_body() -> dict[str, Any]:
             {
                 "mode": "server",
                 "documentation": "Search result parameters: " + ", ".join(fhir_search.RESULT_PARAMS)
-                + "; _summary=count; _sort by " + "/".join(["_id", "_lastUpdated", "date parameters"]),
+                + "; _summary=count; _sort by " + "/".join(["_id", "_lastUpdated", "date parameters"])
+                + "; _total=" + "|".join(fhir_search.TOTAL_VALUES) + " (default estimate: Bundle.total is exact"
+                " up to MEDBRIDGE_FHIR_EXACT_TOTAL_LIMIT matches and left out above; accurate always counts;"
+                " none counts nothing and gives the total only on the last page)",
                 "resource": resources,
                 "interaction": system,
             }

@@ -17,20 +17,6 @@ from integration.fhir_resources import new_id, resource_model, store_resources, 
 from integration.store import FhirResource
 
 
-def _rewrite_references(node: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            else:
-                out[k] = _rewrite_references(v, mapping)
-        return out
-    if isinstance(node, list):
-        return [_rewrite_references(v, mapping) for v in node]
-    return node
-
-
 def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | None, str | None]:
     """(method, resource type, id from URL, conditional criteria) of a Bundle entry's request."""
     req = entry.get("request") or {}
@@ -112,20 +98,46 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
             mapping[full_url] = f"{rtype}/{rid}"
         prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing})
     for p in prepared:
-        p["resource"] = _rewrite_references(p["resource"], mapping)
+        refs: list[str] = []
+        unresolved: list[str] = []
+        p["resource"] = _resolve_references(p["resource"], mapping, refs, unresolved, False)
+        p["references"] = refs
         try:
             validate_resource(p["resource"])
         except InvalidResourceError as exc:
             exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
             raise
-        unresolved = _unresolved_urns(p["resource"])
         if unresolved:
             raise InvalidResourceError(
-                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved} matches no entry's fullUrl")], 400
+                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved[0]} matches no entry's fullUrl")],
+                400,
             )
     if check_targets:
         _check_reference_targets(s, prepared)
     return prepared
+
+
+def _resolve_references(node: Any, mapping: dict[str, str], refs: list[str], unresolved: list[str],
+                        contained: bool) -> Any:
+    """A copy of ``node`` with the references ``mapping`` names rewritten, in one walk that also collects
+    the relative references outside ``contained`` (into ``refs``: the targets to check) and the
+    ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "reference" and isinstance(v, str):
+                v = mapping.get(v, v)
+                if v.startswith("urn:uuid:"):
+                    unresolved.append(v)
+                elif not contained and "://" not in v and not v.startswith(("#", "urn:")):
+                    refs.append(v)
+                out[k] = v
+            else:
+                out[k] = _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
+        return out
+    if isinstance(node, list):
+        return [_resolve_references(v, mapping, refs, unresolved, contained) for v in node]
+    return node
 
 
 def _references(node: Any, path: str) -> list[tuple[str, str]]:
@@ -145,41 +157,42 @@ def _references(node: Any, path: str) -> list[tuple[str, str]]:
 
 
 def _check_reference_targets(s: Session, prepared: list[dict[str, Any]]) -> None:
-    """A transaction may only point at resources it writes or that are stored (and not deleted)."""
+    """A transaction may only point at resources it writes or that are stored (and not deleted).
+
+    Checks the references ``prepare_entries`` collected; the walk that names each one's location
+    (``_references``) only runs when one is refused."""
     in_bundle = {(p["resource"]["resourceType"], p["resource"]["id"]) for p in prepared}
-    wanted: dict[tuple[str, str], str] = {}
+    wanted: set[tuple[str, str]] = set()
+    malformed = False
+    for p in prepared:
+        for ref in p["references"]:
+            parts = ref.split("/_history")[0].split("/")
+            if len(parts) != 2 or not parts[0][:1].isupper():
+                malformed = True
+                break
+            key = (parts[0], parts[1])
+            if key not in in_bundle:
+                wanted.add(key)
+    stored = fhir_search.existing_resources(s, sorted(wanted)) if wanted and not malformed else set()
+    if malformed or wanted - stored:
+        _refuse_references(prepared, in_bundle, stored)
+
+
+def _refuse_references(prepared: list[dict[str, Any]], in_bundle: set[tuple[str, str]],
+                       stored: set[tuple[str, str]]) -> None:
+    """InvalidResourceError (422) naming the first malformed reference, else every missing target."""
+    missing: dict[tuple[str, str], str] = {}
     for p in prepared:
         for where, ref in _references(p["resource"], f"Bundle.entry[{p['index']}].resource"):
             parts = ref.split("/_history")[0].split("/")
             if len(parts) != 2 or not parts[0][:1].isupper():
                 raise InvalidResourceError([(where, f"'{ref}' is not a Type/id reference")], 422)
             key = (parts[0], parts[1])
-            if key not in in_bundle:
-                wanted.setdefault(key, where)
-    if not wanted:
-        return
-    stored = fhir_search.existing_resources(s, list(wanted))
-    missing = [(where, f"{t}/{i} is neither in this bundle nor stored") for (t, i), where in wanted.items()
-               if (t, i) not in stored]
-    if missing:
-        raise InvalidResourceError(missing[:20], 422)
-
-
-def _unresolved_urns(node: Any) -> str | None:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref.startswith("urn:uuid:"):
-            return ref
-        for v in node.values():
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    elif isinstance(node, list):
-        for v in node:
-            found = _unresolved_urns(v)
-            if found:
-                return found
-    return None
+            if key not in in_bundle and key not in stored:
+                missing.setdefault(key, where)
+    raise InvalidResourceError(
+        [(where, f"{t}/{i} is neither in this bundle nor stored") for (t, i), where in missing.items()][:20], 422
+    )
 
 
 def write_entries(s: Session, prepared: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:

@@ -158,8 +158,11 @@ REGISTRY: dict[str, dict[str, SearchParam]] = {
 # Parameters every type has; they read columns of fhir_resources rather than the index.
 COMMON_PARAMS: dict[str, ParamType] = {"_id": "token", "_lastUpdated": "date"}
 # Result parameters this server implements (anything else starting with '_' is reported as unsupported).
-RESULT_PARAMS = ("_count", "_offset", "_sort", "_include", "_summary", "_format")
+RESULT_PARAMS = ("_count", "_offset", "_sort", "_include", "_summary", "_total", "_format")
 SUMMARY_VALUES = ("count",)
+# _total: none = no count (Bundle.total only when the last page gives it for free); estimate (the default) =
+# exact up to the server's limit (MEDBRIDGE_FHIR_EXACT_TOTAL_LIMIT), left out above; accurate = always exact
+TOTAL_VALUES = ("none", "estimate", "accurate")
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
 
@@ -332,6 +335,7 @@ class SearchQuery:
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
     includes: list[SearchParam] = field(default_factory=list)
     summary_count: bool = False
+    total: str = "estimate"  # _total, one of TOTAL_VALUES
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (parameter, why)
 
     def clauses(self, *, drive: bool = True) -> list[ColumnElement[bool]]:
@@ -483,6 +487,8 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
     q = SearchQuery(resource_type)
     known = params_for(resource_type)
     for key, raw in items:
+        if "\x00" in key or "\x00" in raw:  # no FHIR value holds one, and PostgreSQL text cannot
+            raise _refuse(key.replace("\x00", ""), "a search parameter cannot contain a NUL character")
         name, _, modifier = key.partition(":")
         if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
@@ -499,6 +505,10 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
                 raise InvalidResourceError([(name, "only JSON is supported (_format=json)")], 406)
         elif name == "_summary" and raw in SUMMARY_VALUES:
             q.summary_count = True
+        elif name == "_total":
+            if raw not in TOTAL_VALUES:
+                raise _refuse(name, f"_total must be one of {', '.join(TOTAL_VALUES)}")
+            q.total = raw
         elif name == "_sort":
             for term in raw.split(","):
                 desc = term.startswith("-")
@@ -562,44 +572,82 @@ BROAD_MATCHES = 200
 
 def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> SearchResult:
     """Execute a parsed search: one page of matches, the resources they _include, whether a next page
-    exists, and the total: exact when there are at most ``total_limit`` matches (or for
-    ``_summary=count``), None above, so that a broad search does not count every match for each page."""
+    exists, and the total as ``_total`` asks (``q.total``): for ``estimate`` (the default) exact when
+    there are at most ``total_limit`` matches and None above, so that a broad search does not count every
+    match for each page; always exact for ``accurate`` and ``_summary=count``; for ``none`` only when the
+    page is the last one (then it is known without counting)."""
     stmt = search_statement(q)
+    cap = None if q.total == "accurate" else total_limit + 1  # count this far: more means "left out"
     with store.session() as s:
         if q.summary_count:
-            return SearchResult(s.scalar(stmt.with_only_columns(func.count())) or 0, [], [])
+            return SearchResult(_count(s, q, stmt, None), [], [])
         order: list[Any] = []
         for name, desc in q.sort:
             order += _sort_key(q.resource_type, name, desc)
         if not q.sort:
             order.append(FhirResource.last_updated.desc())
         order.append(FhirResource.id)
-        page_stmt = stmt
+        broad = False
+        counted: int | None = None  # matches counted up to cap, when counting them first was cheap
         if not q.sort and q.indexed:
-            probe = stmt.with_only_columns(FhirResource.id).limit(BROAD_MATCHES + 1).subquery()
-            if (s.scalar(select(func.count()).select_from(probe)) or 0) > BROAD_MATCHES:
-                page_stmt = search_statement(q, drive=False)
-        # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
-        ids = list(s.scalars(page_stmt.with_only_columns(FhirResource.id)
-                             .order_by(*order).limit(q.count + 1).offset(q.offset)))
-        has_next = len(ids) > q.count
-        ids = ids[: q.count]
-        contents: dict[str, dict[str, Any]] = {}
-        if ids:
-            rows = s.execute(select(FhirResource.id, FhirResource.content).where(
-                FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
-            contents = {rid: content for rid, content in rows}
-        page = [(rid, contents[rid]) for rid in ids if rid in contents]
+            if _index_only(q) is not None and q.total != "none" and (cap is None or cap > BROAD_MATCHES):
+                counted = _count(s, q, stmt, cap)  # one index-only count: the total and the plan choice
+                matches = counted
+            else:
+                matches = _count(s, q, stmt, BROAD_MATCHES + 1)
+            broad = matches > BROAD_MATCHES
+        page: list[tuple[str, dict[str, Any]]]
+        if broad:
+            # the walk reads the resources newest first and stops after the page: content comes along
+            rows = s.execute(search_statement(q, drive=False).with_only_columns(FhirResource.id, FhirResource.content)
+                             .order_by(*order).limit(q.count + 1).offset(q.offset)).all()
+            has_next = len(rows) > q.count
+            page = [(rid, content) for rid, content in rows[: q.count]]
+        else:
+            # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
+            ids = list(s.scalars(stmt.with_only_columns(FhirResource.id)
+                                 .order_by(*order).limit(q.count + 1).offset(q.offset)))
+            has_next = len(ids) > q.count
+            ids = ids[: q.count]
+            contents: dict[str, dict[str, Any]] = {}
+            if ids:
+                found = s.execute(select(FhirResource.id, FhirResource.content).where(
+                    FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
+                contents = {rid: content for rid, content in found}
+            page = [(rid, contents[rid]) for rid in ids if rid in contents]
         total: int | None
         if not has_next and (page or q.offset == 0):
             total = q.offset + len(page)  # the last page: the total is known without counting
+        elif q.total == "none":
+            total = None
         else:
-            capped = stmt.with_only_columns(FhirResource.id).limit(total_limit + 1).subquery()
-            counted = s.scalar(select(func.count()).select_from(capped)) or 0
-            total = counted if counted <= total_limit else None
-        matches = [content for _, content in page]
+            if counted is None:
+                counted = _count(s, q, stmt, cap)
+            total = counted if cap is None or counted < cap else None
+        matches_out = [content for _, content in page]
         included = _included(s, q, [rid for rid, _ in page])
-    return SearchResult(total, matches, included, has_next)
+    return SearchResult(total, matches_out, included, has_next)
+
+
+def _index_only(q: SearchQuery) -> Select[Any] | None:
+    """For a search on one indexed parameter and nothing else: the distinct ids of its matching index
+    rows. Every index row belongs to a current resource (rows are replaced on update and removed on
+    delete), so these are exactly the matches, read from the covering value index alone. None otherwise."""
+    if q.where or len(q.indexed) != 1:
+        return None
+    _, name, cond = q.indexed[0]
+    return select(FhirSearchIndex.resource_id).where(
+        FhirSearchIndex.resource_type == q.resource_type, FhirSearchIndex.param == name, cond).distinct()
+
+
+def _count(s: Session, q: SearchQuery, stmt: Select[Any], limit: int | None) -> int:
+    """The number of matches of ``q`` (``stmt``), counted up to ``limit`` (None: all of them)."""
+    ids = _index_only(q)
+    if ids is None:
+        ids = stmt.with_only_columns(FhirResource.id)
+    if limit is not None:
+        ids = ids.limit(limit)
+    return s.scalar(select(func.count()).select_from(ids.subquery())) or 0
 
 
 def _included(s: Session, q: SearchQuery, ids: list[str]) -> list[dict[str, Any]]:

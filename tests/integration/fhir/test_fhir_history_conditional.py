@@ -109,6 +109,50 @@ def test_transaction_refuses_references_to_missing_targets_and_writes_nothing(fh
     assert in_bundle.status_code == 200, in_bundle.text
 
 
+
+def test_transaction_names_unresolved_and_malformed_references_and_writes_nothing(fhir_client: httpx.Client) -> None:
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    unresolved = fhir_client.post("/fhir", json=_transaction(
+        {"fullUrl": "urn:uuid:a", "request": {"method": "POST", "url": "Patient"}, "resource": PATIENT},
+        {"request": {"method": "POST", "url": "Observation"},
+         "resource": {**obs, "subject": {"reference": "urn:uuid:a"},
+                      "performer": [{"reference": "urn:uuid:nowhere"}]}},
+    ))
+    assert unresolved.status_code == 400
+    issue = unresolved.json()["issue"][0]
+    assert issue["expression"] == ["Bundle.entry[1].resource"] and "urn:uuid:nowhere" in issue["diagnostics"]
+    malformed = fhir_client.post("/fhir", json=_transaction(
+        {"fullUrl": "urn:uuid:a", "request": {"method": "POST", "url": "Patient"}, "resource": PATIENT},
+        {"request": {"method": "POST", "url": "Observation"},
+         "resource": {**obs, "subject": {"reference": "urn:uuid:a"}, "hasMember": [{"reference": "a/b/c"}]}},
+    ))
+    assert malformed.status_code == 422
+    assert malformed.json()["issue"][0]["expression"] == ["Bundle.entry[1].resource.hasMember[0].reference"]
+    assert fhir_client.get("/fhir/Patient", params={"_summary": "count"}).json()["total"] == 0
+    assert fhir_client.get("/fhir/Observation", params={"_summary": "count"}).json()["total"] == 0
+
+
+def test_transaction_stores_the_same_content_as_current_version_and_history(fhir_client: httpx.Client) -> None:
+    patient = {**PATIENT, "name": [{"family": "Zo\u00eb", "given": ["\u00c5sa"]}]}
+    out = fhir_client.post("/fhir", json=_transaction(
+        {"fullUrl": "urn:uuid:p", "request": {"method": "POST", "url": "Patient"}, "resource": patient},
+        {"request": {"method": "POST", "url": "Observation"},
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "urn:uuid:p"}, "valueQuantity": {"value": 1.5}}},
+    ))
+    assert out.status_code == 200, out.text
+    for entry in out.json()["entry"]:
+        location = entry["response"]["location"]
+        current = fhir_client.get("/fhir/" + location.split("/_history")[0]).json()
+        assert fhir_client.get(f"/fhir/{location}").json() == current
+        assert current["meta"]["versionId"] == "1"
+    patient_id = out.json()["entry"][0]["response"]["location"].split("/")[1]
+    stored = fhir_client.get(f"/fhir/Patient/{patient_id}").json()
+    assert stored["name"] == [{"family": "Zo\u00eb", "given": ["\u00c5sa"]}]
+    observation = fhir_client.get("/fhir/" + out.json()["entry"][1]["response"]["location"]).json()
+    assert observation["subject"] == {"reference": f"Patient/{patient_id}"}
+    assert observation["valueQuantity"] == {"value": 1.5}
+
 BAD_BINDINGS: list[tuple[dict[str, Any], str]] = [
     ({"resourceType": "DiagnosticReport", "status": "done", "code": {"text": "x"}}, "DiagnosticReport.status"),
     ({"resourceType": "Encounter", "status": "open", "class": {"code": "AMB"}}, "Encounter.status"),

@@ -210,7 +210,7 @@ def test_unsupported_parameters_are_reported_or_refused(fhir_client: httpx.Clien
     strict = fhir_client.get("/fhir/Observation", params=params, headers={"Prefer": "handling=strict"})
     assert strict.status_code == 400
     assert {i["expression"][0] for i in strict.json()["issue"]} == reported
-    for bad in ({"_count": "-1"}, {"_count": "many"}, {"status": ""}, {"_offset": "x"}):
+    for bad in ({"_count": "-1"}, {"_count": "many"}, {"status": ""}, {"_offset": "x"}, {"code": "\x00"}):
         r = fhir_client.get("/fhir/Observation", params=bad)
         assert r.status_code == 400 and r.json()["issue"][0]["expression"] == [next(iter(bad))], bad
 
@@ -226,3 +226,60 @@ def test_total_is_exact_up_to_the_limit_and_paging_goes_on_beyond(fhir_client: h
     assert fhir_search.run_search(store, last, total_limit=3).total == 5  # the last page knows
     counted = fhir_search.parse_search("Observation", [("code", "a"), ("_summary", "count")], strict=True)
     assert fhir_search.run_search(store, counted, total_limit=3).total == 5
+
+
+def test_total_parameter_none_estimate_and_accurate(fhir_client: httpx.Client, store: Store) -> None:
+    for _ in range(5):
+        post(fhir_client, observation("a"))
+    twice = observation("a")
+    twice["code"]["coding"].append({"system": "urn:local", "code": "a"})  # two index rows, one match
+    post(fhir_client, twice)
+    deleted = post(fhir_client, observation("a"))
+    fhir_client.delete(f"/fhir/Observation/{deleted}")
+    moved = post(fhir_client, observation("a"))
+    assert fhir_client.put(f"/fhir/Observation/{moved}", json={**observation("b"), "id": moved}).status_code == 200
+
+    def bundle(**params: Any) -> dict[str, Any]:
+        r = fhir_client.get("/fhir/Observation", params={"code": "a", "_count": 2, **params})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert bundle()["total"] == 6  # estimate, the default: exact under MEDBRIDGE_FHIR_EXACT_TOTAL_LIMIT
+    assert bundle(_total="estimate")["total"] == 6 and bundle(_total="accurate")["total"] == 6
+    none = bundle(_total="none")
+    assert "total" not in none and len(none["entry"]) == 2
+    assert bundle(_total="none", _offset=4)["total"] == 6  # the last page tells it without counting
+    refused = fhir_client.get("/fhir/Observation", params={"code": "a", "_total": "exact"})
+    assert refused.status_code == 400 and refused.json()["issue"][0]["expression"] == ["_total"]
+    capability = fhir_client.get("/fhir/metadata").json()
+    assert "_total=none|estimate|accurate" in capability["rest"][0]["documentation"]
+
+    for params in ([("code", "a")], [("code", "a"), ("status", "final")], [("_id", moved), ("code", "b")]):
+        expected = 1 if params[0][0] == "_id" else 6
+        for limit in (3, 250):  # below and above BROAD_MATCHES: counted by the probe or by the index alone
+            estimate = fhir_search.parse_search("Observation", [*params, ("_count", "1")], strict=True)
+            got = fhir_search.run_search(store, estimate, total_limit=limit).total
+            assert got == (None if expected > limit else expected), (params, limit)
+            accurate = fhir_search.parse_search("Observation", [*params, ("_count", "1"), ("_total", "accurate")],
+                                                strict=True)
+            assert fhir_search.run_search(store, accurate, total_limit=limit).total == expected, (params, limit)
+
+
+def test_a_broad_search_pages_newest_first_with_its_total(store: Store) -> None:
+    from integration.fhir_resources import store_resources
+
+    batches = []
+    for b in range(3):  # three transactions: three lastUpdated instants
+        batch = [{**observation("wide"), "id": f"w{b}-{i:03d}"} for i in range(90)]
+        with store.session() as s:
+            store_resources(s, batch)
+        batches.append(sorted(r["id"] for r in batch))
+        time.sleep(0.01)
+    newest_first = batches[2] + batches[1] + batches[0]
+    query = fhir_search.parse_search("Observation", [("code", "wide"), ("_count", "10"), ("_offset", "85")],
+                                     strict=True)
+    result = fhir_search.run_search(store, query)
+    assert fhir_search.BROAD_MATCHES < 270
+    assert [r["id"] for r in result.matches] == newest_first[85:95] and result.has_next
+    assert result.total == 270
+    assert fhir_search.run_search(store, query, total_limit=250).total is None

@@ -43,6 +43,9 @@ SEARCHES: list[tuple[str, list[tuple[str, str]]]] = [
     ("Observation", [("patient", "pat-3"), ("code", "code-3"), ("date", "ge2020-01")]),
     ("Observation", [("patient", "pat-3"), ("_sort", "-date")]),
     ("Observation", [("code", "code-7"), ("_summary", "count")]),
+    ("Observation", [("code", "code-7"), ("_count", "5"), ("_total", "accurate")]),  # counted in the index alone
+    ("Observation", [("status", "final"), ("_count", "5"), ("_total", "accurate")]),
+    ("Observation", [("status", "final"), ("_count", "5"), ("_total", "none")]),
     ("Patient", [("family", "fam-1")]),
     ("Patient", [("identifier", "urn:mrn|mrn-9")]),
     ("DiagnosticReport", [("subject", "Patient/pat-3"), ("_include", "DiagnosticReport:result"),

@@ -33,3 +33,36 @@ def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: S
         assert fhir_search.reindex_if_empty(upgraded) == 0  # indexed already: nothing to do
     finally:
         upgraded.stop()
+
+
+def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(store: Store) -> None:
+    with store.session() as s:
+        Store.put_resource(s, {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": "urn:mrn",
+                                                                                        "value": "u-1"}]})
+    with store.engine.begin() as conn:  # the value index as the 2026-11 release created it
+        conn.exec_driver_sql("DROP INDEX ix_fhir_search_value_id")
+        conn.exec_driver_sql("CREATE INDEX ix_fhir_search_value ON fhir_search_index "
+                             "(resource_type, param, value, system) WHERE value IS NOT NULL")
+    store.stop()
+
+    upgraded = Store(store.url)
+    upgraded.start()
+    try:
+        indexes = {i["name"]: i["column_names"] for i in inspect(upgraded.engine).get_indexes("fhir_search_index")}
+        assert "ix_fhir_search_value" not in indexes
+        assert indexes["ix_fhir_search_value_id"] == ["resource_type", "param", "value", "system", "resource_id"]
+        query = fhir_search.parse_search("Patient", [("identifier", "urn:mrn|u-1"), ("_total", "accurate")],
+                                         strict=True)
+        result = fhir_search.run_search(upgraded, query)
+        assert result.total == 1 and [r["id"] for r in result.matches] == ["p-1"]
+        if upgraded.engine.dialect.name == "postgresql":
+            with upgraded.engine.connect() as conn:
+                target = conn.exec_driver_sql("SELECT stxstattarget FROM pg_statistic_ext "
+                                              "WHERE stxname = 'fhir_search_index_value_stats'").scalar()
+            assert target == 300
+        upgraded.stop()
+        again = Store(store.url)  # starting twice changes nothing
+        again.start()
+        again.stop()
+    finally:
+        upgraded.stop()
