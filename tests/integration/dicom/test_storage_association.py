@@ -11,7 +11,10 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -31,6 +34,18 @@ from integration.store import DicomInstance, Store
 CT_SMALL = get_testdata_file("CT_small.dcm")
 CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@contextmanager
+def running_listener(store: Store, tmp_path: Path, **options: Any) -> Iterator[DicomListener]:
+    """A listener with ``options`` (journal size, limits) on a free port, stopped afterwards."""
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60, **options)
+    lst.start()
+    try:
+        yield lst
+    finally:
+        lst.stop()
 
 
 def stored_count(store: Store) -> int:
@@ -214,18 +229,13 @@ def test_parallel_associations_through_a_recycling_journal_store_everything_once
         path = tmp_path / f"{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         shares[i % 4].append(str(path))
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60, journal_bytes=1 << 20)  # ~25 instances a segment
-    lst.start()
-    try:
+    with running_listener(store, tmp_path, journal_bytes=1 << 20) as lst:  # ~25 instances a segment
         procs = [subprocess.Popen(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(lst.port), *share],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for share in shares]
         for proc in procs:
             assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
         assert lst.storage_associations.accepted == 4  # type: ignore[union-attr]
-    finally:
-        lst.stop()
     with store.session() as s:
         rows = list(s.scalars(select(DicomInstance)))
     assert len(rows) == 40 and len({r.sop_instance_uid for r in rows}) == 40
@@ -234,10 +244,7 @@ def test_parallel_associations_through_a_recycling_journal_store_everything_once
 
 
 def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tmp_path: Path) -> None:
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60, max_associations=1)
-    lst.start()
-    try:
+    with running_listener(store, tmp_path, max_associations=1) as lst:
         first = associate_raw(lst.port)
         ae = AE(ae_title="SECOND")
         ae.add_requested_context(CT_SOP_CLASS, EXPLICIT_LE)
@@ -251,19 +258,12 @@ def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tm
         third = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
         assert third.is_established  # the slot is free again once the first is released
         third.release()
-    finally:
-        lst.stop()
 
 
 def test_a_pdu_longer_than_advertised_is_aborted_without_reading_it(store: Store, tmp_path: Path) -> None:
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60, max_pdu_bytes=16384)
-    lst.start()
-    try:
+    with running_listener(store, tmp_path, max_pdu_bytes=16384) as lst:
         sock = associate_raw(lst.port)
         sock.sendall(struct.pack(">BxI", 0x04, 1 << 30) + b"\x00" * 100)  # claims 1 GiB
         pdu_type, body = read_pdu(sock)
         sock.close()
         assert pdu_type == 0x07 and body[2:4] == b"\x02\x06"  # provider abort, invalid PDU parameter value
-    finally:
-        lst.stop()
