@@ -49,6 +49,7 @@ class ReceiveJournal:
         self.segment_bytes = segment_bytes
         self.path = folder / f"{name}.journal"  # one writer process per journal file
         self._fd = -1
+        self._file_bytes = segment_bytes
         self._generation = 0
         self._offset = _HEADER_BYTES
         self._written = 0  # bytes ever appended (monotonic): what a sync must cover
@@ -60,8 +61,8 @@ class ReceiveJournal:
         self._syncfs = _syncfs_function()
 
     def siblings(self) -> list[ReceiveJournal]:
-        """The other journals in the folder (other listener processes'), as journals of their own size."""
-        return [ReceiveJournal(self.folder, path.stat().st_size, name=path.stem)
+        """The other journals in the folder (other listener processes'), as journals of this size."""
+        return [ReceiveJournal(self.folder, self.segment_bytes, name=path.stem)
                 for path in sorted(self.folder.glob("*.journal")) if path != self.path]
 
     def largest_record(self) -> int:
@@ -74,16 +75,22 @@ class ReceiveJournal:
         unchecked, oldest first, as (relative path, Part 10 bytes). The caller restores them, then
         calls :meth:`checkpoint`."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size < self.segment_bytes
+        existing = self.path.stat().st_size if self.path.exists() else 0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if fresh:
-            self._zero_fill()
+        if existing < _HEADER_BYTES:
+            self._zero_fill(0)
             self._start_generation(1)
             return iter(())
-        header = os.pread(self._fd, _SEGMENT_HEADER.size, 0)
-        magic, generation = _SEGMENT_HEADER.unpack(header)
+        magic, generation = _SEGMENT_HEADER.unpack(os.pread(self._fd, _SEGMENT_HEADER.size, 0))
+        if magic == bytes(len(_SEGMENT_MAGIC)):
+            # stopped while zero-filling: the header comes last, so nothing was ever journaled here
+            self._zero_fill(0)
+            self._start_generation(1)
+            return iter(())
         if magic != _SEGMENT_MAGIC:
             raise RuntimeError(f"{self.path} is not a MedBridge receive journal; move it away and restart")
+        # replayed at the size it was written with; resized (MEDBRIDGE_DICOM_JOURNAL_BYTES changed) at the checkpoint
+        self._file_bytes = existing
         self._generation = generation
         return self._records(generation)
 
@@ -109,7 +116,7 @@ class ReceiveJournal:
         name = relative_path.encode("utf-8")
         size = _RECORD_HEADER.size + len(name) + len(payload)
         with self._lock:
-            if self._offset + size > self.segment_bytes:
+            if self._offset + size > self._file_bytes:
                 self._recycle()
             header = _RECORD_HEADER.pack(_RECORD_MAGIC, self._generation, len(payload), zlib.crc32(payload), len(name))
             os.pwrite(self._fd, b"".join((header, name, payload)), self._offset)
@@ -144,6 +151,10 @@ class ReceiveJournal:
             while self._in_flight:
                 self._drained.wait()
         self._sync_file_system()
+        if self._file_bytes != self.segment_bytes:
+            os.ftruncate(self._fd, min(self._file_bytes, self.segment_bytes))
+            self._zero_fill(min(self._file_bytes, self.segment_bytes))
+            self._file_bytes = self.segment_bytes
         self._start_generation(self._generation + 1)
 
     def _start_generation(self, generation: int) -> None:
@@ -156,17 +167,18 @@ class ReceiveJournal:
         if self._syncfs is None or self._syncfs(self._fd) != 0:
             os.sync()
 
-    def _zero_fill(self) -> None:
-        # Written blocks, not fallocate's unwritten extents: a later overwrite then changes no
-        # metadata, so fdatasync flushes data alone (~2x cheaper than a sync that converts extents)
+    def _zero_fill(self, start: int) -> None:
+        """Zeros from ``start`` to the segment size. Written blocks, not fallocate's unwritten
+        extents: a later overwrite then changes no metadata, so fdatasync flushes data alone
+        (~2x cheaper than a sync that converts extents)."""
         chunk = bytes(_ZERO_CHUNK)
-        for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
+        for offset in range(start, self.segment_bytes, _ZERO_CHUNK):
             os.pwrite(self._fd, chunk[: min(_ZERO_CHUNK, self.segment_bytes - offset)], offset)
         os.fsync(self._fd)
 
     def _records(self, generation: int) -> Iterator[tuple[str, bytes]]:
         offset = _HEADER_BYTES
-        while offset + _RECORD_HEADER.size <= self.segment_bytes:
+        while offset + _RECORD_HEADER.size <= self._file_bytes:
             magic, gen, length, crc, name_length = _RECORD_HEADER.unpack(
                 os.pread(self._fd, _RECORD_HEADER.size, offset))
             if magic != _RECORD_MAGIC or gen != generation:

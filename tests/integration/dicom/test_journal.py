@@ -132,3 +132,26 @@ def test_restart_after_a_crash_restores_lost_files_and_lost_rows(store: Store, t
     # recovered and checkpointed: a second restart has nothing to do
     restarted.journal.close()  # type: ignore[union-attr]
     assert InstanceIngest(store, storage, journal=ReceiveJournal(storage / ".journal", 1 << 20)).recover() == 0
+
+
+def test_a_journal_of_another_size_is_replayed_then_resized(tmp_path: Path) -> None:
+    small = ReceiveJournal(tmp_path, segment_bytes=1 << 20)
+    list(small.open())
+    journal_record(small, "a/1.dcm", b"kept across the resize")
+    small.close()  # crash, then MEDBRIDGE_DICOM_JOURNAL_BYTES is raised
+    larger = ReceiveJournal(tmp_path, segment_bytes=2 << 20)
+    assert list(larger.open()) == [("a/1.dcm", b"kept across the resize")]
+    larger.checkpoint()
+    assert larger.path.stat().st_size == 2 << 20
+    journal_record(larger, "a/2.dcm", b"x" * (1 << 20) + b"beyond the old size")
+    larger.close()
+    assert [n for n, _ in ReceiveJournal(tmp_path, segment_bytes=2 << 20).open()] == ["a/2.dcm"]
+
+
+def test_a_journal_cut_short_while_being_created_is_created_again(tmp_path: Path) -> None:
+    (tmp_path / "receive.journal").write_bytes(bytes(4096))  # zero-filling stopped before the header
+    journal = ReceiveJournal(tmp_path, segment_bytes=1 << 20)
+    assert list(journal.open()) == []
+    journal_record(journal, "a/1.dcm", b"after")
+    journal.close()
+    assert list(ReceiveJournal(tmp_path, segment_bytes=1 << 20).open()) == [("a/1.dcm", b"after")]
