@@ -64,6 +64,7 @@ def make_instances(folder: Path, n: int) -> list[Path]:
 
 def send_all(port: int, aec: str, shares: list[list[Path]]) -> float:
     """Seconds to send every file, each share on its own storescu association, all at once."""
+    os.sync()  # what earlier receivers left dirty is not written back during this one's run
     t0 = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, share)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=NODELAY)

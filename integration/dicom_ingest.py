@@ -148,8 +148,9 @@ class InstanceIngest:
             if journal is not None:
                 # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
                 _write(tmp, part10)
-                with journal.covering(f"{folder.name}/{final.name}", part10):
-                    stored = self.store.add_instance(values, place_file=lambda: os.replace(tmp, final))
+                with journal.covering(f"{folder.name}/{final.name}", part10) as durable:
+                    # the row's insert runs while the record is written back; durable() before the commit
+                    stored = self.store.add_instance(values, place_file=lambda: (durable(), os.replace(tmp, final)))
             else:
                 _write_durably(tmp, part10)
                 stored = self.store.add_instance(values, place_file=lambda: _rename_durably(tmp, final))

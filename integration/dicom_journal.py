@@ -58,7 +58,7 @@ class ReceiveJournal:
         self._sync_lock = threading.Lock()
         self._drained = threading.Condition()  # guards _in_flight: records whose files are not placed yet
         self._in_flight = 0
-        self._syncfs = _syncfs_function()
+        self._syncfs, self._start_writeback = _linux_functions()
 
     def siblings(self) -> list[ReceiveJournal]:
         """The other journals in the folder (other listener processes'), as journals of this size."""
@@ -100,19 +100,22 @@ class ReceiveJournal:
             self._fd = -1
 
     @contextmanager
-    def covering(self, relative_path: str, payload: bytes) -> Iterator[None]:
-        """Make ``payload`` durable under ``relative_path`` (on entry, the record is on stable
-        storage); the caller places the file and commits its row inside the block. A checkpoint
+    def covering(self, relative_path: str, payload: bytes) -> Iterator[Callable[[], None]]:
+        """Journal ``payload`` under ``relative_path``; the block gets ``durable()``, which returns
+        once the record is on stable storage. The caller places the file and commits its row inside
+        the block, calling ``durable()`` before the commit: the record's writeback starts on entry,
+        so work done before ``durable()`` (the row's insert) overlaps the disk write. A checkpoint
         waits for open blocks: it may drop a record only once its file is in place to be synced."""
-        self._append(relative_path, payload)
+        end = self._append(relative_path, payload)
         try:
-            yield
+            yield lambda: self._sync(end)
         finally:
             with self._drained:
                 self._in_flight -= 1
                 self._drained.notify_all()
 
-    def _append(self, relative_path: str, payload: bytes) -> None:
+    def _append(self, relative_path: str, payload: bytes) -> int:
+        """Write the record and start its writeback; the running total that :meth:`_sync` must reach."""
         name = relative_path.encode("utf-8")
         size = _RECORD_HEADER.size + len(name) + len(payload)
         with self._lock:
@@ -120,23 +123,22 @@ class ReceiveJournal:
                 self._recycle()
             header = _RECORD_HEADER.pack(_RECORD_MAGIC, self._generation, len(payload), zlib.crc32(payload), len(name))
             os.pwrite(self._fd, b"".join((header, name, payload)), self._offset)
+            if self._start_writeback is not None:
+                self._start_writeback(self._fd, self._offset, size, _SYNC_FILE_RANGE_WRITE)
             self._offset += size
             self._written += size
-            end = self._written
             with self._drained:
                 self._in_flight += 1
-        try:
-            with self._sync_lock:
-                if self._synced >= end:
-                    return  # another writer's sync, begun after our write, covered it
-                target = self._written
-                os.fdatasync(self._fd)
-                self._synced = target
-        except BaseException:
-            with self._drained:
-                self._in_flight -= 1
-                self._drained.notify_all()
-            raise
+            return self._written
+
+    def _sync(self, end: int) -> None:
+        """Return once every byte appended up to ``end`` is on stable storage (group commit)."""
+        with self._sync_lock:
+            if self._synced >= end:
+                return  # another writer's sync, begun after our write, covered it
+            target = self._written
+            os.fdatasync(self._fd)
+            self._synced = target
 
     def checkpoint(self) -> None:
         """Sync everything written since the last checkpoint, then start the segment afresh."""
@@ -193,10 +195,16 @@ class ReceiveJournal:
         self._offset = offset
 
 
-def _syncfs_function() -> Callable[[int], int] | None:
-    """Linux ``syncfs(2)``: syncs only the file system holding the journal (``os.sync`` elsewhere)."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _linux_functions() -> tuple[Callable[[int], int] | None, Callable[[int, int, int, int], int] | None]:
+    """Linux ``syncfs(2)`` (syncs only the journal's file system; ``os.sync`` elsewhere) and
+    ``sync_file_range(2)`` (starts a record's writeback without waiting; skipped elsewhere)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
+        syncfs, writeback = libc.syncfs, libc.sync_file_range
     except (OSError, AttributeError):
-        return None
+        return None, None
+    writeback.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return syncfs, writeback

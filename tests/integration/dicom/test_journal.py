@@ -47,8 +47,8 @@ SYNTAX = "1.2.840.10008.1.2.1"
 
 
 def journal_record(journal: ReceiveJournal, name: str, payload: bytes) -> None:
-    with journal.covering(name, payload):
-        pass  # the caller would place the file and commit its row here
+    with journal.covering(name, payload) as durable:
+        durable()  # the caller would place the file and commit its row here
 
 
 def test_journal_replays_unchecked_records_in_order_and_ignores_a_torn_tail(tmp_path: Path) -> None:
@@ -95,7 +95,8 @@ def test_recycling_waits_for_instances_still_being_placed(tmp_path: Path) -> Non
         journal_record(journal, "s/2.dcm", b"y" * 10_000)  # does not fit beside the first: recycles
         second_done.set()
 
-    with journal.covering("s/1.dcm", b"x" * 10_000):
+    with journal.covering("s/1.dcm", b"x" * 10_000) as durable:
+        durable()
         writer = threading.Thread(target=second_writer)
         writer.start()
         assert not second_done.wait(0.3), "recycled while the first instance was not yet in place"
