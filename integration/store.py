@@ -584,36 +584,18 @@ class Store:
 
     @cache  # noqa: B019 - one Store per process; compiled once, not per instance
     def _instance_statements(self) -> tuple[_CompiledStatement, _CompiledStatement]:
-        insert, touch = self._instance_core_statements()
-        # dicom_json stays NULL until first use (see dicom_query.QueryEngine.with_json)
-        columns = [c.key for c in DicomInstance.__table__.columns if c.key != "dicom_json"]
-        return (_CompiledStatement(insert, self.engine.dialect, columns),
-                _CompiledStatement(touch, self.engine.dialect, ["kind", "key", "now"]))
-
-    def _instance_core_statements(self) -> tuple[Any, Any]:
-        """INSERT of an instance (nothing on a duplicate) and the upsert that bumps its study's tracker."""
-        instances, trackers = DicomInstance.__table__, ChangeTracker.__table__
+        """The INSERT of an instance (nothing on a duplicate) and the tracker upsert that ``touch`` uses."""
+        dialect = self.engine.dialect
+        instances = DicomInstance.__table__
         insert = (
-            self._upsert(instances)
+            _dialect_insert(dialect.name, instances)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             .returning(instances.c.sop_instance_uid)
         )
-        touch = (
-            self._upsert(trackers)
-            .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
-                    last_change_at=bindparam("now"))
-            .on_conflict_do_update(
-                index_elements=["kind", "key"],
-                set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
-            )
-        )
-        return insert, touch
-
-    def _upsert(self, table: Any) -> Any:
-        """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-        if self.engine.dialect.name == "postgresql":
-            return postgresql_insert(table)
-        return sqlite_insert(table)
+        # dicom_json stays NULL until first use (see dicom_query.QueryEngine.with_json)
+        columns = [c.key for c in instances.columns if c.key != "dicom_json"]
+        return (_CompiledStatement(insert, dialect, columns),
+                _CompiledStatement(_tracker_touch(dialect.name), dialect, ["kind", "key", "now"]))
 
     @staticmethod
     def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:
