@@ -126,6 +126,21 @@ def _strip_bulk(dataset: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The query-index columns of DicomInstance and the attributes they hold: text columns with the
+# column's size, integer columns (read by index_fields here and by the C-STORE byte scanner)
+INDEX_TEXT_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("patient_name", "PatientName", 324), ("patient_birth_date", "PatientBirthDate", 8),
+    ("patient_sex", "PatientSex", 16), ("study_date", "StudyDate", 8), ("study_time", "StudyTime", 16),
+    ("accession_number", "AccessionNumber", 64), ("study_id", "StudyID", 16),
+    ("study_description", "StudyDescription", 64), ("referring_physician_name", "ReferringPhysicianName", 324),
+    ("series_description", "SeriesDescription", 64), ("body_part_examined", "BodyPartExamined", 16),
+    ("series_date", "SeriesDate", 8),
+)
+INDEX_INT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("series_number", "SeriesNumber"), ("instance_number", "InstanceNumber"), ("number_of_frames", "NumberOfFrames"),
+)
+
+
 def index_fields(ds: Dataset) -> dict[str, Any]:
     """The ``DicomInstance`` query-index columns of ``ds`` (keyword arguments for the row).
 
@@ -134,20 +149,12 @@ def index_fields(ds: Dataset) -> dict[str, Any]:
     costs ~40 us per element, so :meth:`QueryEngine.with_json` fills it on first use instead.
     """
     fields: dict[str, Any] = {}
-    for column, keyword, size in (
-        ("patient_name", "PatientName", 324), ("patient_birth_date", "PatientBirthDate", 8),
-        ("patient_sex", "PatientSex", 16), ("study_date", "StudyDate", 8), ("study_time", "StudyTime", 16),
-        ("accession_number", "AccessionNumber", 64), ("study_id", "StudyID", 16),
-        ("study_description", "StudyDescription", 64), ("referring_physician_name", "ReferringPhysicianName", 324),
-        ("series_description", "SeriesDescription", 64), ("body_part_examined", "BodyPartExamined", 16),
-        ("series_date", "SeriesDate", 8),
-    ):
+    for column, keyword, size in INDEX_TEXT_COLUMNS:
         try:
             fields[column] = _text(ds, keyword, size)
         except Exception:  # noqa: BLE001 - an undecodable optional attribute is not indexed
             fields[column] = None
-    for column, keyword in (("series_number", "SeriesNumber"), ("instance_number", "InstanceNumber"),
-                            ("number_of_frames", "NumberOfFrames")):
+    for column, keyword in INDEX_INT_COLUMNS:
         try:
             fields[column] = _int(ds, keyword)
         except Exception:  # noqa: BLE001

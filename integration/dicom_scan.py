@@ -19,9 +19,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID
 
-from integration.dicom_query import index_fields
+from integration.dicom_query import INDEX_INT_COLUMNS, INDEX_TEXT_COLUMNS, index_fields
 
 # Composite objects that carry no pixels for the CNN, even if they are "storage" classes
 NON_IMAGE_MODALITIES = frozenset({"SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR", "KO", "ECG", "DOC", "REG", "SEG"})
@@ -118,40 +119,24 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
 
-# tag -> (column or fact name, kind, column size); kind: "text", "int", "us"
-_WANTED: dict[int, tuple[str, str, int]] = {
-    0x00080005: ("charset", "text", 0),
-    0x00080016: ("sop_class_uid", "uid", 0),
-    0x00080018: ("sop_instance_uid", "uid", 0),
-    0x00080020: ("study_date", "text", 8),
-    0x00080021: ("series_date", "text", 8),
-    0x00080030: ("study_time", "text", 16),
-    0x00080050: ("accession_number", "text", 64),
-    0x00080060: ("modality", "text", 0),
-    0x00080090: ("referring_physician_name", "text", 324),
-    0x00081030: ("study_description", "text", 64),
-    0x0008103E: ("series_description", "text", 64),
-    0x00100010: ("patient_name", "text", 324),
-    0x00100020: ("patient_id", "text", 0),
-    0x00100030: ("patient_birth_date", "text", 8),
-    0x00100040: ("patient_sex", "text", 16),
-    0x00180015: ("body_part_examined", "text", 16),
-    0x0020000D: ("study_instance_uid", "uid", 0),
-    0x0020000E: ("series_instance_uid", "uid", 0),
-    0x00200010: ("study_id", "text", 16),
-    0x00200011: ("series_number", "int", 0),
-    0x00200013: ("instance_number", "int", 0),
-    0x00280002: ("samples", "us", 0),
-    0x00280004: ("photometric", "text", 0),
-    0x00280008: ("number_of_frames", "int", 0),
-    0x00280010: ("rows", "us", 0),
-    0x00280011: ("columns", "us", 0),
-    0x00280100: ("bits_allocated", "us", 0),
+# tag -> the fact or query-index column it fills: the UIDs and pixel description ingest checks,
+# and every column of dicom_query's index (one list for this scanner and for index_fields)
+_WANTED: dict[int, str] = {
+    0x00080005: "charset",
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x00080060: "modality",
+    0x00100020: "patient_id",
+    0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid",
+    0x00280002: "samples",
+    0x00280004: "photometric",
+    0x00280010: "rows",
+    0x00280011: "columns",
+    0x00280100: "bits_allocated",
+    **{int(tag_for_keyword(keyword)): column  # type: ignore[arg-type]
+       for column, keyword, *_ in (*INDEX_TEXT_COLUMNS, *INDEX_INT_COLUMNS)},
 }
-_INDEX_TEXT = ("patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time", "accession_number",
-               "study_id", "study_description", "referring_physician_name", "series_description",
-               "body_part_examined", "series_date")
-_INDEX_INT = ("series_number", "instance_number", "number_of_frames")
 # Character sets whose bytes decode with one Python codec and no escape sequences (PS3.3 C.12.1.1.2)
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
@@ -212,7 +197,7 @@ def _scan(buf: bytes, implicit: bool) -> tuple[dict[str, bytes], int | None]:
             raise _Decline("value runs past the end")  # truncated: pydicom names it
         name = wanted_names.get(tag)
         if name is not None:
-            raw[name[0]] = buf[pos : pos + length]
+            raw[name] = buf[pos : pos + length]
         elif tag == _PIXEL_DATA:
             pixel_length = length
         pos += length
@@ -282,10 +267,12 @@ def _facts(raw: dict[str, bytes], pixel_length: int | None, transfer_syntax: UID
         if not uid:
             raise _Decline("UID missing or empty")  # pydicom decides 0xC211
         uids[name] = uid
-    text = {name: _text(raw[name], codec) for name in _INDEX_TEXT if name in raw}
-    index: dict[str, Any] = {name: _clip(text.get(name), size) for name, size in _SIZES.items()}
-    for name in _INDEX_INT:
-        index[name] = _int(raw.get(name))
+    index: dict[str, Any] = {
+        column: _clip(_text(raw[column], codec), size) if column in raw else None
+        for column, _keyword, size in INDEX_TEXT_COLUMNS
+    }
+    for column, _keyword in INDEX_INT_COLUMNS:
+        index[column] = _int(raw.get(column))
     if pixel_length == -1 and not transfer_syntax.is_compressed:
         raise _Decline("encapsulated pixel data in a native transfer syntax")
     if pixel_length is not None and pixel_length >= 0 and not transfer_syntax.is_compressed:
@@ -306,9 +293,6 @@ def _facts(raw: dict[str, bytes], pixel_length: int | None, transfer_syntax: UID
         truncated=None,  # a short value made the scan decline
         index=index,
     )
-
-
-_SIZES = {name: size for (name, kind, size) in _WANTED.values() if name in _INDEX_TEXT}
 
 
 def _ascii(value: bytes) -> str:
