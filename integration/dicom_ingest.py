@@ -70,7 +70,8 @@ class InstanceIngest:
         return self._free_ok
 
     def ingest(
-        self, ds: Any, part10: bytes, *, transfer_syntax: str | None = None, expected_sop_uid: str | None = None
+        self, ds: Any, part10: bytes, *, transfer_syntax: str | None = None, expected_sop_uid: str | None = None,
+        journaled: bool = True,
     ) -> IngestOutcome:
         """Store one instance: ``ds`` is its parsed data set, ``part10`` the file bytes.
 
@@ -79,15 +80,16 @@ class InstanceIngest:
         0xC211 when a required UID is missing.
         """
         try:
-            facts = facts_from_dataset(ds, UID(transfer_syntax or ds.file_meta.TransferSyntaxUID))
+            syntax = str(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+            facts = facts_from_dataset(ds, UID(syntax))
         except AttributeError:
             log.warning("instance refused: required UID missing")
             return IngestOutcome(STATUS_IDENTIFIER_MISSING)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
-        return self.ingest_facts(facts, part10, transfer_syntax=str(transfer_syntax or ds.file_meta.TransferSyntaxUID),
-                                 expected_sop_uid=expected_sop_uid)
+        return self.ingest_facts(facts, part10, transfer_syntax=syntax, expected_sop_uid=expected_sop_uid,
+                                 journaled=journaled)
 
     def ingest_data_set(
         self, data_set: bytes, transfer_syntax: str, part10: bytes, *, expected_sop_uid: str | None = None
@@ -108,9 +110,11 @@ class InstanceIngest:
         return self.ingest(ds, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid)
 
     def ingest_facts(
-        self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None
+        self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None,
+        journaled: bool = True,
     ) -> IngestOutcome:
-        """Check, write and record one instance whose facts are read.
+        """Check, write and record one instance whose facts are read; ``journaled=False`` writes it
+        durably on its own (what replaying a journal does: it must not append to the journal it reads).
 
         Status 0x0000 when the instance is durably stored (or was already held: keep first),
         0xC210 when an element is truncated, 0xC211 when the SOP Instance UID disagrees with
@@ -143,14 +147,21 @@ class InstanceIngest:
             "size": len(part10),
             **facts.index,
         }
-        journal = self.journal if self.journal is not None and len(part10) <= self.journal.largest_record() else None
+        journal = self.journal if journaled and self.journal is not None else None
+        if journal is not None and len(part10) > journal.largest_record():
+            journal = None
         try:
             if journal is not None:
                 # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
                 _write(tmp, part10)
                 with journal.covering(f"{folder.name}/{final.name}", part10) as durable:
-                    # the row's insert runs while the record is written back; durable() before the commit
-                    stored = self.store.add_instance(values, place_file=lambda: (durable(), os.replace(tmp, final)))
+
+                    def place_after_sync() -> None:
+                        # the row's insert ran while the record was written back; durable before the commit
+                        durable()
+                        os.replace(tmp, final)
+
+                    stored = self.store.add_instance(values, place_file=place_after_sync)
             else:
                 _write_durably(tmp, part10)
                 stored = self.store.add_instance(values, place_file=lambda: _rename_durably(tmp, final))
@@ -166,22 +177,12 @@ class InstanceIngest:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
 
-
     def recover(self) -> int:
         """Open the journal and restore what a crash may have lost since its last checkpoint:
         instance files missing or cut short, and rows the database did not keep (SQLite's WAL with
         synchronous=NORMAL may roll back the last commits on a power cut). Returns how many
         instances were restored; the journal is checkpointed afterwards."""
-        if self.journal is None:
-            return 0
-        restored = 0
-        for relative, part10 in self.journal.open():
-            if self._restore(self.storage_dir / relative, part10):
-                restored += 1
-        self.journal.checkpoint()
-        if restored:
-            log.warning("restored %d instance(s) from the receive journal after an unclean stop", restored)
-        return restored
+        return self._replay(self.journal) if self.journal is not None else 0
 
     def recover_others(self) -> int:
         """Replay and checkpoint the other journals beside this one (listener processes that ran
@@ -189,26 +190,26 @@ class InstanceIngest:
         if self.journal is None or not self.journal.folder.exists():
             return 0
         restored = 0
-        own = self.journal
-        for other in own.siblings():
-            self.journal = other
+        for other in self.journal.siblings():
             try:
-                restored += self.recover()
+                restored += self._replay(other)
             finally:
                 other.close()
-                self.journal = own
+        return restored
+
+    def _replay(self, journal: ReceiveJournal) -> int:
+        restored = sum(self._restore(self.storage_dir / relative, part10) for relative, part10 in journal.open())
+        journal.checkpoint()
+        if restored:
+            log.warning("restored %d instance(s) from the receive journal after an unclean stop", restored)
         return restored
 
     def _restore(self, final: Path, part10: bytes) -> bool:
         row = self.store.get_instance(final.stem)
         if row is None:
             # acknowledged but the row was lost: ingest again, from the journaled bytes
-            journal, self.journal = self.journal, None
-            try:
-                ds = dcmread(BytesIO(part10))
-                return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID)).stored
-            finally:
-                self.journal = journal
+            ds = dcmread(BytesIO(part10))
+            return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False).stored
         # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
         if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
             tmp = final.with_name(f".{final.name}.restore")
