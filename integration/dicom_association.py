@@ -125,9 +125,8 @@ class StorageAssociations:
         with self._lock:
             return len(self._open)
 
-    def can_serve(self, request: A_ASSOCIATE_RQ) -> bool:
+    def can_serve(self, primitive: A_ASSOCIATE) -> bool:
         """True when every proposed context is one this path serves and nothing else is negotiated."""
-        primitive = request.to_primitive()
         proposed = {str(cx.abstract_syntax) for cx in primitive.presentation_context_definition_list}
         if proposed & self.config.pynetdicom_only:
             return False
@@ -142,11 +141,10 @@ class StorageAssociations:
             except OSError:
                 pass
 
-    def serve(self, sock: socket.socket, address: str, rq_length: int, request: A_ASSOCIATE_RQ,
+    def serve(self, sock: socket.socket, address: str, rq_length: int, primitive: A_ASSOCIATE,
               pynetdicom_active: int) -> None:
         """Accept or reject the (peeked) request, then serve the association until it ends."""
         _recv_exact(sock, rq_length)  # the A-ASSOCIATE-RQ, already decoded from the peek
-        primitive = request.to_primitive()
         calling, called = str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
         reject = self.service.admission(calling, called, address)
         if reject is None and self.active() + pynetdicom_active >= self.config.max_associations:
@@ -434,16 +432,16 @@ def storage_request_handler(associations: StorageAssociations, pynetdicom_active
     class StorageRequestHandler(RequestHandler):
         def handle(self) -> None:
             sock = self.request
-            if not isinstance(sock, socket.socket) or type(sock) is not socket.socket:
+            if type(sock) is not socket.socket:
                 return super().handle()  # TLS: pynetdicom's own path (peeking needs the plain socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             blocking = sock.gettimeout()
             peeked = peek_associate_request(sock, self.ae.acse_timeout)
-            if peeked is None or not associations.can_serve(peeked[1]):
+            if peeked is None or not associations.can_serve(request := peeked[1].to_primitive()):
                 sock.settimeout(blocking)
                 return super().handle()
             try:
-                associations.serve(sock, self.client_address[0], peeked[0], peeked[1], pynetdicom_active())
+                associations.serve(sock, self.client_address[0], peeked[0], request, pynetdicom_active())
             except (AssociationAborted, OSError) as exc:
                 log.info("storage association from %s failed (%s)", self.client_address[0], type(exc).__name__)
             finally:

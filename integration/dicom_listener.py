@@ -223,9 +223,9 @@ class DicomListener:
 
     def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
         """None when the caller may associate, else the A-ASSOCIATE-RJ (permanent, calling AE not
-        recognised). A peer is known by its AE title and the address it calls from, so a stolen AE
-        title used from another host is refused too. The called AE title is checked by pynetdicom
-        on its path (``require_called_aet``) and here on the storage path."""
+        recognised; called AE not recognised). Both association paths ask it. A peer is known by its
+        AE title and the address it calls from, so a stolen AE title used from another host is
+        refused too."""
         if self.allow_any_caller:
             return None
         if called_ae != self.ae_title.strip():
