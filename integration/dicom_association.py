@@ -75,8 +75,15 @@ class StoreService(Protocol):
         """None to accept, or the A-ASSOCIATE-RJ (result, source, reason)."""
 
     def store_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str,
-                       data_set: bytes, *, association: int) -> tuple[int, str | None]:
-        """The C-STORE status and an optional Error Comment."""
+                       data_set: bytes, *, association: int, defer_row: bool = False) -> tuple[int, str | None]:
+        """The C-STORE status and an optional Error Comment; ``defer_row``: the instance's row may
+        be committed after the answer (before ``association_releasing`` returns)."""
+
+    def answered(self, association: int) -> None:
+        """A C-STORE's answer is sent: deferred work may run while the peer prepares its next request."""
+
+    def association_releasing(self, association: int) -> None:
+        """The peer asked to release: return once what it stored is visible."""
 
     def association_ended(self, association: int) -> None:
         """Released, aborted or dropped: what it sent can be announced."""
@@ -188,6 +195,7 @@ class _Association:
             while True:
                 pdu_type, body = _read_pdu(self.sock, self.owner.config.max_pdu_bytes)
                 if pdu_type == 0x05:  # A-RELEASE-RQ
+                    self.owner.service.association_releasing(id(self))
                     self.sock.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
                     return
                 if pdu_type == 0x07:  # A-ABORT
@@ -251,12 +259,13 @@ class _Association:
             try:
                 status, comment = self.owner.service.store_instance(
                     sop_class, sop_instance, str(context.transfer_syntax[0]), self.calling_ae, data_set,
-                    association=id(self),
+                    association=id(self), defer_row=True,
                 )
             except Exception as exc:  # noqa: BLE001 - one failed instance must not end the association
                 log.error("C-STORE failed unexpectedly (%s); answered 0xC211", type(exc).__name__)
                 status, comment = STATUS_PROCESSING_FAILURE, None
             self._send_command(context_id, _store_response(sop_class, sop_instance, message_id, status, comment))
+            self.owner.service.answered(id(self))
         elif field == C_ECHO_RQ:
             self._send_command(context_id, _echo_response(message_id))
         elif field == C_CANCEL_RQ:

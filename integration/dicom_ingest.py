@@ -1,8 +1,11 @@
 """Durable ingest of one DICOM instance, shared by every way instances arrive (C-STORE, STOW-RS).
 
-The instance is written durably (temp file, fsync, atomic rename, folder fsync) and recorded in
-the store, in one database transaction with the study's change tracker, before the caller answers
-success. The answer is a DICOM status (PS3.4 Annex B.2.3), which STOW-RS maps onto HTTP.
+The instance is made durable before the caller answers success: journaled with one sync (see
+``dicom_journal``), or written on its own (temp file, fsync, atomic rename, folder fsync). Its row
+is recorded with the study's change tracker in one transaction before the answer or, for
+storage-only associations (``defer_row``), just after it, in batches: the journal holds the
+instance until its row is in, so a crash in between loses nothing (the replay writes the row).
+The answer is a DICOM status (PS3.4 Annex B.2.3), which STOW-RS maps onto HTTP.
 """
 
 from __future__ import annotations
@@ -13,20 +16,21 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
-from integration.dicom_journal import ReceiveJournal
+from integration.dicom_journal import JournalRecord, ReceiveJournal
 from integration.dicom_scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
-from integration.store import Store
+from integration.store import Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,11 @@ class InstanceIngest:
         self.min_free_bytes = min_free_bytes
         # with a journal, an instance is durable once journaled and its file is written without syncs
         self.journal = journal
+        # rows of journaled instances answered before their row is in (``defer_row``)
+        self.rows = _RowWriter(store) if journal is not None else None
+        if journal is not None:
+            # a full journal recycles only once every journaled row is in: this commits them
+            journal.before_recycle = self.flush_rows
         self._free_checked_at = 0.0
         self._free_ok = True
 
@@ -71,7 +80,7 @@ class InstanceIngest:
 
     def ingest(
         self, ds: Any, part10: bytes, *, transfer_syntax: str | None = None, expected_sop_uid: str | None = None,
-        journaled: bool = True,
+        journaled: bool = True, defer_row: bool = False,
     ) -> IngestOutcome:
         """Store one instance: ``ds`` is its parsed data set, ``part10`` the file bytes.
 
@@ -89,32 +98,39 @@ class InstanceIngest:
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
         return self.ingest_facts(facts, part10, transfer_syntax=syntax, expected_sop_uid=expected_sop_uid,
-                                 journaled=journaled)
+                                 journaled=journaled, defer_row=defer_row)
 
     def ingest_data_set(
-        self, data_set: bytes, transfer_syntax: str, part10: bytes, *, expected_sop_uid: str | None = None
+        self, data_set: bytes, transfer_syntax: str, part10: bytes, *, expected_sop_uid: str | None = None,
+        defer_row: bool = False,
     ) -> IngestOutcome:
         """Store one instance received as data set bytes (what a C-STORE carries) in ``transfer_syntax``.
 
         The byte scanner reads what ingest needs; only what it declines is parsed by pydicom.
+        ``defer_row`` as for :meth:`ingest_facts`.
         """
         syntax = UID(transfer_syntax)
         facts = scan_facts(data_set, syntax)
         if facts is not None:
-            return self.ingest_facts(facts, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid)
+            return self.ingest_facts(facts, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid,
+                                     defer_row=defer_row)
         try:
             ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
-        return self.ingest(ds, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid)
+        return self.ingest(ds, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid,
+                           defer_row=defer_row)
 
     def ingest_facts(
         self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None,
-        journaled: bool = True,
+        journaled: bool = True, defer_row: bool = False,
     ) -> IngestOutcome:
         """Check, write and record one instance whose facts are read; ``journaled=False`` writes it
         durably on its own (what replaying a journal does: it must not append to the journal it reads).
+        ``defer_row``: answer once the instance is journaled and in place, and leave its row to the
+        row writer (visible within ``_RowWriter.linger_seconds``; :meth:`flush_rows` waits for it).
+        Taken where the instance is journaled; a duplicate is then the file already in place.
 
         Status 0x0000 when the instance is durably stored (or was already held: keep first),
         0xC210 when an element is truncated, 0xC211 when the SOP Instance UID disagrees with
@@ -150,8 +166,15 @@ class InstanceIngest:
         journal = self.journal if journaled and self.journal is not None else None
         if journal is not None and len(part10) > journal.largest_record():
             journal = None
+        if not (defer_row and journal is not None) and self.rows is not None and self.rows.claims(sop_uid):
+            log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
+            return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored=False)  # its row is on its way
         try:
-            if journal is not None:
+            if journal is not None and defer_row and self.rows is not None:
+                if self.rows.failing:
+                    raise StoreUnavailableError("received rows wait for the database")
+                stored = self._place_then_defer_row(journal, final, part10, values)
+            elif journal is not None:
                 # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
                 _write(tmp, part10)
                 with journal.covering(f"{folder.name}/{final.name}", part10) as durable:
@@ -176,6 +199,68 @@ class InstanceIngest:
         else:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
+
+    def _place_then_defer_row(
+        self, journal: ReceiveJournal, final: Path, part10: bytes, values: dict[str, Any]
+    ) -> bool:
+        """Create ``final`` (exclusively), journal the instance, write the file while the journal
+        syncs, wait until the record is durable and hand the row to the row writer; False for a
+        duplicate (the first is kept): its SOP Instance UID is recorded, or waits for its row. A
+        file whose record is not durable yet has no row pointing at it, so nothing reads it; one
+        left by a crash is taken over by the next copy of that instance."""
+        assert self.rows is not None
+        sop_uid = values["sop_instance_uid"]
+        if not self.rows.reserve(sop_uid):
+            return False  # placed already by another association; its row is on its way
+        try:
+            fh = _create_new(final)
+            if self.store.holds_instance(sop_uid):  # held (possibly under another study): keep the first
+                if fh is not None:
+                    fh.close()
+                    final.unlink()
+                self.rows.release(sop_uid)
+                return False
+            record = journal.append(f"{final.parent.name}/{final.name}", part10)
+            try:
+                with fh or open(final, "wb") as out:  # (None: a file no row points at, left by a crash)
+                    out.write(part10)  # the journal's syncer runs meanwhile
+                record.durable()
+            except BaseException:
+                record.settle()
+                with contextlib.suppress(OSError):
+                    final.unlink()  # ours, or an orphan: no row points at it
+                raise
+        except BaseException:
+            self.rows.release(sop_uid)
+            raise
+        self.rows.submit({**values, "received_at": utcnow()}, record)
+        return True
+
+    def write_rows(self) -> None:
+        """Commit the rows of instances already answered (``defer_row``) if enough are waiting, or
+        for long enough; call once an answer is sent."""
+        if self.rows is not None:
+            self.rows.write_due()
+
+    def flush_rows(self) -> bool:
+        """Commit every row of an instance answered so far; False while the database is down (the
+        journal keeps those instances)."""
+        return self.rows.write_pending() if self.rows is not None else True
+
+    def close(self) -> None:
+        """Write the pending rows, checkpoint the journal (unless rows could not be written: the next
+        start replays it) and close it."""
+        if self.journal is None:
+            return
+        assert self.rows is not None
+        flushed = self.flush_rows()
+        self.rows.close()
+        if flushed:
+            self.journal.checkpoint()
+        else:
+            log.error("rows of received instances could not be written; the receive journal keeps them "
+                      "for the next start")
+        self.journal.close()
 
     def recover(self) -> int:
         """Open the journal and restore what a crash may have lost since its last checkpoint:
@@ -219,11 +304,159 @@ class InstanceIngest:
         return False
 
 
+class _RowWriter:
+    """The rows of instances already answered, committed in batches: by an association thread once
+    its answer is sent (:meth:`write_due`) when ``batch_rows`` are waiting or the oldest has waited
+    ``linger_seconds``, else by a timer armed for the stragglers. No thread waits on every row, so
+    nothing competes with the receiving threads for the GIL per instance, and one commit covers
+    dozens of instances from every association. Each row's journal record is settled after its
+    commit, so a checkpoint never drops an instance whose row is not in. While the database is
+    down the rows wait and are retried (``failing``: new instances are refused with 0xA700)."""
+
+    def __init__(self, store: Store, *, batch_rows: int = 64, linger_seconds: float = 0.05,
+                 retry_seconds: float = 1.0) -> None:
+        self.store = store
+        self.batch_rows = batch_rows
+        self.linger_seconds = linger_seconds
+        self.retry_seconds = retry_seconds
+        self.failing = False
+        self._closed = False
+        self._first_pending_at = 0.0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()  # guards the pending rows and the counts
+        self._writing = threading.Lock()  # one batch at a time
+        self._pending: list[tuple[dict[str, Any], JournalRecord]] = []
+        self._placed = threading.Condition(self._lock)
+        self._placing: set[str] = set()  # SOP Instance UIDs being placed
+        self._held: set[str] = set()  # placed, durable, and their rows not committed yet
+
+    def reserve(self, sop_uid: str) -> bool:
+        """Claim an instance about to be placed; False when it is placed already and its row waits.
+        Another association placing the same instance right now is waited for: if it fails, this
+        copy is the one to keep. ``release`` gives a claim up, ``submit`` hands in its row."""
+        with self._lock:
+            self._placed.wait_for(lambda: sop_uid not in self._placing)
+            if sop_uid in self._held:
+                return False
+            self._placing.add(sop_uid)
+            return True
+
+    def claims(self, sop_uid: str) -> bool:
+        """True while an instance of this SOP Instance UID is being placed or waits for its row."""
+        with self._lock:
+            return sop_uid in self._placing or sop_uid in self._held
+
+    def release(self, sop_uid: str) -> None:
+        with self._lock:
+            self._placing.discard(sop_uid)
+            self._placed.notify_all()
+
+    def submit(self, row: dict[str, Any], record: JournalRecord) -> None:
+        sop_uid = row["sop_instance_uid"]
+        with self._lock:
+            if not self._pending:
+                self._first_pending_at = time.monotonic()
+            self._pending.append((row, record))
+            self._placing.discard(sop_uid)
+            self._held.add(sop_uid)
+            self._placed.notify_all()
+
+    def write_due(self) -> None:
+        """After an answer: write the batch if it is full or old enough, else make sure a timer will."""
+        with self._lock:
+            if not self._pending:
+                return
+            due = len(self._pending) >= self.batch_rows or (
+                time.monotonic() - self._first_pending_at >= self.linger_seconds)
+        if due:
+            self.write_pending(wait=False)
+        self._arm_timer()
+
+    def close(self) -> None:
+        """No more timers (the rows still pending wait in the journal for the next start)."""
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _arm_timer(self) -> None:
+        with self._lock:
+            if self._timer is not None or not self._pending or self._closed:
+                return
+            self._timer = threading.Timer(self.retry_seconds if self.failing else self.linger_seconds, self._on_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.write_pending()
+        self._arm_timer()  # rows handed in meanwhile, or a database still down
+
+    def write_pending(self, *, wait: bool = True) -> bool:
+        """Commit every row handed in before the call; False when the database is down (they wait).
+        ``wait=False`` returns at once where another thread is writing a batch (it, or the next
+        call, takes these rows)."""
+        if not self._writing.acquire(blocking=wait):
+            return not self.failing
+        try:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
+            return not self.failing
+        finally:
+            self._writing.release()
+
+    def _write(self, batch: list[tuple[dict[str, Any], JournalRecord]]) -> None:
+        rows = [row for row, _ in batch]
+        try:
+            added = self.store.add_instances(rows)
+        except StoreUnavailableError as exc:
+            with self._lock:
+                self._pending[:0] = batch  # kept, in order, for the next try
+            if not self.failing:
+                log.error("rows of %d received instance(s) wait for the database: %s", len(rows), exc)
+            self.failing = True
+            return
+        self.failing = False
+        for (row, record), new in zip(batch, added, strict=True):
+            if not new:
+                self._drop_unheld(row)
+            record.settle()
+        with self._lock:
+            self._held.difference_update(row["sop_instance_uid"] for row in rows)
+
+    def _drop_unheld(self, row: Mapping[str, Any]) -> None:
+        """The SOP Instance UID was recorded meanwhile (by an association on pynetdicom's path, whose
+        rows go in at once): that row is kept, and a file placed elsewhere for this one goes."""
+        try:
+            kept = self.store.get_instance(row["sop_instance_uid"])
+        except StoreUnavailableError:
+            return  # a stray file is harmless; deleting the kept one is not
+        if kept is not None and kept.path != row["path"]:
+            with contextlib.suppress(OSError):
+                os.unlink(row["path"])
+        log.info("duplicate instance %s: the first is kept", uid_hash(row["sop_instance_uid"]))
+
+
 def _holds(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
     except OSError:
         return False
+
+
+def _create_new(path: Path) -> BinaryIO | None:
+    """The file opened for writing if it did not exist (and its folder, if needed); None if it did."""
+    try:
+        return open(path, "xb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the study's first instance
+        return open(path, "xb")
+    except FileExistsError:
+        return None
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -7,9 +7,11 @@ allocated and written takes one ``fdatasync`` of data only (~0.25 ms: no metadat
 instance file is then written and renamed into place *without* syncs; the journal covers it until
 the next checkpoint, which syncs the file system once (``syncfs``) and recycles the segment.
 
-Concurrent associations share syncs (group commit): a writer whose record was already covered by
-another thread's ``fdatasync`` returns without one. A checkpoint waits until every journaled
-instance is in place (``covering``), so the sync it does covers them all.
+A syncer thread issues the ``fdatasync`` as soon as a record is appended, so the disk's cache flush
+runs while the appending thread writes the instance file; one sync covers every record appended
+before it began, so concurrent associations share syncs (group commit). A checkpoint waits until
+every journaled instance is in place (``covering``, or ``append`` until the record is settled), so
+the sync it does covers them all.
 
 Layout: one segment file of ``segment_bytes``, zero-filled once when created. A 64-byte header holds
 the magic and the segment's generation; records follow: magic, generation, payload length, CRC-32,
@@ -55,10 +57,17 @@ class ReceiveJournal:
         self._written = 0  # bytes ever appended (monotonic): what a sync must cover
         self._synced = 0
         self._lock = threading.Lock()  # reservation and write of a record, rotation
-        self._sync_lock = threading.Lock()
+        self._sync_state = threading.Lock()  # guards _written, _synced, _sync_error, _stopping
+        self._sync_requested = threading.Condition(self._sync_state)  # wakes the syncer
+        self._sync_done = threading.Condition(self._sync_state)  # wakes those waiting in durable()
+        self._sync_error: OSError | None = None
+        self._stopping = False
+        self._syncer: threading.Thread | None = None
         self._drained = threading.Condition()  # guards _in_flight: records whose files are not placed yet
         self._in_flight = 0
-        self._syncfs, self._start_writeback = _linux_functions()
+        self._syncfs = _linux_syncfs()
+        # settles records whose rows are still to be written (True once none is left); see _recycle
+        self.before_recycle: Callable[[], bool] | None = None
 
     def siblings(self) -> list[ReceiveJournal]:
         """The other journals in the folder (other listener processes'), as journals of this size."""
@@ -77,6 +86,10 @@ class ReceiveJournal:
         self.folder.mkdir(parents=True, exist_ok=True)
         existing = self.path.stat().st_size if self.path.exists() else 0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._stopping = False
+        self._syncer = threading.Thread(target=self._run_syncer, args=(self._fd,), name="ReceiveJournalSync",
+                                        daemon=True)
+        self._syncer.start()
         if existing < _HEADER_BYTES:
             self._zero_fill(0)
             self._start_generation(1)
@@ -95,6 +108,12 @@ class ReceiveJournal:
         return self._records(generation)
 
     def close(self) -> None:
+        if self._syncer is not None:
+            with self._sync_state:
+                self._stopping = True
+                self._sync_requested.notify()
+            self._syncer.join()
+            self._syncer = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -103,19 +122,28 @@ class ReceiveJournal:
     def covering(self, relative_path: str, payload: bytes) -> Iterator[Callable[[], None]]:
         """Journal ``payload`` under ``relative_path``; the block gets ``durable()``, which returns
         once the record is on stable storage. The caller places the file and commits its row inside
-        the block, calling ``durable()`` before the commit: the record's writeback starts on entry,
-        so work done before ``durable()`` (the row's insert) overlaps the disk write. A checkpoint
+        the block, calling ``durable()`` before the commit: the record's sync starts on entry, so
+        work done before ``durable()`` (the row's insert) overlaps the disk write. A checkpoint
         waits for open blocks: it may drop a record only once its file is in place to be synced."""
-        end = self._append(relative_path, payload)
+        record = self.append(relative_path, payload)
         try:
-            yield lambda: self._sync(end)
+            yield record.durable
         finally:
-            with self._drained:
-                self._in_flight -= 1
-                self._drained.notify_all()
+            record.settle()
+
+    def append(self, relative_path: str, payload: bytes) -> JournalRecord:
+        """Journal ``payload`` under ``relative_path`` and start its sync. The record holds
+        checkpoints off until ``settle()``: call it once the file and its row are in place (whoever
+        writes the row later, e.g. a batch, settles it then)."""
+        return JournalRecord(self, self._append(relative_path, payload))
+
+    def _settle(self) -> None:
+        with self._drained:
+            self._in_flight -= 1
+            self._drained.notify_all()
 
     def _append(self, relative_path: str, payload: bytes) -> int:
-        """Write the record and start its writeback; the running total that :meth:`_sync` must reach."""
+        """Write the record and wake the syncer; the running total that :meth:`_sync` must reach."""
         name = relative_path.encode("utf-8")
         size = _RECORD_HEADER.size + len(name) + len(payload)
         with self._lock:
@@ -123,22 +151,42 @@ class ReceiveJournal:
                 self._recycle()
             header = _RECORD_HEADER.pack(_RECORD_MAGIC, self._generation, len(payload), zlib.crc32(payload), len(name))
             os.pwrite(self._fd, b"".join((header, name, payload)), self._offset)
-            if self._start_writeback is not None:
-                self._start_writeback(self._fd, self._offset, size, _SYNC_FILE_RANGE_WRITE)
             self._offset += size
-            self._written += size
             with self._drained:
                 self._in_flight += 1
-            return self._written
+            with self._sync_state:
+                self._written += size
+                self._sync_requested.notify()
+                return self._written
 
     def _sync(self, end: int) -> None:
-        """Return once every byte appended up to ``end`` is on stable storage (group commit)."""
-        with self._sync_lock:
-            if self._synced >= end:
-                return  # another writer's sync, begun after our write, covered it
-            target = self._written
-            os.fdatasync(self._fd)
-            self._synced = target
+        """Return once every byte appended up to ``end`` is on stable storage."""
+        with self._sync_state:
+            self._sync_done.wait_for(lambda: self._synced >= end or self._sync_error is not None)
+            if self._synced < end:
+                raise OSError(f"the receive journal could not be synced ({self._sync_error}); restart MedBridge")
+
+    def _run_syncer(self, fd: int) -> None:
+        """The syncer thread: one ``fdatasync`` as soon as anything is unsynced, covering every
+        record appended before it began (group commit). It runs while the appending thread reads
+        and places the instance, so a C-STORE rarely waits for the disk's cache flush."""
+        while True:
+            with self._sync_state:
+                self._sync_requested.wait_for(lambda: self._written > self._synced or self._stopping)
+                if self._written <= self._synced:
+                    return  # stopping, with nothing left to sync
+                target = self._written
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:  # after a failed sync nothing written since can be trusted
+                log.error("receive journal sync failed: %s", exc)
+                with self._sync_state:
+                    self._sync_error = exc
+                    self._sync_done.notify_all()
+                return
+            with self._sync_state:
+                self._synced = max(self._synced, target)
+                self._sync_done.notify_all()
 
     def checkpoint(self) -> None:
         """Sync everything written since the last checkpoint, then start the segment afresh."""
@@ -151,7 +199,15 @@ class ReceiveJournal:
         files are synced, so the records can go."""
         with self._drained:
             while self._in_flight:
-                self._drained.wait()
+                if self.before_recycle is not None:
+                    self._drained.release()  # the rows' writer settles records under _drained
+                    try:
+                        if not self.before_recycle():
+                            raise OSError("the receive journal is full and its instances' rows cannot be written")
+                    finally:
+                        self._drained.acquire()
+                if self._in_flight:
+                    self._drained.wait(0.01)  # records of instances being placed right now
         self._sync_file_system()
         if self._file_bytes != self.segment_bytes:
             os.ftruncate(self._fd, min(self._file_bytes, self.segment_bytes))
@@ -195,16 +251,27 @@ class ReceiveJournal:
         self._offset = offset
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+class JournalRecord:
+    """One appended record: ``durable()`` returns once it is on stable storage (group commit);
+    ``settle()`` (exactly once) says its file and row are in place, so a checkpoint may drop it."""
+
+    __slots__ = ("_journal", "_end")
+
+    def __init__(self, journal: ReceiveJournal, end: int) -> None:
+        self._journal = journal
+        self._end = end
+
+    def durable(self) -> None:
+        self._journal._sync(self._end)
+
+    def settle(self) -> None:
+        self._journal._settle()
 
 
-def _linux_functions() -> tuple[Callable[[int], int] | None, Callable[[int, int, int, int], int] | None]:
-    """Linux ``syncfs(2)`` (syncs only the journal's file system; ``os.sync`` elsewhere) and
-    ``sync_file_range(2)`` (starts a record's writeback without waiting; skipped elsewhere)."""
+def _linux_syncfs() -> Callable[[int], int] | None:
+    """Linux ``syncfs(2)``: syncs only the journal's file system (``os.sync`` elsewhere)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs, writeback = libc.syncfs, libc.sync_file_range
+        return libc.syncfs  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        return None, None
-    writeback.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    return syncfs, writeback
+        return None

@@ -193,9 +193,7 @@ class DicomListener:
             self._server = None
         if self.storage_associations is not None:
             self.storage_associations.close_all()
-        if self.ingest.journal is not None:
-            self.ingest.journal.checkpoint()
-            self.ingest.journal.close()
+        self.ingest.close()
 
     def running(self) -> bool:
         return self._server is not None
@@ -260,13 +258,16 @@ class DicomListener:
 
     def store_instance(
         self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str, data_set: bytes,
-        *, association: int,
+        *, association: int, defer_row: bool = False,
     ) -> tuple[int, str | None]:
         """The C-STORE service of both association paths: the status to answer (see
         ``InstanceIngest.ingest_facts``) and an Error Comment for the sender's operator, if any.
-        ``association`` identifies the association, for :meth:`association_ended`."""
+        ``association`` identifies the association, for :meth:`association_ended`. ``defer_row``
+        (storage-only associations, which cannot query what they sent): the row is committed just
+        after the answer, in a batch; :meth:`association_releasing` waits for it."""
         part10 = part10_bytes(sop_class, sop_instance, transfer_syntax, calling_ae, data_set)
-        outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance)
+        outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance,
+                                              defer_row=defer_row)
         with self._lock:
             tally = self._tally[association]
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
@@ -283,8 +284,20 @@ class DicomListener:
     def _handle_assoc_end(self, event: evt.Event) -> None:
         self.association_ended(id(event.assoc))
 
+    def answered(self, association: int) -> None:
+        """A C-STORE's answer is sent: the deferred rows are committed now, while the peer prepares
+        its next request."""
+        self.ingest.write_rows()
+
+    def association_releasing(self, association: int) -> None:
+        """Before the A-RELEASE-RP: what the association stored is queryable once the sender is told
+        the association is over (a PACS may C-FIND right after)."""
+        if not self.ingest.flush_rows():
+            log.error("rows of received instances are not written yet (database unavailable); the journal keeps them")
+
     def association_ended(self, association: int) -> None:
         """Released or aborted: the studies it sent are due now rather than after the quiet period."""
+        self.association_releasing(association)  # an aborted association's rows, before its studies are due
         with self._lock:
             studies = self._studies_by_assoc.pop(association, set())
             tally = self._tally.pop(association, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy import delete, select
 from integration.dicom_ingest import InstanceIngest
 from integration.dicom_journal import ReceiveJournal
 from integration.dicom_listener import part10_bytes
+from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
 
 
@@ -156,3 +158,94 @@ def test_a_journal_cut_short_while_being_created_is_created_again(tmp_path: Path
     journal_record(journal, "a/1.dcm", b"after")
     journal.close()
     assert list(ReceiveJournal(tmp_path, segment_bytes=1 << 20).open()) == [("a/1.dcm", b"after")]
+
+
+def deferring_ingest(store: Store, storage: Path) -> InstanceIngest:
+    ingest = InstanceIngest(store, storage, journal=ReceiveJournal(storage / ".journal", 1 << 20))
+    ingest.recover()
+    return ingest
+
+
+def held_uids(store: Store) -> set[str]:
+    with store.session() as s:
+        return set(s.scalars(select(DicomInstance.sop_instance_uid)))
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_rows_written_after_the_answer_are_restored_after_a_crash_before_them(store: Store, tmp_path: Path) -> None:
+    """Storage associations are answered once the instance is journaled and in place; its row is
+    written after. A crash in between loses the rows, never the instances."""
+    storage = tmp_path / "dicom"
+    ingest = deferring_ingest(store, storage)
+    sent = ct_instances(3)
+    for sop_uid, data, part10 in sent:
+        outcome = ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True)
+        assert outcome.status == 0x0000 and outcome.stored
+    assert held_uids(store) == set()  # answered, rows not written yet
+    ingest.journal.close()  # type: ignore[union-attr]  # the process dies before the row writer ran
+
+    restarted = deferring_ingest(store, storage)
+    assert held_uids(store) == {sop_uid for sop_uid, _, _ in sent}
+    for sop_uid, _, part10 in sent:
+        assert Path(store.get_instance(sop_uid).path).read_bytes() == part10  # type: ignore[union-attr]
+    restarted.close()
+    assert deferring_ingest(store, storage).recover() == 0  # recovered and checkpointed
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_rows_wait_while_the_database_refuses_writes_and_go_in_once_it_takes_them(store: Store, tmp_path: Path) -> None:
+    """The database refuses writes (a real SQLite error, raised by a trigger) after two instances
+    were answered: their rows wait and are retried by the row writer's timer; meanwhile new
+    instances are refused with 0xA700, so the sender keeps them."""
+    ingest = deferring_ingest(store, tmp_path / "dicom")
+    assert ingest.rows is not None
+    ingest.rows.retry_seconds = 0.1
+    (first, first_data, first_part10), (second, second_data, second_part10), (third, third_data, third_part10) = (
+        ct_instances(3))
+    for sop_uid, data, part10 in ((first, first_data, first_part10), (second, second_data, second_part10)):
+        assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).stored
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON dicom_instances "
+                             "BEGIN SELECT RAISE(ABORT, 'database unavailable'); END")
+    assert not ingest.flush_rows()
+    assert ingest.ingest_data_set(third_data, SYNTAX, third_part10, expected_sop_uid=third,
+                                  defer_row=True).status == 0xA700
+    ingest.write_rows()  # what an association does after its answer: arms the retry
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse")
+    deadline = time.monotonic() + 10
+    while held_uids(store) != {first, second} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held_uids(store) == {first, second}
+    assert ingest.ingest_data_set(third_data, SYNTAX, third_part10, expected_sop_uid=third, defer_row=True).stored
+    ingest.close()
+    assert held_uids(store) == {first, second, third}
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_one_sop_instance_uid_under_other_studies_is_a_duplicate_of_the_first(store: Store, tmp_path: Path) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ingest = deferring_ingest(store, tmp_path / "dicom")
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = sop_uid = generate_uid()
+    paths, stored = [], []
+    for flush_between in (True, False, False):  # the first row committed, or still waiting
+        ds.StudyInstanceUID = generate_uid()
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+        part10 = part10_bytes(str(ds.SOPClassUID), sop_uid, SYNTAX, "TEST", fp.getvalue())
+        outcome = ingest.ingest_data_set(fp.getvalue(), SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True)
+        assert outcome.status == 0x0000
+        stored.append(outcome.stored)
+        paths.append(tmp_path / "dicom" / uid_hash(str(ds.StudyInstanceUID)) / f"{sop_uid}.dcm")
+        if flush_between:
+            assert ingest.flush_rows()
+    assert stored == [True, False, False]  # answered as duplicates (the listener's warning)
+    assert ingest.flush_rows()
+    row = store.get_instance(sop_uid)
+    assert row is not None and row.path == str(paths[0])
+    assert paths[0].exists() and not paths[1].exists() and not paths[2].exists()
+    ingest.close()

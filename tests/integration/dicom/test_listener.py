@@ -35,7 +35,9 @@ def test_dcmtk_echoscu_gets_success(listener: DicomListener) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_stored_instance_is_on_disk_and_in_the_store_before_success(listener: DicomListener, store: Store) -> None:
+def test_stored_instances_are_on_disk_and_in_the_store_when_the_association_is_released(
+    listener: DicomListener, store: Store
+) -> None:
     proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), CT_SMALL, MR_SMALL],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -267,3 +267,30 @@ def test_a_pdu_longer_than_advertised_is_aborted_without_reading_it(store: Store
         pdu_type, body = read_pdu(sock)
         sock.close()
         assert pdu_type == 0x07 and body[2:4] == b"\x02\x06"  # provider abort, invalid PDU parameter value
+
+
+def test_rows_of_an_open_association_become_queryable_without_its_release(
+    listener: DicomListener, store: Store
+) -> None:
+    """Rows are written in batches after the answers; a batch that does not fill is written by a
+    timer, so a PACS querying while its sender keeps the association open sees what was stored."""
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID = generate_uid()
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(CT_SOP_CLASS, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    try:
+        sent = []
+        for _ in range(3):
+            ds.SOPInstanceUID = generate_uid()
+            assert assoc.send_c_store(ds).Status == 0x0000
+            sent.append(str(ds.SOPInstanceUID))
+        deadline = time.monotonic() + 5
+        while any(store.get_instance(uid) is None for uid in sent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(store.get_instance(uid) is not None for uid in sent), "no rows while the association is open"
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert listener.storage_associations.accepted >= 1  # type: ignore[union-attr]  # served on the storage path
