@@ -225,10 +225,12 @@ def store_resource(
     return stored, created
 
 
-def store_resources(s: Session, resources: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
-    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs."""
+def store_resources(s: Session, resources: list[dict[str, Any]], *,
+                    fresh: list[bool] | None = None) -> list[tuple[dict[str, Any], bool]]:
+    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs; ``fresh``
+    marks the resources whose ids ``new_id`` has just assigned (see ``Store.put_resources``)."""
     subjects = [subject_of(r) for r in resources]
-    results = Store.put_resources(s, resources, subjects)
+    results = Store.put_resources(s, resources, subjects, fresh=fresh)
     pairs = zip(resources, subjects, strict=True)
     changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
     for subject in sorted(changed):  # once per patient: one change, however many resources it touched

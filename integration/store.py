@@ -20,6 +20,7 @@ from functools import cache
 from operator import itemgetter
 from typing import Any, cast
 
+import orjson
 from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
@@ -131,7 +132,8 @@ class FhirResource(Base):
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     subject_ref: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str | None] = mapped_column(String(32), index=True)
-    identifier: Mapped[str | None] = mapped_column(String(256), index=True)
+    # always NULL (identifiers are searched in fhir_search_index), so not indexed: its index only cost writes
+    identifier: Mapped[str | None] = mapped_column(String(256))
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
 
@@ -206,8 +208,13 @@ def _tracker_touch(dialect: str) -> Any:
 
 
 def _json_text(content: dict[str, Any]) -> str:
-    """A resource as the JSON text stored in a ``content`` column (compact; ASCII, as json.dumps writes it)."""
-    return json.dumps(content, separators=(",", ":"))
+    """A resource as the JSON text stored in a ``content`` column (compact UTF-8), read back by the JSON
+    columns' json.loads. orjson writes it 6x faster than json.dumps; integers beyond 64 bits, which orjson
+    refuses (a FHIR decimal may be one), go through json.dumps."""
+    try:
+        return orjson.dumps(content).decode()
+    except TypeError:
+        return json.dumps(content, separators=(",", ":"))
 
 
 # PostgreSQL types of the FHIR tables' columns, for binary COPY: varchar and json (already serialised by
@@ -481,7 +488,8 @@ class Store:
         reindex_if_empty(self)
 
     def _upgrade_search_index(self) -> None:
-        """The covering value index replaces the one without resource_id (databases before 2026-12-01); on
+        """The covering value index replaces the one without resource_id (databases before 2026-12-01), and
+        the index on the always-NULL ``fhir_resources.identifier`` goes; on
         PostgreSQL, statistics on (resource_type, param, value) together. The planner otherwise multiplies
         three independent frequencies and guesses a tenth of a common code's matches: it then sorts every
         match instead of walking the resources newest first (see fhir_search.run_search)."""
@@ -489,6 +497,7 @@ class Store:
             index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_search_value")
+            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_resources_identifier")  # before 2026-12-01
             if self.engine.dialect.name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (12,):
                 # (MCV statistics exist from PostgreSQL 12; older servers keep the per-column estimate)
                 conn.exec_driver_sql("CREATE STATISTICS IF NOT EXISTS fhir_search_index_value_stats (mcv) "
@@ -771,11 +780,14 @@ class Store:
 
     @staticmethod
     def put_resources(
-        s: Session, resources: Sequence[dict[str, Any]], subject_refs: Sequence[str | None]
+        s: Session, resources: Sequence[dict[str, Any]], subject_refs: Sequence[str | None],
+        *, fresh: Sequence[bool] | None = None,
     ) -> list[tuple[dict[str, Any], bool]]:
         """``put_resource`` for many resources in one go (a transaction Bundle): one locking SELECT,
         then multi-row INSERTs of resources, versions and index rows. Same result as calling
-        ``put_resource`` for each (without If-Match); a resource listed twice falls back to that."""
+        ``put_resource`` for each (without If-Match); a resource listed twice falls back to that.
+        ``fresh`` marks the resources whose ids the server has just assigned: none is stored, so the
+        SELECT leaves them out."""
         from integration.fhir_search import index_rows
 
         keys = [(r["resourceType"], r["id"]) for r in resources]
@@ -785,8 +797,9 @@ class Store:
             return [Store.put_resource(s, r, subject_ref=ref, status=r.get("status") if isinstance(
                 r.get("status"), str) else None) for r, ref in zip(resources, subject_refs, strict=True)]
         by_type: dict[str, list[str]] = {}
-        for rtype, rid in keys:
-            by_type.setdefault(rtype, []).append(rid)
+        for (rtype, rid), new in zip(keys, fresh or [False] * len(keys), strict=True):
+            if not new:
+                by_type.setdefault(rtype, []).append(rid)
         # one locking SELECT for the whole bundle (a primary-key seek per type on both engines)
         current = {
             (row.resource_type, row.id): row
@@ -796,7 +809,7 @@ class Store:
                              for rtype, ids in by_type.items())))
                 .with_for_update()
             )
-        }
+        } if by_type else {}
         now = utcnow()
         stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         new_rows, versions, index, out = [], [], [], []
