@@ -104,7 +104,7 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     for p in prepared:
         refs: list[str] = []
         unresolved: list[str] = []
-        p["resource"] = _resolve_references(p["resource"], mapping, refs, unresolved, False)
+        _resolve_references(p["resource"], mapping, refs, unresolved, False)
         p["references"] = refs
         try:
             validate_resource(p["resource"])
@@ -121,27 +121,27 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     return prepared
 
 
-def _resolve_references(node: Any, mapping: dict[str, str], refs: list[str], unresolved: list[str],
-                        contained: bool) -> Any:
-    """A copy of ``node`` with the references ``mapping`` names rewritten, in one walk that also collects
-    the relative references outside ``contained`` (into ``refs``: the targets to check) and the
-    ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
+def _resolve_references(node: dict[str, Any] | list[Any], mapping: dict[str, str], refs: list[str],
+                        unresolved: list[str], contained: bool) -> None:
+    """Rewrite, in place, the references ``mapping`` names inside ``node`` (the request's own parsed JSON), in
+    one walk that also collects the relative references outside ``contained`` (into ``refs``: the targets
+    to check) and the ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
     if isinstance(node, dict):
-        out = {}
         for k, v in node.items():
             if k == "reference" and isinstance(v, str):
-                v = mapping.get(v, v)
+                target = mapping.get(v)
+                if target is not None:
+                    node[k] = v = target  # an existing key: the dict keeps its size while iterated
                 if v.startswith("urn:uuid:"):
                     unresolved.append(v)
                 elif not contained and "://" not in v and not v.startswith(("#", "urn:")):
                     refs.append(v)
-                out[k] = v
-            else:
-                out[k] = _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
-        return out
-    if isinstance(node, list):
-        return [_resolve_references(v, mapping, refs, unresolved, contained) for v in node]
-    return node
+            elif isinstance(v, dict | list):
+                _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
+    else:
+        for v in node:
+            if isinstance(v, dict | list):
+                _resolve_references(v, mapping, refs, unresolved, contained)
 
 
 def _references(node: Any, path: str) -> list[tuple[str, str]]:

@@ -207,10 +207,10 @@ def _tracker_touch(dialect: str) -> Any:
     )
 
 
-def _json_text(content: dict[str, Any]) -> str:
-    """A resource as the JSON text stored in a ``content`` column (compact UTF-8), read back by the JSON
-    columns' json.loads. orjson writes it 6x faster than json.dumps; integers beyond 64 bits, which orjson
-    refuses (a FHIR decimal may be one), go through json.dumps."""
+def json_text(content: dict[str, Any]) -> str:
+    """FHIR JSON as text: compact UTF-8, as stored in a ``content`` column (read back by the JSON columns'
+    json.loads) and sent in responses. orjson writes it 6x faster than json.dumps; integers beyond 64
+    bits, which orjson refuses (a FHIR decimal may be one), go through json.dumps."""
     try:
         return orjson.dumps(content).decode()
     except TypeError:
@@ -218,13 +218,13 @@ def _json_text(content: dict[str, Any]) -> str:
 
 
 # PostgreSQL types of the FHIR tables' columns, for binary COPY: varchar and json (already serialised by
-# _json_text) go as text, whose binary form is the same UTF-8 bytes the server reads for both
+# json_text) go as text, whose binary form is the same UTF-8 bytes the server reads for both
 _COPY_TYPES: dict[type, str] = {String: "text", Integer: "int4", BigInteger: "int8", DateTime: "timestamptz",
                                 Boolean: "bool", JSON: "text"}
 
 
 def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``_json_text``) in
+    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``json_text``) in
     the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
     DB-API executemany on SQLite. The column types' own bind processors convert the other values, as
     SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
@@ -245,11 +245,17 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
     convert = [(i, p) for i, c in enumerate(columns) if not isinstance(c.type, JSON)
                and (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
     converted = []
+    # the same values recur (every row's timestamp, a bundle's dates): each is converted once
+    memos: list[dict[Any, Any]] = [{} for _ in convert]
     for row in rows:
         values = list(getter(row))
-        for i, p in convert:
-            if values[i] is not None:
-                values[i] = p(values[i])
+        for (i, p), memo in zip(convert, memos, strict=True):
+            value = values[i]
+            if value is not None:
+                done = memo.get(value)
+                if done is None:
+                    done = memo[value] = p(value)
+                values[i] = done
         converted.append(tuple(values))
     placeholders = ", ".join("?" for _ in names)
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
@@ -820,7 +826,7 @@ class Store:
             content = {**resource, "meta": {**(resource.get("meta") or {}), "versionId": str(version),
                                             "lastUpdated": stamp}}
             status = content.get("status") if isinstance(content.get("status"), str) else None
-            document = _json_text(content)  # serialised once, for the current row and the history row
+            document = json_text(content)  # serialised once, for the current row and the history row
             if row is None:
                 new_rows.append({"resource_type": rtype, "id": rid, "version_id": version, "last_updated": now,
                                  "subject_ref": subject_ref, "status": status, "identifier": None,
