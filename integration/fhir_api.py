@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fhir.resources.R4B import get_fhir_model_class
 
@@ -67,11 +65,6 @@ def outcome_response(status_code: int, issues: list[tuple[str, str]], code: str 
     return fhir_response(operation_outcome(issues, code), status_code)
 
 
-# orjson reads an integer beyond 64 bits as a float; json.loads keeps it exact: a body with 19 digits in a
-# row (maybe such a number) is read by json.loads
-_LONG_DIGITS = re.compile(rb"\d{19}")
-
-
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -83,11 +76,6 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
     body = await request.body()
     if len(body) > max_bytes:
         raise InvalidResourceError([("", f"request body exceeds {max_bytes} bytes")], 413)
-    if _LONG_DIGITS.search(body) is None:
-        try:
-            return orjson.loads(body)  # 3-4x faster than json.loads
-        except orjson.JSONDecodeError:
-            pass  # json.loads decides (it also reads UTF-16 and a BOM) and names the error
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -1,4 +1,4 @@
-"""The store on SQLite and PostgreSQL: versions, optimistic locking, change trackers, outbox; SQLite's WAL checkpoints."""
+"""The store on SQLite and PostgreSQL: versions, optimistic locking, change trackers, outbox; WAL checkpoints."""
 
 from __future__ import annotations
 
