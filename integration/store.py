@@ -320,6 +320,7 @@ log = logging.getLogger(__name__)
 # SQLite's own automatic checkpoint, at this many WAL pages, is only a backstop: the store's checkpointer
 # thread (_WalCheckpointer) checkpoints at _CHECKPOINT_PAGES, as SQLite would, but off the committing thread
 _CHECKPOINT_PAGES = 1_000
+_BUSY_TIMEOUT_MS = 30_000
 _WAL_BACKSTOP_PAGES = 20_000
 
 
@@ -329,7 +330,7 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         # WAL lets the DICOM threads write while the API reads; busy_timeout waits for the lock
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP_PAGES}")
         cur.close()
@@ -387,6 +388,8 @@ class _WalCheckpointer:
     def _run(self) -> None:
         conn = self._engine.raw_connection()
         dbapi = conn.driver_connection
+        # a RESTART checkpoint holds new writers back while it waits for readers: not longer than this
+        dbapi.execute("PRAGMA busy_timeout=200")  # type: ignore[union-attr]
         try:
             while True:
                 self._due.wait()
@@ -404,6 +407,7 @@ class _WalCheckpointer:
                     # the next transaction tries again; SQLite's own checkpoint is the backstop
                     log.warning("WAL checkpoint failed: %s", exc)
         finally:
+            dbapi.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")  # type: ignore[union-attr]  # as the pool lent it
             conn.close()
 
 
