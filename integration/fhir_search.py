@@ -337,8 +337,13 @@ def _index_plan(resource_type: str) -> list[tuple[SearchParam, list[tuple[str, .
     return plan
 
 
-def index_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``fhir_search_index`` rows of a resource (deduplicated), per the registry."""
+# the fhir_search_index columns of the tuples index_tuples gives
+INDEX_COLUMNS = ("resource_type", "resource_id", "param", "system", "value", "date_start", "date_end")
+
+
+def index_tuples(resource: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The ``fhir_search_index`` rows of a resource (deduplicated), per the registry, as tuples of the
+    ``INDEX_COLUMNS`` values."""
     rtype, rid = resource["resourceType"], resource["id"]
     rows = []
     for param, paths in _index_plan(rtype):
@@ -346,22 +351,17 @@ def index_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
         for path in paths:
             for node in _elements(resource, path):
                 for entry in _values(param, node):
-                    if entry in seen:
-                        continue
-                    seen.add(entry)
-                    system, value, start, end = entry
-                    rows.append(
-                        {
-                            "resource_type": rtype,
-                            "resource_id": rid,
-                            "param": param.name,
-                            "system": system[:256] if system is not None else None,
-                            "value": value[:256] if value is not None else None,
-                            "date_start": start,
-                            "date_end": end,
-                        }
-                    )
+                    if entry not in seen:
+                        seen.add(entry)
+                        system, value, start, end = entry
+                        rows.append((rtype, rid, param.name, system[:256] if system is not None else None,
+                                     value[:256] if value is not None else None, start, end))
     return rows
+
+
+def index_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """``index_tuples`` as dicts of column values."""
+    return [dict(zip(INDEX_COLUMNS, row, strict=True)) for row in index_tuples(resource)]
 
 
 # Parsing ------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
-from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -223,14 +222,12 @@ _COPY_TYPES: dict[type, str] = {String: "text", Integer: "int4", BigInteger: "in
                                 Boolean: "bool", JSON: "text"}
 
 
-def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT ``rows`` (dicts with the same keys; JSON columns already serialised by ``json_text``) in
-    the connection's transaction: COPY on PostgreSQL (one round trip instead of one per row), a plain
-    DB-API executemany on SQLite. The column types' own bind processors convert the other values, as
-    SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
+def _bulk_insert(conn: Connection, table: Table, names: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` (tuples of the ``names`` columns' values; JSON columns already serialised by
+    ``json_text``) in the connection's transaction: COPY on PostgreSQL (one round trip instead of one per
+    row), a plain DB-API executemany on SQLite. The column types' own bind processors convert the other
+    values, as SQLAlchemy would, without its per-row bookkeeping (most of the write cost of a Bundle)."""
     dialect = conn.dialect
-    names = list(rows[0])
-    getter = itemgetter(*names)  # every row has the same keys (more than one)
     columns = [table.c[n] for n in names]
     quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
     if dialect.name == "postgresql":
@@ -240,25 +237,33 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
             with cur.copy(f"COPY {table.name} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(types)
                 for row in rows:
-                    copy.write_row(getter(row))
+                    copy.write_row(row)
         return
     convert = [(i, p) for i, c in enumerate(columns) if not isinstance(c.type, JSON)
                and (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
-    converted = []
-    # the same values recur (every row's timestamp, a bundle's dates): each is converted once
-    memos: list[dict[Any, Any]] = [{} for _ in convert]
-    for row in rows:
-        values = list(getter(row))
-        for (i, p), memo in zip(convert, memos, strict=True):
-            value = values[i]
-            if value is not None:
-                done = memo.get(value)
-                if done is None:
-                    done = memo[value] = p(value)
-                values[i] = done
-        converted.append(tuple(values))
+    if convert:
+        # the same values recur (every row's timestamp, a bundle's dates): each is converted once
+        memos: list[dict[Any, Any]] = [{} for _ in convert]
+        converted = []
+        for row in rows:
+            values = list(row)
+            for (i, p), memo in zip(convert, memos, strict=True):
+                value = values[i]
+                if value is not None:
+                    done = memo.get(value)
+                    if done is None:
+                        done = memo[value] = p(value)
+                    values[i] = done
+            converted.append(tuple(values))
+        rows = converted
     placeholders = ", ".join("?" for _ in names)
-    conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", converted)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", rows)
+
+
+# the columns put_resources writes, in the order of its row tuples
+_RESOURCE_COLUMNS = ("resource_type", "id", "version_id", "last_updated", "subject_ref", "status", "identifier",
+                     "deleted", "content")
+_VERSION_COLUMNS = ("resource_type", "id", "version_id", "deleted", "content", "last_updated")
 
 
 class OutboxEntry(Base):
@@ -798,7 +803,7 @@ class Store:
         ``put_resource`` for each (without If-Match); a resource listed twice falls back to that.
         ``fresh`` marks the resources whose ids the server has just assigned: none is stored, so the
         SELECT leaves them out."""
-        from integration.fhir_search import index_rows
+        from integration.fhir_search import INDEX_COLUMNS, index_tuples
 
         keys = [(r["resourceType"], r["id"]) for r in resources]
         if not keys:
@@ -822,7 +827,10 @@ class Store:
         } if by_type else {}
         now = utcnow()
         stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        new_rows, versions, index, out = [], [], [], []
+        new_rows: list[tuple[Any, ...]] = []
+        versions: list[tuple[Any, ...]] = []
+        index: list[tuple[Any, ...]] = []
+        out = []
         for resource, subject_ref in zip(resources, subject_refs, strict=True):
             rtype, rid = resource["resourceType"], resource["id"]
             row = current.get((rtype, rid))
@@ -831,16 +839,13 @@ class Store:
                                             "lastUpdated": stamp}}
             status = content.get("status") if isinstance(content.get("status"), str) else None
             document = json_text(content)  # serialised once, for the current row and the history row
-            if row is None:
-                new_rows.append({"resource_type": rtype, "id": rid, "version_id": version, "last_updated": now,
-                                 "subject_ref": subject_ref, "status": status, "identifier": None,
-                                 "deleted": False, "content": document})
+            if row is None:  # _RESOURCE_COLUMNS
+                new_rows.append((rtype, rid, version, now, subject_ref, status, None, False, document))
             else:
                 row.version_id, row.last_updated, row.content = version, now, content
                 row.subject_ref, row.status, row.deleted = subject_ref, status, False
-            versions.append({"resource_type": rtype, "id": rid, "version_id": version, "deleted": False,
-                             "content": document, "last_updated": now})
-            index += index_rows(content)
+            versions.append((rtype, rid, version, False, document, now))  # _VERSION_COLUMNS
+            index += index_tuples(content)
             out.append((content, row is None))
         for rtype, ids in by_type.items():
             stale = [i for i in ids if (rtype, i) in current]
@@ -849,9 +854,11 @@ class Store:
                                                         FhirSearchIndex.resource_id.in_(stale)))
         s.flush()  # the ORM updates above first; then the bulk writes (no per-row ORM or Core bookkeeping)
         conn = s.connection()
-        for model, rows in ((FhirResource, new_rows), (FhirResourceVersion, versions), (FhirSearchIndex, index)):
+        for model, names, rows in ((FhirResource, _RESOURCE_COLUMNS, new_rows),
+                                   (FhirResourceVersion, _VERSION_COLUMNS, versions),
+                                   (FhirSearchIndex, INDEX_COLUMNS, index)):
             if rows:
-                _bulk_insert(conn, cast(Table, model.__table__), rows)
+                _bulk_insert(conn, cast(Table, model.__table__), names, rows)
         return out
 
     @staticmethod
