@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -391,6 +392,10 @@ class _WalCheckpointer:
             self._thread = None
 
     def _run(self) -> None:
+        try:  # Linux: a thread's own nice value; the checkpoint gives way to the threads that serve requests
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass  # elsewhere it runs at the process's priority
         conn = self._engine.raw_connection()
         dbapi = conn.driver_connection
         # a RESTART checkpoint holds new writers back while it waits for readers: not longer than this
