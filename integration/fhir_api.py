@@ -32,6 +32,7 @@ from integration.fhir_resources import (
     validate_resource,
 )
 from integration.services import Services, get_services
+from integration.store import json_text
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 def fhir_response(body: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        content=json.dumps(body, separators=(",", ":")),
+        content=json_text(body),
         status_code=status_code,
         media_type=FHIR_JSON,
         headers=headers,

@@ -59,8 +59,9 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     """Validate every entry, resolve conditional entries and assign ids; resolve urn:uuid references
     between entries; refuse references to resources that are neither in the bundle nor stored.
 
-    Returns dicts with ``resource``, ``index`` and ``existing`` (an ifNoneExist entry that matched:
-    nothing to write). Runs inside session ``s`` so that the lookups see what the writes will see.
+    Returns dicts with ``resource``, ``index``, ``existing`` (an ifNoneExist entry that matched:
+    nothing to write) and ``fresh`` (its id was assigned here: nothing stored has it). Runs inside
+    session ``s`` so that the lookups see what the writes will see.
     """
     prepared: list[dict[str, Any]] = []
     mapping: dict[str, str] = {}
@@ -81,6 +82,7 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
             )
         resource_model(rtype)
         existing = False
+        rid: str | None
         if criteria is not None:
             field = "ifNoneExist" if method == "POST" else "url"
             matches = _resolve_conditional(s, i, rtype, criteria, field)
@@ -88,19 +90,21 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
                 raise InvalidResourceError([(f"Bundle.entry[{i}].request.{field}", "more than one match")], 412)
             if method == "POST":
                 existing = bool(matches)
-                rid = matches[0] if matches else new_id()
+                rid = matches[0] if matches else None
             else:
-                rid = matches[0] if matches else (resource.get("id") or new_id())
+                rid = matches[0] if matches else resource.get("id")
         else:
-            rid = url_id if method == "PUT" and url_id else new_id()
+            rid = url_id if method == "PUT" and url_id else None
+        fresh = not rid
+        rid = rid or new_id()
         full_url = entry.get("fullUrl")
         if isinstance(full_url, str) and full_url:
             mapping[full_url] = f"{rtype}/{rid}"
-        prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing})
+        prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing, "fresh": fresh})
     for p in prepared:
         refs: list[str] = []
         unresolved: list[str] = []
-        p["resource"] = _resolve_references(p["resource"], mapping, refs, unresolved, False)
+        _resolve_references(p["resource"], mapping, refs, unresolved, False)
         p["references"] = refs
         try:
             validate_resource(p["resource"])
@@ -117,27 +121,27 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     return prepared
 
 
-def _resolve_references(node: Any, mapping: dict[str, str], refs: list[str], unresolved: list[str],
-                        contained: bool) -> Any:
-    """A copy of ``node`` with the references ``mapping`` names rewritten, in one walk that also collects
-    the relative references outside ``contained`` (into ``refs``: the targets to check) and the
-    ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
+def _resolve_references(node: dict[str, Any] | list[Any], mapping: dict[str, str], refs: list[str],
+                        unresolved: list[str], contained: bool) -> None:
+    """Rewrite, in place, the references ``mapping`` names inside ``node`` (the request's own parsed JSON), in
+    one walk that also collects the relative references outside ``contained`` (into ``refs``: the targets
+    to check) and the ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
     if isinstance(node, dict):
-        out = {}
         for k, v in node.items():
             if k == "reference" and isinstance(v, str):
-                v = mapping.get(v, v)
+                target = mapping.get(v)
+                if target is not None:
+                    node[k] = v = target  # an existing key: the dict keeps its size while iterated
                 if v.startswith("urn:uuid:"):
                     unresolved.append(v)
                 elif not contained and "://" not in v and not v.startswith(("#", "urn:")):
                     refs.append(v)
-                out[k] = v
-            else:
-                out[k] = _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
-        return out
-    if isinstance(node, list):
-        return [_resolve_references(v, mapping, refs, unresolved, contained) for v in node]
-    return node
+            elif isinstance(v, dict | list):
+                _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
+    else:
+        for v in node:
+            if isinstance(v, dict | list):
+                _resolve_references(v, mapping, refs, unresolved, contained)
 
 
 def _references(node: Any, path: str) -> list[tuple[str, str]]:
@@ -198,7 +202,8 @@ def _refuse_references(prepared: list[dict[str, Any]], in_bundle: set[tuple[str,
 def write_entries(s: Session, prepared: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
     """Write the prepared entries (multi-row INSERTs): (stored content, created) in the bundle's order;
     an ifNoneExist entry that matched gives the current resource, not created."""
-    written = iter(store_resources(s, [p["resource"] for p in prepared if not p["existing"]]))
+    writes = [p for p in prepared if not p["existing"]]
+    written = iter(store_resources(s, [p["resource"] for p in writes], fresh=[p["fresh"] for p in writes]))
     out = []
     for p in prepared:
         if p["existing"]:

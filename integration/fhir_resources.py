@@ -4,6 +4,8 @@ resources MedBridge handles), reference handling, and the resources MedBridge de
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from typing import Any
 
@@ -196,7 +198,13 @@ def subject_of(resource: dict[str, Any]) -> str | None:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A server-assigned resource id: a time-ordered UUID (version 7, RFC 9562: 48 bits of Unix time in ms,
+    then 74 random bits). Ids assigned together sort together, so the inserts of a Bundle's resources enter
+    the primary-key and search indexes at a few places instead of one random B-tree page each: fewer pages
+    for each commit to write (with uuid4 ids, a transaction Bundle's commit took twice as long on SQLite)."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62
+    return str(uuid.UUID(int=value | rand & (1 << 62) - 1))
 
 
 def store_resource(
@@ -217,10 +225,12 @@ def store_resource(
     return stored, created
 
 
-def store_resources(s: Session, resources: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
-    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs."""
+def store_resources(s: Session, resources: list[dict[str, Any]], *,
+                    fresh: list[bool] | None = None) -> list[tuple[dict[str, Any], bool]]:
+    """``store_resource`` for every resource of a transaction, written with multi-row INSERTs; ``fresh``
+    marks the resources whose ids ``new_id`` has just assigned (see ``Store.put_resources``)."""
     subjects = [subject_of(r) for r in resources]
-    results = Store.put_resources(s, resources, subjects)
+    results = Store.put_resources(s, resources, subjects, fresh=fresh)
     pairs = zip(resources, subjects, strict=True)
     changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
     for subject in sorted(changed):  # once per patient: one change, however many resources it touched

@@ -1,6 +1,9 @@
-"""The store on SQLite and PostgreSQL: versions, optimistic locking, change trackers, outbox."""
+"""The store on SQLite and PostgreSQL: versions, optimistic locking, change trackers, outbox; WAL checkpoints."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,25 @@ def test_outbox_is_written_with_the_state_and_drained_in_order(store: Store) -> 
     assert [p.event_id for p in pending] == [e.event_id for e in events]
     store.mark_published([pending[0].id])
     assert store.outbox_backlog() == 2
+
+
+def test_sqlite_wal_is_checkpointed_into_the_database_as_writes_go_on(tmp_path: Path) -> None:
+    """The store's checkpointer thread copies the WAL into the database (commits leave it to that thread)."""
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.start()
+    database = tmp_path / "store.db"
+    try:
+        before = database.stat().st_size
+        note = {"text": "x" * 3000}
+        for batch in range(10):  # ~12 MB into the WAL: past the checkpoint's 1,000 pages many times
+            resources = [{"resourceType": "Basic", "id": f"{batch}-{i}", "code": note} for i in range(200)]
+            with store.session() as s:
+                Store.put_resources(s, resources, [None] * len(resources))
+        deadline = time.monotonic() + 10
+        while database.stat().st_size < before + 8_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert database.stat().st_size >= before + 8_000_000
+        assert store.get_resource("Basic", "9-199")["code"] == note
+    finally:
+        store.stop()
+        store.stop()  # stopping twice changes nothing

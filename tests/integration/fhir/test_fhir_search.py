@@ -128,6 +128,22 @@ def test_reference_and_string_parameters(fhir_client: httpx.Client) -> None:
     assert wrong.status_code == 400 and wrong.json()["issue"][0]["expression"] == ["patient"]
 
 
+def test_patient_is_the_subjects_that_are_patients_in_searches_and_includes(fhir_client: httpx.Client) -> None:
+    patient = post(fhir_client, {"resourceType": "Patient", "gender": "female"})
+    group = post(fhir_client, {"resourceType": "Group", "type": "person", "actual": True})
+    of_patient = post(fhir_client, observation("a", patient=f"Patient/{patient}"))
+    of_group = post(fhir_client, observation("a", patient=f"Group/{group}"))
+    obs = "/fhir/Observation"
+    assert ids(fhir_client, obs, {"patient": patient}) == {of_patient}
+    assert ids(fhir_client, obs, {"subject": group}) == {of_group}
+    assert ids(fhir_client, obs, {"subject": f"Patient/{patient}"}) == {of_patient}
+    assert ids(fhir_client, obs, {"code": "a", "patient": f"Patient/{patient}"}) == {of_patient}  # a probe
+    body = fhir_client.get(obs, params={"_include": "Observation:patient"}).json()
+    assert [e["resource"]["id"] for e in body["entry"] if e["search"]["mode"] == "include"] == [patient]
+    body = fhir_client.get(obs, params={"_include": "Observation:subject"}).json()
+    assert {e["resource"]["id"] for e in body["entry"] if e["search"]["mode"] == "include"} == {patient, group}
+
+
 def test_sort_and_paging_links_walk_every_page_both_ways(fhir_client: httpx.Client) -> None:
     days = ["2020-01-05", "2020-01-01", "2020-01-04", "2020-01-02", "2020-01-03"]
     by_day = {post(fhir_client, observation("a", when={"effectiveDateTime": d})): d for d in days}

@@ -1,4 +1,5 @@
-"""A store created before the search index and the version timestamps gets both at start."""
+"""A store created before the search index and the version timestamps gets both at start; older indexes are
+replaced or dropped."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
         conn.exec_driver_sql("DROP INDEX ix_fhir_search_value_id")
         conn.exec_driver_sql("CREATE INDEX ix_fhir_search_value ON fhir_search_index "
                              "(resource_type, param, value, system) WHERE value IS NOT NULL")
+        conn.exec_driver_sql("CREATE INDEX ix_fhir_resources_identifier ON fhir_resources (identifier)")
     store.stop()
 
     upgraded = Store(store.url)
@@ -51,6 +53,8 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
         indexes = {i["name"]: i["column_names"] for i in inspect(upgraded.engine).get_indexes("fhir_search_index")}
         assert "ix_fhir_search_value" not in indexes
         assert indexes["ix_fhir_search_value_id"] == ["resource_type", "param", "value", "system", "resource_id"]
+        resource_indexes = {i["name"] for i in inspect(upgraded.engine).get_indexes("fhir_resources")}
+        assert "ix_fhir_resources_identifier" not in resource_indexes  # always NULL: only cost writes
         query = fhir_search.parse_search("Patient", [("identifier", "urn:mrn|u-1"), ("_total", "accurate")],
                                          strict=True)
         result = fhir_search.run_search(upgraded, query)
