@@ -143,6 +143,10 @@ class InstanceIngest:
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, sop_uid, study_uid)
         if expected_sop_uid is not None and sop_uid != expected_sop_uid:
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
+        if any(len(uid) > _UID_MAX for uid in (sop_uid, study_uid, facts.series_instance_uid, facts.sop_class_uid)):
+            # PS3.5 9.1; refused here, so that no row can fail its insert (a batch of rows would wait on it)
+            log.warning("instance %s refused: a UID is longer than 64 characters", uid_hash(sop_uid))
+            return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
         if not self.has_free_space():
             # refuse before the disk is full, so the sender keeps the instance and retries later
             log.error("instance %s refused: free space below MEDBRIDGE_MIN_FREE_BYTES", uid_hash(sop_uid))
@@ -156,8 +160,9 @@ class InstanceIngest:
             "series_instance_uid": facts.series_instance_uid,
             "sop_class_uid": facts.sop_class_uid,
             "transfer_syntax_uid": transfer_syntax,
-            "modality": facts.modality,
-            "patient_id": facts.patient_id,
+            # the file keeps the values as sent; the columns, for matching, hold what fits (as index_fields does)
+            "modality": (facts.modality or "")[:16] or None,
+            "patient_id": (facts.patient_id or "")[:64] or None,
             "is_image": facts.is_image,
             "path": str(final),
             "size": len(part10),
@@ -302,6 +307,9 @@ class InstanceIngest:
             os.replace(tmp, final)
             return True
         return False
+
+
+_UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
 
 
 class _RowWriter:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -248,4 +249,36 @@ def test_one_sop_instance_uid_under_other_studies_is_a_duplicate_of_the_first(st
     row = store.get_instance(sop_uid)
     assert row is not None and row.path == str(paths[0])
     assert paths[0].exists() and not paths[1].exists() and not paths[2].exists()
+    ingest.close()
+
+
+def test_values_a_row_cannot_hold_are_refused_or_clipped_before_the_answer(store: Store, tmp_path: Path) -> None:
+    """On both databases: a UID beyond 64 characters is refused (0xC211), an over-long Modality or
+    Patient ID is clipped in its column (the file keeps it), so no row of a batch can fail its insert."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ingest = deferring_ingest(store, tmp_path / "dicom")
+
+    def encoded(ds: Any) -> tuple[bytes, bytes]:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+        return fp.getvalue(), part10_bytes(str(ds.SOPClassUID), str(ds.SOPInstanceUID), SYNTAX, "TEST", fp.getvalue())
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2." + "3" * 70
+    data, part10 = encoded(ds)
+    assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=str(ds.SOPInstanceUID),
+                                  defer_row=True).status == 0xC211
+    ds.StudyInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PatientID = "CT" * 10, "P" * 80
+    data, part10 = encoded(ds)
+    assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=str(ds.SOPInstanceUID), defer_row=True).stored
+    assert ingest.flush_rows()
+    row = store.get_instance(str(ds.SOPInstanceUID))
+    assert row is not None and row.modality == ("CT" * 10)[:16] and row.patient_id == "P" * 64
+    assert dcmread(row.path).PatientID == "P" * 80
     ingest.close()
