@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -171,11 +171,13 @@ class InstanceIngest:
         journal = self.journal if journaled and self.journal is not None else None
         if journal is not None and len(part10) > journal.largest_record():
             journal = None
-        if not (defer_row and journal is not None) and self.rows is not None and self.rows.claims(sop_uid):
+        deferred = defer_row and journal is not None  # (a journal comes with a row writer)
+        if not deferred and self.rows is not None and self.rows.claims(sop_uid):
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
             return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored=False)  # its row is on its way
         try:
-            if journal is not None and defer_row and self.rows is not None:
+            if deferred:
+                assert journal is not None and self.rows is not None
                 if self.rows.failing:
                     raise StoreUnavailableError("received rows wait for the database")
                 stored = self._place_then_defer_row(journal, final, part10, values)
@@ -208,27 +210,21 @@ class InstanceIngest:
     def _place_then_defer_row(
         self, journal: ReceiveJournal, final: Path, part10: bytes, values: dict[str, Any]
     ) -> bool:
-        """Create ``final`` (exclusively), journal the instance, write the file while the journal
-        syncs, wait until the record is durable and hand the row to the row writer; False for a
-        duplicate (the first is kept): its SOP Instance UID is recorded, or waits for its row. A
-        file whose record is not durable yet has no row pointing at it, so nothing reads it; one
-        left by a crash is taken over by the next copy of that instance."""
+        """Journal the instance, write ``final`` while the journal syncs, wait until the record is
+        durable and hand the row to the row writer; False for a duplicate (the first is kept): its
+        SOP Instance UID is recorded, or waits for its row. A file whose record is not durable yet
+        has no row pointing at it, so nothing reads it; one left by a crash (no row) is overwritten."""
         assert self.rows is not None
         sop_uid = values["sop_instance_uid"]
         if not self.rows.reserve(sop_uid):
             return False  # placed already by another association; its row is on its way
         try:
-            fh = _create_new(final)
             if self.store.holds_instance(sop_uid):  # held (possibly under another study): keep the first
-                if fh is not None:
-                    fh.close()
-                    final.unlink()
                 self.rows.release(sop_uid)
                 return False
             record = journal.append(f"{final.parent.name}/{final.name}", part10)
             try:
-                with fh or open(final, "wb") as out:  # (None: a file no row points at, left by a crash)
-                    out.write(part10)  # the journal's syncer runs meanwhile
+                _write(final, part10)  # the journal's syncer runs meanwhile
                 record.durable()
             except BaseException:
                 record.settle()
@@ -456,20 +452,13 @@ def _holds(path: Path, size: int) -> bool:
         return False
 
 
-def _create_new(path: Path) -> BinaryIO | None:
-    """The file opened for writing if it did not exist (and its folder, if needed); None if it did."""
+def _write(path: Path, data: bytes) -> None:
     try:
-        return open(path, "xb")
+        fh = open(path, "wb")
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)  # the study's first instance
-        return open(path, "xb")
-    except FileExistsError:
-        return None
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
+        fh = open(path, "wb")
+    with fh:
         fh.write(data)
 
 

@@ -686,22 +686,14 @@ class Store:
         """
         insert, touch = self._instance_statements()
         row = {**values, "received_at": values.get("received_at") or utcnow()}
-        dbapi_error = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
-        try:
-            with self.engine.begin() as conn:
-                cursor = conn.connection.cursor()
-                try:
-                    cursor.execute(insert.sql, insert.parameters(row))
-                    if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
-                        return False
-                    place_file()
-                    cursor.execute(touch.sql, touch.parameters(
-                        {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
-                finally:
-                    cursor.close()
-            return True
-        except (OperationalError, dbapi_error) as exc:
-            raise StoreUnavailableError(f"database unavailable: {getattr(exc, 'orig', exc)}") from exc
+        with self._dbapi_cursor(transaction=True) as cursor:
+            cursor.execute(insert.sql, insert.parameters(row))
+            if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
+                return False
+            place_file()
+            cursor.execute(touch.sql, touch.parameters(
+                {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
+        return True
 
     def add_instances(self, rows: Sequence[Mapping[str, Any]]) -> list[bool]:
         """Record instances whose files are already in place, in one transaction (the receive
@@ -709,36 +701,36 @@ class Store:
         when its SOP Instance UID was already held (the first is kept). Each study's tracker is
         bumped once."""
         insert, touch = self._instance_statements()
-        dbapi_error = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
         now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                cursor = conn.connection.cursor()
-                try:
-                    added = []
-                    for row in rows:
-                        cursor.execute(insert.sql, insert.parameters(row))
-                        added.append(cursor.fetchone() is not None)  # RETURNING gives no row on a conflict
-                    studies = (r["study_instance_uid"] for r, new in zip(rows, added, strict=True) if new)
-                    for study in dict.fromkeys(studies):
-                        cursor.execute(touch.sql, touch.parameters({"kind": "study", "key": study, "now": now}))
-                finally:
-                    cursor.close()
-            return added
-        except (OperationalError, dbapi_error) as exc:
-            raise StoreUnavailableError(f"database unavailable: {getattr(exc, 'orig', exc)}") from exc
+        added = []
+        with self._dbapi_cursor(transaction=True) as cursor:
+            for row in rows:
+                cursor.execute(insert.sql, insert.parameters(row))
+                added.append(cursor.fetchone() is not None)  # RETURNING gives no row on a conflict
+            studies = (r["study_instance_uid"] for r, new in zip(rows, added, strict=True) if new)
+            for study in dict.fromkeys(studies):
+                cursor.execute(touch.sql, touch.parameters({"kind": "study", "key": study, "now": now}))
+        return added
 
     def holds_instance(self, sop_uid: str) -> bool:
         """True when an instance of this SOP Instance UID is recorded: one index lookup on the DBAPI
         cursor (~35 us against ~375 for ``get_instance``), since this runs once per C-STORE."""
         lookup = self._holds_statement()
+        with self._dbapi_cursor(transaction=False) as cursor:
+            cursor.execute(lookup.sql, lookup.parameters({"sop_instance_uid": sop_uid}))
+            return cursor.fetchone() is not None
+
+    @contextmanager
+    def _dbapi_cursor(self, *, transaction: bool) -> Iterator[Any]:
+        """A DBAPI cursor for the compiled statements of the per-instance paths, inside one
+        transaction (committed when the block ends) or on a plain connection; the driver's errors
+        become StoreUnavailableError, as the session's do."""
         dbapi_error = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
         try:
-            with self.engine.connect() as conn:
+            with self.engine.begin() if transaction else self.engine.connect() as conn:
                 cursor = conn.connection.cursor()
                 try:
-                    cursor.execute(lookup.sql, lookup.parameters({"sop_instance_uid": sop_uid}))
-                    return cursor.fetchone() is not None
+                    yield cursor
                 finally:
                     cursor.close()
         except (OperationalError, dbapi_error) as exc:
