@@ -342,13 +342,12 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.close()
 
 
-def _wal_backlog(shm_path: str) -> int | None:
+def _wal_backlog(shm_fd: int) -> int | None:
     """WAL frames not yet copied into the database, read from the WAL-index header in the ``-shm`` file
     (https://www.sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at byte 96, native byte order);
     None when it cannot be read."""
     try:
-        with open(shm_path, "rb") as fh:
-            header = fh.read(100)
+        header = os.pread(shm_fd, 100, 0)
     except OSError:
         return None
     if len(header) < 100:
@@ -376,6 +375,12 @@ class _WalCheckpointer:
         self._due = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # The -shm file stays open until the engine's connections are closed (``release``): closing
+        # any descriptor of a file drops every POSIX lock the process holds on it, SQLite's included
+        # (https://www.sqlite.org/howtocorrupt.html, 2.2). Opened and closed per read, it let another
+        # process restart the WAL under this one's connections: with two DICOM listener processes,
+        # committed rows vanished.
+        self._shm_fd = -1
         event.listen(engine, "checkin", lambda *_: self._due.set())
 
     def start(self) -> None:
@@ -391,6 +396,12 @@ class _WalCheckpointer:
             self._thread.join()
             self._thread = None
 
+    def release(self) -> None:
+        """Close the -shm file; only once the engine's connections are closed (see ``__init__``)."""
+        if self._shm_fd >= 0:
+            os.close(self._shm_fd)
+            self._shm_fd = -1
+
     def _run(self) -> None:
         try:  # Linux: a thread's own nice value; the checkpoint gives way to the threads that serve requests
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -398,6 +409,8 @@ class _WalCheckpointer:
             pass  # elsewhere it runs at the process's priority
         conn = self._engine.raw_connection()
         dbapi = conn.driver_connection
+        if self._shm_fd < 0:
+            self._shm_fd = os.open(self._shm, os.O_RDONLY)  # exists while a connection is open in WAL mode
         # a RESTART checkpoint holds new writers back while it waits for readers: not longer than this
         dbapi.execute("PRAGMA busy_timeout=200")  # type: ignore[union-attr]
         try:
@@ -406,7 +419,7 @@ class _WalCheckpointer:
                 self._due.clear()
                 if self._stopping.is_set():
                     return
-                backlog = _wal_backlog(self._shm)
+                backlog = _wal_backlog(self._shm_fd)
                 if backlog is not None and backlog < _CHECKPOINT_PAGES:
                     continue
                 try:
@@ -530,6 +543,8 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         self.engine.dispose()
+        if self._checkpointer is not None:
+            self._checkpointer.release()
 
     def _add_missing_columns(self) -> None:
         """Columns appended to a model after its table was created (nullable ones): ADD COLUMN, and
