@@ -80,7 +80,7 @@ class InstanceIngest:
 
     def ingest(
         self, ds: Any, part10: bytes, *, transfer_syntax: str | None = None, expected_sop_uid: str | None = None,
-        journaled: bool = True, defer_row: bool = False,
+        journaled: bool = True, record: JournalRecord | None = None,
     ) -> IngestOutcome:
         """Store one instance: ``ds`` is its parsed data set, ``part10`` the file bytes.
 
@@ -98,7 +98,7 @@ class InstanceIngest:
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
         return self.ingest_facts(facts, part10, transfer_syntax=syntax, expected_sop_uid=expected_sop_uid,
-                                 journaled=journaled, defer_row=defer_row)
+                                 journaled=journaled, record=record)
 
     def ingest_data_set(
         self, data_set: bytes, transfer_syntax: str, part10: bytes, *, expected_sop_uid: str | None = None,
@@ -107,30 +107,56 @@ class InstanceIngest:
         """Store one instance received as data set bytes (what a C-STORE carries) in ``transfer_syntax``.
 
         The byte scanner reads what ingest needs; only what it declines is parsed by pydicom.
-        ``defer_row`` as for :meth:`ingest_facts`.
+        ``defer_row``: answer once the instance is journaled and in place, and leave its row to the
+        row writer (visible within ``_RowWriter.linger_seconds``; :meth:`flush_rows` waits for it);
+        the instance is journaled before its facts are read, so the disk flush, the largest cost of
+        a C-STORE here, runs while the scanner works. Where it cannot be journaled (no journal, too
+        large, rows waiting for the database) its row is committed before the answer instead.
         """
-        syntax = UID(transfer_syntax)
+        record = self._journal_unread(part10) if defer_row else None
+        try:
+            outcome = self._ingest_data_set(data_set, UID(transfer_syntax), part10, expected_sop_uid, record)
+        except BaseException:
+            if record is not None:
+                record.settle()
+            raise
+        if record is not None and not outcome.stored:
+            record.settle()  # refused or a duplicate: replaying the record refuses or skips it again
+        return outcome
+
+    def _ingest_data_set(
+        self, data_set: bytes, syntax: UID, part10: bytes, expected_sop_uid: str | None, record: JournalRecord | None,
+    ) -> IngestOutcome:
         facts = scan_facts(data_set, syntax)
         if facts is not None:
-            return self.ingest_facts(facts, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid,
-                                     defer_row=defer_row)
+            return self.ingest_facts(facts, part10, transfer_syntax=str(syntax), expected_sop_uid=expected_sop_uid,
+                                     record=record)
         try:
             ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
-        return self.ingest(ds, part10, transfer_syntax=transfer_syntax, expected_sop_uid=expected_sop_uid,
-                           defer_row=defer_row)
+        return self.ingest(ds, part10, transfer_syntax=str(syntax), expected_sop_uid=expected_sop_uid, record=record)
+
+    def _journal_unread(self, part10: bytes) -> JournalRecord | None:
+        """The journal record of an instance whose facts are not read yet (it names no file: a replay
+        reads the bytes to find where it goes), or None where its row must be committed before the
+        answer: no journal, too large for it, or earlier rows waiting for the database."""
+        journal = self.journal
+        if journal is None or self.rows is None or self.rows.failing or len(part10) > journal.largest_record():
+            return None
+        if not self.has_free_space():
+            return None  # refused below, and not journaled
+        return journal.append(_UNPLACED, part10)
 
     def ingest_facts(
         self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None,
-        journaled: bool = True, defer_row: bool = False,
+        journaled: bool = True, record: JournalRecord | None = None,
     ) -> IngestOutcome:
         """Check, write and record one instance whose facts are read; ``journaled=False`` writes it
         durably on its own (what replaying a journal does: it must not append to the journal it reads).
-        ``defer_row``: answer once the instance is journaled and in place, and leave its row to the
-        row writer (visible within ``_RowWriter.linger_seconds``; :meth:`flush_rows` waits for it).
-        Taken where the instance is journaled; a duplicate is then the file already in place.
+        ``record``: the instance is journaled already (``_journal_unread``): place its file and hand
+        its row and record to the row writer (stored), or leave the record to the caller to settle.
 
         Status 0x0000 when the instance is durably stored (or was already held: keep first),
         0xC210 when an element is truncated, 0xC211 when the SOP Instance UID disagrees with
@@ -151,8 +177,8 @@ class InstanceIngest:
             # refuse before the disk is full, so the sender keeps the instance and retries later
             log.error("instance %s refused: free space below MEDBRIDGE_MIN_FREE_BYTES", uid_hash(sop_uid))
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, sop_uid, study_uid)
-        folder = self.storage_dir / uid_hash(study_uid)
-        final = folder / f"{sop_uid}.dcm"
+        final = self._final_path(facts)
+        folder = final.parent
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
         values = {
             "sop_instance_uid": sop_uid,
@@ -171,16 +197,12 @@ class InstanceIngest:
         journal = self.journal if journaled and self.journal is not None else None
         if journal is not None and len(part10) > journal.largest_record():
             journal = None
-        deferred = defer_row and journal is not None  # (a journal comes with a row writer)
-        if not deferred and self.rows is not None and self.rows.claims(sop_uid):
+        if record is None and self.rows is not None and self.rows.claims(sop_uid):
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
             return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored=False)  # its row is on its way
         try:
-            if deferred:
-                assert journal is not None and self.rows is not None
-                if self.rows.failing:
-                    raise StoreUnavailableError("received rows wait for the database")
-                stored = self._place_then_defer_row(journal, final, part10, values)
+            if record is not None:
+                stored = self._place_then_defer_row(record, final, part10, values)
             elif journal is not None:
                 # the file first: a folder that cannot take it answers 0xA700 with nothing journaled
                 _write(tmp, part10)
@@ -207,13 +229,11 @@ class InstanceIngest:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
 
-    def _place_then_defer_row(
-        self, journal: ReceiveJournal, final: Path, part10: bytes, values: dict[str, Any]
-    ) -> bool:
-        """Journal the instance, write ``final`` while the journal syncs, wait until the record is
-        durable and hand the row to the row writer; False for a duplicate (the first is kept): its
-        SOP Instance UID is recorded, or waits for its row. A file whose record is not durable yet
-        has no row pointing at it, so nothing reads it; one left by a crash (no row) is overwritten."""
+    def _place_then_defer_row(self, record: JournalRecord, final: Path, part10: bytes, values: dict[str, Any]) -> bool:
+        """Write ``final`` while the journal syncs ``record``, wait until it is durable and hand the
+        row and the record to the row writer; False for a duplicate (the first is kept): its SOP
+        Instance UID is recorded, or waits for its row. A file whose record is not durable yet has
+        no row pointing at it, so nothing reads it; one left by a crash (no row) is overwritten."""
         assert self.rows is not None
         sop_uid = values["sop_instance_uid"]
         if not self.rows.reserve(sop_uid):
@@ -222,12 +242,10 @@ class InstanceIngest:
             if self.store.holds_instance(sop_uid):  # held (possibly under another study): keep the first
                 self.rows.release(sop_uid)
                 return False
-            record = journal.append(f"{final.parent.name}/{final.name}", part10)
             try:
                 _write(final, part10)  # the journal's syncer runs meanwhile
                 record.durable()
             except BaseException:
-                record.settle()
                 with contextlib.suppress(OSError):
                     final.unlink()  # ours, or an orphan: no row points at it
                 raise
@@ -236,6 +254,9 @@ class InstanceIngest:
             raise
         self.rows.submit({**values, "received_at": utcnow()}, record)
         return True
+
+    def _final_path(self, facts: InstanceFacts) -> Path:
+        return self.storage_dir / uid_hash(facts.study_instance_uid) / f"{facts.sop_instance_uid}.dcm"
 
     def write_rows(self) -> None:
         """Commit the rows of instances already answered (``defer_row``) if enough are waiting, or
@@ -284,18 +305,34 @@ class InstanceIngest:
         return restored
 
     def _replay(self, journal: ReceiveJournal) -> int:
-        restored = sum(self._restore(self.storage_dir / relative, part10) for relative, part10 in journal.open())
+        restored = sum(self._restore(self.storage_dir / relative, part10) if relative != _UNPLACED
+                       else self._restore_unplaced(part10) for relative, part10 in journal.open())
         journal.checkpoint()
         if restored:
             log.warning("restored %d instance(s) from the receive journal after an unclean stop", restored)
         return restored
 
-    def _restore(self, final: Path, part10: bytes) -> bool:
+    def _restore_unplaced(self, part10: bytes) -> bool:
+        """A record journaled before the instance's facts were read (``_journal_unread``): the file
+        goes where ingest puts it, if the instance was taken at all. One that was refused is refused
+        again: every refusal but 0xA700 follows from the bytes, and the C-STORE's SOP Instance UID is
+        the File Meta Information's. (One refused 0xA700 is stored now; its retry is a duplicate.)"""
+        try:
+            ds = dcmread(BytesIO(part10))
+            syntax = str(ds.file_meta.TransferSyntaxUID)
+            final = self._final_path(facts_from_dataset(ds, UID(syntax)))
+            expected = str(ds.file_meta.MediaStorageSOPInstanceUID)
+        except Exception:  # noqa: BLE001 - bytes the C-STORE was refused for (0xC210, 0xC211)
+            return False
+        return self._restore(final, part10, expected_sop_uid=expected)
+
+    def _restore(self, final: Path, part10: bytes, *, expected_sop_uid: str | None = None) -> bool:
         row = self.store.get_instance(final.stem)
         if row is None:
             # acknowledged but the row was lost: ingest again, from the journaled bytes
             ds = dcmread(BytesIO(part10))
-            return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False).stored
+            return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False,
+                               expected_sop_uid=expected_sop_uid).stored
         # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
         if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
             tmp = final.with_name(f".{final.name}.restore")
@@ -306,6 +343,7 @@ class InstanceIngest:
 
 
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
+_UNPLACED = ""  # the relative path of a record journaled before its instance's facts were read
 
 
 class _RowWriter:

@@ -194,6 +194,41 @@ def test_rows_written_after_the_answer_are_restored_after_a_crash_before_them(st
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_instances_journaled_before_they_are_read_are_restored_and_refused_ones_stay_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    """Storage associations journal an instance before its facts are read (its record names no
+    file). A crash after the answers, which took the rows and the unsynced files, is repaired from
+    the bytes alone: each answered instance goes back where ingest put it, and instances that were
+    refused (a SOP Instance UID that disagrees with the C-STORE's, a truncated data set) are not
+    stored by the replay either."""
+    storage = tmp_path / "dicom"
+    ingest = deferring_ingest(store, storage)
+    (kept, kept_data, kept_part10), (other, other_data, other_part10), (refused, refused_data, _) = ct_instances(3)
+    for sop_uid, data, part10 in ((kept, kept_data, kept_part10), (other, other_data, other_part10)):
+        assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).stored
+    wrong_uid = generate_uid()  # the C-STORE's Affected SOP Instance UID, not the data set's
+    mismatched = part10_bytes("1.2.840.10008.5.1.4.1.1.2", wrong_uid, SYNTAX, "TEST", refused_data)
+    assert ingest.ingest_data_set(refused_data, SYNTAX, mismatched, expected_sop_uid=wrong_uid,
+                                  defer_row=True).status == 0xC211
+    cut = refused_data[: len(refused_data) - 1000]
+    truncated = part10_bytes("1.2.840.10008.5.1.4.1.1.2", refused, SYNTAX, "TEST", cut)
+    assert ingest.ingest_data_set(cut, SYNTAX, truncated, expected_sop_uid=refused, defer_row=True).status == 0xC210
+    placed = sorted(storage.glob("*/*.dcm"))
+    assert len(placed) == 2
+    ingest.journal.close()  # type: ignore[union-attr]  # the process dies before the row writer ran
+    for path in placed:
+        path.unlink()  # and the files had not reached the disk
+
+    restarted = deferring_ingest(store, storage)
+    assert held_uids(store) == {kept, other}
+    for sop_uid, part10 in ((kept, kept_part10), (other, other_part10)):
+        assert Path(store.get_instance(sop_uid).path).read_bytes() == part10  # type: ignore[union-attr]
+    assert sorted(storage.glob("*/*.dcm")) == placed
+    restarted.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 def test_rows_wait_while_the_database_refuses_writes_and_go_in_once_it_takes_them(store: Store, tmp_path: Path) -> None:
     """The database refuses writes (a real SQLite error, raised by a trigger) after two instances
     were answered: their rows wait and are retried by the row writer's timer; meanwhile new
