@@ -230,10 +230,12 @@ class InstanceIngest:
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
 
     def _place_then_defer_row(self, record: JournalRecord, final: Path, part10: bytes, values: dict[str, Any]) -> bool:
-        """Write ``final`` while the journal syncs ``record``, wait until it is durable and hand the
-        row and the record to the row writer; False for a duplicate (the first is kept): its SOP
-        Instance UID is recorded, or waits for its row. A file whose record is not durable yet has
-        no row pointing at it, so nothing reads it; one left by a crash (no row) is overwritten."""
+        """Wait until ``record`` is durable and hand the row, the record and (unless written already)
+        the file to the row writer; False for a duplicate (the first is kept): its SOP Instance UID
+        is recorded, or waits for its row. The file is written here while the journal is still
+        syncing (it costs the answer nothing then), else after the answer (``write_rows``). A file
+        has no row pointing at it until it is written, so nothing reads it half-written; one left
+        by a crash (no row) is overwritten."""
         assert self.rows is not None
         sop_uid = values["sop_instance_uid"]
         if not self.rows.reserve(sop_uid):
@@ -242,8 +244,13 @@ class InstanceIngest:
             if self.store.holds_instance(sop_uid):  # held (possibly under another study): keep the first
                 self.rows.release(sop_uid)
                 return False
+            unwritten: tuple[Path, bytes] | None = (final, part10)
             try:
-                _write(final, part10)  # the journal's syncer runs meanwhile
+                if not record.is_durable():
+                    _write(final, part10)  # the journal's syncer runs meanwhile
+                    unwritten = None
+                elif not final.parent.is_dir():
+                    final.parent.mkdir(parents=True)  # a study folder that cannot be made answers 0xA700
                 record.durable()
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -252,15 +259,15 @@ class InstanceIngest:
         except BaseException:
             self.rows.release(sop_uid)
             raise
-        self.rows.submit({**values, "received_at": utcnow()}, record)
+        self.rows.submit({**values, "received_at": utcnow()}, record, unwritten)
         return True
 
     def _final_path(self, facts: InstanceFacts) -> Path:
         return self.storage_dir / uid_hash(facts.study_instance_uid) / f"{facts.sop_instance_uid}.dcm"
 
     def write_rows(self) -> None:
-        """Commit the rows of instances already answered (``defer_row``) if enough are waiting, or
-        for long enough; call once an answer is sent."""
+        """Write the files of instances already answered (``defer_row``) and commit their rows if
+        enough are waiting, or for long enough; call once an answer is sent."""
         if self.rows is not None:
             self.rows.write_due()
 
@@ -351,9 +358,11 @@ class _RowWriter:
     its answer is sent (:meth:`write_due`) when ``batch_rows`` are waiting or the oldest has waited
     ``linger_seconds``, else by a timer armed for the stragglers. No thread waits on every row, so
     nothing competes with the receiving threads for the GIL per instance, and one commit covers
-    dozens of instances from every association. Each row's journal record is settled after its
-    commit, so a checkpoint never drops an instance whose row is not in. While the database is
-    down the rows wait and are retried (``failing``: new instances are refused with 0xA700)."""
+    dozens of instances from every association. Files not written before the answer are written
+    first (by the association's thread, right after its answer). Each row's journal record is
+    settled after its commit, so a checkpoint never drops an instance whose row is not in. While
+    the database is down, or files cannot be written, they wait and are retried (``failing``: new
+    instances take the path that commits before the answer, and are refused with 0xA700)."""
 
     def __init__(self, store: Store, *, batch_rows: int = 64, linger_seconds: float = 0.05,
                  retry_seconds: float = 1.0) -> None:
@@ -361,13 +370,15 @@ class _RowWriter:
         self.batch_rows = batch_rows
         self.linger_seconds = linger_seconds
         self.retry_seconds = retry_seconds
-        self.failing = False
+        self._database_failing = False
+        self._files_failing = False
         self._closed = False
         self._first_pending_at = 0.0
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()  # guards the pending rows and the counts
         self._writing = threading.Lock()  # one batch at a time
         self._pending: list[tuple[dict[str, Any], JournalRecord]] = []
+        self._unwritten: list[tuple[dict[str, Any], JournalRecord, tuple[Path, bytes]]] = []  # files first
         self._placed = threading.Condition(self._lock)
         self._placing: set[str] = set()  # SOP Instance UIDs being placed
         self._held: set[str] = set()  # placed, durable, and their rows not committed yet
@@ -393,23 +404,55 @@ class _RowWriter:
             self._placing.discard(sop_uid)
             self._placed.notify_all()
 
-    def submit(self, row: dict[str, Any], record: JournalRecord) -> None:
+    @property
+    def failing(self) -> bool:
+        return self._database_failing or self._files_failing
+
+    def submit(self, row: dict[str, Any], record: JournalRecord, unwritten: tuple[Path, bytes] | None = None) -> None:
+        """Hand in a durable instance's row (and its file, when it is still to be written)."""
         sop_uid = row["sop_instance_uid"]
         with self._lock:
-            if not self._pending:
-                self._first_pending_at = time.monotonic()
-            self._pending.append((row, record))
+            if unwritten is not None:
+                self._unwritten.append((row, record, unwritten))
+            else:
+                self._queue(row, record)
             self._placing.discard(sop_uid)
             self._held.add(sop_uid)
             self._placed.notify_all()
 
-    def write_due(self) -> None:
-        """After an answer: write the batch if it is full or old enough, else make sure a timer will."""
+    def _queue(self, row: dict[str, Any], record: JournalRecord) -> None:
+        """Under ``_lock``: a row whose file is in place."""
+        if not self._pending:
+            self._first_pending_at = time.monotonic()
+        self._pending.append((row, record))
+
+    def write_files(self) -> None:
+        """Write the files handed in unwritten; on a failure they wait (``failing``) for the retry."""
         with self._lock:
-            if not self._pending:
+            entries, self._unwritten = self._unwritten, []
+        for done, (row, record, (path, data)) in enumerate(entries):
+            try:
+                _write(path, data)
+            except OSError as exc:
+                with self._lock:
+                    self._unwritten[:0] = entries[done:]
+                if not self._files_failing:
+                    log.error("files of %d received instance(s) wait for the storage folder: %s",
+                              len(entries) - done, type(exc).__name__)
+                self._files_failing = True
                 return
-            due = len(self._pending) >= self.batch_rows or (
-                time.monotonic() - self._first_pending_at >= self.linger_seconds)
+            with self._lock:
+                self._queue(row, record)
+        if entries:
+            self._files_failing = False
+
+    def write_due(self) -> None:
+        """After an answer: write the files still to write, and the batch if it is full or old
+        enough, else make sure a timer will."""
+        self.write_files()
+        with self._lock:
+            due = bool(self._pending) and (len(self._pending) >= self.batch_rows or (
+                time.monotonic() - self._first_pending_at >= self.linger_seconds))
         if due:
             self.write_pending(wait=False)
         self._arm_timer()
@@ -424,7 +467,7 @@ class _RowWriter:
 
     def _arm_timer(self) -> None:
         with self._lock:
-            if self._timer is not None or not self._pending or self._closed:
+            if self._timer is not None or not (self._pending or self._unwritten) or self._closed:
                 return
             self._timer = threading.Timer(self.retry_seconds if self.failing else self.linger_seconds, self._on_timer)
             self._timer.daemon = True
@@ -437,9 +480,10 @@ class _RowWriter:
         self._arm_timer()  # rows handed in meanwhile, or a database still down
 
     def write_pending(self, *, wait: bool = True) -> bool:
-        """Commit every row handed in before the call; False when the database is down (they wait).
-        ``wait=False`` returns at once where another thread is writing a batch (it, or the next
-        call, takes these rows)."""
+        """Write every file and commit every row handed in before the call; False when the database
+        is down or files cannot be written (they wait). ``wait=False`` returns at once where another
+        thread is writing a batch (it, or the next call, takes these rows)."""
+        self.write_files()
         if not self._writing.acquire(blocking=wait):
             return not self.failing
         try:
@@ -458,11 +502,11 @@ class _RowWriter:
         except StoreUnavailableError as exc:
             with self._lock:
                 self._pending[:0] = batch  # kept, in order, for the next try
-            if not self.failing:
+            if not self._database_failing:
                 log.error("rows of %d received instance(s) wait for the database: %s", len(rows), exc)
-            self.failing = True
+            self._database_failing = True
             return
-        self.failing = False
+        self._database_failing = False
         for (row, record), new in zip(batch, added, strict=True):
             if not new:
                 self._drop_unheld(row)

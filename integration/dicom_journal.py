@@ -283,6 +283,10 @@ class JournalRecord:
     def durable(self) -> None:
         self._journal._sync(self._end)
 
+    def is_durable(self) -> bool:
+        """True once the record is on stable storage (without waiting)."""
+        return self._journal._synced >= self._end
+
     def settle(self) -> None:
         self._journal._settle()
 

@@ -290,21 +290,16 @@ class DicomListener:
         self.ingest.write_rows()
 
     def association_releasing(self, association: int) -> None:
-        """Before the A-RELEASE-RP: what the association stored is queryable once the sender is told
-        the association is over (a PACS may C-FIND right after)."""
+        """Before the A-RELEASE-RP: what the association stored is queryable, and its studies are
+        due rather than after the quiet period, once the sender is told the association is over (a
+        PACS may C-FIND right after)."""
         if not self.ingest.flush_rows():
-            log.error("rows of received instances are not written yet (database unavailable); the journal keeps them")
-
-    def association_ended(self, association: int) -> None:
-        """Released or aborted: the studies it sent are due now rather than after the quiet period."""
-        self.association_releasing(association)  # an aborted association's rows, before its studies are due
+            log.error("received instances are not all in place yet (database or storage folder unavailable); "
+                      "the receive journal keeps them")
         with self._lock:
             studies = self._studies_by_assoc.pop(association, set())
-            tally = self._tally.pop(association, None)
-        if tally:
-            # one line per association, not per instance: a PACS may push thousands (counts carry no PHI)
-            log.info("association ended: %d stored, %d duplicate, %d refused in %d study(ies)",
-                     tally["stored"], tally["duplicate"], tally["refused"], len(studies))
+            if association in self._tally:
+                self._tally[association]["studies"] += len(studies)
         if studies:
             try:
                 self.store.expedite("study", sorted(studies), self.study_quiet_seconds)
@@ -313,6 +308,17 @@ class DicomListener:
                 return
             if self._on_study_ready:
                 self._on_study_ready()
+
+    def association_ended(self, association: int) -> None:
+        """Released or aborted: as for a release (an aborted association's rows and studies), then
+        one log line for the association."""
+        self.association_releasing(association)
+        with self._lock:
+            tally = self._tally.pop(association, None)
+        if tally:
+            # one line per association, not per instance: a PACS may push thousands (counts carry no PHI)
+            log.info("association ended: %d stored, %d duplicate, %d refused in %d study(ies)",
+                     tally["stored"], tally["duplicate"], tally["refused"], tally["studies"])
 
 
 class _SharedPortServer(ThreadedAssociationServer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import delete, select
 
 from integration.dicom_ingest import InstanceIngest
-from integration.dicom_journal import ReceiveJournal
+from integration.dicom_journal import JournalRecord, ReceiveJournal
 from integration.dicom_listener import part10_bytes
 from integration.phi import uid_hash
 from integration.store import DicomInstance, Store
@@ -214,18 +215,48 @@ def test_instances_journaled_before_they_are_read_are_restored_and_refused_ones_
     cut = refused_data[: len(refused_data) - 1000]
     truncated = part10_bytes("1.2.840.10008.5.1.4.1.1.2", refused, SYNTAX, "TEST", cut)
     assert ingest.ingest_data_set(cut, SYNTAX, truncated, expected_sop_uid=refused, defer_row=True).status == 0xC210
-    placed = sorted(storage.glob("*/*.dcm"))
-    assert len(placed) == 2
     ingest.journal.close()  # type: ignore[union-attr]  # the process dies before the row writer ran
-    for path in placed:
-        path.unlink()  # and the files had not reached the disk
+    for path in storage.glob("*/*.dcm"):
+        path.unlink()  # and the files written had not reached the disk
 
     restarted = deferring_ingest(store, storage)
     assert held_uids(store) == {kept, other}
     for sop_uid, part10 in ((kept, kept_part10), (other, other_part10)):
         assert Path(store.get_instance(sop_uid).path).read_bytes() == part10  # type: ignore[union-attr]
-    assert sorted(storage.glob("*/*.dcm")) == placed
+    study_folder = storage / uid_hash(str(dcmread(BytesIO(kept_part10)).StudyInstanceUID))
+    assert sorted(storage.glob("*/*.dcm")) == sorted(study_folder / f"{uid}.dcm" for uid in (kept, other))
     restarted.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_file_that_cannot_be_written_after_the_answer_waits_in_the_journal_and_is_retried(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the journal's sync is done before the scanner (a fast disk: forced here), the file is
+    written after the answer. One that cannot be written then (a folder stands where it must go)
+    keeps its record and row waiting, instances meanwhile commit before their answer, and the retry
+    places the file and its row once it can."""
+    monkeypatch.setattr(JournalRecord, "is_durable", lambda self: True)
+    storage = tmp_path / "dicom"
+    ingest = deferring_ingest(store, storage)
+    assert ingest.rows is not None
+    ingest.rows.retry_seconds = 0.1
+    (first, first_data, first_part10), (second, second_data, second_part10) = ct_instances(2)
+    assert ingest.ingest_data_set(first_data, SYNTAX, first_part10, expected_sop_uid=first, defer_row=True).stored
+    final = storage / uid_hash(str(dcmread(BytesIO(first_part10)).StudyInstanceUID)) / f"{first}.dcm"
+    assert final.parent.is_dir() and not final.exists()  # answered; written after the answer
+    final.mkdir()
+    ingest.write_rows()  # what the association does after its answer
+    assert ingest.rows.failing and held_uids(store) == set()
+    assert ingest.ingest_data_set(second_data, SYNTAX, second_part10, expected_sop_uid=second, defer_row=True).stored
+    assert held_uids(store) == {second}  # committed before its answer
+    final.rmdir()
+    deadline = time.monotonic() + 10
+    while held_uids(store) != {first, second} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held_uids(store) == {first, second} and final.read_bytes() == first_part10
+    assert not ingest.rows.failing
+    ingest.close()
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
