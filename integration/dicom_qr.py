@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from integration.dicom_query import LEVELS, QueryEngine, QueryError, query_from_identifier, to_dataset
+from integration.dicom_requestor import wait_for_reactor_pause
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.settings import DicomPeer
@@ -217,6 +218,7 @@ class QueryRetrieveSCP:
             contexts = contexts[:_MAX_CONTEXTS]
         if not contexts:
             contexts = [build_context("1.2.840.10008.1.1")]  # nothing to send: any valid association
+        wait_for_reactor_pause()  # pynetdicom sends the sub-operations as a requestor
         yield peer.host, peer.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
         if failure is not None:
             yield 1

@@ -25,43 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _pynetdicom_requests_wait_for_their_reactor() -> Iterator[None]:
-    """Works around a race in pynetdicom's requestor (pydicom/pynetdicom#875, still in 3.0.4, the
-    latest): ``send_c_store`` and friends pause the association's reactor thread, but trust an
-    ``_is_paused`` flag left from the previous request, so a response that arrives within ~1 ms
-    can be taken by the reactor ("Received unexpected C-STORE service message") and the request
-    then waits out its DIMSE timeout. MedBridge now answers that fast. This waits until the
-    reactor has really paused before each request; the request itself is pynetdicom's, unchanged."""
-    import functools
-    import time
+def _pynetdicom_requests_wait_for_their_reactor() -> None:
+    """The tests' own requestors (pynetdicom SCUs) get MedBridge's workaround for pynetdicom#875 too:
+    MedBridge answers fast enough to expose it (see ``integration.dicom_requestor``)."""
+    from integration.dicom_requestor import wait_for_reactor_pause
 
-    from pynetdicom.association import Association
-
-    def paused_first(send):  # noqa: ANN001, ANN202
-        @functools.wraps(send)
-        def request(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-            if not self.is_requestor:  # an acceptor's requests (C-GET sub-operations) run on its reactor
-                return send(self, *args, **kwargs)
-            self._reactor_checkpoint.clear()
-            self._is_paused = False  # the stale value is the race: the reactor sets it again once it waits
-            deadline = time.monotonic() + 1.0  # a reactor that ended never pauses
-            while not self._is_paused and time.monotonic() < deadline:
-                time.sleep(0.0001)
-            try:
-                return send(self, *args, **kwargs)
-            except BaseException:
-                self._reactor_checkpoint.set()  # refused before sending (a file it cannot read): resume
-                raise
-
-        return request
-
-    names = ("send_c_store", "send_c_echo", "send_c_find", "send_c_get", "send_c_move")
-    originals = {name: getattr(Association, name) for name in names}
-    for name, send in originals.items():
-        setattr(Association, name, paused_first(send))
-    yield
-    for name, send in originals.items():
-        setattr(Association, name, send)
+    wait_for_reactor_pause()
 
 
 def free_port() -> int:
