@@ -147,7 +147,10 @@ class InstanceIngest:
             return None
         if not self.has_free_space():
             return None  # refused below, and not journaled
-        return journal.append(_UNPLACED, part10)
+        try:
+            return journal.append(_UNPLACED, part10)
+        except OSError:
+            return None  # a journal that cannot take it (full of waiting rows, a failed sync): 0xA700 below
 
     def ingest_facts(
         self, facts: InstanceFacts, part10: bytes, *, transfer_syntax: str, expected_sop_uid: str | None = None,

@@ -260,6 +260,22 @@ def test_a_file_that_cannot_be_written_after_the_answer_waits_in_the_journal_and
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_journal_that_cannot_be_written_answers_out_of_resources(store: Store, tmp_path: Path) -> None:
+    """The journal's file fails under it (its descriptor closed: every write then fails, as on a
+    failed disk): a C-STORE is answered 0xA700, not left without an answer, and nothing is stored."""
+    ingest = deferring_ingest(store, tmp_path / "dicom")
+    assert ingest.journal is not None
+    ((sop_uid, data, part10),) = ct_instances(1)
+    os.close(ingest.journal._fd)
+    try:
+        assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).status == 0xA700
+        assert held_uids(store) == set() and not list((tmp_path / "dicom").glob("*/*.dcm"))
+    finally:
+        ingest.journal._fd = os.open(os.devnull, os.O_RDONLY)  # for close() to close
+        ingest.journal.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 def test_rows_wait_while_the_database_refuses_writes_and_go_in_once_it_takes_them(store: Store, tmp_path: Path) -> None:
     """The database refuses writes (a real SQLite error, raised by a trigger) after two instances
     were answered: their rows wait and are retried by the row writer's timer; meanwhile new
