@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -225,12 +226,13 @@ def store_resource(
     return stored, created
 
 
-def store_resources(s: Session, resources: list[dict[str, Any]], *,
-                    fresh: list[bool] | None = None) -> list[tuple[dict[str, Any], bool]]:
+def store_resources(s: Session, resources: list[dict[str, Any]], *, fresh: list[bool] | None = None,
+                    meanwhile: Callable[[], None] | None = None) -> list[tuple[dict[str, Any], bool]]:
     """``store_resource`` for every resource of a transaction, written with multi-row INSERTs; ``fresh``
-    marks the resources whose ids ``new_id`` has just assigned (see ``Store.put_resources``)."""
+    marks the resources whose ids ``new_id`` has just assigned, ``meanwhile`` runs before the writes are
+    done (see ``Store.put_resources`` for both)."""
     subjects = [subject_of(r) for r in resources]
-    results = Store.put_resources(s, resources, subjects, fresh=fresh)
+    results = Store.put_resources(s, resources, subjects, fresh=fresh, meanwhile=meanwhile)
     pairs = zip(resources, subjects, strict=True)
     changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
     for subject in sorted(changed):  # once per patient: one change, however many resources it touched
