@@ -218,7 +218,6 @@ def store_resource(
         resource,
         if_match=if_match,
         subject_ref=subject,
-        status=resource.get("status") if isinstance(resource.get("status"), str) else None,
         identifier=None,  # identifiers are matched through fhir_search_index (see integration.fhir_search)
     )
     if track and subject and resource["resourceType"] in CLINICAL_TYPES:

@@ -811,14 +811,15 @@ class Store:
         *,
         if_match: int | None = None,
         subject_ref: str | None = None,
-        status: str | None = None,
         identifier: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create or update ``resource`` (which must carry resourceType and id) inside session ``s``.
 
         Sets meta.versionId/lastUpdated, keeps the previous version in the history table.
         Returns (stored content, created). Raises VersionConflictError when if_match is stale.
+        The ``status`` column is the resource's own ``status`` code (the ``status`` search reads it).
         """
+        status = resource.get("status") if isinstance(resource.get("status"), str) else None
         rtype, rid = resource["resourceType"], resource["id"]
         current = s.get(FhirResource, (rtype, rid), with_for_update=True)
         if if_match is not None and (current is None or current.version_id != if_match):
@@ -891,8 +892,7 @@ class Store:
         if not keys:
             return []
         if len(set(keys)) != len(keys):
-            return [Store.put_resource(s, r, subject_ref=ref, status=r.get("status") if isinstance(
-                r.get("status"), str) else None) for r, ref in zip(resources, subject_refs, strict=True)]
+            return [Store.put_resource(s, r, subject_ref=ref) for r, ref in zip(resources, subject_refs, strict=True)]
         by_type: dict[str, list[str]] = {}
         for (rtype, rid), new in zip(keys, fresh or [False] * len(keys), strict=True):
             if not new:
