@@ -309,6 +309,12 @@ def _token_values(node: Any, out: list[_Entry]) -> None:
 def _values(param: SearchParam, node: Any) -> list[_Entry]:
     """(system, value, date_start, date_end) index entries of one element value."""
     out: list[_Entry] = []
+    _values_into(param, node, out)
+    return out
+
+
+def _values_into(param: SearchParam, node: Any, out: list[_Entry]) -> None:
+    """``_values``, appended to ``out``."""
     if param.type == "token":
         _token_values(node, out)
     elif param.type == "reference":
@@ -329,7 +335,6 @@ def _values(param: SearchParam, node: Any) -> list[_Entry]:
             pass  # validated content never gets here; an unparsable date is simply not indexed
     elif param.type == "string" and isinstance(node, str):
         out.append((None, normalise_string(node)[:256], None, None))
-    return out
 
 
 _INDEX_PLANS: dict[str, list[tuple[SearchParam, list[tuple[str, ...]]]]] = {}
@@ -355,16 +360,29 @@ def index_tuples(resource: dict[str, Any]) -> list[tuple[Any, ...]]:
     ``INDEX_COLUMNS`` values."""
     rtype, rid = resource["resourceType"], resource["id"]
     rows = []
+    entries: list[_Entry] = []
     for param, paths in _index_plan(rtype):
-        seen: set[_Entry] = set()
         for path in paths:
-            for node in _elements(resource, path):
-                for entry in _values(param, node):
-                    if entry not in seen:
-                        seen.add(entry)
-                        system, value, start, end = entry
-                        rows.append((rtype, rid, param.name, system[:256] if system is not None else None,
-                                     value[:256] if value is not None else None, start, end))
+            if len(path) == 1:  # most paths: a top-level element, read here without _elements' walk
+                found = resource.get(path[0])
+                if found is None:
+                    continue
+                if isinstance(found, list):
+                    nodes: list[Any] = []
+                    _flatten(found, nodes)
+                    for node in nodes:
+                        _values_into(param, node, entries)
+                else:
+                    _values_into(param, found, entries)
+            else:
+                for node in _elements(resource, path):
+                    _values_into(param, node, entries)
+        if entries:
+            name = param.name
+            for system, value, start, end in (dict.fromkeys(entries) if len(entries) > 1 else entries):
+                rows.append((rtype, rid, name, system[:256] if system is not None else None,
+                             value[:256] if value is not None else None, start, end))
+            entries = []
     return rows
 
 
