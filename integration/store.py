@@ -274,6 +274,16 @@ def _json_insert_sql(table: Table, names: tuple[str, ...]) -> str:
             "FROM jsonb_array_elements(%s::jsonb) AS r")
 
 
+@cache
+def _can_pipeline(dialect: str, driver: str) -> bool:
+    """Whether the connections pipeline (psycopg 3 built on libpq 14 or later), for ``_inserts_in_flight``."""
+    if (dialect, driver) != ("postgresql", "psycopg"):
+        return False
+    import psycopg
+
+    return psycopg.Pipeline.is_supported()
+
+
 @contextmanager
 def _inserts_in_flight(conn: Connection, batches: Sequence[tuple[Table, Sequence[str], list[tuple[Any, ...]]]]
                        ) -> Iterator[None]:
@@ -880,12 +890,14 @@ class Store:
 
         ``meanwhile`` (the Bundle's validation) runs before the writes are done, and whatever it raises
         leaves the caller's transaction to roll back: on PostgreSQL, while the server inserts the rows
-        (they are sent first, in a pipeline); elsewhere before anything is written (SQLite's inserts
-        run on this thread, and its write lock should not be held for longer)."""
+        (they are sent first, in a pipeline); elsewhere, and where the driver cannot pipeline, before
+        anything is written (SQLite's inserts run on this thread, and its write lock should not be held
+        for longer)."""
         from integration.fhir_search import INDEX_COLUMNS, index_tuples
 
         keys = [(r["resourceType"], r["id"]) for r in resources]
-        streamed = meanwhile is not None and s.get_bind().dialect.name == "postgresql"
+        dialect = s.get_bind().dialect
+        streamed = meanwhile is not None and _can_pipeline(dialect.name, dialect.driver)
         if meanwhile is not None and not (streamed and keys and len(set(keys)) == len(keys)):
             meanwhile()
             meanwhile = None
