@@ -261,7 +261,7 @@ def _bulk_insert(conn: Connection, table: Table, names: Sequence[str], rows: lis
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", rows)
 
 
-# PostgreSQL casts of the FHIR tables' columns, for rows sent as one JSON array (_send_inserts)
+# PostgreSQL casts of the FHIR tables' columns, for rows sent as one JSON array (_inserts_in_flight)
 _JSON_CASTS: dict[type, str] = {String: "text", Integer: "int", BigInteger: "bigint", DateTime: "timestamptz",
                                 Boolean: "boolean", JSON: "json"}
 
