@@ -334,7 +334,8 @@ async def transaction_or_batch(request: Request, services: ServicesDep) -> Respo
     if kind == "transaction":
         # all or nothing: one session, and any refused entry rolls back the whole bundle
         with services.store.session() as s:
-            results = _apply(s, fhir_bundles.prepare_entries(s, entries))
+            written = fhir_bundles.write_transaction(s, entries)
+        results = [_response_entry(stored, created) for stored, created in written]
         services.notify_outbox()
         return fhir_response({"resourceType": "Bundle", "type": "transaction-response", "entry": results})
     out = []

@@ -7,6 +7,7 @@ stores what it prepared. Both take the session of the one database transaction a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -63,6 +64,28 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     nothing to write) and ``fresh`` (its id was assigned here: nothing stored has it). Runs inside
     session ``s`` so that the lookups see what the writes will see.
     """
+    prepared = _targets_and_references(s, entries)
+    validate_entries(prepared)
+    if check_targets:
+        _check_reference_targets(s, prepared)
+    return prepared
+
+
+def write_transaction(s: Session, entries: list[Any]) -> list[tuple[dict[str, Any], bool]]:
+    """``prepare_entries`` then ``write_entries`` for a transaction Bundle, except that the entries are
+    validated while their rows are written where the store can overlap the two (PostgreSQL: see
+    ``Store.put_resources``' ``meanwhile``), and the reference targets are checked after the writes.
+    A refusal raises, as from ``prepare_entries``, and the caller's transaction rolls everything back."""
+    prepared = _targets_and_references(s, entries)
+    written = write_entries(s, prepared, meanwhile=lambda: validate_entries(prepared))
+    _check_reference_targets(s, prepared)
+    return written
+
+
+def _targets_and_references(s: Session, entries: list[Any]) -> list[dict[str, Any]]:
+    """The first steps of ``prepare_entries``: each entry's target, conditional matches and id, then the
+    urn:uuid references between entries resolved (``references``: the relative ones to check;
+    ``unresolved``: urn:uuid references that match no entry, refused by ``validate_entries``)."""
     prepared: list[dict[str, Any]] = []
     mapping: dict[str, str] = {}
     for i, entry in enumerate(entries):
@@ -106,19 +129,25 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
         unresolved: list[str] = []
         _resolve_references(p["resource"], mapping, refs, unresolved, False)
         p["references"] = refs
+        p["unresolved"] = unresolved
+    return prepared
+
+
+def validate_entries(prepared: list[dict[str, Any]]) -> None:
+    """Validate the resources of ``_targets_and_references``' entries in order; the first refusal raises,
+    naming ``Bundle.entry[i]...``. Touches no database."""
+    for p in prepared:
         try:
             validate_resource(p["resource"])
         except InvalidResourceError as exc:
             exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
             raise
-        if unresolved:
+        if p["unresolved"]:
             raise InvalidResourceError(
-                [(f"Bundle.entry[{p['index']}].resource", f"reference {unresolved[0]} matches no entry's fullUrl")],
+                [(f"Bundle.entry[{p['index']}].resource",
+                  f"reference {p['unresolved'][0]} matches no entry's fullUrl")],
                 400,
             )
-    if check_targets:
-        _check_reference_targets(s, prepared)
-    return prepared
 
 
 def _resolve_references(node: dict[str, Any] | list[Any], mapping: dict[str, str], refs: list[str],
@@ -199,11 +228,14 @@ def _refuse_references(prepared: list[dict[str, Any]], in_bundle: set[tuple[str,
     )
 
 
-def write_entries(s: Session, prepared: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+def write_entries(s: Session, prepared: list[dict[str, Any]], *, meanwhile: Callable[[], None] | None = None
+                  ) -> list[tuple[dict[str, Any], bool]]:
     """Write the prepared entries (multi-row INSERTs): (stored content, created) in the bundle's order;
-    an ifNoneExist entry that matched gives the current resource, not created."""
+    an ifNoneExist entry that matched gives the current resource, not created. ``meanwhile`` runs
+    before the writes are done (see ``Store.put_resources``)."""
     writes = [p for p in prepared if not p["existing"]]
-    written = iter(store_resources(s, [p["resource"] for p in writes], fresh=[p["fresh"] for p in writes]))
+    written = iter(store_resources(s, [p["resource"] for p in writes], fresh=[p["fresh"] for p in writes],
+                                   meanwhile=meanwhile))
     out = []
     for p in prepared:
         if p["existing"]:

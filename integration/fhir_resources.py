@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -204,7 +204,8 @@ def new_id() -> str:
     for each commit to write (with uuid4 ids, a transaction Bundle's commit took twice as long on SQLite)."""
     rand = int.from_bytes(os.urandom(10), "big")
     value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62
-    return str(uuid.UUID(int=value | rand & (1 << 62) - 1))
+    h = f"{value | rand & (1 << 62) - 1:032x}"  # str(uuid.UUID(int=...)), without building the UUID
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def store_resource(
@@ -217,7 +218,6 @@ def store_resource(
         resource,
         if_match=if_match,
         subject_ref=subject,
-        status=resource.get("status") if isinstance(resource.get("status"), str) else None,
         identifier=None,  # identifiers are matched through fhir_search_index (see integration.fhir_search)
     )
     if track and subject and resource["resourceType"] in CLINICAL_TYPES:
@@ -225,12 +225,13 @@ def store_resource(
     return stored, created
 
 
-def store_resources(s: Session, resources: list[dict[str, Any]], *,
-                    fresh: list[bool] | None = None) -> list[tuple[dict[str, Any], bool]]:
+def store_resources(s: Session, resources: list[dict[str, Any]], *, fresh: list[bool] | None = None,
+                    meanwhile: Callable[[], None] | None = None) -> list[tuple[dict[str, Any], bool]]:
     """``store_resource`` for every resource of a transaction, written with multi-row INSERTs; ``fresh``
-    marks the resources whose ids ``new_id`` has just assigned (see ``Store.put_resources``)."""
+    marks the resources whose ids ``new_id`` has just assigned, ``meanwhile`` runs before the writes are
+    done (see ``Store.put_resources`` for both)."""
     subjects = [subject_of(r) for r in resources]
-    results = Store.put_resources(s, resources, subjects, fresh=fresh)
+    results = Store.put_resources(s, resources, subjects, fresh=fresh, meanwhile=meanwhile)
     pairs = zip(resources, subjects, strict=True)
     changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
     for subject in sorted(changed):  # once per patient: one change, however many resources it touched

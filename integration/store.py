@@ -261,6 +261,45 @@ def _bulk_insert(conn: Connection, table: Table, names: Sequence[str], rows: lis
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({quoted}) VALUES ({placeholders})", rows)
 
 
+# PostgreSQL casts of the FHIR tables' columns, for rows sent as one JSON array (_inserts_in_flight)
+_JSON_CASTS: dict[type, str] = {String: "text", Integer: "int", BigInteger: "bigint", DateTime: "timestamptz",
+                                Boolean: "boolean", JSON: "json"}
+
+
+@cache
+def _json_insert_sql(table: Table, names: tuple[str, ...]) -> str:
+    """INSERT of the rows in one jsonb array parameter (each row an array of the ``names`` columns' values)."""
+    values = ", ".join(f"(r->>{i})::{_JSON_CASTS[type(table.c[n].type)]}" for i, n in enumerate(names))
+    return (f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} "
+            "FROM jsonb_array_elements(%s::jsonb) AS r")
+
+
+@cache
+def _can_pipeline(dialect: str, driver: str) -> bool:
+    """Whether the connections pipeline (psycopg 3 built on libpq 14 or later), for ``_inserts_in_flight``."""
+    if (dialect, driver) != ("postgresql", "psycopg"):
+        return False
+    import psycopg
+
+    return psycopg.Pipeline.is_supported()
+
+
+@contextmanager
+def _inserts_in_flight(conn: Connection, batches: Sequence[tuple[Table, Sequence[str], list[tuple[Any, ...]]]]
+                       ) -> Iterator[None]:
+    """PostgreSQL: send the INSERTs of ``batches`` in a pipeline and run the block while the server works
+    on them; the exit waits for them (and raises what they raised). COPY cannot be pipelined, so each
+    table's rows go as one jsonb array (orjson writes it; the server reads it with the columns' casts).
+    Nothing else may use the connection inside the block."""
+    driver = conn.connection.driver_connection
+    with driver.pipeline():  # type: ignore[union-attr]
+        with driver.cursor() as cur:  # type: ignore[union-attr]
+            for table, names, rows in batches:
+                if rows:
+                    cur.execute(_json_insert_sql(table, tuple(names)), (orjson.dumps(rows).decode(),))
+            yield
+
+
 # the columns put_resources writes, in the order of its row tuples
 _RESOURCE_COLUMNS = ("resource_type", "id", "version_id", "last_updated", "subject_ref", "status", "identifier",
                      "deleted", "content")
@@ -797,14 +836,15 @@ class Store:
         *,
         if_match: int | None = None,
         subject_ref: str | None = None,
-        status: str | None = None,
         identifier: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create or update ``resource`` (which must carry resourceType and id) inside session ``s``.
 
         Sets meta.versionId/lastUpdated, keeps the previous version in the history table.
         Returns (stored content, created). Raises VersionConflictError when if_match is stale.
+        The ``status`` column is the resource's own ``status`` code (the ``status`` search reads it).
         """
+        status = resource.get("status") if isinstance(resource.get("status"), str) else None
         rtype, rid = resource["resourceType"], resource["id"]
         current = s.get(FhirResource, (rtype, rid), with_for_update=True)
         if if_match is not None and (current is None or current.version_id != if_match):
@@ -855,21 +895,31 @@ class Store:
     @staticmethod
     def put_resources(
         s: Session, resources: Sequence[dict[str, Any]], subject_refs: Sequence[str | None],
-        *, fresh: Sequence[bool] | None = None,
+        *, fresh: Sequence[bool] | None = None, meanwhile: Callable[[], None] | None = None,
     ) -> list[tuple[dict[str, Any], bool]]:
         """``put_resource`` for many resources in one go (a transaction Bundle): one locking SELECT,
         then multi-row INSERTs of resources, versions and index rows. Same result as calling
         ``put_resource`` for each (without If-Match); a resource listed twice falls back to that.
         ``fresh`` marks the resources whose ids the server has just assigned: none is stored, so the
-        SELECT leaves them out."""
+        SELECT leaves them out.
+
+        ``meanwhile`` (the Bundle's validation) runs before the writes are done, and whatever it raises
+        leaves the caller's transaction to roll back: on PostgreSQL, while the server inserts the rows
+        (they are sent first, in a pipeline); elsewhere, and where the driver cannot pipeline, before
+        anything is written (SQLite's inserts run on this thread, and its write lock should not be held
+        for longer)."""
         from integration.fhir_search import INDEX_COLUMNS, index_tuples
 
         keys = [(r["resourceType"], r["id"]) for r in resources]
+        dialect = s.get_bind().dialect
+        streamed = meanwhile is not None and _can_pipeline(dialect.name, dialect.driver)
+        if meanwhile is not None and not (streamed and keys and len(set(keys)) == len(keys)):
+            meanwhile()
+            meanwhile = None
         if not keys:
             return []
         if len(set(keys)) != len(keys):
-            return [Store.put_resource(s, r, subject_ref=ref, status=r.get("status") if isinstance(
-                r.get("status"), str) else None) for r, ref in zip(resources, subject_refs, strict=True)]
+            return [Store.put_resource(s, r, subject_ref=ref) for r, ref in zip(resources, subject_refs, strict=True)]
         by_type: dict[str, list[str]] = {}
         for (rtype, rid), new in zip(keys, fresh or [False] * len(keys), strict=True):
             if not new:
@@ -913,11 +963,16 @@ class Store:
                                                         FhirSearchIndex.resource_id.in_(stale)))
         s.flush()  # the ORM updates above first; then the bulk writes (no per-row ORM or Core bookkeeping)
         conn = s.connection()
-        for model, names, rows in ((FhirResource, _RESOURCE_COLUMNS, new_rows),
-                                   (FhirResourceVersion, _VERSION_COLUMNS, versions),
-                                   (FhirSearchIndex, INDEX_COLUMNS, index)):
+        batches = [(cast(Table, FhirResource.__table__), _RESOURCE_COLUMNS, new_rows),
+                   (cast(Table, FhirResourceVersion.__table__), _VERSION_COLUMNS, versions),
+                   (cast(Table, FhirSearchIndex.__table__), INDEX_COLUMNS, index)]
+        if meanwhile is not None:
+            with _inserts_in_flight(conn, batches):
+                meanwhile()
+            return out
+        for table, names, rows in batches:
             if rows:
-                _bulk_insert(conn, cast(Table, model.__table__), names, rows)
+                _bulk_insert(conn, table, names, rows)
         return out
 
     @staticmethod

@@ -60,6 +60,19 @@ def test_token_search_by_system_and_code_with_or_and_and(fhir_client: httpx.Clie
     assert ids(fhir_client, obs, {"_id": f"{hb},{local}"}) == {hb, local}
 
 
+def test_status_token_forms_match_the_code_without_a_system(fhir_client: httpx.Client) -> None:
+    final, amended = post(fhir_client, observation("a")), post(fhir_client, observation("b", status="amended"))
+    obs = "/fhir/Observation"
+    assert ids(fhir_client, obs, {"status": "final"}) == {final}
+    assert ids(fhir_client, obs, {"status": "final,amended"}) == {final, amended}
+    assert ids(fhir_client, obs, {"status": "|amended"}) == {amended}
+    assert ids(fhir_client, obs, {"status": "|"}) == {final, amended}
+    assert ids(fhir_client, obs, {"status": "http://hl7.org/fhir/observation-status|final"}) == set()
+    assert ids(fhir_client, obs, {"status": "http://hl7.org/fhir/observation-status|"}) == set()
+    assert ids(fhir_client, obs, [("status", "final"), ("status", "amended")]) == set()
+    assert ids(fhir_client, obs, {"status": "amended", "code": "b", "patient": "Patient/p1"}) == {amended}
+
+
 def test_identifier_matches_exactly_not_as_a_substring(fhir_client: httpx.Client) -> None:
     a = post(fhir_client, {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "123"}]})
     b = post(fhir_client, {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "1234"},
