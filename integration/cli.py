@@ -30,6 +30,9 @@ def _configure_logging(verbose: bool) -> None:
     # third-party loggers that could print identifiers or request lines stay quiet
     for noisy in ("pynetdicom", "aiokafka", "httpx", "chromadb", "uvicorn.access", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # psycopg warns with the server's error text (which can quote key values) when a pipeline fails while
+    # another error is raised; MedBridge reports the error itself, without values
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 def ensure_demo_model(settings: Settings) -> None:
