@@ -381,6 +381,7 @@ class _RowWriter:
         self._lock = threading.Lock()  # guards the pending rows and the counts
         self._writing = threading.Lock()  # one batch at a time
         self._pending: list[tuple[dict[str, Any], JournalRecord]] = []
+        self._set_aside: list[tuple[dict[str, Any], JournalRecord]] = []  # rows the database refuses on their own
         self._unwritten: list[tuple[dict[str, Any], JournalRecord, tuple[Path, bytes]]] = []  # files first
         self._placed = threading.Condition(self._lock)
         self._placing: set[str] = set()  # SOP Instance UIDs being placed
@@ -470,9 +471,10 @@ class _RowWriter:
 
     def _arm_timer(self) -> None:
         with self._lock:
-            if self._timer is not None or not (self._pending or self._unwritten) or self._closed:
+            if self._timer is not None or not (self._pending or self._unwritten or self._set_aside) or self._closed:
                 return
-            self._timer = threading.Timer(self.retry_seconds if self.failing else self.linger_seconds, self._on_timer)
+            retrying = self.failing or (self._set_aside and not self._pending)
+            self._timer = threading.Timer(self.retry_seconds if retrying else self.linger_seconds, self._on_timer)
             self._timer.daemon = True
             self._timer.start()
 
@@ -484,8 +486,9 @@ class _RowWriter:
 
     def write_pending(self, *, wait: bool = True) -> bool:
         """Write every file and commit every row handed in before the call; False when the database
-        is down or files cannot be written (they wait). ``wait=False`` returns at once where another
-        thread is writing a batch (it, or the next call, takes these rows)."""
+        is down, files cannot be written, or rows are set aside (they wait). ``wait=False`` returns
+        at once where another thread is writing a batch (it, or the next call, takes these rows),
+        and leaves the rows set aside to the timer."""
         self.write_files()
         if not self._writing.acquire(blocking=wait):
             return not self.failing
@@ -494,7 +497,9 @@ class _RowWriter:
                 batch, self._pending = self._pending, []
             if batch:
                 self._write(batch)
-            return not self.failing
+            if wait and self._set_aside:
+                self._retry_set_aside()
+            return not self.failing and not self._set_aside
         finally:
             self._writing.release()
 
@@ -503,6 +508,8 @@ class _RowWriter:
         try:
             added = self.store.add_instances(rows)
         except StoreUnavailableError as exc:
+            if len(batch) > 1 and self._write_one_by_one(batch):
+                return
             with self._lock:
                 self._pending[:0] = batch  # kept, in order, for the next try
             if not self._database_failing:
@@ -510,12 +517,51 @@ class _RowWriter:
             self._database_failing = True
             return
         self._database_failing = False
+        self._settle(batch, added)
+
+    def _settle(self, batch: list[tuple[dict[str, Any], JournalRecord]], added: list[bool]) -> None:
         for (row, record), new in zip(batch, added, strict=True):
             if not new:
                 self._drop_unheld(row)
             record.settle()
         with self._lock:
-            self._held.difference_update(row["sop_instance_uid"] for row in rows)
+            self._held.difference_update(row["sop_instance_uid"] for row, _ in batch)
+
+    def _write_one_by_one(self, batch: list[tuple[dict[str, Any], JournalRecord]]) -> bool:
+        """A batch the database refused, row by row: False when it refuses every row (it is down).
+        Otherwise the rows it refuses on their own are set aside and retried every ``retry_seconds``,
+        so that one row the database rejects does not hold every other instance back (their journal
+        records wait with them: a journal full of them refuses new instances, 0xA700)."""
+        refused = []
+        for entry in batch:
+            try:
+                added = self.store.add_instances([entry[0]])
+            except StoreUnavailableError:
+                refused.append(entry)
+                continue
+            self._settle([entry], added)
+        if len(refused) == len(batch):
+            return False
+        self._database_failing = False
+        with self._lock:
+            self._set_aside.extend(refused)
+        for row, _ in refused:
+            log.error("the database refuses the row of received instance %s; retried every %.0f s (the journal "
+                      "keeps the instance)", uid_hash(row["sop_instance_uid"]), self.retry_seconds)
+        return True
+
+    def _retry_set_aside(self) -> None:
+        """Under ``_writing``: the rows set aside, each on its own again."""
+        with self._lock:
+            entries, self._set_aside = self._set_aside, []
+        for entry in entries:
+            try:
+                added = self.store.add_instances([entry[0]])
+            except StoreUnavailableError:
+                with self._lock:
+                    self._set_aside.append(entry)
+                continue
+            self._settle([entry], added)
 
     def _drop_unheld(self, row: Mapping[str, Any]) -> None:
         """The SOP Instance UID was recorded meanwhile (by an association on pynetdicom's path, whose

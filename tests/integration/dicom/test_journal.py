@@ -276,6 +276,36 @@ def test_a_journal_that_cannot_be_written_answers_out_of_resources(store: Store,
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_row_the_database_refuses_on_its_own_is_set_aside_and_the_others_go_in(store: Store, tmp_path: Path) -> None:
+    """The database refuses one row of a batch (a real SQLite error, raised by a trigger for one SOP
+    Instance UID): the other rows are committed, new instances are still answered on the fast path,
+    and the refused row is retried until it goes in."""
+    ingest = deferring_ingest(store, tmp_path / "dicom")
+    assert ingest.rows is not None
+    ingest.rows.retry_seconds = 0.1
+    sent = ct_instances(4)
+    refused = sent[1][0]
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE INSERT ON dicom_instances WHEN NEW.sop_instance_uid = "
+                             f"'{refused}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    for sop_uid, data, part10 in sent[:3]:
+        assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).stored
+    assert not ingest.flush_rows()  # one row is still out
+    assert held_uids(store) == {sent[0][0], sent[2][0]} and not ingest.rows.failing
+    sop_uid, data, part10 = sent[3]
+    assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).stored
+    ingest.write_rows()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse")
+    deadline = time.monotonic() + 10
+    while held_uids(store) != {uid for uid, _, _ in sent} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held_uids(store) == {uid for uid, _, _ in sent}
+    assert ingest.flush_rows()
+    ingest.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 def test_rows_wait_while_the_database_refuses_writes_and_go_in_once_it_takes_them(store: Store, tmp_path: Path) -> None:
     """The database refuses writes (a real SQLite error, raised by a trigger) after two instances
     were answered: their rows wait and are retried by the row writer's timer; meanwhile new
