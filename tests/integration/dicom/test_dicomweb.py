@@ -284,3 +284,19 @@ def test_a_viewer_on_a_configured_origin_may_call_dicomweb_and_others_may_not(st
         assert allowed.headers["access-control-allow-origin"] == viewer
         other = httpx.get(f"{base}/studies", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_stow_rs_above_the_size_limit_is_refused_with_413_and_stores_nothing(store: Store, tmp_path: Path) -> None:
+    ct = Path(CT_SMALL).read_bytes()
+    settings = stack_settings(tmp_path, min_free_bytes=0).model_copy(update={"stow_max_bytes": len(ct) + 1000})
+    with serve_app(settings, store) as port:
+        url = f"http://127.0.0.1:{port}/dicomweb/studies"
+        body, headers = multipart(ct, ct)
+        declared = httpx.post(url, content=body, headers=headers)
+        streamed = httpx.post(url, content=iter([body[:1000], body[1000:]]), headers=headers)  # no Content-Length
+        assert store.get_instance(str(dcmread(CT_SMALL).SOPInstanceUID)) is None
+        within = httpx.post(url, content=multipart(ct)[0], headers=headers)
+    assert declared.status_code == 413 and "MEDBRIDGE_STOW_MAX_BYTES" in declared.text
+    assert streamed.status_code == 413
+    assert within.status_code == 200
+    assert store.get_instance(str(dcmread(CT_SMALL).SOPInstanceUID)) is not None
