@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
-from integration.dicom_requestor import wait_for_reactor_pause
+from integration.dicom_requestor import adapt_requests
 from integration.store import AiResult, DicomInstance, stable_id
 
 MANUFACTURER = "MedBridge"
@@ -251,7 +251,7 @@ def send_datasets(
 ) -> None:
     """C-STORE every dataset on one association. Success and warning (0xB...) statuses count as
     stored; anything else, or an association that cannot be made, raises ExportSendError."""
-    wait_for_reactor_pause()
+    adapt_requests()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout

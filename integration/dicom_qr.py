@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from integration.dicom_query import LEVELS, QueryEngine, QueryError, query_from_identifier, to_dataset
-from integration.dicom_requestor import wait_for_reactor_pause
+from integration.dicom_requestor import adapt_requests
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.settings import DicomPeer
@@ -81,6 +81,7 @@ class QueryRetrieveSCP:
         self.engine = QueryEngine(store)
         self.peers = {p.ae_title.strip(): p for p in peers}
         self.ae_title = ae_title
+        adapt_requests()  # pynetdicom sends the C-GET and C-MOVE sub-operations with send_c_store
 
     @staticmethod
     def add_contexts(ae: Any) -> None:
@@ -218,7 +219,6 @@ class QueryRetrieveSCP:
             contexts = contexts[:_MAX_CONTEXTS]
         if not contexts:
             contexts = [build_context("1.2.840.10008.1.1")]  # nothing to send: any valid association
-        wait_for_reactor_pause()  # pynetdicom sends the sub-operations as a requestor
         yield peer.host, peer.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
         if failure is not None:
             yield 1

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 def _pynetdicom_requests_wait_for_their_reactor() -> None:
     """The tests' own requestors (pynetdicom SCUs) get MedBridge's workaround for pynetdicom#875 too:
     MedBridge answers fast enough to expose it (see ``integration.dicom_requestor``)."""
-    from integration.dicom_requestor import wait_for_reactor_pause
+    from integration.dicom_requestor import adapt_requests
 
-    wait_for_reactor_pause()
+    adapt_requests()
 
 
 def free_port() -> int:

@@ -34,6 +34,7 @@ from tests.conftest import free_port
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT
 MR_SMALL = get_testdata_file("MR_small.dcm")  # CompressedSamples^MR1, StudyDate 20040826, MR
 RTPLAN = get_testdata_file("rtplan.dcm")  # Last^First^mid^pre, StudyDate 20030716, RTPLAN
+JPEG2K = get_testdata_file("JPEG2000.dcm")  # CompressedSamples^NM1, JPEG 2000 lossless
 FILES = (CT_SMALL, MR_SMALL, RTPLAN)
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -187,6 +188,51 @@ def test_getscu_retrieves_the_study_as_received(listener: DicomListener, tmp_pat
     assert_same_as_received(listener, files[0], CT_SMALL, bit_exact=False)
 
 
+def store_as_received(listener: DicomListener, ds: Dataset) -> None:
+    sender = AE(ae_title="MODALITY")
+    sender.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = sender.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    row = listener.store.get_instance(str(ds.SOPInstanceUID))
+    assert row is not None and row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID  # stored as received
+
+
+def test_cget_decompresses_for_a_peer_that_accepted_only_uncompressed_data(listener: DicomListener) -> None:
+    """An instance stored JPEG 2000 (as received) goes to a C-GET requestor that proposed only
+    explicit VR little endian for its SOP class: decompressed, same SOP Instance UID, same pixels."""
+    j2k = dcmread(JPEG2K)
+    store_as_received(listener, j2k)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(j2k.SOPClassUID, ExplicitVRLittleEndian)
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        received[-1].file_meta = event.file_meta
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE",
+                         ext_neg=[build_role(j2k.SOPClassUID, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = j2k.StudyInstanceUID
+    try:
+        final = [st for st, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0x0000
+    (got,) = received
+    assert got.SOPInstanceUID == j2k.SOPInstanceUID
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert (got.pixel_array == j2k.pixel_array).all()
+
+
 def test_cget_reports_b000_when_some_instances_cannot_be_sent(listener: DicomListener) -> None:
     ct, mr = dcmread(CT_SMALL), dcmread(MR_SMALL)
     ae = AE(ae_title="TEST_SCU")
@@ -313,6 +359,32 @@ def test_a_database_from_before_the_query_index_opens_and_gains_its_columns(stor
     finally:
         reopened.stop()
     assert [ds.StudyDescription for ds in found] == [dcmread(CT_SMALL).StudyDescription]
+
+
+def test_cmove_decompresses_for_a_destination_that_takes_only_uncompressed_data(
+    listener: DicomListener, archive: Path
+) -> None:
+    """dcmtk's storescp (the ARCHIVE peer) accepts uncompressed syntaxes only: the JPEG 2000 instance
+    reaches it decompressed, same SOP Instance UID, same pixels."""
+    j2k = dcmread(JPEG2K)
+    store_as_received(listener, j2k)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = j2k.StudyInstanceUID
+    try:
+        responses = assoc.send_c_move(identifier, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove)
+        final = [st for st, _ in responses][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0x0000
+    (path,) = list(archive.iterdir())
+    got = dcmread(path)
+    assert got.SOPInstanceUID == j2k.SOPInstanceUID and not got.file_meta.TransferSyntaxUID.is_compressed
+    assert (got.pixel_array == j2k.pixel_array).all()
 
 
 def test_an_instance_missing_from_disk_is_a_failed_suboperation(listener: DicomListener, archive: Path) -> None:
