@@ -361,6 +361,22 @@ def test_a_database_from_before_the_query_index_opens_and_gains_its_columns(stor
     assert [ds.StudyDescription for ds in found] == [dcmread(CT_SMALL).StudyDescription]
 
 
+def move_studies_to_archive(listener: DicomListener, study_uids: str | list[str]) -> Dataset:
+    """C-MOVE the studies to the ARCHIVE peer; the final response."""
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uids
+    try:
+        responses = assoc.send_c_move(identifier, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove)
+        return [st for st, _ in responses][-1]
+    finally:
+        assoc.release()
+
+
 def test_cmove_decompresses_for_a_destination_that_takes_only_uncompressed_data(
     listener: DicomListener, archive: Path
 ) -> None:
@@ -368,19 +384,7 @@ def test_cmove_decompresses_for_a_destination_that_takes_only_uncompressed_data(
     reaches it decompressed, same SOP Instance UID, same pixels."""
     j2k = dcmread(JPEG2K)
     store_as_received(listener, j2k)
-    ae = AE(ae_title="TEST_SCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
-    assert assoc.is_established
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = j2k.StudyInstanceUID
-    try:
-        responses = assoc.send_c_move(identifier, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove)
-        final = [st for st, _ in responses][-1]
-    finally:
-        assoc.release()
-    assert final.Status == 0x0000
+    assert move_studies_to_archive(listener, j2k.StudyInstanceUID).Status == 0x0000
     (path,) = list(archive.iterdir())
     got = dcmread(path)
     assert got.SOPInstanceUID == j2k.SOPInstanceUID and not got.file_meta.TransferSyntaxUID.is_compressed
@@ -392,18 +396,7 @@ def test_an_instance_missing_from_disk_is_a_failed_suboperation(listener: DicomL
     row = listener.store.get_instance(ct.SOPInstanceUID)
     assert row is not None
     Path(row.path).unlink()
-    ae = AE(ae_title="TEST_SCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
-    assert assoc.is_established
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = [ct.StudyInstanceUID, mr.StudyInstanceUID]
-    try:
-        responses = assoc.send_c_move(identifier, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove)
-        final = [st for st, _ in responses][-1]
-    finally:
-        assoc.release()
+    final = move_studies_to_archive(listener, [ct.StudyInstanceUID, mr.StudyInstanceUID])
     assert final.Status == 0xB000
     assert (final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (1, 1)
     assert len(list(archive.iterdir())) == 1
