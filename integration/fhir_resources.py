@@ -100,11 +100,21 @@ _REQUIRED_CONCEPTS: dict[tuple[str, str], tuple[str, set[str]]] = {
 }
 
 
+# the bindings above by resource type, in the same order (each resource looks up its own type's only)
+_CODES_BY_TYPE: dict[str, list[tuple[str, set[str]]]] = {}
+for (_type, _element), _allowed in _REQUIRED_CODES.items():
+    _CODES_BY_TYPE.setdefault(_type, []).append((_element, _allowed))
+_CONCEPTS_BY_TYPE: dict[str, list[tuple[str, tuple[str, set[str]]]]] = {}
+for (_type, _element), _bound in _REQUIRED_CONCEPTS.items():
+    _CONCEPTS_BY_TYPE.setdefault(_type, []).append((_element, _bound))
+del _type, _element, _allowed, _bound
+
+
 def _binding_issues(rtype: str, data: dict[str, Any]) -> list[tuple[str, str]]:
     """(expression, message) for each value outside a required value set."""
     issues = []
-    for (t, element), allowed in _REQUIRED_CODES.items():
-        if t != rtype or element not in data:
+    for element, allowed in _CODES_BY_TYPE.get(rtype, ()):
+        if element not in data:
             continue
         value = data[element]
         values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
@@ -112,8 +122,8 @@ def _binding_issues(rtype: str, data: dict[str, Any]) -> list[tuple[str, str]]:
             if v not in allowed:
                 where = f"{rtype}.{element}" + (f"[{i}]" if i is not None else "")
                 issues.append((where, f"'{v}' is not in the required value set ({', '.join(sorted(allowed))})"))
-    for (t, element), (system, codes) in _REQUIRED_CONCEPTS.items():
-        concept = data.get(element) if t == rtype else None
+    for element, (system, codes) in _CONCEPTS_BY_TYPE.get(rtype, ()):
+        concept = data.get(element)
         if not isinstance(concept, dict):
             continue
         codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
