@@ -174,10 +174,13 @@ def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, 
     model = resource_model(rtype)
     try:
         model.model_validate(data)
+        issues = _binding_issues(rtype, data)
     except ValidationError as exc:
         issues = [(_expression(rtype, tuple(e["loc"])), e["msg"]) for e in exc.errors()[:20]]
         raise InvalidResourceError(issues, 422) from None
-    issues = _binding_issues(rtype, data)
+    except RecursionError:
+        # JSON nested deeper than the validators can recurse (the parser takes a little more)
+        raise InvalidResourceError([("", "the resource is nested too deeply to validate")], 422) from None
     if issues:
         raise InvalidResourceError(issues, 422)
     return data

@@ -64,6 +64,24 @@ def test_unknown_type_mismatch_bad_json_and_oversize_are_4xx_outcomes(fhir_clien
     assert outcome["resource"]["issue"][0]["expression"] == ["code:bogus"]
 
 
+def test_a_resource_nested_too_deeply_to_validate_is_a_422_in_a_resource_and_in_a_bundle(
+    fhir_client: httpx.Client,
+) -> None:
+    """Nested extensions deep enough to exhaust the validators' recursion (yet within what the JSON
+    parser takes) are refused like other invalid content, never a 500."""
+    levels = 350  # two JSON levels each (object, array): ~700 deep, where the validators' recursion ends
+    extension = '{"url": "http://example.org/nested", "extension": [' * levels
+    extension += '{"url": "http://example.org/leaf", "valueString": "x"}' + "]}" * levels
+    deep = json.dumps(OBSERVATION)[:-1] + ', "extension": [' + extension + "]}"
+    headers = {"Content-Type": "application/fhir+json"}
+    r = fhir_client.post("/fhir/Observation", content=deep, headers=headers)
+    assert r.status_code == 422 and r.json()["resourceType"] == "OperationOutcome"
+    bundle = ('{"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": ' + deep
+              + ', "request": {"method": "POST", "url": "Observation"}}]}')
+    r = fhir_client.post("/fhir", content=bundle, headers=headers)
+    assert 400 <= r.status_code < 500 and r.json()["resourceType"] == "OperationOutcome"
+
+
 def test_search_by_subject_status_and_paging(fhir_client: httpx.Client) -> None:
     for i in range(5):
         r = fhir_client.post("/fhir/Observation", json={**OBSERVATION, "valueQuantity": {"value": i}})
