@@ -334,13 +334,14 @@ class InstanceIngest:
             expected = str(ds.file_meta.MediaStorageSOPInstanceUID)
         except Exception:  # noqa: BLE001 - bytes the C-STORE was refused for (0xC210, 0xC211)
             return False
-        return self._restore(final, part10, expected_sop_uid=expected)
+        return self._restore(final, part10, ds, expected_sop_uid=expected)
 
-    def _restore(self, final: Path, part10: bytes, *, expected_sop_uid: str | None = None) -> bool:
+    def _restore(self, final: Path, part10: bytes, ds: Any = None, *, expected_sop_uid: str | None = None) -> bool:
+        """``ds``: the bytes already parsed, if the caller did."""
         row = self.store.get_instance(final.stem)
         if row is None:
             # acknowledged but the row was lost: ingest again, from the journaled bytes
-            ds = dcmread(BytesIO(part10))
+            ds = ds if ds is not None else dcmread(BytesIO(part10))
             return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False,
                                expected_sop_uid=expected_sop_uid).stored
         # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
@@ -354,6 +355,7 @@ class InstanceIngest:
 
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
 _UNPLACED = ""  # the relative path of a record journaled before its instance's facts were read
+_Entry = tuple[dict[str, Any], JournalRecord]  # a row waiting for its commit, and the journal record it settles
 
 
 class _RowWriter:
@@ -532,14 +534,7 @@ class _RowWriter:
         Otherwise the rows it refuses on their own are set aside and retried every ``retry_seconds``,
         so that one row the database rejects does not hold every other instance back (their journal
         records wait with them: a journal full of them refuses new instances, 0xA700)."""
-        refused = []
-        for entry in batch:
-            try:
-                added = self.store.add_instances([entry[0]])
-            except StoreUnavailableError:
-                refused.append(entry)
-                continue
-            self._settle([entry], added)
+        refused = self._write_each(batch)
         if len(refused) == len(batch):
             return False
         self._database_failing = False
@@ -554,14 +549,21 @@ class _RowWriter:
         """Under ``_writing``: the rows set aside, each on its own again."""
         with self._lock:
             entries, self._set_aside = self._set_aside, []
+        refused = self._write_each(entries)
+        with self._lock:
+            self._set_aside.extend(refused)
+
+    def _write_each(self, entries: list[_Entry]) -> list[_Entry]:
+        """Commit each row in a transaction of its own; the entries whose row the database refused."""
+        refused = []
         for entry in entries:
             try:
                 added = self.store.add_instances([entry[0]])
             except StoreUnavailableError:
-                with self._lock:
-                    self._set_aside.append(entry)
+                refused.append(entry)
                 continue
             self._settle([entry], added)
+        return refused
 
     def _drop_unheld(self, row: Mapping[str, Any]) -> None:
         """The SOP Instance UID was recorded meanwhile (by an association on pynetdicom's path, whose

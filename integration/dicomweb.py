@@ -39,7 +39,7 @@ from integration.dicom_query import ATTRIBUTES, Query, QueryEngine, QueryError, 
 from integration.dicom_render import PixelError, frames, render
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
-from integration.services import Services, get_services
+from integration.services import Services, body_within, get_services
 from integration.store import DicomInstance
 
 log = logging.getLogger(__name__)
@@ -163,22 +163,6 @@ def _store_parts(services: Services, parts: list[tuple[dict[str, str], bytes]], 
     return stored, failed, studies
 
 
-async def _stow_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed ``max_bytes`` (declared or read)."""
-    too_large = HTTPException(413, f"the STOW-RS request exceeds MEDBRIDGE_STOW_MAX_BYTES ({max_bytes} bytes); "
-                                   "send the instances in several requests")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @router.post("/studies", summary="STOW-RS: store instances")
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
 async def stow(request: Request, services: ServicesDep, study: str | None = None) -> Response:
@@ -191,7 +175,11 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
     ):
         raise HTTPException(415, 'STOW-RS takes Content-Type: multipart/related; type="application/dicom"; '
                                  "boundary=... with one DICOM Part 10 file per part")
-    body = await _stow_body(request, services.settings.stow_max_bytes)
+    max_bytes = services.settings.stow_max_bytes
+    body = await body_within(request, max_bytes)
+    if body is None:
+        raise HTTPException(413, f"the STOW-RS request exceeds MEDBRIDGE_STOW_MAX_BYTES ({max_bytes} bytes); "
+                                 "send the instances in several requests")
     parts = split_multipart(body, boundary)
     if not parts:
         raise HTTPException(400, "the multipart body holds no parts; send one application/dicom part per instance")

@@ -31,7 +31,7 @@ from integration.fhir_resources import (
     store_resource,
     validate_resource,
 )
-from integration.services import Services, get_services
+from integration.services import Services, body_within, get_services
 from integration.store import json_text
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,8 @@ def _reject_constant(name: str) -> None:
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidResourceError([("", f"request body exceeds {max_bytes} bytes")], 413)
-    body = await request.body()
-    if len(body) > max_bytes:
+    body = await body_within(request, max_bytes)
+    if body is None:
         raise InvalidResourceError([("", f"request body exceeds {max_bytes} bytes")], 413)
     try:
         return json.loads(body, parse_constant=_reject_constant)

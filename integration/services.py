@@ -23,6 +23,21 @@ class Services:
     on_study_ready: Callable[[], None] = lambda: None
 
 
+async def body_within(request: Request, max_bytes: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``max_bytes`` (by its declared
+    Content-Length, or while it streams): an oversized body is never held whole in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def get_services(request: Request) -> Services:
     # async: FastAPI runs a plain def dependency on its thread pool, a thread hop per request (~0.2 ms)
     return request.app.state.services
