@@ -253,7 +253,7 @@ class InstanceIngest:
                     _write(final, part10)  # the journal's syncer runs meanwhile
                     unwritten = None
                 elif not final.parent.is_dir():
-                    final.parent.mkdir(parents=True)  # a study folder that cannot be made answers 0xA700
+                    final.parent.mkdir(parents=True, exist_ok=True)  # a file in its way answers 0xA700
                 record.durable()
             except BaseException:
                 with contextlib.suppress(OSError):
