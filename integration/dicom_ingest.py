@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -172,9 +173,16 @@ class InstanceIngest:
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, sop_uid, study_uid)
         if expected_sop_uid is not None and sop_uid != expected_sop_uid:
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
-        if any(len(uid) > _UID_MAX for uid in (sop_uid, study_uid, facts.series_instance_uid, facts.sop_class_uid)):
+        uids = (sop_uid, study_uid, facts.series_instance_uid, facts.sop_class_uid)
+        if any(len(uid) > _UID_MAX for uid in uids):
             # PS3.5 9.1; refused here, so that no row can fail its insert (a batch of rows would wait on it)
             log.warning("instance %s refused: a UID is longer than 64 characters", uid_hash(sop_uid))
+            return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
+        if any(not _UID_SAFE.fullmatch(uid) for uid in uids):
+            # the SOP Instance UID names the file: a '/' would put it outside the storage folder, and
+            # PostgreSQL refuses NUL in text. Lenient beyond that: PS3.5 allows only digits and dots,
+            # but devices that break it with letters or leading zeros are still stored
+            log.warning("instance %s refused: a UID holds a control character, space, '/' or '\\'", uid_hash(sop_uid))
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
         if not self.has_free_space():
             # refuse before the disk is full, so the sender keeps the instance and retries later
@@ -197,6 +205,7 @@ class InstanceIngest:
             "size": len(part10),
             **facts.index,
         }
+        _fit_columns(values)
         journal = self.journal if journaled and self.journal is not None else None
         if journal is not None and len(part10) > journal.largest_record():
             journal = None
@@ -354,6 +363,21 @@ class InstanceIngest:
 
 
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
+_UID_SAFE = re.compile(r"[!-.0-\[\]-~]*")  # printable ASCII but space, '/' and '\\'
+_INT32 = 2**31  # the store's Integer columns are 32-bit on PostgreSQL
+
+
+def _fit_columns(values: dict[str, Any]) -> None:
+    """Make the row's query columns storable on every engine: PostgreSQL refuses NUL in text (which
+    some devices pad or embed in strings) and integers beyond 32 bits (an IS value may have 12 digits).
+    A row the database refuses would wait, set aside, with its instance already answered success; the
+    file keeps the values as sent."""
+    for column, value in values.items():
+        if type(value) is str:
+            if "\x00" in value:
+                values[column] = value.replace("\x00", "") or None
+        elif type(value) is int and not -_INT32 <= value < _INT32:
+            values[column] = None
 _UNPLACED = ""  # the relative path of a record journaled before its instance's facts were read
 _Entry = tuple[dict[str, Any], JournalRecord]  # a row waiting for its commit, and the journal record it settles
 

@@ -84,6 +84,65 @@ def test_truncated_dataset_is_refused_and_the_association_goes_on(
     assert store.get_instance(dcmread(CT_SMALL).SOPInstanceUID) is not None
 
 
+def test_a_sop_instance_uid_that_would_leave_the_storage_folder_is_refused(
+    listener: DicomListener, store: Store, tmp_path: Path
+) -> None:
+    """The SOP Instance UID names the instance's file: '../' in it must not put a file elsewhere."""
+    ds = dcmread(CT_SMALL)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2/../../../../escaped"
+    assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+    try:
+        bad = assoc.send_c_store(ds)
+        good = assoc.send_c_store(CT_SMALL)
+    finally:
+        assoc.release()
+    assert bad.Status == 0xC211
+    assert good.Status == 0x0000
+    assert not list(tmp_path.parent.rglob("*escaped*")), "no file outside the storage folder"
+    assert store.get_instance(ds.SOPInstanceUID) is None
+
+
+def test_nul_in_text_and_a_12_digit_number_are_stored_and_found_on_both_engines(
+    listener: DicomListener, store: Store
+) -> None:
+    """PostgreSQL refuses NUL in text and integers beyond 32 bits: the instance is stored all the same
+    (the file as sent, the columns without the NUL, the number left out) and C-FIND finds it."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = "NUL\x00ID"
+    ds.PatientName = "Doe\x00^John"
+    ds.StudyDescription = "Chest\x00 CT"
+    ds.SeriesNumber = "99999999999"
+    assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    row = store.get_instance(ds.SOPInstanceUID)
+    assert row is not None, "the row is in the store"
+    assert (row.patient_id, row.patient_name, row.study_description) == ("NULID", "Doe^John", "Chest CT")
+    assert row.series_number is None
+    assert dcmread(row.path).PatientID == "NUL\x00ID", "the file keeps what was sent"
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    find = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = "STUDY", "NULID", ""
+    try:
+        found = [i.StudyInstanceUID for s, i in find.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+                 if s.Status == 0xFF00]
+    finally:
+        find.release()
+    assert found == [ds.StudyInstanceUID]
+
+
 def test_unwritable_storage_answers_out_of_resources(listener: DicomListener, store: Store) -> None:
     # root ignores permission bits, so make the folder unusable by putting a file where it must be
     ds = dcmread(CT_SMALL)
