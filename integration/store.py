@@ -58,6 +58,7 @@ from integration.errors import (
     StoreUnavailableError,
     VersionConflictError,
 )
+from integration.phi import uid_hash
 
 NAMESPACE = uuid.UUID("6f1c2b52-6a43-4d59-9a53-1c5c7f7f5e11")
 
@@ -111,6 +112,16 @@ class DicomInstance(Base):
 # series-level queries and retrieves select by these too
 Index("ix_dicom_instances_series_instance_uid", DicomInstance.series_instance_uid)
 Index("ix_dicom_instances_patient_id", DicomInstance.patient_id)
+
+
+# what an instance's row cannot do without; the rest are query columns, copies of values in its file
+_INSTANCE_ESSENTIALS = frozenset({"sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid",
+                                  "transfer_syntax_uid", "is_image", "path", "size", "received_at"})
+
+
+def _without_query_columns(row: Mapping[str, Any]) -> dict[str, Any]:
+    query_columns = (c.key for c in DicomInstance.__table__.columns if c.key not in _INSTANCE_ESSENTIALS)
+    return {**dict.fromkeys(query_columns), **{k: v for k, v in row.items() if k in _INSTANCE_ESSENTIALS}}
 
 
 class ChangeTracker(Base):
@@ -740,14 +751,20 @@ class Store:
         """
         insert, touch = self._instance_statements()
         row = {**values, "received_at": values.get("received_at") or utcnow()}
-        with self._dbapi_cursor(transaction=True) as cursor:
-            cursor.execute(insert.sql, insert.parameters(row))
-            if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
-                return False
-            place_file()
-            cursor.execute(touch.sql, touch.parameters(
-                {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
-        return True
+        for attempt in (row, None):
+            try:
+                with self._dbapi_cursor(transaction=True) as cursor:
+                    cursor.execute(insert.sql, insert.parameters(attempt or _without_query_columns(row)))
+                    if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
+                        return False
+                    place_file()
+                    cursor.execute(touch.sql, touch.parameters(
+                        {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
+                return True
+            except StoreUnavailableError as exc:
+                if attempt is None or not self._refuses_a_value(exc, row):
+                    raise
+        raise AssertionError("unreachable")
 
     def add_instances(self, rows: Sequence[Mapping[str, Any]]) -> list[bool]:
         """Record instances whose files are already in place, in one transaction (the receive
@@ -755,6 +772,30 @@ class Store:
         when its SOP Instance UID was already held (the first is kept). Each study's tracker is
         bumped once."""
         insert, touch = self._instance_statements()
+        if len(rows) == 1:
+            try:
+                return self._add_instances(rows, insert, touch)
+            except StoreUnavailableError as exc:
+                if not self._refuses_a_value(exc, rows[0]):
+                    raise
+            return self._add_instances([_without_query_columns(rows[0])], insert, touch)
+        return self._add_instances(rows, insert, touch)
+
+    def _refuses_a_value(self, exc: StoreUnavailableError, row: Mapping[str, Any]) -> bool:
+        """True (and logged) when the driver refused one of ``row``'s values (a PEP 249 DataError:
+        NUL in text, a number out of range, a string too long for its column) rather than the
+        database being unavailable: the caller stores the instance without its query columns,
+        instead of refusing it (0xA700, which the sender would retry for ever) or holding it back."""
+        cause = exc.__cause__
+        if not isinstance(getattr(cause, "orig", cause), self.engine.dialect.dbapi.DataError):  # type: ignore[union-attr]
+            return False
+        log.error("the database refuses a query column of instance %s (%s): it is stored without them; "
+                  "C-FIND and QIDO-RS find it by its UIDs only", uid_hash(str(row["sop_instance_uid"])),
+                  type(getattr(cause, "orig", cause)).__name__)
+        return True
+
+    def _add_instances(self, rows: Sequence[Mapping[str, Any]], insert: _CompiledStatement,
+                       touch: _CompiledStatement) -> list[bool]:
         now = time.time()
         added = []
         with self._dbapi_cursor(transaction=True) as cursor:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from integration.errors import ResourceNotFoundError, VersionConflictError
-from integration.store import FhirResourceVersion, Store
+from integration.errors import ResourceNotFoundError, StoreUnavailableError, VersionConflictError
+from integration.store import DicomInstance, FhirResourceVersion, Store, utcnow
 from schemas.events import TOPIC_RECORD_RECEIVED, RecordReceived
 
 
@@ -79,3 +79,36 @@ def test_sqlite_wal_is_checkpointed_into_the_database_as_writes_go_on(tmp_path: 
     finally:
         store.stop()
         store.stop()  # stopping twice changes nothing
+
+
+def test_an_instance_whose_query_values_postgresql_refuses_is_stored_without_them(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A value the driver refuses (here a description too long for its column, NUL in a name) must
+    not keep the instance out: answered 0xA700 the sender would retry it for ever, and the receive
+    journal's row writer would hold it back. Its row goes in with the UIDs and the file's place only."""
+    store = Store(postgres_url)
+    store.start()
+    try:
+        def row(uid: str) -> dict[str, object]:
+            columns = (c.key for c in DicomInstance.__table__.columns if c.key not in ("dicom_json", "received_at"))
+            return {**dict.fromkeys(columns),
+                    "sop_instance_uid": uid, "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4",
+                    "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                    "modality": "CT", "patient_id": "P1", "is_image": True, "path": str(tmp_path / f"{uid}.dcm"),
+                    "size": 10, "received_at": utcnow(), "study_description": "x" * 100, "patient_name": "Doe\x00^John"}
+
+        placed: list[str] = []
+        assert store.add_instance(row("1.2.3.4.1"), place_file=lambda: placed.append("1.2.3.4.1"))
+        assert store.add_instances([row("1.2.3.4.2")]) == [True]
+        for uid in ("1.2.3.4.1", "1.2.3.4.2"):
+            kept = store.get_instance(uid)
+            assert kept is not None and kept.path == str(tmp_path / f"{uid}.dcm")
+            assert (kept.study_description, kept.patient_name, kept.modality) == (None, None, None)
+        assert placed == ["1.2.3.4.1"], "the file was placed once, by the attempt that committed"
+        # a batch is refused whole (the row writer then writes it row by row): nothing of it goes in
+        with pytest.raises(StoreUnavailableError):
+            store.add_instances([row("1.2.3.4.3"), row("1.2.3.4.4")])
+        assert store.get_instance("1.2.3.4.3") is None
+    finally:
+        store.stop()
