@@ -26,6 +26,7 @@ from integration.errors import (
     VersionConflictError,
 )
 from integration.fhir_resources import (
+    is_fhir_id,
     new_id,
     resource_model,
     store_resource,
@@ -91,7 +92,7 @@ def _parse_if_match(value: str | None) -> int | None:
     if not value:
         return None
     digits = value.replace("W/", "").strip('"')
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise InvalidResourceError([("If-Match", 'If-Match must be an ETag like W/"3"')], 400)
     return int(digits)
 
@@ -231,37 +232,50 @@ async def type_history(resource_type: str, request: Request, services: ServicesD
             raise InvalidResourceError([("_since", "_since must be an instant like 2026-01-01T00:00:00Z")]) from None
         if since.tzinfo is None:
             raise InvalidResourceError([("_since", "_since must carry a time zone (Z or +hh:mm)")])
-    for name in ("_count", "_offset"):
-        if not params.get(name, "0").isdigit():
-            raise InvalidResourceError([(name, f"{name} must be a non-negative integer")])
-    count = min(int(params.get("_count", fhir_search.DEFAULT_COUNT)), fhir_search.MAX_COUNT)
-    offset = int(params.get("_offset", "0"))
+    count = fhir_search.non_negative_int("_count", params.get("_count", str(fhir_search.DEFAULT_COUNT)),
+                                         at_most=fhir_search.MAX_COUNT, clamp=True)
+    offset = fhir_search.non_negative_int("_offset", params.get("_offset", "0"), at_most=fhir_search.MAX_OFFSET)
     total, versions = fhir_search.type_history(services.store, resource_type, since=since, count=count, offset=offset)
     return _history_bundle(versions, total, _page_links(request, offset, count, offset + count < total))
 
 
+def _storable_id(resource_type: str, resource_id: str) -> str:
+    """``resource_id``, if it is an id a resource can be stored under; else ResourceNotFoundError (404, as
+    for any unknown id), without asking the database (PostgreSQL refuses a NUL in it, for one)."""
+    if not is_fhir_id(resource_id):
+        raise ResourceNotFoundError(resource_type, resource_id)
+    return resource_id
+
+
 @router.get("/{resource_type}/{resource_id}")
 async def read(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+    _storable_id(resource_type, resource_id)
     stored = services.store.get_resource(resource_type, resource_id)
     return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version_id}")
 async def vread(resource_type: str, resource_id: str, version_id: str, services: ServicesDep) -> Response:
-    if not version_id.isdigit():
+    if not (version_id.isascii() and version_id.isdigit()):
         raise InvalidResourceError([("", "a version id is a positive integer")], 400)
+    _storable_id(resource_type, resource_id)
+    if len(version_id) > 9:  # beyond the version column's range (32 bits): no resource has that many versions
+        raise ResourceNotFoundError(resource_type, f"{resource_id}/_history/{version_id}")
     stored = services.store.get_version(resource_type, resource_id, int(version_id))
     return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
 async def instance_history(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+    _storable_id(resource_type, resource_id)
     versions = services.store.history(resource_type, resource_id)
     return _history_bundle(versions, len(versions), [])
 
 
 @router.delete("/{resource_type}/{resource_id}")
 async def delete(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+    if not is_fhir_id(resource_id):  # nothing is stored under it: deleted already, as an unknown id is
+        return Response(status_code=204)
     with services.store.session() as s:
         version = services.store.delete_resource(s, resource_type, resource_id)
     headers = {"ETag": f'W/"{version}"'} if version else {}

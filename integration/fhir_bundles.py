@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from integration import fhir_search
 from integration.errors import InvalidResourceError
-from integration.fhir_resources import new_id, resource_model, store_resources, validate_resource
+from integration.fhir_resources import is_fhir_id, new_id, resource_model, store_resources, validate_resource
 from integration.store import FhirResource
 
 
@@ -43,6 +43,10 @@ def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | No
     if len(parts) != 2:
         raise InvalidResourceError(
             [(f"Bundle.entry[{index}].request.url", "a PUT url is Type/id or Type?search-criteria")], 400
+        )
+    if not is_fhir_id(parts[1]):
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{index}].request.url", "the id of a PUT url is 1 to 64 letters, digits, '-' or '.'")], 400
         )
     return method, parts[0], parts[1], None
 
@@ -75,9 +79,31 @@ def write_transaction(s: Session, entries: list[Any]) -> list[tuple[dict[str, An
     """``prepare_entries`` then ``write_entries`` for a transaction Bundle, except that the entries are
     validated while their rows are written where the store can overlap the two (PostgreSQL: see
     ``Store.put_resources``' ``meanwhile``), and the reference targets are checked after the writes.
-    A refusal raises, as from ``prepare_entries``, and the caller's transaction rolls everything back."""
+    A refusal raises, as from ``prepare_entries``, and the caller's transaction rolls everything back.
+
+    Writes that fail (the database refuses a row, or the rows cannot be sent) do not hide a refusal: on
+    PostgreSQL they run before the validation is done, or before it starts (the locking SELECT and the
+    rows' serialisation precede it), and the reference check comes after them. So when they fail, the
+    entries are validated (if they were not) and the targets checked, in a fresh transaction since the
+    failed one cannot be read in, before the failure itself is raised."""
     prepared = _targets_and_references(s, entries)
-    written = write_entries(s, prepared, meanwhile=lambda: validate_entries(prepared))
+    validated = False
+
+    def validate() -> None:
+        nonlocal validated
+        validate_entries(prepared)
+        validated = True
+
+    try:
+        written = write_entries(s, prepared, meanwhile=validate)
+    except InvalidResourceError:
+        raise
+    except Exception:
+        if not validated:
+            validate_entries(prepared)
+        s.rollback()  # nothing of this transaction is kept either way; the check reads what is stored
+        _check_reference_targets(s, prepared)
+        raise
     _check_reference_targets(s, prepared)
     return written
 

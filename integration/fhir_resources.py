@@ -5,10 +5,12 @@ resources MedBridge handles), reference handling, and the resources MedBridge de
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pydicom
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
@@ -136,6 +138,54 @@ def _binding_issues(rtype: str, data: dict[str, Any]) -> list[tuple[str, str]]:
     return issues
 
 
+# FHIR ids (http://hl7.org/fhir/R4/datatypes.html#id): fhir.resources checks the characters, not the length
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+ID_MAX = 64
+
+
+def is_fhir_id(value: str) -> bool:
+    """Whether ``value`` is a FHIR id (1 to 64 letters, digits, '-' and '.'): only such ids are ever stored."""
+    return _ID.fullmatch(value) is not None
+
+
+# FHIR strings hold no character below U+0020 other than tab, CR and LF (datatypes.html#string), and
+# PostgreSQL's text and jsonb cannot hold U+0000 at all
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# how orjson writes those characters: \u00XX, except \b and \f (a literal backslash before u00.., b or f
+# matches too, and then the walk finds nothing)
+_ESCAPED_CONTROL = re.compile(rb"\\(?:u00[01][0-9a-fA-F]|[bf])")
+
+
+def _control_issues(rtype: str, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(expression, message) for each string value (up to 20) holding a character FHIR strings may not hold.
+    One orjson pass looks for them; the walk that names the elements only runs when it finds one."""
+    try:
+        if not _ESCAPED_CONTROL.search(orjson.dumps(data)):
+            return []
+    except TypeError:  # an integer beyond 64 bits (a decimal may be one): walk
+        pass
+    issues: list[tuple[str, str]] = []
+
+    def walk(node: Any, where: str) -> None:
+        if len(issues) >= 20:
+            return
+        if isinstance(node, str):
+            found = _CONTROL.search(node)
+            if found:
+                issues.append((where, f"a FHIR string cannot contain the control character U+{ord(found[0]):04X} "
+                                      "(only tab, CR and LF): remove it"))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    for key, value in data.items():
+        walk(value, f"{rtype}.{key}")
+    return issues
+
+
 def _expression(resource_type: str, loc: tuple[Any, ...]) -> str:
     parts = [resource_type]
     for item in loc:
@@ -174,7 +224,10 @@ def validate_resource(data: Any, expected_type: str | None = None) -> dict[str, 
     model = resource_model(rtype)
     try:
         model.model_validate(data)
-        issues = _binding_issues(rtype, data)
+        issues = _binding_issues(rtype, data) + _control_issues(rtype, data)
+        rid = data.get("id")
+        if isinstance(rid, str) and len(rid) > ID_MAX:
+            issues.append((f"{rtype}.id", f"an id is at most {ID_MAX} characters (letters, digits, '-' and '.')"))
     except ValidationError as exc:
         issues = [(_expression(rtype, tuple(e["loc"])), e["msg"]) for e in exc.errors()[:20]]
         raise InvalidResourceError(issues, 422) from None
@@ -199,13 +252,14 @@ def normalise_reference(ref: str | None) -> str | None:
 
 
 def subject_of(resource: dict[str, Any]) -> str | None:
-    """The patient a resource is about, as 'Patient/id'."""
+    """The patient a resource is about, as 'Patient/id'; None when it names none, or an id no Patient can
+    have (longer than 64 characters, say: nothing stored is about it)."""
     if resource.get("resourceType") == "Patient":
         return f"Patient/{resource['id']}"
     for field in ("subject", "patient"):
         ref = (resource.get(field) or {}).get("reference") if isinstance(resource.get(field), dict) else None
         norm = normalise_reference(ref)
-        if norm and norm.startswith("Patient/"):
+        if norm and norm.startswith("Patient/") and is_fhir_id(norm[8:]):
             return norm
     return None
 

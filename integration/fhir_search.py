@@ -31,6 +31,8 @@ from integration.errors import InvalidResourceError
 from integration.store import FhirResource, FhirResourceVersion, FhirSearchIndex, Store
 
 ParamType = Literal["token", "reference", "date", "string"]
+# the length of fhir_search_index.system and .value: longer values are indexed, and searched, that far
+INDEX_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,8 @@ SUMMARY_VALUES = ("count",)
 TOTAL_VALUES = ("none", "estimate", "accurate")
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
+# beyond any store's size; PostgreSQL's OFFSET and SQLite's refuse more than 2**63 - 1
+MAX_OFFSET = 2**31 - 1
 
 
 def params_for(resource_type: str) -> dict[str, SearchParam]:
@@ -211,6 +215,14 @@ MIN_DATE = datetime(1, 1, 1, tzinfo=UTC)
 MAX_DATE = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
+def _shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, held within [MIN_DATE, MAX_DATE] (Python's datetimes end at years 1 and 9999)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return MAX_DATE if delta > timedelta(0) else MIN_DATE
+
+
 def date_range(text: str) -> tuple[datetime, datetime]:
     """The UTC range [start, end) a FHIR date, dateTime or instant denotes: '2020' is the whole year,
     '2020-03-01T10:00:00Z' one second. A time without zone is taken as UTC. ValueError if malformed."""
@@ -230,7 +242,7 @@ def date_range(text: str) -> tuple[datetime, datetime]:
         return start, end
     day = datetime(year, month, int(g["d"]), tzinfo=UTC)
     if g["H"] is None:
-        return day, day + timedelta(days=1)
+        return day, _shifted(day, timedelta(days=1))
     tz = UTC
     if g["tz"] and g["tz"] != "Z":
         sign = 1 if g["tz"][0] == "+" else -1
@@ -238,12 +250,15 @@ def date_range(text: str) -> tuple[datetime, datetime]:
         tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
     start = datetime(year, month, int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), tzinfo=tz)
     if g["f"]:
-        start += timedelta(microseconds=round(float(g["f"]) * 1_000_000))
+        start = _shifted(start, timedelta(microseconds=round(float(g["f"]) * 1_000_000)))
         step = timedelta(milliseconds=1)
     else:
         step = timedelta(seconds=1) if g["S"] else timedelta(minutes=1)
-    start = start.astimezone(UTC)
-    return start, start + step
+    try:
+        start = start.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 in UTC, 9999-12-31T23:00:00-14:00 in 10000
+        start = MIN_DATE if tz.utcoffset(None) > timedelta(0) else MAX_DATE
+    return start, _shifted(start, step)
 
 
 def normalise_string(text: str) -> str:
@@ -334,7 +349,7 @@ def _values_into(param: SearchParam, node: Any, out: list[_Entry]) -> None:
         except ValueError:
             pass  # validated content never gets here; an unparsable date is simply not indexed
     elif param.type == "string" and isinstance(node, str):
-        out.append((None, normalise_string(node)[:256], None, None))
+        out.append((None, normalise_string(node)[:INDEX_LENGTH], None, None))
 
 
 _INDEX_PLANS: dict[str, list[tuple[SearchParam, list[tuple[str, ...]]]]] = {}
@@ -380,8 +395,8 @@ def index_tuples(resource: dict[str, Any]) -> list[tuple[Any, ...]]:
         if entries:
             name = param.name
             for system, value, start, end in (dict.fromkeys(entries) if len(entries) > 1 else entries):
-                rows.append((rtype, rid, name, system[:256] if system is not None else None,
-                             value[:256] if value is not None else None, start, end))
+                rows.append((rtype, rid, name, system[:INDEX_LENGTH] if system is not None else None,
+                             value[:INDEX_LENGTH] if value is not None else None, start, end))
             entries = []
     return rows
 
@@ -432,16 +447,31 @@ def _refuse(param: str, message: str) -> InvalidResourceError:
     return InvalidResourceError([(param, message)], 400)
 
 
+def non_negative_int(name: str, raw: str, *, at_most: int, clamp: bool = False) -> int:
+    """``raw`` (ASCII digits: ``str.isdigit`` also takes '²', which ``int`` refuses) as an integer, at most
+    ``at_most``: a larger one is ``at_most`` with ``clamp``, else refused. InvalidResourceError (400)
+    naming ``name`` otherwise."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise _refuse(name, f"{name} must be a non-negative integer")
+    value = int(raw) if len(raw) <= 18 else at_most + 1  # int() of thousands of digits is refused, and slow
+    if value > at_most:
+        if not clamp:
+            raise _refuse(name, f"{name} must be at most {at_most}")
+        return at_most
+    return value
+
+
 _RANK = {"token": 0, "reference": 0, "string": 1, "date": 2}
 
 
 def _token_cond(raw: str) -> ColumnElement[bool]:
+    # values are indexed up to INDEX_LENGTH characters (index_tuples): compared as far
     if "|" not in raw:
-        return FhirSearchIndex.value == raw
+        return FhirSearchIndex.value == raw[:INDEX_LENGTH]
     system, _, code = raw.partition("|")
     if not code:  # value IS NOT NULL lets the (partial) value index serve it
-        return and_(FhirSearchIndex.value.is_not(None), FhirSearchIndex.system == system)
-    return and_(FhirSearchIndex.value == code, FhirSearchIndex.system == system)
+        return and_(FhirSearchIndex.value.is_not(None), FhirSearchIndex.system == system[:INDEX_LENGTH])
+    return and_(FhirSearchIndex.value == code[:INDEX_LENGTH], FhirSearchIndex.system == system[:INDEX_LENGTH])
 
 
 def _column_token_cond(column: Any, raw: str) -> ColumnElement[bool]:
@@ -459,12 +489,13 @@ def _reference_cond(param: SearchParam, raw: str) -> ColumnElement[bool]:
     if target:
         if param.targets and target[0] not in param.targets:
             raise _refuse(param.name, f"{param.name} refers to {'/'.join(param.targets)}, not {target[0]}")
-        return and_(FhirSearchIndex.value == target[1], FhirSearchIndex.system == target[0])
+        return and_(FhirSearchIndex.value == target[1][:INDEX_LENGTH],
+                    FhirSearchIndex.system == target[0][:INDEX_LENGTH])
     if "/" in raw or not raw:
         raise _refuse(param.name, f"'{raw}' is not a reference (Type/id or id)")
     if len(param.targets) == 1:
-        return and_(FhirSearchIndex.value == raw, FhirSearchIndex.system == param.targets[0])
-    return FhirSearchIndex.value == raw
+        return and_(FhirSearchIndex.value == raw[:INDEX_LENGTH], FhirSearchIndex.system == param.targets[0])
+    return FhirSearchIndex.value == raw[:INDEX_LENGTH]
 
 
 def _split_prefix(raw: str) -> tuple[str, str]:
@@ -499,18 +530,20 @@ def _date_cond(name: str, raw: str, start_col: Any, end_col: Any) -> ColumnEleme
     # ap: overlap with the value widened by 10% of its distance from now (at least a day)
     now = datetime.now(UTC)
     slack = max(abs(now - ps) / 10, timedelta(days=1))
-    return and_(start_col < pe + slack, end_col > ps - slack)
+    return and_(start_col < _shifted(pe, slack), end_col > _shifted(ps, -slack))
 
 
 def _string_cond(raw: str) -> ColumnElement[bool]:
-    needle = normalise_string(raw)
+    needle = normalise_string(raw)[:INDEX_LENGTH]  # indexed as far (see _values_into)
     if not needle:
         return FhirSearchIndex.value.is_not(None)
-    upper = needle[:-1] + chr(ord(needle[-1]) + 1)
     escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    like = FhirSearchIndex.value.like(f"{escaped}%", escape="\\")
+    if needle[-1] == chr(0x10FFFF):  # no character follows it: no upper bound
+        return and_(FhirSearchIndex.value >= needle, like)
+    upper = needle[:-1] + chr(ord(needle[-1]) + 1)
     # the range lets the index serve the prefix match; LIKE keeps it exact under any collation
-    return and_(FhirSearchIndex.value >= needle, FhirSearchIndex.value < upper,
-                FhirSearchIndex.value.like(f"{escaped}%", escape="\\"))
+    return and_(FhirSearchIndex.value >= needle, FhirSearchIndex.value < upper, like)
 
 
 def _one_param(q: SearchQuery, name: str, raw: str) -> None:
@@ -578,14 +611,11 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
         name, _, modifier = key.partition(":")
         if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
-        elif name in ("_count", "_offset"):
-            if not raw.isdigit():
-                raise _refuse(name, f"{name} must be a non-negative integer")
-            if name == "_count":
-                q.count = min(int(raw), MAX_COUNT)
-                q.summary_count = q.summary_count or q.count == 0
-            else:
-                q.offset = int(raw)
+        elif name == "_count":
+            q.count = non_negative_int(name, raw, at_most=MAX_COUNT, clamp=True)
+            q.summary_count = q.summary_count or q.count == 0
+        elif name == "_offset":
+            q.offset = non_negative_int(name, raw, at_most=MAX_OFFSET)
         elif name == "_format":
             if raw not in ("json", "application/json", "application/fhir+json"):
                 raise InvalidResourceError([(name, "only JSON is supported (_format=json)")], 406)

@@ -142,7 +142,7 @@ class FhirResource(Base):
     version_id: Mapped[int] = mapped_column(Integer)
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     subject_ref: Mapped[str | None] = mapped_column(String(128), index=True)
-    status: Mapped[str | None] = mapped_column(String(32), index=True)
+    status: Mapped[str | None] = mapped_column(String(32), index=True)  # _STATUS_LENGTH
     # always NULL (identifiers are searched in fhir_search_index), so not indexed: its index only cost writes
     identifier: Mapped[str | None] = mapped_column(String(256))
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -309,6 +309,18 @@ def _inserts_in_flight(conn: Connection, batches: Sequence[tuple[Table, Sequence
                 if rows:
                     cur.execute(_json_insert_sql(table, tuple(names)), (orjson.dumps(rows).decode(),))
             yield
+
+
+_STATUS_LENGTH = 32  # FhirResource.status
+
+
+def _status_column(resource: dict[str, Any]) -> str | None:
+    """The ``status`` column of a resource: its own status code, when one that fits the column. The codes
+    the status search reads all fit (their types' required bindings are enforced, see fhir_resources);
+    a longer one (ResearchStudy has a 46-character code; other types' are not checked) stays in the
+    content only, where PostgreSQL would refuse the row."""
+    status = resource.get("status")
+    return status if isinstance(status, str) and len(status) <= _STATUS_LENGTH else None
 
 
 # the columns put_resources writes, in the order of its row tuples
@@ -885,7 +897,7 @@ class Store:
         Returns (stored content, created). Raises VersionConflictError when if_match is stale.
         The ``status`` column is the resource's own ``status`` code (the ``status`` search reads it).
         """
-        status = resource.get("status") if isinstance(resource.get("status"), str) else None
+        status = _status_column(resource)
         rtype, rid = resource["resourceType"], resource["id"]
         current = s.get(FhirResource, (rtype, rid), with_for_update=True)
         if if_match is not None and (current is None or current.version_id != if_match):
@@ -987,7 +999,7 @@ class Store:
             version = 1 if row is None else row.version_id + 1
             content = {**resource, "meta": {**(resource.get("meta") or {}), "versionId": str(version),
                                             "lastUpdated": stamp}}
-            status = content.get("status") if isinstance(content.get("status"), str) else None
+            status = _status_column(content)
             document = json_text(content)  # serialised once, for the current row and the history row
             if row is None:  # _RESOURCE_COLUMNS
                 new_rows.append((rtype, rid, version, now, subject_ref, status, None, False, document))
