@@ -11,6 +11,7 @@ The answer is a DICOM status (PS3.4 Annex B.2.3), which STOW-RS maps onto HTTP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -116,7 +117,7 @@ class InstanceIngest:
         """
         record = self._journal_unread(part10) if defer_row else None
         try:
-            outcome = self._ingest_data_set(data_set, UID(transfer_syntax), part10, expected_sop_uid, record)
+            outcome = self._ingest_data_set(data_set, _syntax_uid(transfer_syntax), part10, expected_sop_uid, record)
         except BaseException:
             if record is not None:
                 record.settle()
@@ -233,10 +234,12 @@ class InstanceIngest:
             log.error("instance %s not stored: %s", uid_hash(sop_uid), type(exc).__name__)
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, sop_uid, study_uid)
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)  # already renamed, or never written
+            if record is None:  # a journaled instance is written to its final path, never to tmp
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)  # already renamed, or never written
         if stored:
-            log.debug("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("stored instance %s of study %s", uid_hash(sop_uid), uid_hash(study_uid))
         else:
             log.info("duplicate instance %s: the first is kept", uid_hash(sop_uid))
         return IngestOutcome(STATUS_SUCCESS, sop_uid, study_uid, stored)
@@ -362,6 +365,8 @@ class InstanceIngest:
         return False
 
 
+# a negotiated transfer syntax as pydicom's UID, built (and validated, by a regex) once per syntax, not per C-STORE
+_syntax_uid = functools.lru_cache(maxsize=256)(UID)
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
 _UID_SAFE = re.compile(r"[!-.0-\[\]-~]*")  # printable ASCII but space, '/' and '\\'
 _INT32 = 2**31  # the store's Integer columns are 32-bit on PostgreSQL
