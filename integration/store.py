@@ -392,6 +392,9 @@ _BUSY_TIMEOUT_MS = 30_000
 _WAL_BACKSTOP_PAGES = 20_000
 
 
+_HOLDS_SQL = "SELECT 1 FROM dicom_instances WHERE sop_instance_uid = ?"
+
+
 def _enable_sqlite_wal(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -542,6 +545,8 @@ class Store:
             }
         self.engine = create_engine(url, **kwargs)
         self._checkpointer: _WalCheckpointer | None = None
+        self._lookup: Any = None  # SQLite: the connection holds_instance keeps (see there), from start to stop
+        self._lookup_lock = threading.Lock()
         if url.startswith("sqlite"):
             _enable_sqlite_wal(self.engine)
             database = self.engine.url.database
@@ -562,6 +567,8 @@ class Store:
             ) from exc
         if self._checkpointer is not None:
             self._checkpointer.start()
+            if self._lookup is None:
+                self._lookup = self.engine.raw_connection()
 
     def _columns(self, table: str) -> set[str]:
         return {c["name"] for c in inspect(self.engine).get_columns(table)}
@@ -604,6 +611,10 @@ class Store:
     def stop(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        if self._lookup is not None:
+            with self._lookup_lock:
+                self._lookup.close()  # back to the pool, which dispose() closes, before release()
+                self._lookup = None
         self.engine.dispose()
         if self._checkpointer is not None:
             self._checkpointer.release()
@@ -821,7 +832,18 @@ class Store:
 
     def holds_instance(self, sop_uid: str) -> bool:
         """True when an instance of this SOP Instance UID is recorded: one index lookup on the DBAPI
-        cursor (~35 us against ~375 for ``get_instance``), since this runs once per C-STORE."""
+        cursor (~35 us against ~375 for ``get_instance``), since this runs once per C-STORE.
+
+        On SQLite, on a connection kept for it rather than one from the pool: ~7 us against ~60, and
+        no check-in, whose event wakes the WAL checkpointer thread (for a transaction that wrote
+        nothing) just as the C-STORE's thread wants the GIL back: 250 us per lookup in the listener."""
+        if self._lookup is not None:
+            try:
+                with self._lookup_lock:
+                    # fetchall: the statement runs to its end, so no read transaction stays open
+                    return bool(self._lookup.driver_connection.execute(_HOLDS_SQL, (sop_uid,)).fetchall())
+            except self.engine.dialect.dbapi.Error as exc:  # type: ignore[union-attr]
+                raise StoreUnavailableError(f"database unavailable: {exc}") from exc
         lookup = self._holds_statement()
         with self._dbapi_cursor(transaction=False) as cursor:
             cursor.execute(lookup.sql, lookup.parameters({"sop_instance_uid": sop_uid}))
