@@ -196,3 +196,41 @@ def test_prefer_return_minimal_and_operation_outcome(fhir_client: httpx.Client) 
     assert minimal.status_code == 201 and minimal.content == b"" and minimal.headers["location"]
     outcome = fhir_client.post("/fhir/Observation", json=OBSERVATION, headers={"Prefer": "return=OperationOutcome"})
     assert outcome.status_code == 201 and outcome.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_request_waiting_on_the_database_holds_no_other_request_up(fhir_client: httpx.Client, store: Store) -> None:
+    """A PUT that waits for a lock another database client holds must not stop the server answering a
+    read meanwhile: the routes' store work runs off the event loop (which this process shares with
+    the broker's consumers and the outbox relay)."""
+    import sqlite3
+    import threading
+    import time
+
+    patient = {"resourceType": "Patient", "id": "waiting", "gender": "male"}
+    assert fhir_client.put("/fhir/Patient/waiting", content=json.dumps(patient)).status_code == 201
+    if store.engine.dialect.name == "sqlite":
+        locker = sqlite3.connect(str(store.engine.url.database), isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock: readers go on (WAL), writers wait
+    else:
+        import psycopg
+
+        locker = psycopg.connect(store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+        locker.execute("LOCK TABLE fhir_resources IN EXCLUSIVE MODE")  # plain SELECTs still go on
+    answers: list[int] = []
+    writer = threading.Thread(target=lambda: answers.append(fhir_client.put(
+        "/fhir/Patient/waiting", content=json.dumps({**patient, "gender": "female"})).status_code))
+    try:
+        writer.start()
+        time.sleep(0.5)
+        assert writer.is_alive(), "the PUT waits for the lock"
+        t0 = time.monotonic()
+        read = fhir_client.get("/fhir/Patient/waiting", timeout=5)
+        assert read.status_code == 200 and read.json()["gender"] == "male"
+        assert time.monotonic() - t0 < 2, "the read was answered while the PUT waited"
+        assert writer.is_alive()
+    finally:
+        locker.rollback()
+        locker.close()
+        writer.join(30)
+    assert answers == [200]
+    assert fhir_client.get("/fhir/Patient/waiting").json()["gender"] == "female"
