@@ -16,6 +16,7 @@ from integration.dicom_export_queue import (
     replay_export,
 )
 from integration.errors import ResourceNotFoundError
+from integration.fhir_resources import allowed_codes, is_fhir_id
 from integration.services import Services, get_services
 from integration.store import AiResult
 from integration.writeback import apply_review
@@ -45,10 +46,22 @@ def _summary(report: dict[str, Any], ai: AiResult) -> ReportSummary:
     )
 
 
-def _detail(services: Services, report_id: str) -> ReportDetail:
-    ai = services.store.get_ai_result(report_id)
+# the largest id the replay routes' Integer primary keys hold (32-bit on PostgreSQL)
+_MAX_ROW_ID = 2**31 - 1
+_REPORT_STATUSES = allowed_codes("DiagnosticReport", "status")
+
+
+def _ai_result(services: Services, report_id: str) -> AiResult:
+    """The AI result behind report ``report_id``; ResourceNotFoundError (404) when there is none. An id
+    that is not a FHIR id is unknown without asking the database (PostgreSQL refuses NUL in text)."""
+    ai = services.store.get_ai_result(report_id) if is_fhir_id(report_id) else None
     if ai is None:
         raise ResourceNotFoundError("DiagnosticReport", report_id)
+    return ai
+
+
+def _detail(services: Services, report_id: str) -> ReportDetail:
+    ai = _ai_result(services, report_id)
     report = services.store.get_resource("DiagnosticReport", report_id)
     summary = _summary(report, ai)
     return ReportDetail(
@@ -78,9 +91,12 @@ def list_reports(
     status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[ReportSummary]:
-    rows, _ = services.store.search_resources(
-        "DiagnosticReport", status=status.split(",") if status else None, limit=limit
-    )
+    statuses = [v.strip() for v in status.split(",") if v.strip()] if status else []
+    unknown = [v for v in statuses if v not in _REPORT_STATUSES]
+    if unknown:
+        raise HTTPException(400, f"status must be DiagnosticReport statuses separated by commas "
+                                 f"({', '.join(sorted(_REPORT_STATUSES))}); {len(unknown)} value(s) are not")
+    rows, _ = services.store.search_resources("DiagnosticReport", status=statuses or None, limit=limit)
     out = []
     for report in rows:
         ai = services.store.get_ai_result(report["id"])
@@ -97,9 +113,7 @@ def get_report(report_id: str, services: ServicesDep) -> ReportDetail:
 @router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
 def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | None = None) -> Response:
     """The image with the AI heatmap blended over it (the highest-probability image by default)."""
-    ai = services.store.get_ai_result(report_id)
-    if ai is None:
-        raise ResourceNotFoundError("DiagnosticReport", report_id)
+    ai = _ai_result(services, report_id)
     instances = ai.details.get("instances", [])
     chosen = next(
         (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
@@ -111,6 +125,7 @@ def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | 
 
 @router.post("/reports/{report_id}/review", response_model=ReportDetail)
 def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
+    _ai_result(services, report_id)  # an id that cannot be stored is unknown before any write
     apply_review(services.store, report_id, review, services.settings.upstream_urls)
     services.notify_outbox()
     return _detail(services, report_id)
@@ -142,6 +157,8 @@ def dicom_exports(
 @router.post("/dicom-exports/{export_id}/replay", response_model=DicomExportRecord)
 def replay_dicom_export(export_id: int, services: ServicesDep) -> DicomExportRecord:
     """Put a dead export back to pending with a fresh attempt budget (404 unknown, 409 not dead)."""
+    if not 1 <= export_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
+        raise HTTPException(404, f"DICOM export {export_id} is not known; list them with GET /api/dicom-exports")
     try:
         return _export_record(replay_export(services.store, export_id))
     except ExportNotFoundError as exc:
@@ -165,6 +182,8 @@ def writebacks(
 @router.post("/writebacks/{job_id}/replay", tags=["writeback"])
 def replay_writeback(job_id: int, services: ServicesDep) -> dict[str, Any]:
     """Queue a dead writeback again (after fixing what made the upstream refuse it)."""
+    if not 1 <= job_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
+        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
     try:
         job = upstream.replay_job(services.store, job_id)
     except ValueError as exc:

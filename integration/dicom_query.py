@@ -25,7 +25,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from sqlalchemy import ColumnElement, and_, distinct, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, distinct, false, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from integration.phi import uid_hash
@@ -227,8 +227,10 @@ def query_from_identifier(identifier: Dataset, *, levels: Sequence[str] = LEVELS
     return query
 
 
-_DATE = re.compile(r"\d{8}")
-_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+_DATE = re.compile(r"[0-9]{8}")
+_TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT32 = 2**31  # the query columns' Integer is 32-bit on PostgreSQL
 
 
 class QueryEngine:
@@ -251,11 +253,15 @@ class QueryEngine:
         return column.ilike(pattern, escape="\\") if ignore_case else column.like(pattern, escape="\\")
 
     def _condition(self, attr: Attr, value: str) -> ColumnElement[bool] | None:
-        value = value.strip()
+        # the ingest drops NUL from the query columns (PostgreSQL refuses it in text; some devices pad
+        # with it), so a matching value drops it too: it matches what was stored, on either engine
+        value = value.replace("\x00", "").strip()
         if value in ("", "*"):
             return None  # universal matching
         if attr.keyword == "ModalitiesInStudy":
             modalities = [v for v in value.split("\\") if v]
+            if not modalities:
+                return None  # only separators: universal matching
             inner = select(_C.study_instance_uid).where(
                 or_(*(self._string_condition(_C.modality, m, "CS") for m in modalities))
             )
@@ -265,18 +271,24 @@ class QueryEngine:
         column = attr.column
         if attr.vr == "UI":
             uids = [v.strip() for v in value.split("\\") if v.strip()]
-            if any(not re.fullmatch(r"[0-9.]{1,64}", u) for u in uids):
-                raise QueryError(attr.keyword, "a UID (list) holds only digits and dots; wildcards are not allowed")
+            if not uids or any(not re.fullmatch(r"[0-9.]{1,64}", u) for u in uids):
+                raise QueryError(attr.keyword, "a UID (list) holds only digits and dots, at most 64 per UID, "
+                                               "separated by commas or backslashes; wildcards are not allowed")
             return column.in_(uids) if len(uids) > 1 else column == uids[0]
         if attr.vr == "DA":
             return self._range(attr, column, value, _DATE, "YYYYMMDD")
         if attr.vr == "TM":
             return self._range(attr, column, value.replace(":", ""), _TIME, "HHMMSS.FFFFFF")
         if attr.vr == "IS":
-            try:
-                numbers = [int(v) for v in value.split("\\")]
-            except ValueError:
-                raise QueryError(attr.keyword, f"{value!r} is not an integer") from None
+            texts = [v.strip() for v in value.split("\\")]
+            if any(not _INTEGER.fullmatch(v) for v in texts):  # int() would take '١' and '1_0'
+                raise QueryError(attr.keyword, f"{value!r} is not an integer (or a list of integers separated "
+                                               "by backslashes)")
+            # the ingest stores no number beyond 32 bits (PostgreSQL's Integer), so such a value matches
+            # nothing; sent to the database it would not fit the column's type (a driver error, not a match)
+            numbers = [n for n in (int(v) for v in texts if len(v) <= 12) if -_INT32 <= n < _INT32]
+            if not numbers:
+                return false()
             return column.in_(numbers) if len(numbers) > 1 else column == numbers[0]
         values = [v for v in value.split("\\")] if attr.vr != "PN" else [value]
         return or_(*(self._string_condition(column, v, attr.vr) for v in values))

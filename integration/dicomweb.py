@@ -21,6 +21,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from email.message import Message
@@ -32,6 +33,7 @@ from fastapi.responses import StreamingResponse
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
 from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
@@ -170,7 +172,7 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
     ctype = _content_type(request.headers.get("content-type", ""))
     boundary = ctype.get_param("boundary")
     part_type = ctype.get_param("type")
-    if ctype.get_content_type() != "multipart/related" or not isinstance(boundary, str) or (
+    if ctype.get_content_type() != "multipart/related" or not isinstance(boundary, str) or not boundary or (
         part_type is not None and part_type != "application/dicom"
     ):
         raise HTTPException(415, 'STOW-RS takes Content-Type: multipart/related; type="application/dicom"; '
@@ -180,7 +182,13 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
     if body is None:
         raise HTTPException(413, f"the STOW-RS request exceeds MEDBRIDGE_STOW_MAX_BYTES ({max_bytes} bytes); "
                                  "send the instances in several requests")
-    parts = split_multipart(body, boundary)
+    try:
+        parts = split_multipart(body, boundary)
+    except MultipartParseError:
+        log.warning("STOW-RS refused: the body is not multipart/related with its declared boundary")
+        raise HTTPException(400, "the body is not a multipart/related body with the boundary its Content-Type "
+                                 "declares: each part starts with --boundary, then its headers, an empty line "
+                                 "and one DICOM Part 10 file; the body ends with --boundary--") from None
     if not parts:
         raise HTTPException(400, "the multipart body holds no parts; send one application/dicom part per instance")
     base = _base(request)
@@ -205,9 +213,21 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
 
 # ---- QIDO-RS -----------------------------------------------------------------------------------
 
+_MAX_PAGE_NUMBER = 2**31 - 1
+
+
+def _path_uids(keys: dict[str, str]) -> dict[str, str]:
+    """The UIDs of a request path, each one UID: the query engine reads a backslash (or, in QIDO
+    parameters, a comma) as a list of UIDs, which a path cannot name."""
+    for keyword, uid in keys.items():
+        if not uid or "\\" in uid or "," in uid:
+            raise HTTPException(400, f"{keyword} in the path must be one UID (digits and dots, at most 64), "
+                                     "not a list")
+    return dict(keys)
+
 
 def _qido_query(request: Request, level: str, path_keys: dict[str, str]) -> tuple[Query, int | None, int, bool]:
-    query = Query(level, dict(path_keys))
+    query = Query(level, _path_uids(path_keys))
     limit: int | None = None
     offset = 0
     fuzzy = False
@@ -216,12 +236,15 @@ def _qido_query(request: Request, level: str, path_keys: dict[str, str]) -> tupl
         if name == "includefield":
             include.extend(v.strip() for v in value.split(",") if v.strip())
         elif name in ("limit", "offset"):
-            try:
-                number = int(value)
-                if number < 0:
-                    raise ValueError
-            except ValueError:
-                raise HTTPException(400, f"{name} must be a non-negative integer") from None
+            # ASCII digits only (int() takes '١' and '1_0'). A limit above the server's maximum is
+            # capped; an offset past what the database's OFFSET takes would be its error (a 500), so
+            # it stops at the largest 32-bit number
+            digits = value.strip()
+            if not re.fullmatch(r"[0-9]+", digits):
+                raise HTTPException(400, f"{name} must be a non-negative integer")
+            number = int(digits) if len(digits) <= 10 else _MAX_PAGE_NUMBER + 1
+            if name == "offset" and number > _MAX_PAGE_NUMBER:
+                raise HTTPException(400, f"offset must be at most {_MAX_PAGE_NUMBER}")
             if name == "limit":
                 limit = number
             else:
@@ -335,7 +358,7 @@ def _rows(
         keys["SOPInstanceUID"] = instance
         level = "IMAGE"
     try:
-        rows = _engine(services).instances(Query(level, keys))
+        rows = _engine(services).instances(Query(level, _path_uids(keys)))
     except QueryError as exc:
         raise HTTPException(400, str(exc)) from None
     # a series or instance UID under another study (or series) is not found here

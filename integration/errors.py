@@ -32,6 +32,11 @@ class VersionConflictError(MedBridgeError):
     """If-Match did not match the current version."""
 
 
+class ConcurrentWriteError(MedBridgeError):
+    """Other writers kept creating what this write creates (the same new id) at the same moment, through
+    every retry; nothing of this write was kept, and sending it again is safe (HTTP 409)."""
+
+
 class InvalidResourceError(MedBridgeError):
     """FHIR content failed validation. ``issues`` are (expression, message) pairs."""
 

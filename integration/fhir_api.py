@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fhir.resources.R4B import get_fhir_model_class
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from integration import fhir_bundles, fhir_search
 from integration.errors import (
+    ConcurrentWriteError,
     InvalidResourceError,
     ResourceGoneError,
     ResourceNotFoundError,
@@ -41,6 +45,42 @@ FHIR_JSON = "application/fhir+json"
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
 ServicesDep = Annotated[Services, Depends(get_services)]
+T = TypeVar("T")
+
+# Two writers creating the same new id at the same moment (two MedBridge processes on one database, or a
+# worker and a request) both find no row: PostgreSQL's SELECT ... FOR UPDATE locks no row that does not
+# exist yet, and SQLite takes its write lock only at the first INSERT. The second INSERT then breaks the
+# primary key. FHIR R4 (http.html#update, #concurrency) gives an update without If-Match no version
+# expectation, and a transaction is all or nothing: the loser, arriving a moment later, would have become
+# the next version. So it runs again in a fresh transaction (nothing of the first try was kept), where it
+# finds and locks the winner's row; If-Match is checked again there. HAPI FHIR answers this race 409
+# Conflict ("version constraint failure ... this request was chosen as the failing request") and runs it
+# again when the client sends X-Retry-On-Version-Conflict; running it again is the default here, and the
+# 409, telling the client to send it again, is left for a race that outlasts the attempts.
+WRITE_ATTEMPTS = 4
+
+
+def _is_unique_violation(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", exc)  # the pipelined INSERTs (Store.put_resources) raise the driver's own
+    return getattr(orig, "sqlstate", None) == "23505" or getattr(orig, "sqlite_errorname", None) in (
+        "SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE")
+
+
+def write_retrying(services: Services, write: Callable[[Session], T]) -> T:
+    """``write(session)`` in one transaction, run again (up to WRITE_ATTEMPTS times in all) when a
+    concurrent writer created the same key first; ConcurrentWriteError when every attempt lost."""
+    driver_error = services.store.engine.dialect.dbapi.IntegrityError  # type: ignore[union-attr]
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            with services.store.session() as s:
+                return write(s)
+        except (IntegrityError, driver_error) as exc:
+            if not _is_unique_violation(exc):
+                raise
+            log.info("write lost a race to create the same id (attempt %d of %d)", attempt, WRITE_ATTEMPTS)
+    raise ConcurrentWriteError(
+        f"other requests wrote the same new resource at the same moment {WRITE_ATTEMPTS} times; nothing of "
+        "this request was kept: send it again")
 
 
 def fhir_response(body: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -170,8 +210,7 @@ def conditional_update(resource_type: str, request: Request, services: ServicesD
     if resource.get("id") not in (None, rid):
         raise InvalidResourceError([(f"{resource_type}.id", f"the body's id differs from the match {rid}")], 400)
     if_match = _parse_if_match(request.headers.get("if-match"))
-    with services.store.session() as s:
-        stored, created = store_resource(s, {**resource, "id": rid}, if_match=if_match)
+    stored, created = write_retrying(services, lambda s: store_resource(s, {**resource, "id": rid}, if_match=if_match))
     services.notify_outbox()
     return _preferred(request, stored, 201 if created else 200)
 
@@ -182,8 +221,7 @@ def update(resource_type: str, resource_id: str, request: Request, services: Ser
     if resource.get("id") != resource_id:
         raise InvalidResourceError([(f"{resource_type}.id", "the body's id must equal the id in the URL")], 400)
     if_match = _parse_if_match(request.headers.get("if-match"))
-    with services.store.session() as s:
-        stored, created = store_resource(s, resource, if_match=if_match)
+    stored, created = write_retrying(services, lambda s: store_resource(s, resource, if_match=if_match))
     services.notify_outbox()
     return _preferred(request, stored, 201 if created else 200)
 
@@ -352,20 +390,20 @@ def transaction_or_batch(services: ServicesDep, data: JsonBody) -> Response:
         raise InvalidResourceError([("Bundle.entry", "Bundle.entry must be a list")], 400)
     if kind == "transaction":
         # all or nothing: one session, and any refused entry rolls back the whole bundle
-        with services.store.session() as s:
-            written = fhir_bundles.write_transaction(s, entries)
+        written = write_retrying(services, lambda s: fhir_bundles.write_transaction(s, entries))
         results = [_response_entry(stored, created) for stored, created in written]
         services.notify_outbox()
         return fhir_response({"resourceType": "Bundle", "type": "transaction-response", "entry": results})
     out = []
     for i, entry in enumerate(entries):
         try:
-            with services.store.session() as s:
-                # batch entries are independent: like a plain create, they may point at what comes later
-                out += _apply(s, fhir_bundles.prepare_entries(s, [entry], check_targets=False))
-        except (InvalidResourceError, VersionConflictError) as exc:
+            # batch entries are independent: like a plain create, they may point at what comes later
+            out += write_retrying(services, lambda s, entry=entry: _apply(
+                s, fhir_bundles.prepare_entries(s, [entry], check_targets=False)))
+        except (InvalidResourceError, VersionConflictError, ConcurrentWriteError) as exc:
             issues = exc.issues if isinstance(exc, InvalidResourceError) else [("", str(exc))]
-            status = exc.status_code if isinstance(exc, InvalidResourceError) else 412
+            status = exc.status_code if isinstance(exc, InvalidResourceError) else (
+                412 if isinstance(exc, VersionConflictError) else 409)
             out.append(
                 {
                     "response": {
@@ -462,6 +500,10 @@ def install_exception_handlers(app: Any) -> None:
     @app.exception_handler(VersionConflictError)
     async def _conflict(_: Request, exc: VersionConflictError) -> Response:
         return outcome_response(412, [("", str(exc))], "conflict")
+
+    @app.exception_handler(ConcurrentWriteError)
+    async def _concurrent(_: Request, exc: ConcurrentWriteError) -> Response:
+        return outcome_response(409, [("", str(exc))], "conflict")
 
     @app.exception_handler(StoreUnavailableError)
     async def _unavailable(_: Request, exc: StoreUnavailableError) -> Response:

@@ -143,6 +143,11 @@ _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ID_MAX = 64
 
 
+def allowed_codes(resource_type: str, element: str) -> frozenset[str]:
+    """The codes a required binding allows for ``resource_type.element`` (empty: not checked here)."""
+    return frozenset(_REQUIRED_CODES.get((resource_type, element), ()))
+
+
 def is_fhir_id(value: str) -> bool:
     """Whether ``value`` is a FHIR id (1 to 64 letters, digits, '-' and '.'): only such ids are ever stored."""
     return _ID.fullmatch(value) is not None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from schemas.events import EvidencePassage
 
@@ -47,11 +48,22 @@ class ReportDetail(ReportSummary):
     fhir: dict = Field(default_factory=dict, description="The DiagnosticReport as FHIR R4 JSON")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls but tab, LF, CR; and DEL
+
+
 class ReviewRequest(BaseModel):
     action: ReviewAction
     reviewer: str = Field(min_length=1, max_length=200)
     comment: str | None = Field(None, max_length=4000)
     conclusion: str | None = Field(None, max_length=8000, description="Required when action is 'amended'")
+
+    @field_validator("reviewer", "comment", "conclusion")
+    @classmethod
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        # PostgreSQL refuses NUL in text and JSON; none of these is a character a reviewer types
+        if value is not None and (found := _CONTROL.search(value)):
+            raise ValueError(f"holds the control character U+{ord(found.group()):04X}; send the text without it")
+        return value
 
 
 class DicomExportRecord(BaseModel):
