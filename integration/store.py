@@ -556,6 +556,11 @@ class Store:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        # tables declared beside the code that owns them: on Base before create_all, whoever starts the store
+        # (without them, a store started by anything but the runtime answered their routes 503)
+        import integration.dicom_export_queue  # noqa: F401
+        import integration.upstream  # noqa: F401
+
         try:
             Base.metadata.create_all(self.engine)
             versions_had_times = "last_updated" in self._columns("fhir_resource_versions")
