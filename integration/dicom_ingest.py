@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -29,6 +28,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
 from integration.dicom_journal import JournalRecord, ReceiveJournal
+from integration.dicom_query import STORABLE_UID
 from integration.dicom_scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
@@ -179,11 +179,10 @@ class InstanceIngest:
             # PS3.5 9.1; refused here, so that no row can fail its insert (a batch of rows would wait on it)
             log.warning("instance %s refused: a UID is longer than 64 characters", uid_hash(sop_uid))
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
-        if any(not _UID_SAFE.fullmatch(uid) for uid in uids):
+        if any(not STORABLE_UID.fullmatch(uid) for uid in uids):
             # the SOP Instance UID names the file: a '/' would put it outside the storage folder, and
-            # PostgreSQL refuses NUL in text. Lenient beyond that: PS3.5 allows only digits and dots,
-            # but devices that break it with letters or leading zeros are still stored
-            log.warning("instance %s refused: a UID holds a control character, space, '/' or '\\'", uid_hash(sop_uid))
+            # PostgreSQL refuses NUL in text (see STORABLE_UID for what is let through, and why)
+            log.warning("instance %s refused: a UID holds a character no UID may hold", uid_hash(sop_uid))
             return IngestOutcome(STATUS_IDENTIFIER_MISSING, sop_uid, study_uid)
         if not self.has_free_space():
             # refuse before the disk is full, so the sender keeps the instance and retries later
@@ -368,7 +367,6 @@ class InstanceIngest:
 # a negotiated transfer syntax as pydicom's UID, built (and validated, by a regex) once per syntax, not per C-STORE
 _syntax_uid = functools.lru_cache(maxsize=256)(UID)
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
-_UID_SAFE = re.compile(r"[!-.0-\[\]-~]*")  # printable ASCII but space, '/' and '\\'
 _INT32 = 2**31  # the store's Integer columns are 32-bit on PostgreSQL
 
 

@@ -227,6 +227,10 @@ def query_from_identifier(identifier: Dataset, *, levels: Sequence[str] = LEVELS
     return query
 
 
+# What a stored UID may hold: PS3.5 allows digits and dots only, but instances from devices that break the
+# rule with letters or leading zeros are stored (and must be found); never a control character, space, '/' or
+# '\\' (the SOP Instance UID names its file), nor '*', '?' or ',' (wildcards and list separators in a query)
+STORABLE_UID = re.compile(r"[!-)+\-.0->@-\[\]-~]{1,64}")
 _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -271,8 +275,8 @@ class QueryEngine:
         column = attr.column
         if attr.vr == "UI":
             uids = [v.strip() for v in value.split("\\") if v.strip()]
-            if not uids or any(not re.fullmatch(r"[0-9.]{1,64}", u) for u in uids):
-                raise QueryError(attr.keyword, "a UID (list) holds only digits and dots, at most 64 per UID, "
+            if not uids or any(not STORABLE_UID.fullmatch(u) for u in uids):
+                raise QueryError(attr.keyword, "a UID (list) holds digits and dots, at most 64 per UID, "
                                                "separated by commas or backslashes; wildcards are not allowed")
             return column.in_(uids) if len(uids) > 1 else column == uids[0]
         if attr.vr == "DA":

@@ -300,3 +300,21 @@ def test_stow_rs_above_the_size_limit_is_refused_with_413_and_stores_nothing(sto
     assert streamed.status_code == 413
     assert within.status_code == 200
     assert store.get_instance(str(dcmread(CT_SMALL).SOPInstanceUID)) is not None
+
+
+def test_an_instance_with_a_non_conformant_uid_is_stored_and_found(client: DICOMwebClient, base_url: str) -> None:
+    """Devices that break PS3.5 with letters or leading zeros in UIDs are stored (see
+    dicom_query.STORABLE_UID); what is stored must also be found and retrieved."""
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.01a"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.01a.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.01a.2.3"
+    result = client.store_instances([ds])
+    assert "FailedSOPSequence" not in result
+    found = client.search_for_instances(search_filters={"StudyInstanceUID": ds.StudyInstanceUID})
+    assert uids(found, "00080018") == {ds.SOPInstanceUID}
+    # dicomweb-client refuses such UIDs in its URLs: plain HTTP
+    path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/metadata"
+    metadata = httpx.get(base_url + path, headers={"Accept": "application/dicom+json"}, timeout=30)
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
