@@ -353,8 +353,15 @@ class InstanceIngest:
         if row is None:
             # acknowledged but the row was lost: ingest again, from the journaled bytes
             ds = ds if ds is not None else dcmread(BytesIO(part10))
-            return self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False,
-                               expected_sop_uid=expected_sop_uid).stored
+            outcome = self.ingest(ds, part10, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), journaled=False,
+                                  expected_sop_uid=expected_sop_uid)
+            if outcome.status == STATUS_OUT_OF_RESOURCES:
+                # the checkpoint after the replay would drop the only copy of an instance already answered
+                raise OSError(f"instance {uid_hash(final.stem)} in the receive journal cannot be restored: the "
+                              "storage folder or the database refuses it, or free space is below "
+                              "MEDBRIDGE_MIN_FREE_BYTES (see the error above); the journal keeps it: fix that and "
+                              "start again")
+            return outcome.stored
         # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
         if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
             tmp = final.with_name(f".{final.name}.restore")

@@ -394,3 +394,34 @@ def test_values_a_row_cannot_hold_are_refused_or_clipped_before_the_answer(store
     assert row is not None and row.modality == ("CT" * 10)[:16] and row.patient_id == "P" * 64
     assert dcmread(row.path).PatientID == "P" * 80
     ingest.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_replay_that_cannot_restore_an_instance_keeps_the_journal_for_the_next_start(
+    store: Store, tmp_path: Path
+) -> None:
+    """An answered instance whose file and row a crash took, and which the replay cannot write back
+    (its study folder is blocked): the start fails, saying why, and the journal is not checkpointed;
+    once the folder is fixed, the next start restores the instance."""
+    import shutil
+
+    storage = tmp_path / "dicom"
+    ingest = deferring_ingest(store, storage)
+    ((sop_uid, data, part10),) = ct_instances(1)
+    assert ingest.ingest_data_set(data, SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True).stored
+    ingest.journal.close()  # type: ignore[union-attr]  # the process dies before the row writer ran
+    (study_folder,) = [p for p in storage.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    shutil.rmtree(study_folder)  # the file had not reached the disk
+    study_folder.write_bytes(b"in the way")  # and the folder cannot be made again
+
+    blocked = InstanceIngest(store, storage, journal=ReceiveJournal(storage / ".journal", 1 << 20))
+    with pytest.raises(OSError, match="the journal keeps it"):
+        blocked.recover()
+    blocked.journal.close()  # type: ignore[union-attr]
+    assert held_uids(store) == set()
+
+    study_folder.unlink()
+    restarted = deferring_ingest(store, storage)
+    assert held_uids(store) == {sop_uid}
+    assert Path(store.get_instance(sop_uid).path).read_bytes() == part10  # type: ignore[union-attr]
+    restarted.close()
