@@ -37,7 +37,7 @@ from integration.fhir_resources import (
     validate_resource,
 )
 from integration.services import Services, body_within, get_services
-from integration.store import json_text
+from integration.store import FhirResource, Store, json_text
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,13 @@ def _preferred(request: Request, stored: dict[str, Any], status_code: int) -> Re
     return fhir_response(stored, status_code, headers)
 
 
-def _conditional_matches(services: Services, resource_type: str, criteria: str, header: str) -> list[str]:
-    """Ids of resources matching conditional criteria (at most two: enough to tell 0, 1 or many)."""
+def _conditional_matches(s: Session, resource_type: str, criteria: str, header: str) -> list[str]:
+    """Ids of resources matching conditional criteria (at most two: enough to tell 0, 1 or many), searched
+    in ``s`` once it holds the criteria's lock (``Store.serialize_conditional``): the caller writes in the
+    same transaction, so no concurrent request of the same criteria can create a match meanwhile."""
+    Store.serialize_conditional(s, [fhir_search.conditional_key(resource_type, criteria)])
     try:
-        with services.store.session() as s:
-            return fhir_search.matching_ids(s, resource_type, criteria)
+        return fhir_search.matching_ids(s, resource_type, criteria)
     except InvalidResourceError as exc:
         raise InvalidResourceError([(header, f"{m} (in {e})") for e, m in exc.issues], 400) from None
 
@@ -182,15 +184,23 @@ def create(resource_type: str, request: Request, services: ServicesDep, data: Js
     # the query string: both are honoured, never ignored
     header = "If-None-Exist" if request.headers.get("if-none-exist") else "url"
     condition = request.headers.get("if-none-exist") or request.url.query
-    if condition:
-        existing = _conditional_matches(services, resource_type, condition, header)
-        if len(existing) > 1:
-            raise InvalidResourceError([(header, "more than one resource matches")], 412)
-        if existing:  # already there: nothing is created
-            return _preferred(request, services.store.get_resource(resource_type, existing[0]), 200)
     resource = {**resource, "id": new_id()}  # the server assigns ids on create
-    with services.store.session() as s:
-        stored, _ = store_resource(s, resource)
+    if condition:
+        def create_unless_matched(s: Session) -> tuple[dict[str, Any], bool]:
+            existing = _conditional_matches(s, resource_type, condition, header)
+            if len(existing) > 1:
+                raise InvalidResourceError([(header, "more than one resource matches")], 412)
+            current = s.get(FhirResource, (resource_type, existing[0])) if existing else None
+            if current is not None and not current.deleted:  # (a DELETE does not take the criteria's lock)
+                return current.content, False  # already there: nothing is created
+            return store_resource(s, resource)
+
+        stored, created = write_retrying(services, create_unless_matched)
+        if not created:
+            return _preferred(request, stored, 200)
+    else:
+        with services.store.session() as s:
+            stored, _ = store_resource(s, resource)
     services.notify_outbox()
     log.info("created %s %s", resource_type, stored["id"])
     return _preferred(request, stored, 201)
@@ -203,14 +213,21 @@ def conditional_update(resource_type: str, request: Request, services: ServicesD
     if not criteria:
         raise InvalidResourceError([("", "PUT needs an id in the URL (Type/id) or search criteria (Type?...)")], 400)
     resource = validate_resource(data, resource_type)
-    matches = _conditional_matches(services, resource_type, criteria, "url")
-    if len(matches) > 1:
-        raise InvalidResourceError([("url", f"{len(matches)} or more resources match {criteria}")], 412)
-    rid = matches[0] if matches else resource.get("id") or new_id()
-    if resource.get("id") not in (None, rid):
-        raise InvalidResourceError([(f"{resource_type}.id", f"the body's id differs from the match {rid}")], 400)
     if_match = _parse_if_match(request.headers.get("if-match"))
-    stored, created = write_retrying(services, lambda s: store_resource(s, {**resource, "id": rid}, if_match=if_match))
+    fresh_id = resource.get("id") or new_id()
+
+    def update_or_create(s: Session) -> tuple[dict[str, Any], bool]:
+        # searched and written in one transaction under the criteria's lock: two of these with no match
+        # make one resource, the second updating the first's, as it would arriving a moment later
+        matches = _conditional_matches(s, resource_type, criteria, "url")
+        if len(matches) > 1:
+            raise InvalidResourceError([("url", f"{len(matches)} or more resources match {criteria}")], 412)
+        rid = matches[0] if matches else fresh_id
+        if resource.get("id") not in (None, rid):
+            raise InvalidResourceError([(f"{resource_type}.id", f"the body's id differs from the match {rid}")], 400)
+        return store_resource(s, {**resource, "id": rid}, if_match=if_match)
+
+    stored, created = write_retrying(services, update_or_create)
     services.notify_outbox()
     return _preferred(request, stored, 201 if created else 200)
 

@@ -15,10 +15,13 @@ from sqlalchemy.orm import Session
 from integration import fhir_search
 from integration.errors import InvalidResourceError
 from integration.fhir_resources import is_fhir_id, new_id, resource_model, store_resources, validate_resource
-from integration.store import FhirResource
+from integration.store import FhirResource, Store
+
+# (method, resource type, id from URL, conditional criteria) of a Bundle entry's request
+Target = tuple[str, str, str | None, str | None]
 
 
-def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | None, str | None]:
+def _entry_target(entry: dict[str, Any], index: int) -> Target:
     """(method, resource type, id from URL, conditional criteria) of a Bundle entry's request."""
     req = entry.get("request") or {}
     if not isinstance(req, dict):
@@ -49,6 +52,21 @@ def _entry_target(entry: dict[str, Any], index: int) -> tuple[str, str, str | No
             [(f"Bundle.entry[{index}].request.url", "the id of a PUT url is 1 to 64 letters, digits, '-' or '.'")], 400
         )
     return method, parts[0], parts[1], None
+
+
+def _entry_targets(entries: list[Any]) -> list[Target | InvalidResourceError]:
+    """``_entry_target`` of each entry, or the refusal it raised (raised in the entry's turn by
+    ``_targets_and_references``, so that the first faulty entry is the one named); a refusal too for an
+    entry that is not an object."""
+    targets: list[Target | InvalidResourceError] = []
+    for i, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict):
+                raise InvalidResourceError([(f"Bundle.entry[{i}].resource", "each entry needs a resource")], 400)
+            targets.append(_entry_target(entry, i))
+        except InvalidResourceError as exc:
+            targets.append(exc)
+    return targets
 
 
 def _resolve_conditional(s: Session, index: int, rtype: str, criteria: str, field: str) -> list[str]:
@@ -114,10 +132,18 @@ def _targets_and_references(s: Session, entries: list[Any]) -> list[dict[str, An
     ``unresolved``: urn:uuid references that match no entry, refused by ``validate_entries``)."""
     prepared: list[dict[str, Any]] = []
     mapping: dict[str, str] = {}
+    targets = _entry_targets(entries)
+    # every conditional entry's lock first, before any search (see Store.serialize_conditional: taken
+    # together, in one order, they cannot deadlock against another bundle's); none without such entries
+    Store.serialize_conditional(s, [fhir_search.conditional_key(target[1], target[3]) for target in targets
+                                    if not isinstance(target, InvalidResourceError) and target[3] is not None])
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             raise InvalidResourceError([(f"Bundle.entry[{i}].resource", "each entry needs a resource")], 400)
-        method, rtype, url_id, criteria = _entry_target(entry, i)
+        target = targets[i]
+        if isinstance(target, InvalidResourceError):
+            raise target
+        method, rtype, url_id, criteria = target
         resource = entry["resource"]
         if resource.get("resourceType") != rtype:
             raise InvalidResourceError(

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import orjson
 from sqlalchemy import ColumnElement, Select, and_, false, func, insert, not_, or_, select
 from sqlalchemy.orm import Session
 
@@ -789,6 +790,18 @@ def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
     for rtype, rid in keys:
         by_type.setdefault(rtype, []).append(rid)
     return or_(*(and_(FhirResource.resource_type == t, FhirResource.id.in_(i)) for t, i in by_type.items()))
+
+
+def conditional_key(resource_type: str, criteria: str) -> str:
+    """The key that conditional writes of ``criteria`` on ``resource_type`` are serialised by
+    (``Store.serialize_conditional``): the type and the name=value pairs, split and decoded as
+    ``matching_ids`` does, sorted, so that the same parameters in another order or another percent-encoding
+    are one key. Nothing else is normalised (a repeated parameter, a value's case): criteria that differ here
+    but match the same resources only serialise less, never wrongly. Malformed criteria give a key too;
+    ``matching_ids`` refuses them after the lock."""
+    pairs = sorted((unquote(key), unquote(value)) for key, _, value in
+                   (part.partition("=") for part in criteria.lstrip("?").split("&")))
+    return orjson.dumps([resource_type, pairs]).decode()
 
 
 def matching_ids(s: Session, resource_type: str, criteria: str, *, limit: int = 2) -> list[str]:

@@ -7,6 +7,7 @@ the state it announces, and the outbox relay publishes it (at least once).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
@@ -216,6 +217,11 @@ def _tracker_touch(dialect: str) -> Any:
             set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
         )
     )
+
+
+def _advisory_key(key: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for ``key``."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def json_text(content: dict[str, Any]) -> str:
@@ -909,6 +915,40 @@ class Store:
             return s.get(DicomInstance, sop_uid)
 
     # FHIR ------------------------------------------------------------------------------------
+    @staticmethod
+    def serialize_conditional(s: Session, keys: Iterable[str]) -> None:
+        """Make the rest of ``s``'s transaction exclusive to it among the writers of the same conditional
+        ``keys`` (``fhir_search.conditional_key``: a resource type and its criteria), until it ends. Call it
+        before the conditional search: the search then sees what an earlier writer of the same criteria
+        committed, and no other one can create a match between this search and this commit. Without it two
+        conditional creates arriving together both find nothing and both create (FHIR's idempotent
+        If-None-Exist, on which an EHR's second push of a patient relies, then makes duplicates).
+
+        PostgreSQL: a transaction-scoped advisory lock per key (64 bits of its BLAKE2b hash), all taken in
+        one statement, in ascending order so that two transactions with several keys cannot deadlock on
+        them; it holds across processes, and a search after it, in its own statement under READ COMMITTED,
+        reads what the previous holder committed. A hash collision only serialises two unrelated criteria.
+
+        SQLite: the database's write lock, taken now (``BEGIN IMMEDIATE``), whatever the keys: pysqlite
+        opens a transaction only at the first INSERT, so the search would otherwise run outside any
+        transaction, before the lock that serialises writers. Holding the write lock from the search to
+        the commit serialises every writer for that time, conditional or not, which SQLite does for the
+        writes anyway; SQLite has no lock per key (a lock table's row would be written, hence the same
+        write lock). Callers without conditional entries do not call this: their transactions keep
+        taking the lock at their first write, and nothing is added to their path."""
+        wanted = sorted({_advisory_key(k) for k in keys})
+        if not wanted:
+            return
+        conn = s.connection()
+        if conn.dialect.name == "postgresql":
+            # unnest gives the (sorted) array's order, in which the locks are taken
+            conn.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+                         {"keys": wanted})
+        elif not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            # in a transaction already, it has written: it holds the write lock (a deferred transaction
+            # takes it at its first write) and a read in it sees every committed write
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     @staticmethod
     def put_resource(
         s: Session,

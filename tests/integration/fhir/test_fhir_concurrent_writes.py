@@ -3,55 +3,17 @@ cluster runs them): the loser becomes the next version, as it would arriving a m
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from pathlib import Path
-
 import httpx
-import pytest
 
-from integration.store import Store
-from tests.conftest import serve_app, stack_settings
+from tests.integration.fhir.conftest import at_once
 
 ROUNDS = 12
-
-
-@pytest.fixture
-def two_servers(store: Store, tmp_path: Path) -> Iterator[list[httpx.Client]]:
-    """Two apps, each with its own Store (connection pool) on the same database."""
-    other = Store(str(store.engine.url.render_as_string(hide_password=False)))
-    other.start()
-    with ExitStack() as stack:
-        clients = []
-        for i, s in enumerate((store, other)):
-            port = stack.enter_context(serve_app(stack_settings(tmp_path / f"app{i}"), s))
-            clients.append(stack.enter_context(httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Content-Type": "application/fhir+json"})))
-        yield clients
-    other.stop()
-
-
-def _at_once(clients: list[httpx.Client], send: Callable[[httpx.Client], httpx.Response]) -> list[httpx.Response]:
-    barrier = threading.Barrier(len(clients))
-    out: list[httpx.Response | None] = [None] * len(clients)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        out[i] = send(clients[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return [r for r in out if r is not None]
 
 
 def test_concurrent_puts_of_the_same_new_id_make_versions_1_and_2(two_servers: list[httpx.Client]) -> None:
     for n in range(ROUNDS):
         rid = f"race-{n}"
-        responses = _at_once(two_servers, lambda c, rid=rid: c.put(
+        responses = at_once(two_servers, lambda _i, c, rid=rid: c.put(
             f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid}))
         assert sorted(r.status_code for r in responses) == [200, 201], [r.text[:300] for r in responses]
         assert sorted(r.json()["meta"]["versionId"] for r in responses) == ["1", "2"]
@@ -67,7 +29,7 @@ def test_concurrent_transactions_creating_the_same_id_both_commit_whole(two_serv
             {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                           "subject": {"reference": f"Patient/{rid}"}},
              "request": {"method": "POST", "url": "Observation"}}]}
-        responses = _at_once(two_servers, lambda c, bundle=bundle: c.post("/fhir", json=bundle))
+        responses = at_once(two_servers, lambda _i, c, bundle=bundle: c.post("/fhir", json=bundle))
         assert [r.status_code for r in responses] == [200, 200], [r.text[:300] for r in responses]
         statuses = sorted(r.json()["entry"][0]["response"]["status"] for r in responses)
         assert statuses == ["200 OK", "201 Created"]
