@@ -156,6 +156,12 @@ def is_fhir_id(value: str) -> bool:
 # FHIR strings hold no character below U+0020 other than tab, CR and LF (datatypes.html#string), and
 # PostgreSQL's text and jsonb cannot hold U+0000 at all
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+def fhir_string(text: str) -> str:
+    """``text`` without the control characters a FHIR string may not hold (all below U+0020 but tab, CR
+    and LF): for text MedBridge writes itself, such as a model's output, which may emit any of them."""
+    return _CONTROL.sub("", text)
+
+
 # how orjson writes those characters: \u00XX, except \b and \f (a literal backslash before u00.., b or f
 # matches too, and then the walk finds nothing)
 _ESCAPED_CONTROL = re.compile(rb"\\(?:u00[01][0-9a-fA-F]|[bf])")

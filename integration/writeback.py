@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session
 
 from integration.broker import ConsumerWorker
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
-from integration.fhir_resources import AI_ASSERTED, MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
+from integration.fhir_resources import (
+    AI_ASSERTED,
+    MEDBRIDGE_IDENTIFIER_SYSTEM,
+    fhir_string,
+    store_resource,
+    validate_resource,
+)
 from integration.store import AiResult, FhirResource, Review, Store, stable_id, utcnow
 from integration.upstream import enqueue_report_issued, enqueue_report_reviewed
 from schemas.api import ReviewRequest
@@ -94,7 +100,7 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
                 lines.append(f"{label}: not detected in {_images(len(findings))} (highest probability {top:.2f}).")
     if event.skipped_instances:
         lines.append(f"{event.skipped_instances} instance(s) could not be decoded and were not analysed.")
-    report["conclusion"] = " ".join(lines)
+    report["conclusion"] = fhir_string(" ".join(lines))
     if findings and findings[0].heatmap_path and Path(findings[0].heatmap_path).is_file():
         report["presentedForm"] = [
             {
@@ -129,7 +135,7 @@ def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], 
     conclusion = event.impression.strip()
     if sources:
         conclusion += "\n\nCited sources: " + "; ".join(sources)
-    report["conclusion"] = conclusion
+    report["conclusion"] = fhir_string(conclusion)  # a model's text: it may hold control characters
     if event.conclusion_codes:
         report["conclusionCode"] = [
             {"coding": [{"system": ICD10CM_SYSTEM, "code": code, "display": display}]}

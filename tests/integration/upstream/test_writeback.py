@@ -430,3 +430,18 @@ async def test_each_upstream_gets_the_report_and_one_outage_does_not_hold_back_t
     await eventually(lambda: up_b.search(query), what="the report at the second upstream")
     await eventually(lambda: _sent_count(rt.store) == 2, what="both jobs sent")
     assert len(up_a.search(query)) == len(up_b.search(query)) == 1
+
+
+def test_a_model_impression_with_control_characters_still_makes_a_valid_report() -> None:
+    """A language model may emit any character: the report keeps its text without those a FHIR string
+    may not hold (the FHIR edge refuses them, and the report was dead-lettered)."""
+    from integration.fhir_resources import validate_resource
+    from integration.writeback import clinical_report
+
+    event = ClinicalInferenceCompleted(
+        source_event_id=str(uuid.uuid4()), patient_ref="Patient/p1", revision=1, model_name="tiny-llm",
+        impression="Elevated\x19 blood pressure\x00 [1].\tSee\nnotes.", evidence=[], input_refs=[],
+    )
+    report, _details = clinical_report(event)
+    assert report["conclusion"] == "Elevated blood pressure [1].\tSee\nnotes."
+    validate_resource(report, "DiagnosticReport")
