@@ -28,7 +28,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
 from integration.dicom_journal import JournalRecord, ReceiveJournal
-from integration.dicom_query import STORABLE_UID
+from integration.dicom_query import INT32_LIMIT, STORABLE_UID
 from integration.dicom_scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
@@ -374,7 +374,6 @@ class InstanceIngest:
 # a negotiated transfer syntax as pydicom's UID, built (and validated, by a regex) once per syntax, not per C-STORE
 _syntax_uid = functools.lru_cache(maxsize=256)(UID)
 _UID_MAX = 64  # characters of a UID (PS3.5 9.1), and of the store's UID columns
-_INT32 = 2**31  # the store's Integer columns are 32-bit on PostgreSQL
 
 
 def _fit_columns(values: dict[str, Any]) -> None:
@@ -386,7 +385,7 @@ def _fit_columns(values: dict[str, Any]) -> None:
         if type(value) is str:
             if "\x00" in value:
                 values[column] = value.replace("\x00", "") or None
-        elif type(value) is int and not -_INT32 <= value < _INT32:
+        elif type(value) is int and not -INT32_LIMIT <= value < INT32_LIMIT:
             values[column] = None
 _UNPLACED = ""  # the relative path of a record journaled before its instance's facts were read
 _Entry = tuple[dict[str, Any], JournalRecord]  # a row waiting for its commit, and the journal record it settles

@@ -234,7 +234,7 @@ STORABLE_UID = re.compile(r"[!-)+\-.0->@-\[\]-~]{1,64}")
 _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
-_INT32 = 2**31  # the query columns' Integer is 32-bit on PostgreSQL
+INT32_LIMIT = 2**31  # the store's Integer columns are 32-bit on PostgreSQL: values lie in [-limit, limit)
 
 
 class QueryEngine:
@@ -290,7 +290,7 @@ class QueryEngine:
                                                "by backslashes)")
             # the ingest stores no number beyond 32 bits (PostgreSQL's Integer), so such a value matches
             # nothing; sent to the database it would not fit the column's type (a driver error, not a match)
-            numbers = [n for n in (int(v) for v in texts if len(v) <= 12) if -_INT32 <= n < _INT32]
+            numbers = [n for n in (int(v) for v in texts if len(v) <= 12) if -INT32_LIMIT <= n < INT32_LIMIT]
             if not numbers:
                 return false()
             return column.in_(numbers) if len(numbers) > 1 else column == numbers[0]

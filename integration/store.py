@@ -398,9 +398,6 @@ _BUSY_TIMEOUT_MS = 30_000
 _WAL_BACKSTOP_PAGES = 20_000
 
 
-_HOLDS_SQL = "SELECT 1 FROM dicom_instances WHERE sop_instance_uid = ?"
-
-
 def _enable_sqlite_wal(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -785,20 +782,23 @@ class Store:
         """
         insert, touch = self._instance_statements()
         row = {**values, "received_at": values.get("received_at") or utcnow()}
-        for attempt in (row, None):
-            try:
-                with self._dbapi_cursor(transaction=True) as cursor:
-                    cursor.execute(insert.sql, insert.parameters(attempt or _without_query_columns(row)))
-                    if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
-                        return False
-                    place_file()
-                    cursor.execute(touch.sql, touch.parameters(
-                        {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
-                return True
-            except StoreUnavailableError as exc:
-                if attempt is None or not self._refuses_a_value(exc, row):
-                    raise
-        raise AssertionError("unreachable")
+
+        def record(columns: Mapping[str, Any]) -> bool:
+            with self._dbapi_cursor(transaction=True) as cursor:
+                cursor.execute(insert.sql, insert.parameters(columns))
+                if cursor.fetchone() is None:  # RETURNING gives no row on a conflict
+                    return False
+                place_file()
+                cursor.execute(touch.sql, touch.parameters(
+                    {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
+            return True
+
+        try:
+            return record(row)
+        except StoreUnavailableError as exc:
+            if not self._refuses_a_value(exc, row):
+                raise
+        return record(_without_query_columns(row))
 
     def add_instances(self, rows: Sequence[Mapping[str, Any]]) -> list[bool]:
         """Record instances whose files are already in place, in one transaction (the receive
@@ -820,12 +820,12 @@ class Store:
         NUL in text, a number out of range, a string too long for its column) rather than the
         database being unavailable: the caller stores the instance without its query columns,
         instead of refusing it (0xA700, which the sender would retry for ever) or holding it back."""
-        cause = exc.__cause__
-        if not isinstance(getattr(cause, "orig", cause), self.engine.dialect.dbapi.DataError):  # type: ignore[union-attr]
+        cause = getattr(exc.__cause__, "orig", exc.__cause__)
+        if not isinstance(cause, self.engine.dialect.dbapi.DataError):  # type: ignore[union-attr]
             return False
         log.error("the database refuses a query column of instance %s (%s): it is stored without them; "
                   "C-FIND and QIDO-RS find it by its UIDs only", uid_hash(str(row["sop_instance_uid"])),
-                  type(getattr(cause, "orig", cause)).__name__)
+                  type(cause).__name__)
         return True
 
     def _add_instances(self, rows: Sequence[Mapping[str, Any]], insert: _CompiledStatement,
@@ -848,14 +848,16 @@ class Store:
         On SQLite, on a connection kept for it rather than one from the pool: ~7 us against ~60, and
         no check-in, whose event wakes the WAL checkpointer thread (for a transaction that wrote
         nothing) just as the C-STORE's thread wants the GIL back: 250 us per lookup in the listener."""
+        lookup = self._holds_statement()
         if self._lookup is not None:
             try:
                 with self._lookup_lock:
                     # fetchall: the statement runs to its end, so no read transaction stays open
-                    return bool(self._lookup.driver_connection.execute(_HOLDS_SQL, (sop_uid,)).fetchall())
+                    rows = self._lookup.driver_connection.execute(
+                        lookup.sql, lookup.parameters({"sop_instance_uid": sop_uid})).fetchall()
+                return bool(rows)
             except self.engine.dialect.dbapi.Error as exc:  # type: ignore[union-attr]
                 raise StoreUnavailableError(f"database unavailable: {exc}") from exc
-        lookup = self._holds_statement()
         with self._dbapi_cursor(transaction=False) as cursor:
             cursor.execute(lookup.sql, lookup.parameters({"sop_instance_uid": sop_uid}))
             return cursor.fetchone() is not None
