@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from integration import fhir_search
 from integration.errors import InvalidResourceError
 from integration.fhir_resources import is_fhir_id, new_id, resource_model, store_resources, validate_resource
+from integration.fhir_validation import Outcome, Share, ValidationWorkers
 from integration.store import FhirResource, Store
 
 # (method, resource type, id from URL, conditional criteria) of a Bundle entry's request
@@ -93,11 +94,14 @@ def prepare_entries(s: Session, entries: list[Any], *, check_targets: bool = Tru
     return prepared
 
 
-def write_transaction(s: Session, entries: list[Any]) -> list[tuple[dict[str, Any], bool]]:
+def write_transaction(s: Session, entries: list[Any], workers: ValidationWorkers | None = None
+                      ) -> list[tuple[dict[str, Any], bool]]:
     """``prepare_entries`` then ``write_entries`` for a transaction Bundle, except that the entries are
     validated while their rows are written where the store can overlap the two (PostgreSQL: see
     ``Store.put_resources``' ``meanwhile``), and the reference targets are checked after the writes.
-    A refusal raises, as from ``prepare_entries``, and the caller's transaction rolls everything back.
+    With ``workers``, a worker process validates part of a large Bundle meanwhile (sent before the rows
+    are prepared; see integration.fhir_validation). A refusal raises, as from ``prepare_entries``, and
+    the caller's transaction rolls everything back.
 
     Writes that fail (the database refuses a row, or the rows cannot be sent) do not hide a refusal: on
     PostgreSQL they run before the validation is done, or before it starts (the locking SELECT and the
@@ -105,11 +109,12 @@ def write_transaction(s: Session, entries: list[Any]) -> list[tuple[dict[str, An
     entries are validated (if they were not) and the targets checked, in a fresh transaction since the
     failed one cannot be read in, before the failure itself is raised."""
     prepared = _targets_and_references(s, entries)
+    share = workers.share([p["resource"] for p in prepared]) if workers is not None else None
     validated = False
 
     def validate() -> None:
         nonlocal validated
-        validate_entries(prepared)
+        validate_entries(prepared, share)
         validated = True
 
     try:
@@ -118,10 +123,13 @@ def write_transaction(s: Session, entries: list[Any]) -> list[tuple[dict[str, An
         raise
     except Exception:
         if not validated:
-            validate_entries(prepared)
+            validate_entries(prepared, share)
         s.rollback()  # nothing of this transaction is kept either way; the check reads what is stored
         _check_reference_targets(s, prepared)
         raise
+    finally:
+        if share is not None:
+            share.outcomes()  # read, whatever happened: the worker is free again only once it has answered
     _check_reference_targets(s, prepared)
     return written
 
@@ -185,21 +193,38 @@ def _targets_and_references(s: Session, entries: list[Any]) -> list[dict[str, An
     return prepared
 
 
-def validate_entries(prepared: list[dict[str, Any]]) -> None:
+def validate_entries(prepared: list[dict[str, Any]], share: Share | None = None) -> None:
     """Validate the resources of ``_targets_and_references``' entries in order; the first refusal raises,
-    naming ``Bundle.entry[i]...``. Touches no database."""
-    for p in prepared:
-        try:
-            validate_resource(p["resource"])
-        except InvalidResourceError as exc:
-            exc.issues = [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in exc.issues]
-            raise
-        if p["unresolved"]:
-            raise InvalidResourceError(
-                [(f"Bundle.entry[{p['index']}].resource",
-                  f"reference {p['unresolved'][0]} matches no entry's fullUrl")],
-                400,
-            )
+    naming ``Bundle.entry[i]...``. Touches no database. The entries from ``share.start`` on have been
+    sent to a validation worker: its outcomes are used (read once the others are validated here)."""
+    end = share.start if share is not None else len(prepared)
+    for p in prepared[:end]:
+        _refuse_invalid(p, _outcome(p["resource"]))
+    if share is None:
+        return
+    outcomes = share.outcomes()
+    for p, outcome in zip(prepared[end:], outcomes or [None] * (len(prepared) - end), strict=True):
+        _refuse_invalid(p, outcome if outcomes is not None else _outcome(p["resource"]))
+
+
+def _outcome(resource: dict[str, Any]) -> Outcome:
+    try:
+        validate_resource(resource)
+    except InvalidResourceError as exc:
+        return exc.status_code, exc.issues
+    return None
+
+
+def _refuse_invalid(p: dict[str, Any], outcome: Outcome) -> None:
+    if outcome is not None:
+        status, issues = outcome
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{p['index']}].resource.{e.split('.', 1)[-1]}", m) for e, m in issues], status)
+    if p["unresolved"]:
+        raise InvalidResourceError(
+            [(f"Bundle.entry[{p['index']}].resource", f"reference {p['unresolved'][0]} matches no entry's fullUrl")],
+            400,
+        )
 
 
 def _resolve_references(node: dict[str, Any] | list[Any], mapping: dict[str, str], refs: list[str],

@@ -25,6 +25,7 @@ from integration.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ens
 from integration.dicom_export_queue import DicomExportWorker, ExportPolicy, export_peers
 from integration.dicom_listener import DicomListener, tls_context
 from integration.dicom_processes import ListenerProcesses
+from integration.fhir_validation import ValidationWorkers
 from integration.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.services import Services
 from integration.settings import Settings
@@ -165,7 +166,9 @@ class Runtime:
                 self.components.append(("DICOM listener processes", more.stop))
                 self.health["dicom_listener_processes"] = more.alive
 
-        services = Services(s, self.store, self.health, self.notify_outbox)
+        validation = ValidationWorkers(s.fhir_validation_workers)
+        self.components.append(("FHIR validation workers", validation.stop))
+        services = Services(s, self.store, self.health, self.notify_outbox, fhir_validation=validation)
         services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from integration.fhir_validation import ValidationWorkers
 from integration.settings import Settings
 from integration.store import Store
 
@@ -21,6 +22,8 @@ class Services:
     notify_outbox: Callable[[], None] = lambda: None
     # wakes the study publisher once studies are due (STOW-RS, like the listener on release)
     on_study_ready: Callable[[], None] = lambda: None
+    # worker processes that validate part of each large transaction Bundle (integration.fhir_validation)
+    fhir_validation: ValidationWorkers | None = None
 
 
 async def body_within(request: Request, max_bytes: int) -> bytes | None:

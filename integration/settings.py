@@ -6,6 +6,7 @@ environment at import time.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,12 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", alias="MEDBRIDGE_CORS_ORIGINS")
     # FHIR search: Bundle.total is exact up to this many matches and left out above (_summary=count counts all)
     fhir_exact_total_limit: int = Field(1000, alias="MEDBRIDGE_FHIR_EXACT_TOTAL_LIMIT")
+    # processes that validate part of each large transaction Bundle beside the request
+    # (integration/fhir_validation.py); default: one per core this process may use beyond the first,
+    # at most 4; 0: none
+    fhir_validation_workers: int = Field(
+        default_factory=lambda: max(0, min(4, len(os.sched_getaffinity(0)) - 1)), ge=0, le=64,
+        alias="MEDBRIDGE_FHIR_VALIDATION_WORKERS")
 
     # Viewer
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")

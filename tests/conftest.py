@@ -126,8 +126,9 @@ def seeded_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def serve_app(settings, store: Store) -> Iterator[int]:  # noqa: ANN001 - settings is a Settings
-    """The HTTP app (FHIR, DICOMweb, API) on a real uvicorn in a thread, on a free port; yields the port."""
+def serve_app(settings, store: Store, fhir_validation=None) -> Iterator[int]:  # noqa: ANN001 - Settings, ValidationWorkers
+    """The HTTP app (FHIR, DICOMweb, API) on a real uvicorn in a thread, on a free port; yields the port.
+    Without ``fhir_validation`` (ValidationWorkers) the request threads validate alone."""
     import threading
     import time
 
@@ -137,8 +138,8 @@ def serve_app(settings, store: Store) -> Iterator[int]:  # noqa: ANN001 - settin
     from integration.services import Services
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    app = create_app(Services(settings, store, fhir_validation=fhir_validation))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
