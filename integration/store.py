@@ -1027,20 +1027,18 @@ class Store:
 
         ``meanwhile`` (the Bundle's validation) runs before the writes are done, and whatever it raises
         leaves the caller's transaction to roll back: on PostgreSQL, while the server inserts the rows
-        (they are sent first, in a pipeline); elsewhere, and where the driver cannot pipeline, before
-        anything is written (SQLite's inserts run on this thread, and its write lock should not be held
-        for longer)."""
+        (they are sent first, in a pipeline); elsewhere, and where the driver cannot pipeline, once the
+        rows are built but before anything is written (SQLite's inserts run on this thread, and its write
+        lock should not be held for longer; a validation worker, integration.fhir_validation, has until
+        then)."""
         from integration.fhir_search import INDEX_COLUMNS, index_tuples
 
         keys = [(r["resourceType"], r["id"]) for r in resources]
         dialect = s.get_bind().dialect
         streamed = meanwhile is not None and _can_pipeline(dialect.name, dialect.driver)
-        if meanwhile is not None and not (streamed and keys and len(set(keys)) == len(keys)):
-            meanwhile()
-            meanwhile = None
-        if not keys:
-            return []
-        if len(set(keys)) != len(keys):
+        if not keys or len(set(keys)) != len(keys):
+            if meanwhile is not None:
+                meanwhile()
             return [Store.put_resource(s, r, subject_ref=ref) for r, ref in zip(resources, subject_refs, strict=True)]
         by_type: dict[str, list[str]] = {}
         for (rtype, rid), new in zip(keys, fresh or [False] * len(keys), strict=True):
@@ -1078,6 +1076,9 @@ class Store:
             versions.append((rtype, rid, version, False, document, now))  # _VERSION_COLUMNS
             index += index_tuples(content)
             out.append((content, row is None))
+        if meanwhile is not None and not streamed:
+            meanwhile()  # a refusal leaves nothing written: the SELECT above only read
+            meanwhile = None
         for rtype, ids in by_type.items():
             stale = [i for i in ids if (rtype, i) in current]
             if stale:
