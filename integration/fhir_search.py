@@ -701,7 +701,7 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
     page is the last one (then it is known without counting)."""
     stmt = search_statement(q)
     cap = None if q.total == "accurate" else total_limit + 1  # count this far: more means "left out"
-    with store.session() as s:
+    with store.read_session() as s:
         if q.summary_count:
             return SearchResult(_count(s, q, stmt, None), [], [])
         order: list[Any] = []
@@ -839,7 +839,7 @@ def type_history(
     cond = [FhirResourceVersion.resource_type == resource_type]
     if since is not None:
         cond.append(FhirResourceVersion.last_updated >= since)
-    with store.session() as s:
+    with store.read_session() as s:
         total = s.scalar(select(func.count()).select_from(FhirResourceVersion).where(*cond)) or 0
         rows = s.scalars(
             select(FhirResourceVersion)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,32 @@ def test_a_store_started_on_its_own_has_every_table(tmp_path: Path) -> None:
                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], check=True).stdout
     for table in ("dicom_exports", "upstream_writebacks", "upstream_reports", "dicom_instances", "fhir_resources"):
         assert f"'{table}'" in out
+
+
+def test_postgresql_connections_lost_while_idle_are_replaced_before_use(postgres_url: str) -> None:
+    """A pooled connection can die while idle (a server restart, an idle timeout, a failover). One idle
+    longer than PING_AFTER_IDLE_S is pinged when taken from the pool and replaced if dead, so the next
+    requests are answered; one back from use more recently is not pinged (a round trip saved)."""
+    import psycopg
+    from sqlalchemy import text
+
+    from integration.store import PING_AFTER_IDLE_S
+
+    store = Store(postgres_url)
+    store.start()
+    try:
+        with ExitStack() as stack:  # three connections in the pool
+            for s in [stack.enter_context(store.read_session()) for _ in range(3)]:
+                assert s.execute(text("SELECT 1")).scalar() == 1
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+        assert ended is not None and ended[0] >= 3
+        time.sleep(PING_AFTER_IDLE_S + 0.2)
+        for _ in range(5):  # each checkout finds a dead connection or a new one: all are answered
+            with store.read_session() as s:
+                assert s.execute(text("SELECT 1")).scalar() == 1
+            with store.session() as s:
+                assert s.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        store.stop()
