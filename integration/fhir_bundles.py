@@ -99,9 +99,9 @@ def write_transaction(s: Session, entries: list[Any], workers: ValidationWorkers
     """``prepare_entries`` then ``write_entries`` for a transaction Bundle, except that the entries are
     validated while their rows are written where the store can overlap the two (PostgreSQL: see
     ``Store.put_resources``' ``meanwhile``), and the reference targets are checked after the writes.
-    With ``workers``, a worker process validates part of a large Bundle meanwhile (sent before the rows
-    are prepared; see integration.fhir_validation). A refusal raises, as from ``prepare_entries``, and
-    the caller's transaction rolls everything back.
+    With ``workers``, a worker process validates part of a large Bundle (sent before the rows are
+    prepared, its verdicts read once they are written; see integration.fhir_validation). A refusal
+    raises, as from ``prepare_entries``, and the caller's transaction rolls everything back.
 
     Writes that fail (the database refuses a row, or the rows cannot be sent) do not hide a refusal: on
     PostgreSQL they run before the validation is done, or before it starts (the locking SELECT and the
@@ -110,20 +110,24 @@ def write_transaction(s: Session, entries: list[Any], workers: ValidationWorkers
     failed one cannot be read in, before the failure itself is raised."""
     prepared = _targets_and_references(s, entries)
     share = workers.share([p["resource"] for p in prepared]) if workers is not None else None
-    validated = False
+    own_done = False
 
-    def validate() -> None:
-        nonlocal validated
-        validate_entries(prepared, share)
-        validated = True
+    def validate_own() -> None:
+        nonlocal own_done
+        _validate_own(prepared, share)
+        own_done = True
 
     try:
-        written = write_entries(s, prepared, meanwhile=validate)
+        written = write_entries(s, prepared, meanwhile=validate_own)
+        # the worker's verdicts are read once the rows are written (not committed): it validates its
+        # share meanwhile, and a refusal in it rolls the rows back with the rest of the transaction
+        _validate_shared(prepared, share)
     except InvalidResourceError:
         raise
     except Exception:
-        if not validated:
-            validate_entries(prepared, share)
+        if not own_done:
+            _validate_own(prepared, share)
+        _validate_shared(prepared, share)
         s.rollback()  # nothing of this transaction is kept either way; the check reads what is stored
         _check_reference_targets(s, prepared)
         raise
@@ -197,14 +201,23 @@ def validate_entries(prepared: list[dict[str, Any]], share: Share | None = None)
     """Validate the resources of ``_targets_and_references``' entries in order; the first refusal raises,
     naming ``Bundle.entry[i]...``. Touches no database. The entries from ``share.start`` on have been
     sent to a validation worker: its outcomes are used (read once the others are validated here)."""
-    end = share.start if share is not None else len(prepared)
-    for p in prepared[:end]:
+    _validate_own(prepared, share)
+    _validate_shared(prepared, share)
+
+
+def _validate_own(prepared: list[dict[str, Any]], share: Share | None) -> None:
+    """``validate_entries`` for the entries not sent to a worker (all of them without ``share``)."""
+    for p in prepared[: share.start if share is not None else len(prepared)]:
         _refuse_invalid(p, _outcome(p["resource"]))
+
+
+def _validate_shared(prepared: list[dict[str, Any]], share: Share | None) -> None:
+    """``validate_entries`` for the entries sent to a worker: its outcomes, or where it failed, our own."""
     if share is None:
         return
     outcomes = share.outcomes()
-    for p, outcome in zip(prepared[end:], outcomes or [None] * (len(prepared) - end), strict=True):
-        _refuse_invalid(p, outcome if outcomes is not None else _outcome(p["resource"]))
+    for i, p in enumerate(prepared[share.start:]):
+        _refuse_invalid(p, outcomes[i] if outcomes is not None else _outcome(p["resource"]))
 
 
 def _outcome(resource: dict[str, Any]) -> Outcome:
