@@ -712,13 +712,25 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
         order.append(FhirResource.id)
         broad = False
         counted: int | None = None  # matches counted up to cap, when counting them first was cheap
+        narrow: list[str] | None = None  # every match's id in page order, when there are few
         if not q.sort and q.indexed:
             if _index_only(q) is not None and q.total != "none" and (cap is None or cap > BROAD_MATCHES):
                 counted = _count(s, q, stmt, cap)  # one index-only count: the total and the plan choice
-                matches = counted
+                broad = counted > BROAD_MATCHES
             else:
-                matches = _count(s, q, stmt, BROAD_MATCHES + 1)
-            broad = matches > BROAD_MATCHES
+                # the matches' ids and _lastUpdated, up to BROAD_MATCHES + 1 of them: few (a patient's, the
+                # usual search) are sorted here, which gives the page and the total at once, where a count
+                # and then the page ran the whole search twice
+                found = s.execute(stmt.with_only_columns(FhirResource.id, FhirResource.last_updated)
+                                  .limit(BROAD_MATCHES + 1)).all()
+                broad = len(found) > BROAD_MATCHES
+                if not broad:
+                    found.sort(key=lambda row: row[0])
+                    # stable: newest first, then by id (in code-point order, PostgreSQL's C collation; the
+                    # path a search takes depends on its matches alone, so its pages keep one order)
+                    found.sort(key=lambda row: row[1], reverse=True)
+                    narrow = [rid for rid, _ in found]
+                    counted = len(narrow)
         page: list[tuple[str, dict[str, Any]]]
         if broad:
             # the walk reads the resources newest first and stops after the page: content comes along
@@ -728,15 +740,15 @@ def run_search(store: Store, q: SearchQuery, *, total_limit: int = 1000) -> Sear
             page = [(rid, content) for rid, content in rows[: q.count]]
         else:
             # ids first, then their content: sorting carries (id, sort key) rows, not whole resources
-            ids = list(s.scalars(stmt.with_only_columns(FhirResource.id)
-                                 .order_by(*order).limit(q.count + 1).offset(q.offset)))
+            ids = narrow[q.offset: q.offset + q.count + 1] if narrow is not None else list(s.scalars(
+                stmt.with_only_columns(FhirResource.id).order_by(*order).limit(q.count + 1).offset(q.offset)))
             has_next = len(ids) > q.count
             ids = ids[: q.count]
             contents: dict[str, dict[str, Any]] = {}
             if ids:
-                found = s.execute(select(FhirResource.id, FhirResource.content).where(
+                found_content = s.execute(select(FhirResource.id, FhirResource.content).where(
                     FhirResource.resource_type == q.resource_type, FhirResource.id.in_(ids)))
-                contents = {rid: content for rid, content in found}
+                contents = {rid: content for rid, content in found_content}
             page = [(rid, contents[rid]) for rid in ids if rid in contents]
         total: int | None
         if not has_next and (page or q.offset == 0):
