@@ -159,7 +159,7 @@ class Share:
                 self._outcomes = [None if o is None else (o[0], [tuple(i) for i in o[1]]) for o in answer]
                 self.workers.answered += 1
                 self.workers._give_back(self.worker)
-            except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            except (OSError, EOFError, TimeoutError, ValueError, TypeError, IndexError) as exc:  # any bad answer
                 log.warning("validation worker %d failed (%s); its share is validated in the request",
                             self.worker.process.pid, type(exc).__name__)
                 self.workers._replace(self.worker)
