@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from integration import fhir_search
 from integration.errors import InvalidResourceError
-from integration.fhir_resources import is_fhir_id, new_id, resource_model, store_resources, validate_resource
-from integration.fhir_validation import Outcome, Share, ValidationWorkers
+from integration.fhir_resources import is_fhir_id, new_id, resource_model, store_resources
+from integration.fhir_validation import Outcome, Share, ValidationWorkers, outcome_of
 from integration.store import FhirResource, Store
 
 # (method, resource type, id from URL, conditional criteria) of a Bundle entry's request
@@ -208,7 +208,7 @@ def validate_entries(prepared: list[dict[str, Any]], share: Share | None = None)
 def _validate_own(prepared: list[dict[str, Any]], share: Share | None) -> None:
     """``validate_entries`` for the entries not sent to a worker (all of them without ``share``)."""
     for p in prepared[: share.start if share is not None else len(prepared)]:
-        _refuse_invalid(p, _outcome(p["resource"]))
+        _refuse_invalid(p, outcome_of(p["resource"]))
 
 
 def _validate_shared(prepared: list[dict[str, Any]], share: Share | None) -> None:
@@ -217,15 +217,7 @@ def _validate_shared(prepared: list[dict[str, Any]], share: Share | None) -> Non
         return
     outcomes = share.outcomes()
     for i, p in enumerate(prepared[share.start:]):
-        _refuse_invalid(p, outcomes[i] if outcomes is not None else _outcome(p["resource"]))
-
-
-def _outcome(resource: dict[str, Any]) -> Outcome:
-    try:
-        validate_resource(resource)
-    except InvalidResourceError as exc:
-        return exc.status_code, exc.issues
-    return None
+        _refuse_invalid(p, outcomes[i] if outcomes is not None else outcome_of(p["resource"]))
 
 
 def _refuse_invalid(p: dict[str, Any], outcome: Outcome) -> None:

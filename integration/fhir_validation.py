@@ -35,6 +35,9 @@ from typing import IO, Any
 
 import orjson
 
+from integration.errors import InvalidResourceError
+from integration.fhir_resources import validate_resource
+
 log = logging.getLogger(__name__)
 
 # Bundles with fewer resources are validated by the request thread alone: a worker's round trip
@@ -80,25 +83,17 @@ def _read_frame(fd: int, deadline: float | None = None) -> bytes:
     return _read_exactly(fd, size, deadline)
 
 
-def outcomes_of(resources: list[Any]) -> list[Outcome]:
-    """What ``validate_resource`` says about each resource (the worker's side, also used in tests)."""
-    from integration.errors import InvalidResourceError
-    from integration.fhir_resources import validate_resource
-
-    out: list[Outcome] = []
-    for resource in resources:
-        try:
-            validate_resource(resource)
-            out.append(None)
-        except InvalidResourceError as exc:
-            out.append((exc.status_code, exc.issues))
-    return out
+def outcome_of(resource: Any) -> Outcome:
+    """What ``validate_resource`` says about ``resource``: the same on either side of the pipe."""
+    try:
+        validate_resource(resource)
+    except InvalidResourceError as exc:
+        return exc.status_code, exc.issues
+    return None
 
 
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     """The worker: a frame of resources (a JSON array) in, a frame of their outcomes out, until EOF."""
-    from integration import fhir_resources  # noqa: F401 - imported before saying ready
-
     _write_frame(answers, _READY)
     fd = requests.fileno()
     while True:
@@ -106,7 +101,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
             request = _read_frame(fd)
         except EOFError:
             return
-        _write_frame(answers, orjson.dumps(outcomes_of(orjson.loads(request))))
+        _write_frame(answers, orjson.dumps([outcome_of(r) for r in orjson.loads(request)]))
 
 
 @dataclass
@@ -233,6 +228,8 @@ class ValidationWorkers:
         else:
             log.warning("validation worker %d did not start; requests validate alone", worker.process.pid)
             worker.stop()
+            with self._lock:
+                self._forget(worker)
 
     def _adapt(self, waited: float) -> None:
         """After a share's answer: the request thread takes more of the next Bundle when it had to wait
@@ -246,10 +243,13 @@ class ValidationWorkers:
     def _replace(self, worker: _Worker) -> None:
         worker.stop(kill=True)
         with self._lock:
-            if worker in self._all:
-                self._all.remove(worker)
+            self._forget(worker)
             if not self._stopped:
                 self._spawn()
+
+    def _forget(self, worker: _Worker) -> None:  # with the lock held
+        if worker in self._all:
+            self._all.remove(worker)
 
     def ready(self) -> int:
         """Workers idle now."""

@@ -423,6 +423,15 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError(f"a pooled connection was lost while idle: {exc}") from exc
 
 
+@contextmanager
+def _unavailable_as_store_error() -> Iterator[None]:
+    """A session's OperationalError (the database unreachable, locked, out of space) as StoreUnavailableError."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+
 def _enable_sqlite_wal(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -562,7 +571,8 @@ class Store:
         # json.loads in ~14% of its time on PostgreSQL. (Like the FHIR API's request bodies, an integer
         # beyond 64 bits comes back as the nearest double.)
         kwargs: dict[str, Any] = {"future": True, "json_deserializer": orjson.loads}
-        if url.startswith("sqlite"):
+        sqlite = url.startswith("sqlite")
+        if sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             # a server can drop idle connections (a local file cannot): see _ping_when_idle
@@ -575,20 +585,19 @@ class Store:
                 "options": "-c plan_cache_mode=force_custom_plan -c max_parallel_workers_per_gather=0"
             }
         self.engine = create_engine(url, **kwargs)
-        if not url.startswith("sqlite"):
+        if not sqlite:
             _ping_when_idle(self.engine)
         self._checkpointer: _WalCheckpointer | None = None
         self._lookup: Any = None  # SQLite: the connection holds_instance keeps (see there), from start to stop
         self._lookup_lock = threading.Lock()
-        if url.startswith("sqlite"):
+        if sqlite:
             _enable_sqlite_wal(self.engine)
             database = self.engine.url.database
             if database and database != ":memory:":
                 self._checkpointer = _WalCheckpointer(self.engine, database)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # reads (FHIR reads and searches) on PostgreSQL: statements in autocommit, see read_session
-        postgres = self.engine.dialect.name == "postgresql"
-        reads = self.engine.execution_options(isolation_level="AUTOCOMMIT") if postgres else self.engine
+        reads = self.engine if sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._read_sessions = sessionmaker(reads, expire_on_commit=False)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -689,11 +698,8 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as s:
-                yield s
-        except OperationalError as exc:
-            raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+        with _unavailable_as_store_error(), self._sessions.begin() as s:
+            yield s
 
     @contextmanager
     def read_session(self) -> Iterator[Session]:
@@ -702,11 +708,8 @@ class Store:
         what was committed when it started, as each does in a READ COMMITTED transaction (the default),
         so a read of several statements is as consistent as before. On SQLite the same as ``session``
         (pysqlite begins no transaction for a SELECT)."""
-        try:
-            with self._read_sessions() as s:
-                yield s
-        except OperationalError as exc:
-            raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+        with _unavailable_as_store_error(), self._read_sessions() as s:
+            yield s
 
     # outbox ----------------------------------------------------------------------------------
     @staticmethod
