@@ -90,6 +90,7 @@ class QuietPeriodPublisher:
 def announce_study(s: Session, tracker: ChangeTracker) -> None:
     """Create or refresh the ImagingStudy (and the Patient, when new) and queue StudyReceived."""
     study_uid = tracker.key
+    Store.mark_announced(s, study_uid, tracker.revision)
     instances = Store.instances_in(s, study_uid)
     patient_ref = patient_for_dicom(s, instances)
     imaging_study = imaging_study_for(study_uid, instances, patient_ref)

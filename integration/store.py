@@ -90,6 +90,9 @@ class DicomInstance(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the study revision whose StudyReceived first included the instance (None until announced): the
+    # imaging worker infers on a revision's own instances, so a grown study's images are inferred once
+    announced_revision: Mapped[int | None] = mapped_column(Integer, default=None)
     # Query index (C-FIND, QIDO-RS): filled by integration.dicom_query.index_fields at ingest
     patient_name: Mapped[str | None] = mapped_column(String(324), index=True, default=None)
     patient_birth_date: Mapped[str | None] = mapped_column(String(8), default=None)
@@ -944,8 +947,9 @@ class Store:
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             .returning(instances.c.sop_instance_uid)
         )
-        # dicom_json stays NULL until first use (see dicom_query.QueryEngine.with_json)
-        columns = [c.key for c in instances.columns if c.key != "dicom_json"]
+        # dicom_json stays NULL until first use (see dicom_query.QueryEngine.with_json), announced_revision
+        # until the study is announced (publisher.announce_study)
+        columns = [c.key for c in instances.columns if c.key not in ("dicom_json", "announced_revision")]
         return (_CompiledStatement(insert, dialect, columns),
                 _CompiledStatement(_tracker_touch(dialect.name), dialect, ["kind", "key", "now"]))
 
@@ -957,6 +961,16 @@ class Store:
             .order_by(DicomInstance.series_instance_uid, DicomInstance.received_at)
         )
         return list(rows)
+
+    @staticmethod
+    def mark_announced(s: Session, study_uid: str, revision: int) -> int:
+        """Give the study's instances that no announcement included yet to ``revision``; how many."""
+        result = s.execute(
+            update(DicomInstance)
+            .where(DicomInstance.study_instance_uid == study_uid, DicomInstance.announced_revision.is_(None))
+            .values(announced_revision=revision)
+        )
+        return result.rowcount  # type: ignore[attr-defined]
 
     def study_instances(self, study_uid: str) -> list[DicomInstance]:
         with self.session() as s:

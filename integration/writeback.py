@@ -86,6 +86,9 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
         report["imagingStudy"] = [{"reference": event.imaging_study_ref}]
     findings = sorted(event.findings, key=lambda f: max(f.probabilities.values(), default=0.0), reverse=True)
     lines = [f"{event.model_name} {event.model_version} (demonstration model, not for clinical use)."]
+    if event.earlier_images:
+        lines.append(f"The images received since this study's previous report; its {_images(event.earlier_images)} "
+                     "received before are in the earlier report(s).")
     if not findings:
         lines.append("No image in this study could be analysed.")
     else:

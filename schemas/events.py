@@ -98,6 +98,8 @@ class ImagingInferenceCompleted(_Event):
     skipped_instances: int = 0
     # image instances the detector could not decode: reported, so every image has one outcome
     skipped_sop_instance_uids: list[str] = Field(default_factory=list)
+    # image instances of the study that earlier revisions' results covered (not inferred again)
+    earlier_images: int = 0
 
 
 class EvidencePassage(BaseModel):

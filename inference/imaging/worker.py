@@ -43,10 +43,14 @@ def _write_png(path: Path, data: bytes) -> None:
 def infer_study(
     store: Store, detector: LesionDetector, artifacts_dir: Path, event: StudyReceived
 ) -> ImagingInferenceCompleted | None:
-    """Run the detector on every image instance of the study; None when the study holds no image."""
-    instances = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
+    """Run the detector on the image instances this revision of the study brought; None when it
+    brought none. Images an earlier revision brought have that revision's result already."""
+    images = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
+    # None: an instance stored before announcements recorded their revision, inferred as before
+    instances = [i for i in images if i.announced_revision in (event.revision, None)]
     if not instances:
-        log.info("study %s has no image instances; nothing to infer", uid_hash(event.study_instance_uid))
+        log.info("study %s revision %d brought no image instance; nothing to infer",
+                 uid_hash(event.study_instance_uid), event.revision)
         return None
     findings: list[InstanceFinding] = []
     skipped: list[str] = []
@@ -79,6 +83,7 @@ def infer_study(
         findings=findings,
         skipped_instances=len(skipped),
         skipped_sop_instance_uids=skipped,
+        earlier_images=sum(i.announced_revision is not None and i.announced_revision < event.revision for i in images),
     )
 
 
