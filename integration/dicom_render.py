@@ -3,9 +3,10 @@
 * :func:`frames` returns the requested frames of an instance, each as (bytes, media type):
   the compressed bitstream with its media type for encapsulated transfer syntaxes, the native
   bytes (``application/octet-stream``) otherwise, or decoded native bytes when ``decode`` is set.
-* :func:`render` returns one frame as an 8-bit PNG or JPEG, windowed like a viewer would
+* :func:`render` returns one frame as an 8-bit PNG, JPEG or GIF, windowed like a viewer would
   (Modality LUT, then the first VOI window/LUT, else the 1st-99th percentile range;
-  MONOCHROME1 inverted; colour kept).
+  MONOCHROME1 inverted; colour kept), with the PS3.18 8.3.5.1 rendering parameters a request may
+  carry (:class:`Rendering`, parsed by :func:`rendering_from_query`): ``window``, ``viewport``, ``quality``.
 
 Errors: :class:`PixelError` (a ``ValueError``) with a message that names the problem; no patient
 data in any message. Decoding compressed pixels needs pylibjpeg and its plugins.
@@ -14,6 +15,9 @@ data in any message. Decoding compressed pixels needs pylibjpeg and its plugins.
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,23 +93,136 @@ def _to_uint8(arr: np.ndarray[Any, Any], *, robust: bool) -> np.ndarray[Any, Any
     return (np.clip((data - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def render(ds: Dataset, number: int = 1, *, media_type: str = "image/jpeg") -> bytes:
-    """Frame ``number`` (1-based) of ``ds`` as ``image/png`` or ``image/jpeg`` bytes."""
+RENDERED_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
+WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.3 C.11.2.1.2 / C.11.2.1.3
+
+
+class RenderingParameterError(ValueError):
+    """A rendering query parameter that does not follow PS3.18 8.3.5.1 (the client's to fix: 400)."""
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """What a Retrieve Rendered request asks for beyond the media type (PS3.18 8.3.5.1)."""
+
+    window: tuple[float, float, str] | None = None  # center, width, function
+    viewport: tuple[int, int] | None = None  # vw, vh: the largest picture, aspect kept
+    region: tuple[int, int, int, int] | None = None  # sx, sy, sw, sh of the source (negative size: flipped)
+    quality: int = 90  # lossy media types (image/jpeg)
+
+
+def _numbers(name: str, text: str, count: tuple[int, ...], kind: type) -> list[Any]:
+    parts = text.split(",")
+    if len(parts) not in count:
+        expected = " or ".join(map(str, count))
+        raise RenderingParameterError(f"{name}={text!r}: expected {expected} comma-separated values")
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        raise RenderingParameterError(f"{name}={text!r}: not a list of {'integers' if kind is int else 'numbers'}") \
+            from None
+    if kind is float and not all(math.isfinite(v) for v in values):
+        raise RenderingParameterError(f"{name}={text!r}: values must be finite")
+    return values
+
+
+def rendering_from_query(query: Mapping[str, str]) -> Rendering:
+    """``window=center,width,function``, ``viewport=vw,vh[,sx,sy,sw,sh]``, ``quality=1..100``.
+
+    ``annotation`` and ``iccprofile`` are not supported: a request for them is refused, not ignored."""
+    window = viewport = region = None
+    quality = 90
+    if "window" in query:
+        parts = query["window"].split(",")
+        if len(parts) != 3 or parts[2] not in WINDOW_FUNCTIONS:
+            raise RenderingParameterError(f"window={query['window']!r}: expected center,width,function with "
+                                          f"function one of {', '.join(WINDOW_FUNCTIONS)}")
+        c, w = _numbers("window", ",".join(parts[:2]), (2,), float)
+        if w <= 0 or (w < 1 and parts[2] == "linear"):
+            raise RenderingParameterError(f"window={query['window']!r}: the width must be > 0 (>= 1 for linear)")
+        window = (c, w, parts[2])
+    if "viewport" in query:
+        values = _numbers("viewport", query["viewport"], (2, 6), int)
+        if values[0] < 1 or values[1] < 1 or values[0] * values[1] > 2**26:
+            raise RenderingParameterError(f"viewport={query['viewport']!r}: vw and vh must be positive "
+                                          "(at most 64 Mpx together)")
+        viewport = (values[0], values[1])
+        if len(values) == 6:
+            sx, sy, sw, sh = values[2:]
+            if sx < 0 or sy < 0 or sw == 0 or sh == 0:
+                raise RenderingParameterError(f"viewport={query['viewport']!r}: sx and sy must be >= 0, "
+                                              "sw and sh non-zero")
+            region = (sx, sy, sw, sh)
+    if "quality" in query:
+        (quality,) = _numbers("quality", query["quality"], (1,), int)
+        if not 1 <= quality <= 100:
+            raise RenderingParameterError(f"quality={query['quality']!r}: expected an integer from 1 to 100")
+    for unsupported in ("annotation", "iccprofile"):
+        if unsupported in query:
+            raise RenderingParameterError(f"{unsupported} is not supported by this origin server; leave it out")
+    return Rendering(window=window, viewport=viewport, region=region, quality=quality)
+
+
+def _apply_requested_window(data: np.ndarray[Any, Any], window: tuple[float, float, str]) -> np.ndarray[Any, Any]:
+    """Grey values in 0..255 through the requested VOI function (PS3.3 C.11.2.1.2.1, C.11.2.1.3.1)."""
+    center, width, function = window
+    x = data.astype(np.float64, copy=False)
+    if function == "linear":
+        out = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    elif function == "linear-exact":
+        out = ((x - center) / width + 0.5) * 255.0
+    else:  # sigmoid
+        out = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    return (np.clip(out, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def _fit(image: Image.Image, rendering: Rendering) -> Image.Image:
+    """The source region (flipped where its width or height is negative), scaled to fit the viewport."""
+    if rendering.region is not None:
+        # sx, sy: the region's top-left corner; sw, sh: its size, negative to flip it (PS3.18 8.3.5.1.3)
+        sx, sy, sw, sh = rendering.region
+        box = (sx, sy, min(sx + abs(sw), image.width), min(sy + abs(sh), image.height))
+        if box[0] >= box[2] or box[1] >= box[3]:
+            raise RenderingParameterError("viewport: the source region lies outside the image")
+        image = image.crop(box)
+        if sw < 0:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if sh < 0:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if rendering.viewport is not None:
+        vw, vh = rendering.viewport
+        scale = min(vw / image.width, vh / image.height)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def render(
+    ds: Dataset, number: int = 1, *, media_type: str = "image/jpeg", rendering: Rendering | None = None
+) -> bytes:
+    """Frame ``number`` (1-based) of ``ds`` as ``image/png``, ``image/jpeg`` or ``image/gif`` bytes."""
+    rendering = rendering or Rendering()
     _check(ds, [number])
     try:
         arr = pixel_array(ds, index=number - 1 if frame_count(ds) > 1 else None, as_rgb=True)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the frame cannot be rendered
         raise PixelError(f"the pixel data cannot be decoded ({type(exc).__name__})") from exc
     if arr.ndim == 3 and arr.shape[-1] == 3:
+        # colour: the window applies to grey values only (PS3.18 8.3.5.1.4 speaks of grayscale)
         image = Image.fromarray(_to_uint8(arr, robust=False) if arr.dtype != np.uint8 else arr, mode="RGB")
     else:
-        data, windowed = apply_window(arr, ds)
-        pixels = _to_uint8(data, robust=not windowed)
+        if rendering.window is not None:
+            pixels = _apply_requested_window(apply_modality_lut(arr, ds), rendering.window)
+        else:
+            data, windowed = apply_window(arr, ds)
+            pixels = _to_uint8(data, robust=not windowed)
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             pixels = 255 - pixels
         image = Image.fromarray(pixels, mode="L")
+    image = _fit(image, rendering)
     out = io.BytesIO()
-    image.save(out, format="PNG" if media_type == "image/png" else "JPEG", quality=90)
+    image.save(out, format=RENDERED_FORMATS.get(media_type, "JPEG"), quality=rendering.quality)
     return out.getvalue()
 
 

@@ -9,7 +9,8 @@
   ``includefield``, ``limit``/``offset``; ``fuzzymatching`` is ignored with a Warning header.
   Matching is ``integration.dicom_query``'s, the same as C-FIND.
 * WADO-RS: instances (multipart/related of the stored bytes as received), ``metadata`` (DICOM
-  JSON, pixel data as a BulkDataURI to its frames), ``frames/{n}`` and ``rendered``.
+  JSON, pixel data as a BulkDataURI to its frames), ``frames/{n}`` and ``rendered`` (PNG, JPEG, GIF; the
+  ``window``, ``viewport`` and ``quality`` parameters).
 
 Unknown UIDs answer 404, malformed queries 400, each with a ``detail`` saying what to change.
 No patient data is logged: only hashed UIDs and counts.
@@ -38,7 +39,14 @@ from python_multipart.multipart import MultipartParser
 
 from integration.dicom_ingest import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
 from integration.dicom_query import ATTRIBUTES, Query, QueryEngine, QueryError, keyword_of, tag_of
-from integration.dicom_render import PixelError, frames, render
+from integration.dicom_render import (
+    RENDERED_FORMATS,
+    PixelError,
+    RenderingParameterError,
+    frames,
+    render,
+    rendering_from_query,
+)
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 from integration.services import Services, body_within, get_services
@@ -524,13 +532,16 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str, req
 
 def _rendered(request: Request, row: DicomInstance, number: int) -> Response:
     accepted = [media for media, _ in _accepted(request)]
-    media_type = next((m for m in accepted if m in ("image/png", "image/jpeg")), None)
+    media_type = next((m for m in accepted if m in RENDERED_FORMATS), None)
     if media_type is None:
         if not any(m in ("*/*", "image/*") for m in accepted):
-            raise HTTPException(406, "rendered images are served as image/jpeg or image/png")
+            raise HTTPException(406, "rendered images are served as image/jpeg, image/png or image/gif")
         media_type = "image/jpeg"
     try:
-        data = render(dcmread(row.path), number, media_type=media_type)
+        rendering = rendering_from_query(request.query_params)
+        data = render(dcmread(row.path), number, media_type=media_type, rendering=rendering)
+    except RenderingParameterError as exc:
+        raise HTTPException(400, str(exc)) from None
     except PixelError as exc:
         raise HTTPException(404 if "does not exist" in str(exc) else 406, str(exc)) from None
     return Response(data, media_type=media_type)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -154,6 +155,46 @@ def test_retrieve_instance_rendered_as_png_and_jpeg(loaded: DICOMwebClient) -> N
     jpeg = loaded.retrieve_instance_rendered(ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID,
                                              media_types=("image/jpeg",))
     assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
+
+
+def test_rendered_parameters_window_viewport_and_quality(loaded: DICOMwebClient, base_url: str) -> None:
+    ct = dcmread(CT_SMALL)
+    url = (f"{base_url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+           f"/instances/{ct.SOPInstanceUID}/rendered")
+
+    def picture(accept: str = "image/png", **params: str) -> Image.Image:
+        rsp = httpx.get(url, params=params, headers={"Accept": accept})
+        assert rsp.status_code == 200, rsp.text
+        return Image.open(io.BytesIO(rsp.content))
+
+    # a narrow window around a value in the image is brighter above it and black below it
+    hu = ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+    center = float(np.median(hu))
+    narrow = np.asarray(picture(window=f"{center},2,linear-exact"))
+    assert (narrow == 0).any() and (narrow == 255).any()
+    assert np.array_equal(narrow == 255, hu >= center + 1) and np.array_equal(narrow == 0, hu <= center - 1)
+    assert np.asarray(picture(window=f"{center},2000,sigmoid")).std() > 0
+    # dicomweb-client's own parameter passing: the viewport keeps the aspect ratio (128 x 128 -> 64 x 64)
+    thumb = loaded.retrieve_instance_rendered(ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID,
+                                              media_types=("image/png",), params={"viewport": "64,100"})
+    assert Image.open(io.BytesIO(thumb)).size == (64, 64)
+    # a source region, flipped horizontally, scaled into the viewport
+    whole = np.asarray(picture())
+    region = np.asarray(picture(viewport="32,32,0,0,-32,32"))
+    assert region.shape == (32, 32)
+    assert np.array_equal(region, whole[0:32, 0:32][:, ::-1])
+    # JPEG quality changes the bytes; GIF is served too
+    small = httpx.get(url, params={"quality": "5"}, headers={"Accept": "image/jpeg"}).content
+    large = httpx.get(url, params={"quality": "95"}, headers={"Accept": "image/jpeg"}).content
+    assert len(small) < len(large)
+    assert picture(accept="image/gif").format == "GIF"
+    # malformed or unsupported parameters: 400 saying what is expected
+    for params in ({"window": "40,400"}, {"window": "40,400,cubic"}, {"window": "a,b,linear"},
+                   {"viewport": "0,10"}, {"viewport": "10,10,0,0,0,5"}, {"viewport": "10,10,500,500,10,10"},
+                   {"quality": "101"}, {"quality": "high"}, {"annotation": "patient"}):
+        rsp = httpx.get(url, params=params, headers={"Accept": "image/png"})
+        assert rsp.status_code == 400, (params, rsp.status_code)
+        assert next(iter(params)) in rsp.json()["detail"]
 
 
 def test_unknown_uids_answer_404_with_what_to_do(loaded: DICOMwebClient, base_url: str) -> None:
