@@ -42,6 +42,7 @@ from integration.dicom_query import ATTRIBUTES, Query, QueryEngine, QueryError, 
 from integration.dicom_render import (
     RENDERED_FORMATS,
     PixelError,
+    Rendering,
     RenderingParameterError,
     frames,
     render,
@@ -530,30 +531,129 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str, req
     return _multipart(iter(out), part_type)
 
 
-def _rendered(request: Request, row: DicomInstance, number: int) -> Response:
+def _rendered_media_type(request: Request) -> str:
     accepted = [media for media, _ in _accepted(request)]
     media_type = next((m for m in accepted if m in RENDERED_FORMATS), None)
     if media_type is None:
         if not any(m in ("*/*", "image/*") for m in accepted):
             raise HTTPException(406, "rendered images are served as image/jpeg, image/png or image/gif")
         media_type = "image/jpeg"
+    return media_type
+
+
+def _rendering(request: Request, **defaults: str) -> Rendering:
     try:
-        rendering = rendering_from_query(request.query_params)
-        data = render(dcmread(row.path), number, media_type=media_type, rendering=rendering)
+        return rendering_from_query({**defaults, **request.query_params})
+    except RenderingParameterError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def _render(row: DicomInstance, number: int, media_type: str, rendering: Rendering) -> bytes:
+    try:
+        return render(dcmread(row.path), number, media_type=media_type, rendering=rendering)
     except RenderingParameterError as exc:
         raise HTTPException(400, str(exc)) from None
     except PixelError as exc:
         raise HTTPException(404 if "does not exist" in str(exc) else 406, str(exc)) from None
-    return Response(data, media_type=media_type)
+
+
+def _asks_multipart(request: Request) -> bool:
+    return any(_content_type(item.strip()).get_content_type() == "multipart/related"
+               for item in (request.headers.get("accept") or "").split(",") if item.strip())
+
+
+def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -> Response:
+    """Frames rendered as multipart/related of images when the Accept header asks for it; else one
+    frame as the image itself (a single-frame media type holds one frame)."""
+    media_type, rendering = _rendered_media_type(request), _rendering(request)
+    if not _asks_multipart(request):
+        if len(numbers) > 1:
+            raise HTTPException(406, f'several frames are served as multipart/related; type="{media_type}": '
+                                     "ask for that, or for one frame")
+        return Response(_render(row, numbers[0], media_type, rendering), media_type=media_type)
+    images = [_render(row, n, media_type, rendering) for n in numbers]
+    return _multipart(((image, media_type) for image in images), media_type)
+
+
+def _rendered_instances(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
+    """Every frame of every image of a study or series, rendered, as multipart/related; objects without
+    pixel data (SR, RT plans, ...) have no rendering here and are left out."""
+    images = [r for r in rows if r.is_image]
+    if not images:
+        raise HTTPException(406, "none of these instances has pixel data to render")
+    media_type, rendering = _rendered_media_type(request), _rendering(request)
+    # rendered before the 200 is sent, so a failure is a status, not a truncated body
+    parts = [(_render(r, n, media_type, rendering), media_type)
+             for r in images for n in range(1, int(r.number_of_frames or 1) + 1)]
+    log.info("WADO-RS: %d rendered frames", len(parts))
+    return _multipart(iter(parts), media_type)
+
+
+def _representative(rows: list[DicomInstance]) -> DicomInstance:
+    """The image a study's or series' thumbnail shows: the middle one (by instance number) of its first
+    series with images, as a viewer would open it."""
+    images = [r for r in rows if r.is_image]
+    if not images:
+        raise HTTPException(406, "none of these instances has pixel data for a thumbnail")
+    series = min(r.series_instance_uid for r in images)
+    ordered = sorted((r for r in images if r.series_instance_uid == series),
+                     key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_instance_uid))
+    return ordered[len(ordered) // 2]
+
+
+def _thumbnail(request: Request, row: DicomInstance, number: int = 1) -> Response:
+    """PS3.18 10.4.1.1.4: one small rendered image; 128 x 128 at most unless a viewport says otherwise."""
+    media_type = _rendered_media_type(request)
+    return Response(_render(row, number, media_type, _rendering(request, viewport=THUMBNAIL_VIEWPORT)),
+                    media_type=media_type)
+
+
+THUMBNAIL_VIEWPORT = "128,128"
+
+
+@router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+def retrieve_study_rendered(study: str, request: Request, services: ServicesDep) -> StreamingResponse:
+    return _rendered_instances(request, _rows(services, study))
+
+
+@router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+def retrieve_series_rendered(study: str, series: str, request: Request, services: ServicesDep) -> StreamingResponse:
+    return _rendered_instances(request, _rows(services, study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/rendered", summary="WADO-RS: rendered instance")
 def retrieve_rendered(study: str, series: str, instance: str, request: Request, services: ServicesDep) -> Response:
-    return _rendered(request, _rows(services, study, series, instance)[0], 1)
+    """Every frame as multipart/related when the Accept header asks for it, else the first."""
+    row = _rows(services, study, series, instance)[0]
+    count = int(row.number_of_frames or 1) if _asks_multipart(request) else 1
+    return _rendered_frames(request, row, list(range(1, count + 1)))
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
-            summary="WADO-RS: rendered frame")
-def retrieve_frame_rendered(study: str, series: str, instance: str, frame: int, request: Request,
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}/rendered",
+            summary="WADO-RS: rendered frames")
+def retrieve_frame_rendered(study: str, series: str, instance: str, frame_list: str, request: Request,
                             services: ServicesDep) -> Response:
-    return _rendered(request, _rows(services, study, series, instance)[0], frame)
+    return _rendered_frames(request, _rows(services, study, series, instance)[0], _frame_numbers(frame_list))
+
+
+@router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
+def study_thumbnail(study: str, request: Request, services: ServicesDep) -> Response:
+    return _thumbnail(request, _representative(_rows(services, study)))
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
+def series_thumbnail(study: str, series: str, request: Request, services: ServicesDep) -> Response:
+    return _thumbnail(request, _representative(_rows(services, study, series)))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail", summary="WADO-RS: instance thumbnail")
+def instance_thumbnail(study: str, series: str, instance: str, request: Request, services: ServicesDep) -> Response:
+    row = _rows(services, study, series, instance)[0]
+    return _thumbnail(request, row, (int(row.number_of_frames or 1) + 1) // 2)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",
+            summary="WADO-RS: frame thumbnail")
+def frame_thumbnail(study: str, series: str, instance: str, frame: int, request: Request,
+                    services: ServicesDep) -> Response:
+    return _thumbnail(request, _rows(services, study, series, instance)[0], frame)

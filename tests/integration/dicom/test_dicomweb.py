@@ -28,6 +28,7 @@ from tests.conftest import serve_app, stack_settings
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT, 128x128
 MR_SMALL = get_testdata_file("MR_small.dcm")  # CompressedSamples^MR1, StudyDate 20040826, MR
 RTPLAN = get_testdata_file("rtplan.dcm")  # Last^First^mid^pre, no pixels
+EMRI = get_testdata_file("emri_small.dcm")  # Enhanced MR, 10 frames
 JPEG2K = get_testdata_file("JPEG2000.dcm")  # CompressedSamples^NM1, JPEG 2000 (lossless)
 
 
@@ -195,6 +196,57 @@ def test_rendered_parameters_window_viewport_and_quality(loaded: DICOMwebClient,
         rsp = httpx.get(url, params=params, headers={"Accept": "image/png"})
         assert rsp.status_code == 400, (params, rsp.status_code)
         assert next(iter(params)) in rsp.json()["detail"]
+
+
+def image_parts(rsp: httpx.Response) -> list[Image.Image]:
+    """The images of a multipart/related response."""
+    assert rsp.status_code == 200, rsp.text
+    assert rsp.headers["content-type"].startswith("multipart/related")
+    boundary = rsp.headers["content-type"].split("boundary=")[1]
+    chunks = rsp.content.split(f"--{boundary}".encode())[1:-1]
+    return [Image.open(io.BytesIO(chunk.split(b"\r\n\r\n", 1)[1][:-2])) for chunk in chunks]
+
+
+def test_rendered_study_series_frames_and_thumbnails(loaded: DICOMwebClient, base_url: str) -> None:
+    emri = dcmread(EMRI)  # Enhanced MR, 10 frames of 64 x 64
+    loaded.store_instances([emri])
+    series = f"{base_url}/studies/{emri.StudyInstanceUID}/series/{emri.SeriesInstanceUID}"
+    instance = f"{series}/instances/{emri.SOPInstanceUID}"
+    as_parts = {"Accept": 'multipart/related; type="image/png"'}
+    # every frame of the series, each its own part, each the frame rendered on its own
+    frames = image_parts(httpx.get(f"{series}/rendered", headers=as_parts))
+    assert len(frames) == 10 and all(f.format == "PNG" and f.size == (64, 64) for f in frames)
+    third = Image.open(io.BytesIO(httpx.get(f"{instance}/frames/3/rendered", headers={"Accept": "image/png"}).content))
+    assert np.array_equal(np.asarray(frames[2]), np.asarray(third))
+    assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[5]))
+    two = image_parts(httpx.get(f"{instance}/frames/2,3/rendered", headers=as_parts, params={"viewport": "32,32"}))
+    assert [f.size for f in two] == [(32, 32)] * 2
+    # several frames need a multipart Accept; one image for a single-frame media type
+    rsp = httpx.get(f"{instance}/frames/2,3/rendered", headers={"Accept": "image/png"})
+    assert rsp.status_code == 406 and "multipart/related" in rsp.json()["detail"]
+    single = httpx.get(f"{instance}/rendered", headers={"Accept": "image/png"})
+    assert single.status_code == 200 and single.headers["content-type"] == "image/png"
+    assert len(image_parts(httpx.get(f"{instance}/rendered", headers=as_parts))) == 10
+    # the study's images: the CT study holds one
+    ct = dcmread(CT_SMALL)
+    study_frames = image_parts(httpx.get(f"{base_url}/studies/{ct.StudyInstanceUID}/rendered", headers=as_parts))
+    assert [f.size for f in study_frames] == [(ct.Columns, ct.Rows)]
+    # thumbnails: one small image, of the middle frame for a multi-frame instance
+    thumb = httpx.get(f"{series}/thumbnail", headers={"Accept": "image/jpeg"})
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
+    assert Image.open(io.BytesIO(thumb.content)).size == (128, 128)
+    small = httpx.get(f"{base_url}/studies/{ct.StudyInstanceUID}/thumbnail", params={"viewport": "48,48"},
+                      headers={"Accept": "image/png"})
+    assert Image.open(io.BytesIO(small.content)).size == (48, 48)
+    middle = httpx.get(f"{instance}/thumbnail", params={"viewport": "64,64"}, headers={"Accept": "image/png"})
+    fifth = httpx.get(f"{instance}/frames/5/rendered", headers={"Accept": "image/png"})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(middle.content))),
+                          np.asarray(Image.open(io.BytesIO(fifth.content))))
+    # a study without images has nothing to render
+    rt = dcmread(RTPLAN)
+    for what in ("rendered", "thumbnail"):
+        rsp = httpx.get(f"{base_url}/studies/{rt.StudyInstanceUID}/{what}", headers=as_parts)
+        assert rsp.status_code == 406 and "pixel data" in rsp.json()["detail"]
 
 
 def test_unknown_uids_answer_404_with_what_to_do(loaded: DICOMwebClient, base_url: str) -> None:
