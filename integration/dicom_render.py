@@ -143,9 +143,9 @@ def rendering_from_query(query: Mapping[str, str]) -> Rendering:
         window = (c, w, parts[2])
     if "viewport" in query:
         values = _numbers("viewport", query["viewport"], (2, 6), int)
-        if values[0] < 1 or values[1] < 1 or values[0] * values[1] > 2**26:
+        if values[0] < 1 or values[1] < 1 or values[0] * values[1] > 2**24:
             raise RenderingParameterError(f"viewport={query['viewport']!r}: vw and vh must be positive "
-                                          "(at most 64 Mpx together)")
+                                          "(at most 16 Mpx together)")
         viewport = (values[0], values[1])
         if len(values) == 6:
             sx, sy, sw, sh = values[2:]
