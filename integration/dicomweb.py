@@ -601,14 +601,14 @@ def _representative(rows: list[DicomInstance]) -> DicomInstance:
     return ordered[len(ordered) // 2]
 
 
+THUMBNAIL_VIEWPORT = "128,128"
+
+
 def _thumbnail(request: Request, row: DicomInstance, number: int = 1) -> Response:
     """PS3.18 10.4.1.1.4: one small rendered image; 128 x 128 at most unless a viewport says otherwise."""
     media_type = _rendered_media_type(request)
     return Response(_render(row, number, media_type, _rendering(request, viewport=THUMBNAIL_VIEWPORT)),
                     media_type=media_type)
-
-
-THUMBNAIL_VIEWPORT = "128,128"
 
 
 @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -21,13 +23,14 @@ from schemas.events import StudyReceived
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
 
-def _send(port: int, *datasets) -> None:  # noqa: ANN002
+def _send(port: int, *datasets, status: int = 0x0000) -> None:  # noqa: ANN002
+    """The data sets on one association, each answered with ``status``."""
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDBRIDGE")
     assert assoc.is_established
     try:
-        assert [assoc.send_c_store(ds).Status for ds in datasets] == [0x0000] * len(datasets)
+        assert [assoc.send_c_store(ds).Status for ds in datasets] == [status] * len(datasets)
     finally:
         assoc.release()
 
@@ -46,25 +49,27 @@ def _copy_in_study(first, series_uid: str):  # noqa: ANN001, ANN202 - another in
     return ds
 
 
+@pytest.fixture
+def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60)
+    lst.start()
+    yield lst
+    lst.stop()
+
+
 def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same(
-    store: Store, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
 ) -> None:
-    listener = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                             study_quiet_seconds=60)
-    listener.start()
-    try:
-        publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
-        first = dcmread(CT_SMALL)
-        _send(listener.port, first)
-        assert publisher.publish_due() == 1
-        # the study grows: a new series on a later association, two images
-        later = [_copy_in_study(first, generate_uid()) for _ in range(2)]
-        series_uid = later[0].SeriesInstanceUID
-        later[1].SeriesInstanceUID = series_uid
-        _send(listener.port, *later)
-        assert publisher.publish_due() == 1
-    finally:
-        listener.stop()
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    first = dcmread(CT_SMALL)
+    _send(listener.port, first)
+    assert publisher.publish_due() == 1
+    # the study grows: a new series on a later association, two images
+    later = [_copy_in_study(first, generate_uid()) for _ in range(2)]
+    later[1].SeriesInstanceUID = later[0].SeriesInstanceUID
+    _send(listener.port, *later)
+    assert publisher.publish_due() == 1
 
     revision1, revision2 = _announced(store)
     assert revision2.revision > revision1.revision
@@ -87,27 +92,15 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
 
 
 def test_a_revision_that_brings_no_image_has_nothing_to_infer(
-    store: Store, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
 ) -> None:
-    listener = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                             study_quiet_seconds=60)
-    listener.start()
-    try:
-        publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
-        first = dcmread(CT_SMALL)
-        _send(listener.port, first)
-        assert publisher.publish_due() == 1
-        # the same instance again: a duplicate, the study does not grow, nothing is announced
-        ae = AE(ae_title="TEST_SCU")
-        ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
-        try:
-            assert assoc.send_c_store(first).Status == 0xB000
-        finally:
-            assoc.release()
-        assert publisher.publish_due() == 0
-    finally:
-        listener.stop()
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    first = dcmread(CT_SMALL)
+    _send(listener.port, first)
+    assert publisher.publish_due() == 1
+    # the same instance again: a duplicate, the study does not grow, nothing is announced
+    _send(listener.port, first, status=0xB000)
+    assert publisher.publish_due() == 0
     (revision1,) = _announced(store)
     # a later revision whose instances are all announced already (as a non-image-only one would be)
     later = revision1.model_copy(update={"revision": revision1.revision + 1, "event_id": "e-later"})
