@@ -333,23 +333,25 @@ def _dicom_patient_name(name: Any) -> dict[str, Any] | None:
 
 def patient_for_dicom(s: Session, instances: list[DicomInstance]) -> str | None:
     """The Patient a study belongs to: an existing one whose identifier equals the DICOM Patient ID
-    (the EHR's MRN, typically), else a Patient created from the DICOM header."""
+    (the EHR's MRN, typically), else a Patient created from the DICOM header. Once the EHR has sent
+    its Patient, it is the one chosen, also over a Patient an earlier study created from its header
+    (the EHR is the patient index; the header's Patient only stood in for it)."""
     patient_id = next((i.patient_id for i in instances if i.patient_id), None)
     if not patient_id:
         return None
-    match = s.scalars(
+    pid = stable_id("dicom-patient", patient_id)
+    matches = set(s.scalars(
         select(FhirSearchIndex.resource_id)
         .where(
             FhirSearchIndex.resource_type == "Patient",
             FhirSearchIndex.param == "identifier",
             FhirSearchIndex.value == patient_id,
         )
-        .limit(1)
-    ).first()
-    if match:
-        return f"Patient/{match}"
-    pid = stable_id("dicom-patient", patient_id)
-    if s.get(FhirResource, ("Patient", pid)) is not None:
+        .limit(16)
+    ))
+    if matches - {pid}:
+        return f"Patient/{min(matches - {pid})}"  # min: the same choice every time among several
+    if pid in matches or s.get(FhirResource, ("Patient", pid)) is not None:
         return f"Patient/{pid}"
     header = pydicom.dcmread(instances[0].path, stop_before_pixels=True)
     patient: dict[str, Any] = {

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
 from integration.dicom_listener import DicomListener
+from integration.fhir_resources import store_resource
 from integration.publisher import QuietPeriodPublisher, announce_study
 from integration.settings import DicomPeer
 from integration.store import OutboxEntry, Store
@@ -304,3 +306,39 @@ def _data_set_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     meta = dcmread(path, stop_before_pixels=True).file_meta
     return raw[132 + 12 + meta.FileMetaInformationGroupLength:]
+
+
+def test_a_study_after_the_ehr_sent_its_patient_links_to_it_not_to_the_header_patient(
+    listener: DicomListener, store: Store
+) -> None:
+    """The first study arrives before the EHR's Patient: a Patient is made from its header. A later
+    study of the same Patient ID links to the EHR's Patient once there is one."""
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    first = dcmread(CT_SMALL)
+    assoc = associate(listener.port, (first.SOPClassUID, first.file_meta.TransferSyntaxUID))
+    try:
+        assert assoc.send_c_store(first).Status == 0x0000
+    finally:
+        assoc.release()
+    assert publisher.publish_due() == 1
+    with store.session() as s:
+        ehr = {"resourceType": "Patient", "id": "ehr-patient",
+               "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": str(first.PatientID)}]}
+        store_resource(s, ehr)
+    later = dcmread(CT_SMALL)
+    later.StudyInstanceUID, later.SeriesInstanceUID = generate_uid(), generate_uid()
+    later.SOPInstanceUID = later.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assoc = associate(listener.port, (later.SOPClassUID, later.file_meta.TransferSyntaxUID))
+    try:
+        assert assoc.send_c_store(later).Status == 0x0000
+    finally:
+        assoc.release()
+    assert publisher.publish_due() == 1
+    with store.session() as s:
+        events = [StudyReceived.model_validate_json(row.payload)
+                  for row in s.scalars(select(OutboxEntry).order_by(OutboxEntry.id))
+                  if row.event_type == "StudyReceived"]
+    header_patient, linked = (e.patient_ref for e in events)
+    assert header_patient != "Patient/ehr-patient"
+    assert store.get_resource("Patient", header_patient.split("/")[1])["identifier"][0]["value"] == first.PatientID
+    assert linked == "Patient/ehr-patient"
