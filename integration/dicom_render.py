@@ -167,12 +167,16 @@ def _apply_requested_window(data: np.ndarray[Any, Any], window: tuple[float, flo
     """Grey values in 0..255 through the requested VOI function (PS3.3 C.11.2.1.2.1, C.11.2.1.3.1)."""
     center, width, function = window
     x = data.astype(np.float64, copy=False)
-    if function == "linear":
-        out = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    elif function == "linear-exact":
-        out = ((x - center) / width + 0.5) * 255.0
-    else:  # sigmoid
-        out = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # huge values end at 0 or 255
+        if function == "linear" and width == 1:
+            out = np.where(x > center - 0.5, 255.0, 0.0)  # a width of 1 is a threshold (C.11.2.1.2.1)
+        elif function == "linear":
+            out = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+        elif function == "linear-exact":
+            out = ((x - center) / width + 0.5) * 255.0
+        else:  # sigmoid
+            out = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
     return (np.clip(out, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 

@@ -175,6 +175,11 @@ def test_rendered_parameters_window_viewport_and_quality(loaded: DICOMwebClient,
     assert (narrow == 0).any() and (narrow == 255).any()
     assert np.array_equal(narrow == 255, hu >= center + 1) and np.array_equal(narrow == 0, hu <= center - 1)
     assert np.asarray(picture(window=f"{center},2000,sigmoid")).std() > 0
+    # a linear width of 1 is a threshold; extreme values clip instead of failing
+    step = np.asarray(picture(window=f"{center},1,linear"))
+    assert np.array_equal(step == 255, hu > center - 0.5) and set(np.unique(step)) == {0, 255}
+    assert set(np.unique(np.asarray(picture(window="1e300,1e-300,linear-exact")))) <= {0, 255}
+    assert set(np.unique(np.asarray(picture(window="0,1e-300,sigmoid")))) <= {0, 128, 255}
     # dicomweb-client's own parameter passing: the viewport keeps the aspect ratio (128 x 128 -> 64 x 64)
     thumb = loaded.retrieve_instance_rendered(ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID,
                                               media_types=("image/png",), params={"viewport": "64,100"})
