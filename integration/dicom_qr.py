@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,7 +135,7 @@ class QueryRetrieveSCP:
             return
         log.info("C-FIND %s level from %s: %d matches", query.level, event.assoc.requestor.ae_title, len(matches))
         for match in matches:
-            if event.is_cancelled:
+            if _cancelled(event):
                 yield STATUS_CANCEL, None
                 return
             ds = to_dataset(match)
@@ -167,7 +168,7 @@ class QueryRetrieveSCP:
     def _send(self, event: evt.Event, rows: list[DicomInstance]) -> Iterator[tuple[int, Dataset | None]]:
         """(0xFF00, data set) per instance, read as stored; an unreadable file is a failed sub-operation."""
         for row in rows:
-            if event.is_cancelled:
+            if _cancelled(event):
                 yield STATUS_CANCEL, None
                 return
             ds: Dataset
@@ -228,3 +229,11 @@ class QueryRetrieveSCP:
         yield len(rows)
         yield from self._send(event, rows)
 
+
+def _cancelled(event: evt.Event) -> bool:
+    """Whether a C-CANCEL for the request has arrived. First hands the GIL over for a moment: the
+    C-CANCEL is read by pynetdicom's DUL thread, which otherwise waits up to the 5 ms switch interval
+    per turn while this loop answers in pure Python (its answers are queued, not sent), and on a busy
+    host the whole answer could be queued before the C-CANCEL was read."""
+    time.sleep(0)
+    return bool(event.is_cancelled)
