@@ -131,7 +131,7 @@ def rendering_from_query(query: Mapping[str, str]) -> Rendering:
 
     ``annotation`` and ``iccprofile`` are not supported: a request for them is refused, not ignored."""
     window = viewport = region = None
-    quality = 90
+    quality = Rendering.quality
     if "window" in query:
         parts = query["window"].split(",")
         if len(parts) != 3 or parts[2] not in WINDOW_FUNCTIONS:

@@ -477,7 +477,7 @@ def _metadata(request: Request, services: Services, rows: list[DicomInstance]) -
         meta = dict(row.dicom_json or {})
         meta["00083002"] = {"vr": "UI", "Value": [row.transfer_syntax_uid]}  # AvailableTransferSyntaxUID
         if row.is_image or "00280010" in meta:
-            count = int(row.number_of_frames or 1)
+            count = _frame_total(row)
             url = (f"{base}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}/instances/"
                    f"{row.sop_instance_uid}/frames/{','.join(str(n) for n in range(1, count + 1))}")
             meta["7FE00010"] = {"vr": "OW", "BulkDataURI": url}
@@ -548,9 +548,15 @@ def _rendering(request: Request, **defaults: str) -> Rendering:
         raise HTTPException(400, str(exc)) from None
 
 
-def _render(row: DicomInstance, number: int, media_type: str, rendering: Rendering) -> bytes:
+def _frame_total(row: DicomInstance) -> int:
+    return int(row.number_of_frames or 1)
+
+
+def _render(row: DicomInstance, numbers: list[int], media_type: str, rendering: Rendering) -> list[bytes]:
+    """Frames ``numbers`` of the instance rendered, its file read once."""
+    ds = dcmread(row.path)
     try:
-        return render(dcmread(row.path), number, media_type=media_type, rendering=rendering)
+        return [render(ds, n, media_type=media_type, rendering=rendering) for n in numbers]
     except RenderingParameterError as exc:
         raise HTTPException(400, str(exc)) from None
     except PixelError as exc:
@@ -558,8 +564,7 @@ def _render(row: DicomInstance, number: int, media_type: str, rendering: Renderi
 
 
 def _asks_multipart(request: Request) -> bool:
-    return any(_content_type(item.strip()).get_content_type() == "multipart/related"
-               for item in (request.headers.get("accept") or "").split(",") if item.strip())
+    return any(params.get_content_type() == "multipart/related" for _, params in _accepted(request))
 
 
 def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -> Response:
@@ -570,31 +575,35 @@ def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -
         if len(numbers) > 1:
             raise HTTPException(406, f'several frames are served as multipart/related; type="{media_type}": '
                                      "ask for that, or for one frame")
-        return Response(_render(row, numbers[0], media_type, rendering), media_type=media_type)
-    images = [_render(row, n, media_type, rendering) for n in numbers]
+        return Response(_render(row, numbers, media_type, rendering)[0], media_type=media_type)
+    images = _render(row, numbers, media_type, rendering)
     return _multipart(((image, media_type) for image in images), media_type)
 
 
 def _rendered_instances(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
     """Every frame of every image of a study or series, rendered, as multipart/related; objects without
     pixel data (SR, RT plans, ...) have no rendering here and are left out."""
-    images = [r for r in rows if r.is_image]
-    if not images:
-        raise HTTPException(406, "none of these instances has pixel data to render")
+    images = _images(rows, "to render")
     media_type, rendering = _rendered_media_type(request), _rendering(request)
     # rendered before the 200 is sent, so a failure is a status, not a truncated body
-    parts = [(_render(r, n, media_type, rendering), media_type)
-             for r in images for n in range(1, int(r.number_of_frames or 1) + 1)]
+    parts = [(image, media_type) for r in images
+             for image in _render(r, list(range(1, _frame_total(r) + 1)), media_type, rendering)]
     log.info("WADO-RS: %d rendered frames", len(parts))
     return _multipart(iter(parts), media_type)
+
+
+def _images(rows: list[DicomInstance], purpose: str) -> list[DicomInstance]:
+    """The rows that are images; 406 when there is none (SR, RT plans, ... have no pixel data)."""
+    images = [r for r in rows if r.is_image]
+    if not images:
+        raise HTTPException(406, f"none of these instances has pixel data {purpose}")
+    return images
 
 
 def _representative(rows: list[DicomInstance]) -> DicomInstance:
     """The image a study's or series' thumbnail shows: the middle one (by instance number) of its first
     series with images, as a viewer would open it."""
-    images = [r for r in rows if r.is_image]
-    if not images:
-        raise HTTPException(406, "none of these instances has pixel data for a thumbnail")
+    images = _images(rows, "for a thumbnail")
     series = min(r.series_instance_uid for r in images)
     ordered = sorted((r for r in images if r.series_instance_uid == series),
                      key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_instance_uid))
@@ -607,8 +616,8 @@ THUMBNAIL_VIEWPORT = "128,128"
 def _thumbnail(request: Request, row: DicomInstance, number: int = 1) -> Response:
     """PS3.18 10.4.1.1.4: one small rendered image; 128 x 128 at most unless a viewport says otherwise."""
     media_type = _rendered_media_type(request)
-    return Response(_render(row, number, media_type, _rendering(request, viewport=THUMBNAIL_VIEWPORT)),
-                    media_type=media_type)
+    rendering = _rendering(request, viewport=THUMBNAIL_VIEWPORT)
+    return Response(_render(row, [number], media_type, rendering)[0], media_type=media_type)
 
 
 @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
@@ -625,7 +634,7 @@ def retrieve_series_rendered(study: str, series: str, request: Request, services
 def retrieve_rendered(study: str, series: str, instance: str, request: Request, services: ServicesDep) -> Response:
     """Every frame as multipart/related when the Accept header asks for it, else the first."""
     row = _rows(services, study, series, instance)[0]
-    count = int(row.number_of_frames or 1) if _asks_multipart(request) else 1
+    count = _frame_total(row) if _asks_multipart(request) else 1
     return _rendered_frames(request, row, list(range(1, count + 1)))
 
 
@@ -649,7 +658,7 @@ def series_thumbnail(study: str, series: str, request: Request, services: Servic
 @router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail", summary="WADO-RS: instance thumbnail")
 def instance_thumbnail(study: str, series: str, instance: str, request: Request, services: ServicesDep) -> Response:
     row = _rows(services, study, series, instance)[0]
-    return _thumbnail(request, row, (int(row.number_of_frames or 1) + 1) // 2)
+    return _thumbnail(request, row, (_frame_total(row) + 1) // 2)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from integration.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from integration.dicom_listener import DicomListener  # noqa: E402
 from integration.store import Store  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("MEDBRIDGE_TEST_PG_URL", "postgresql://medbridge:medbridge@127.0.0.1:5432/postgres")
@@ -80,6 +81,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
+    """A bare DICOM listener on a free port over the test's store (any caller, 60 s quiet period)."""
+    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
+                        study_quiet_seconds=60)
+    lst.start()
+    yield lst
+    lst.stop()
 
 
 @pytest.fixture

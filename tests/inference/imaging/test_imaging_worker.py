@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -49,22 +47,19 @@ def _copy_in_study(first, series_uid: str):  # noqa: ANN001, ANN202 - another in
     return ds
 
 
-@pytest.fixture
-def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60)
-    lst.start()
-    yield lst
-    lst.stop()
+def _announce_first(store: Store, listener: DicomListener):  # noqa: ANN202
+    """CT_small sent and its study announced (revision 1); the publisher and the data set."""
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    first = dcmread(CT_SMALL)
+    _send(listener.port, first)
+    assert publisher.publish_due() == 1
+    return publisher, first
 
 
 def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same(
     store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
 ) -> None:
-    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
-    first = dcmread(CT_SMALL)
-    _send(listener.port, first)
-    assert publisher.publish_due() == 1
+    publisher, first = _announce_first(store, listener)
     # the study grows: a new series on a later association, two images
     later = [_copy_in_study(first, generate_uid()) for _ in range(2)]
     later[1].SeriesInstanceUID = later[0].SeriesInstanceUID
@@ -94,10 +89,7 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
 def test_a_revision_that_brings_no_image_has_nothing_to_infer(
     store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
 ) -> None:
-    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
-    first = dcmread(CT_SMALL)
-    _send(listener.port, first)
-    assert publisher.publish_due() == 1
+    publisher, first = _announce_first(store, listener)
     # the same instance again: a duplicate, the study does not grow, nothing is announced
     _send(listener.port, first, status=0xB000)
     assert publisher.publish_due() == 0

@@ -14,21 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from integration.dicom_listener import DicomListener
-from integration.store import Store
 from tests.conftest import free_port
 
 ORTHANC_AE = "ORTHANC"
-
-
-@pytest.fixture
-def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
-    """A bare DICOM listener on a free port over the test's store (any caller, 60 s quiet period)."""
-    lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",
-                        study_quiet_seconds=60)
-    lst.start()
-    yield lst
-    lst.stop()
 
 
 class Orthanc:

@@ -314,13 +314,17 @@ def test_a_study_after_the_ehr_sent_its_patient_links_to_it_not_to_the_header_pa
     """The first study arrives before the EHR's Patient: a Patient is made from its header. A later
     study of the same Patient ID links to the EHR's Patient once there is one."""
     publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+
+    def store_and_announce(ds) -> None:  # noqa: ANN001
+        assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        assert publisher.publish_due() == 1
+
     first = dcmread(CT_SMALL)
-    assoc = associate(listener.port, (first.SOPClassUID, first.file_meta.TransferSyntaxUID))
-    try:
-        assert assoc.send_c_store(first).Status == 0x0000
-    finally:
-        assoc.release()
-    assert publisher.publish_due() == 1
+    store_and_announce(first)
     with store.session() as s:
         ehr = {"resourceType": "Patient", "id": "ehr-patient",
                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": str(first.PatientID)}]}
@@ -328,12 +332,7 @@ def test_a_study_after_the_ehr_sent_its_patient_links_to_it_not_to_the_header_pa
     later = dcmread(CT_SMALL)
     later.StudyInstanceUID, later.SeriesInstanceUID = generate_uid(), generate_uid()
     later.SOPInstanceUID = later.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    assoc = associate(listener.port, (later.SOPClassUID, later.file_meta.TransferSyntaxUID))
-    try:
-        assert assoc.send_c_store(later).Status == 0x0000
-    finally:
-        assoc.release()
-    assert publisher.publish_due() == 1
+    store_and_announce(later)
     with store.session() as s:
         events = [StudyReceived.model_validate_json(row.payload)
                   for row in s.scalars(select(OutboxEntry).order_by(OutboxEntry.id))
