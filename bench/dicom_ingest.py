@@ -136,8 +136,8 @@ def bench_bare_pynetdicom(shares: list[list[Path]], work: Path) -> float:
 
 
 async def bench_medbridge(shares: list[list[Path]], work: Path, processes: int = 1) -> float:
-    from integration.runtime import Runtime
-    from integration.settings import Settings
+    from integration.app.runtime import Runtime
+    from integration.app.settings import Settings
 
     settings = Settings(data_dir=work / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),
                         embedded_kafka_port=free_port(), kafka_bootstrap_servers="", viewer_enabled=False,

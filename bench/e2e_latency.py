@@ -93,8 +93,8 @@ def baseline_inference(weights: Path, variants: list[tuple[Path, str]]) -> list[
 
 
 async def medbridge_latencies(variants: list[tuple[Path, str]], workdir: Path, weights: Path) -> list[float]:
-    from integration.runtime import Runtime
-    from integration.settings import Settings
+    from integration.app.runtime import Runtime
+    from integration.app.settings import Settings
 
     settings = Settings(
         data_dir=workdir / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),

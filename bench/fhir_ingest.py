@@ -37,12 +37,13 @@ import uvicorn  # noqa: E402
 from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from integration.app import create_app  # noqa: E402
-from integration.fhir_resources import store_resources  # noqa: E402
-from integration.fhir_validation import ValidationWorkers  # noqa: E402
-from integration.services import Services  # noqa: E402
-from integration.settings import Settings  # noqa: E402
-from integration.store import FhirResource, FhirSearchIndex, Store  # noqa: E402
+from integration.app.http import create_app  # noqa: E402
+from integration.app.services import Services  # noqa: E402
+from integration.app.settings import Settings  # noqa: E402
+from integration.db.store import Store  # noqa: E402
+from integration.db.tables import FhirResource, FhirSearchIndex
+from integration.fhir.resources import store_resources  # noqa: E402
+from integration.fhir.validation import ValidationWorkers  # noqa: E402
 
 
 def free_port() -> int:
@@ -103,7 +104,7 @@ def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, fl
     """Seconds per stage of the transaction path, run in-process on fresh copies of the bundles (the HTTP
     server runs in another thread, out of a profiler's sight): JSON parsing, preparation (validation,
     reference resolution and checks), the writes, the commit."""
-    from integration.fhir_bundles import prepare_entries, write_entries
+    from integration.fhir.bundles import prepare_entries, write_entries
 
     stages = {"json": 0.0, "validate (model_validate)": 0.0, "prepare (refs, bindings, checks)": 0.0,
               "write (SQL)": 0.0, "commit": 0.0}

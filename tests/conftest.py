@@ -18,9 +18,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from integration.broker import EmbeddedBroker, ensure_topics  # noqa: E402
-from integration.dicom_listener import DicomListener  # noqa: E402
-from integration.store import Store  # noqa: E402
+from integration.db.store import Store  # noqa: E402
+from integration.dicom.network.listener import DicomListener  # noqa: E402
+from integration.events.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("MEDBRIDGE_TEST_PG_URL", "postgresql://medbridge:medbridge@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent
@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True, scope="session")
 def _pynetdicom_requests_wait_for_their_reactor() -> None:
     """The tests' own requestors (pynetdicom SCUs) get MedBridge's workaround for pynetdicom#875 too:
-    MedBridge answers fast enough to expose it (see ``integration.dicom_requestor``)."""
-    from integration.dicom_requestor import adapt_requests
+    MedBridge answers fast enough to expose it (see ``integration.dicom.network.requestor``)."""
+    from integration.dicom.network.requestor import adapt_requests
 
     adapt_requests()
 
@@ -145,8 +145,8 @@ def serve_app(settings, store: Store, fhir_validation=None) -> Iterator[int]:  #
 
     import uvicorn
 
-    from integration.app import create_app
-    from integration.services import Services
+    from integration.app.http import create_app
+    from integration.app.services import Services
 
     port = free_port()
     app = create_app(Services(settings, store, fhir_validation=fhir_validation))
@@ -165,7 +165,7 @@ def serve_app(settings, store: Store, fhir_validation=None) -> Iterator[int]:  #
 
 
 def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - returns Settings
-    from integration.settings import Settings
+    from integration.app.settings import Settings
 
     values: dict[str, object] = {
         "data_dir": tmp_path / "var",
@@ -188,7 +188,7 @@ async def stack(tmp_path: Path, imaging_weights: Path, tiny_llm: Path, seeded_ch
     """The whole MedBridge stack, as `medbridge run` starts it, on free ports in a temp folder."""
     import shutil
 
-    from integration.runtime import Runtime
+    from integration.app.runtime import Runtime
 
     shutil.copytree(seeded_chroma, tmp_path / "var" / "chroma")
     settings = stack_settings(tmp_path, imaging_model=imaging_weights, llm_model=tiny_llm)

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
-from integration.demo import demo_bundle
-from integration.runtime import Runtime
+from integration.app.demo import demo_bundle
+from integration.app.runtime import Runtime
 from tests.conftest import stack_settings
 
 LLM_CACHE = Path(os.environ.get("MEDBRIDGE_TEST_CACHE", "/tmp/medbridge-test-cache"))

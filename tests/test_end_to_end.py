@@ -14,7 +14,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from integration.demo import demo_bundle, send_study
+from integration.app.demo import demo_bundle, send_study
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 

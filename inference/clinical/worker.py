@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
-from integration.broker import ConsumerOptions, ConsumerWorker
-from integration.clinical_context import build_patient_context
+from integration.db.store import Store
 from integration.errors import PermanentEventError
+from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.fhir.patient_context import build_patient_context
 from integration.phi import uid_hash
-from integration.store import Store
 from knowledge.ingest import ingest_default_corpus
 from knowledge.llm import load_text_generator
 from knowledge.store import KnowledgeBase

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
 
-from integration.dicom_render import apply_window
+from integration.dicom.render import apply_window
 
 __all__ = [
     "NotAnImageError",

@@ -17,9 +17,9 @@ import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
-from integration.broker import ConsumerOptions, ConsumerWorker
+from integration.db.store import Store
+from integration.events.broker import ConsumerOptions, ConsumerWorker
 from integration.phi import uid_hash
-from integration.store import Store
 from schemas.events import (
     IMAGING_WORKER,
     TOPIC_IMAGING_COMPLETED,

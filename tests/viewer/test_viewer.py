@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from playwright.async_api import async_playwright
 
-from integration.demo import send_study
+from integration.app.demo import send_study
 from tests.conftest import REPO, free_port
 
 CHROMIUM = "/usr/bin/chromium"

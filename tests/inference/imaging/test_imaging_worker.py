@@ -12,10 +12,11 @@ from sqlalchemy import select
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.worker import infer_study
-from integration.dicom_listener import DicomListener
-from integration.publisher import QuietPeriodPublisher, announce_study
-from integration.store import OutboxEntry, Store
-from integration.writeback import imaging_report
+from integration.db.store import Store
+from integration.db.tables import OutboxEntry
+from integration.dicom.network.listener import DicomListener
+from integration.events.publisher import QuietPeriodPublisher, announce_study
+from integration.reports.writer import imaging_report
 from schemas.events import StudyReceived
 
 CT_SMALL = get_testdata_file("CT_small.dcm")

@@ -21,7 +21,8 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
-from integration.store import OutboxEntry, Store
+from integration.db.store import Store
+from integration.db.tables import OutboxEntry
 from schemas.events import StudyReceived
 from tests.conftest import serve_app, stack_settings
 

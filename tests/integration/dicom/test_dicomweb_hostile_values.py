@@ -10,7 +10,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from integration.store import Store
+from integration.db.store import Store
 from tests.conftest import serve_app, stack_settings
 from tests.integration.dicom.test_dicomweb import CT_SMALL, MR_SMALL, multipart
 

@@ -20,11 +20,12 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import delete, select
 
-from integration.dicom_ingest import InstanceIngest
-from integration.dicom_journal import JournalRecord, ReceiveJournal
-from integration.dicom_listener import part10_bytes
+from integration.db.store import Store
+from integration.db.tables import DicomInstance
+from integration.dicom.ingest.instances import InstanceIngest
+from integration.dicom.ingest.journal import JournalRecord, ReceiveJournal
+from integration.dicom.network.listener import part10_bytes
 from integration.phi import uid_hash
-from integration.store import DicomInstance, Store
 
 
 def ct_instances(n: int) -> list[tuple[str, bytes, bytes]]:

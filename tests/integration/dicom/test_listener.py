@@ -11,11 +11,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
-from integration.dicom_listener import DicomListener
-from integration.fhir_resources import store_resource
-from integration.publisher import QuietPeriodPublisher, announce_study
-from integration.settings import DicomPeer
-from integration.store import OutboxEntry, Store
+from integration.app.settings import DicomPeer
+from integration.db.store import Store
+from integration.db.tables import OutboxEntry
+from integration.dicom.network.listener import DicomListener
+from integration.events.publisher import QuietPeriodPublisher, announce_study
+from integration.fhir.resources import store_resource
+from integration.fhir.storage import get_resource
 from schemas.events import StudyReceived
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
@@ -213,9 +215,9 @@ def test_released_study_is_announced_once_with_its_imaging_study(listener: Dicom
     assert len(rows) == 1
     event = StudyReceived.model_validate_json(rows[0].payload)
     assert event.revision == 1 and event.instance_count == 1
-    study = store.get_resource("ImagingStudy", event.imaging_study_ref.split("/")[1])
+    study = get_resource(store, "ImagingStudy", event.imaging_study_ref.split("/")[1])
     assert study["series"][0]["instance"][0]["uid"] == dcmread(CT_SMALL).SOPInstanceUID
-    patient = store.get_resource("Patient", event.patient_ref.split("/")[1])
+    patient = get_resource(store, "Patient", event.patient_ref.split("/")[1])
     assert patient["identifier"][0]["value"] == str(dcmread(CT_SMALL).PatientID)
 
 
@@ -339,5 +341,5 @@ def test_a_study_after_the_ehr_sent_its_patient_links_to_it_not_to_the_header_pa
                   if row.event_type == "StudyReceived"]
     header_patient, linked = (e.patient_ref for e in events)
     assert header_patient != "Patient/ehr-patient"
-    assert store.get_resource("Patient", header_patient.split("/")[1])["identifier"][0]["value"] == first.PatientID
+    assert get_resource(store, "Patient", header_patient.split("/")[1])["identifier"][0]["value"] == first.PatientID
     assert linked == "Patient/ehr-patient"

@@ -15,10 +15,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import delete, func, select
 
-from integration.dicom_listener import DicomListener
-from integration.dicom_processes import ListenerProcesses
-from integration.settings import Settings
-from integration.store import DicomInstance, Store
+from integration.app.settings import Settings
+from integration.db.store import Store
+from integration.db.tables import DicomInstance
+from integration.dicom.network.listener import DicomListener
+from integration.dicom.network.processes import ListenerProcesses
 from tests.conftest import free_port
 
 
@@ -91,9 +92,9 @@ def test_two_processes_share_the_port_and_a_killed_ones_journal_is_replayed(tmp_
 PARENT = """
 import sys, time
 from pathlib import Path
-from integration.dicom_processes import ListenerProcesses
-from integration.settings import Settings
-from integration.store import Store
+from integration.dicom.network.processes import ListenerProcesses
+from integration.app.settings import Settings
+from integration.db.store import Store
 settings = Settings(data_dir=Path(sys.argv[1]), dicom_host="127.0.0.1", dicom_port=int(sys.argv[2]),
                     dicom_processes=2, dicom_journal_bytes=1 << 20, database_url=sys.argv[3])
 Store(settings.effective_database_url).start()

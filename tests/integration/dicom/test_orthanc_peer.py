@@ -9,9 +9,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from integration.dicom_listener import DicomListener
-from integration.publisher import QuietPeriodPublisher, announce_study
-from integration.store import OutboxEntry, Store
+from integration.db.store import Store
+from integration.db.tables import OutboxEntry
+from integration.dicom.network.listener import DicomListener
+from integration.events.publisher import QuietPeriodPublisher, announce_study
+from integration.fhir.storage import get_resource
 from schemas.events import StudyReceived
 
 # one real study of three CR series (pydicom's DICOMDIR test set), one image each
@@ -54,5 +56,5 @@ def test_orthanc_pushes_a_multi_series_study_and_medbridge_announces_it_once(
     assert len(rows) == 1
     event = StudyReceived.model_validate_json(rows[0].payload)
     assert event.study_instance_uid == study_uid and event.instance_count == 3
-    imaging_study = store.get_resource("ImagingStudy", event.imaging_study_ref.split("/")[1])
+    imaging_study = get_resource(store, "ImagingStudy", event.imaging_study_ref.split("/")[1])
     assert len(imaging_study["series"]) == 3

@@ -19,7 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import select
 
-from integration.store import DicomInstance, OutboxEntry
+from integration.db.tables import DicomInstance, OutboxEntry
 
 STORED, DUPLICATE = 0x0000, 0xB000
 REFUSALS = {0xC210, 0xC211}  # cannot understand / identifiers missing or disagreeing

@@ -28,9 +28,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import text
 
-from integration.dicom_listener import DicomListener
-from integration.settings import DicomPeer
-from integration.store import Store
+from integration.app.settings import DicomPeer
+from integration.db.store import Store
+from integration.dicom.network.listener import DicomListener
 from tests.conftest import free_port
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT

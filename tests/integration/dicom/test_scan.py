@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.filereader import read_preamble
 from pydicom.uid import UID
 
-from integration.dicom_scan import facts_from_dataset, scan_facts
+from integration.dicom.ingest.scan import facts_from_dataset, scan_facts
 
 
 def data_set_bytes(path: Path) -> tuple[bytes, UID] | None:

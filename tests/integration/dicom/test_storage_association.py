@@ -28,8 +28,9 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from integration.dicom_listener import DicomListener
-from integration.store import DicomInstance, Store
+from integration.db.store import Store
+from integration.db.tables import DicomInstance
+from integration.dicom.network.listener import DicomListener
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"

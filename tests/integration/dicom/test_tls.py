@@ -17,8 +17,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
-from integration.dicom_listener import DicomListener, tls_context
-from integration.store import Store
+from integration.db.store import Store
+from integration.dicom.network.listener import DicomListener, tls_context
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 

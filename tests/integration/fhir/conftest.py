@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from integration.store import Store
+from integration.db.store import Store
 from tests.conftest import serve_app, stack_settings
 
 

@@ -9,7 +9,8 @@ from carebundle import generate_bundle, to_json
 from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import select
 
-from integration.store import ChangeTracker, Store
+from integration.db.store import Store
+from integration.db.tables import ChangeTracker
 
 OBSERVATION = {
     "resourceType": "Observation",

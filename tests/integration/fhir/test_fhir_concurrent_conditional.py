@@ -14,9 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from integration.fhir_resources import store_resource
-from integration.fhir_search import conditional_key
-from integration.store import Store
+from integration.db.store import Store
+from integration.fhir.resources import store_resource
+from integration.fhir.search import conditional_key
+from integration.fhir.storage import serialize_conditional
 from tests.conftest import serve_app, stack_settings
 from tests.integration.fhir.conftest import at_once, clients_for
 
@@ -121,7 +122,7 @@ def test_a_conditional_create_waits_for_one_in_progress_and_then_finds_its_patie
     ) as client:
         answer: list[httpx.Response] = []
         with store.session() as s:
-            Store.serialize_conditional(s, [conditional_key("Patient", _criteria(1, value))])  # another spelling
+            serialize_conditional(s, [conditional_key("Patient", _criteria(1, value))])  # another spelling
             request = threading.Thread(target=lambda: answer.append(client.post(
                 "/fhir/Patient", json=_patient(value), headers={"If-None-Exist": criteria})))
             request.start()

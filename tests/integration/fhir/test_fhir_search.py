@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from integration import fhir_search
-from integration.store import Store
+from integration.db.store import Store
+from integration.fhir import search as fhir_search
 
 LOINC = "http://loinc.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -295,7 +295,7 @@ def test_total_parameter_none_estimate_and_accurate(fhir_client: httpx.Client, s
 
 
 def test_a_broad_search_pages_newest_first_with_its_total(store: Store) -> None:
-    from integration.fhir_resources import store_resources
+    from integration.fhir.resources import store_resources
 
     batches = []
     for b in range(3):  # three transactions: three lastUpdated instants

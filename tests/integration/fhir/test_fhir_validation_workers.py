@@ -1,4 +1,4 @@
-"""Validation workers (integration.fhir_validation): real worker processes validate part of each large
+"""Validation workers (integration.fhir.validation): real worker processes validate part of each large
 transaction Bundle beside the request thread. What they refuse is refused as the request thread would,
 naming the entry, and nothing is stored; a worker that dies or hangs costs time, never a verdict."""
 
@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from integration import fhir_validation
-from integration.fhir_validation import ValidationWorkers
-from integration.store import Store
+from integration.db.store import Store
+from integration.fhir import validation as fhir_validation
+from integration.fhir.validation import ValidationWorkers
 from tests.conftest import serve_app, stack_settings
 
 ENTRIES = 20  # above fhir_validation.MIN_SHARED; the worker's share is at least the last 4 entries

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from integration import fhir_search
-from integration.store import Store
+from integration.db.store import Store
+from integration.fhir import search as fhir_search
+from integration.fhir.storage import put_resource
 
 TABLES = ("fhir_resources", "fhir_search_index", "fhir_resource_versions")
 
@@ -56,11 +57,11 @@ SEARCHES: list[tuple[str, list[tuple[str, str]]]] = [
 def _fill(store: Store) -> None:
     with store.session() as s:
         for p in range(200):
-            Store.put_resource(s, {"resourceType": "Patient", "id": f"pat-{p}", "gender": "female",
+            put_resource(s, {"resourceType": "Patient", "id": f"pat-{p}", "gender": "female",
                                    "identifier": [{"system": "urn:mrn", "value": f"mrn-{p}"}],
                                    "name": [{"family": f"fam-{p}", "given": ["g"]}]})
         for o in range(3000):
-            Store.put_resource(s, {
+            put_resource(s, {
                 "resourceType": "Observation", "id": f"obs-{o}", "status": "final" if o % 50 else "amended",
                 "identifier": [{"system": "urn:lab", "value": f"acc-{o}"}],
                 "category": [{"coding": [{"code": "laboratory" if o % 40 else "vital-signs"}]}],
@@ -69,7 +70,7 @@ def _fill(store: Store) -> None:
                 "effectiveDateTime": f"2020-{1 + o % 12:02d}-{1 + o % 28:02d}",
             })
         for r in range(200):
-            Store.put_resource(s, {
+            put_resource(s, {
                 "resourceType": "DiagnosticReport", "id": f"rep-{r}", "status": "final", "code": {"text": "x"},
                 "subject": {"reference": f"Patient/pat-{r}"}, "result": [{"reference": f"Observation/obs-{r}"}],
             })

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
-from integration import fhir_search
-from integration.store import Store
+from integration.db.store import Store
+from integration.fhir import search as fhir_search
+from integration.fhir.storage import prepare, put_resource
 
 
 def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: Store) -> None:
     with store.session() as s:
-        Store.put_resource(s, {"resourceType": "Patient", "id": "old-1", "gender": "female",
+        put_resource(s, {"resourceType": "Patient", "id": "old-1", "gender": "female",
                                "identifier": [{"system": "urn:mrn", "value": "u-1"}]})
-        Store.put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "male"})
+        put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "male"})
     with store.engine.begin() as conn:  # what a database from the previous release looks like
         conn.exec_driver_sql("DROP TABLE fhir_search_index")
         conn.exec_driver_sql("DROP INDEX ix_fhir_versions_type_updated")
@@ -22,13 +23,14 @@ def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: S
 
     upgraded = Store(store.url)
     upgraded.start()
+    prepare(upgraded)
     try:
         columns = {c["name"] for c in inspect(upgraded.engine).get_columns("fhir_resource_versions")}
         assert "last_updated" in columns
         query = fhir_search.parse_search("Patient", [("identifier", "urn:mrn|u-1")], strict=True)
         assert [r["id"] for r in fhir_search.run_search(upgraded, query).matches] == ["old-1"]
         with upgraded.session() as s:
-            Store.put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "other"})
+            put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "other"})
         total, versions = fhir_search.type_history(upgraded, "Patient", since=None, count=10, offset=0)
         assert total == 3 and versions[0][0]["gender"] == "other"
         assert fhir_search.reindex_if_empty(upgraded) == 0  # indexed already: nothing to do
@@ -38,7 +40,7 @@ def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: S
 
 def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(store: Store) -> None:
     with store.session() as s:
-        Store.put_resource(s, {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": "urn:mrn",
+        put_resource(s, {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": "urn:mrn",
                                                                                         "value": "u-1"}]})
     with store.engine.begin() as conn:  # the value index as the 2026-11 release created it
         conn.exec_driver_sql("DROP INDEX ix_fhir_search_value_id")
@@ -49,6 +51,7 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
 
     upgraded = Store(store.url)
     upgraded.start()
+    prepare(upgraded)
     try:
         indexes = {i["name"]: i["column_names"] for i in inspect(upgraded.engine).get_indexes("fhir_search_index")}
         assert "ix_fhir_search_value" not in indexes

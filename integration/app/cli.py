@@ -1,0 +1,132 @@
+"""The `medbridge` command: run, send-demo, kb ingest, train-demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from integration.app.settings import Settings, get_settings
+
+log = logging.getLogger("medbridge")
+
+
+def _offline_models() -> None:
+    # No model hub at run time: every model is loaded from a local path.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # third-party loggers that could print identifiers or request lines stay quiet
+    for noisy in ("pynetdicom", "aiokafka", "httpx", "chromadb", "uvicorn.access", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # psycopg warns with the server's error text (which can quote key values) when a pipeline fails while
+    # another error is raised; MedBridge reports the error itself, without values
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
+
+
+def ensure_demo_model(settings: Settings) -> None:
+    """Train the demo CNN on first run when the configured weights are the (missing) demo weights."""
+    path = settings.imaging_model_path
+    if path.exists() or settings.imaging_model is not None or "imaging" not in settings.enabled_workers:
+        return
+    log.info("no imaging weights at %s: training the demo model (a few minutes, once)", path)
+    from inference.imaging.train import train_demo_model
+
+    train_demo_model(path, log=log.info)
+
+
+async def _serve(settings: Settings) -> None:
+    from integration.app.runtime import Runtime
+
+    runtime = Runtime(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+        print(
+            f"MedBridge is up. DICOM {settings.dicom_ae_title}@{settings.dicom_host}:{settings.dicom_port}  "
+            f"API http://{settings.http_host}:{settings.http_port}/docs  "
+            f"viewer http://127.0.0.1:{settings.viewer_port}  (Ctrl-C stops)",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runtime.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    ensure_demo_model(settings)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from inference.imaging.train import train_demo_model
+
+    settings = get_settings()
+    out = Path(args.output) if args.output else settings.imaging_model_path
+    meta = train_demo_model(out, quick=args.quick, log=log.info)
+    print(f"weights written to {out}: {meta.get('metrics')}")
+    return 0
+
+
+def cmd_kb_ingest(args: argparse.Namespace) -> int:
+    from inference.clinical.worker import open_knowledge_base
+    from knowledge.ingest import ingest_default_corpus
+
+    settings = get_settings()
+    kb = open_knowledge_base(settings.chroma_dir, settings.chroma_url)
+    added = ingest_default_corpus(kb)
+    print(f"knowledge base holds {kb.count()} passages ({added} upserted)")
+    return 0
+
+
+def cmd_send_demo(args: argparse.Namespace) -> int:
+    from integration.app.demo import run_demo
+
+    settings = get_settings()
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
+    api = args.api or f"http://{host}:{settings.http_port}"
+    return run_demo(api, args.dicom_host, settings.dicom_port, settings.dicom_ae_title, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_models()
+    parser = argparse.ArgumentParser(prog="medbridge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the whole stack in the foreground").set_defaults(func=cmd_run)
+    demo = sub.add_parser("send-demo", help="send a demo study and patient to a running stack")
+    demo.add_argument("--api", help="base URL of the HTTP API (default from settings)")
+    demo.add_argument("--dicom-host", default="127.0.0.1")
+    demo.add_argument("--timeout", type=float, default=300)
+    demo.set_defaults(func=cmd_send_demo)
+    kb = sub.add_parser("kb", help="knowledge base")
+    kb_sub = kb.add_subparsers(dest="kb_command", required=True)
+    kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)
+    train = sub.add_parser("train-demo-model", help="train the demo imaging CNN")
+    train.add_argument("--output", help="weights file (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
+    train.add_argument("--quick", action="store_true", help="a short run, for tests")
+    train.set_defaults(func=cmd_train)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The HTTP application: FHIR under /fhir, queries under /api, /health and /docs."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from integration.app.services import Services
+from integration.delivery.ehr import sender as upstream
+from integration.delivery.pacs.sender import count_by_state
+from integration.dicom import web as dicomweb
+from integration.fhir import api as fhir_api
+from integration.reports import api
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="MedBridge",
+        version="0.1.0",
+        description="FHIR/DICOM integration with AI-assisted, clinician-reviewed DiagnosticReports.",
+    )
+    app.state.services = services
+    origins = [o.strip() for o in services.settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # a DICOMweb viewer such as OHIF served from another origin reads studies and frames from here
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["*"], expose_headers=["ETag", "Location", "Content-Location", "Warning"],
+        )
+    fhir_api.install_exception_handlers(app)
+    app.include_router(fhir_api.router)
+    app.include_router(api.router)
+    app.include_router(dicomweb.router)
+
+    @app.get("/health", tags=["ops"])
+    def health() -> JSONResponse:
+        checks = {name: bool(check()) for name, check in services.health_checks.items()}
+        checks["store"] = services.store.healthy()
+        ok = all(checks.values())
+        body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
+        if checks["store"]:
+            details: dict[str, object] = {"dicom_exports": count_by_state(services.store)}
+            if services.settings.upstream_urls:
+                details["writeback"] = upstream.writeback_counts(services.store)
+            body["details"] = details
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text format."""
+        counts = upstream.writeback_counts(services.store)
+        exports = count_by_state(services.store)
+        return (
+            "# HELP medbridge_writeback_pending Writebacks to the upstream EHR not yet sent\n"
+            "# TYPE medbridge_writeback_pending gauge\n"
+            f"medbridge_writeback_pending {counts['pending']}\n"
+            "# HELP medbridge_writeback_dead Writebacks that need an administrator's replay\n"
+            "# TYPE medbridge_writeback_dead gauge\n"
+            f"medbridge_writeback_dead {counts['dead']}\n"
+            "# HELP medbridge_dicom_export_pending DICOM exports of AI results to PACS peers not yet sent\n"
+            "# TYPE medbridge_dicom_export_pending gauge\n"
+            f"medbridge_dicom_export_pending {exports.get('pending', 0)}\n"
+            "# HELP medbridge_dicom_export_dead DICOM exports that need an administrator's replay\n"
+            "# TYPE medbridge_dicom_export_dead gauge\n"
+            f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
+        )
+
+    return app

@@ -1,0 +1,244 @@
+"""The composition root: builds everything from one Settings object, starts the edges in order,
+stops them in reverse.
+
+Order: store -> broker -> topics -> outbox relay -> publishers -> workers -> DICOM listener ->
+HTTP -> viewer. The listeners start last so nothing arrives before it can be handled; on stop,
+they close first so nothing arrives while the rest shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from integration.app.http import create_app
+from integration.app.services import Services
+from integration.app.settings import Settings
+from integration.db.store import Store
+from integration.delivery.ehr.sender import UpstreamSender
+from integration.delivery.pacs.sender import DicomExportWorker, ExportPolicy, export_peers
+from integration.dicom.network.listener import DicomListener, tls_context
+from integration.dicom.network.processes import ListenerProcesses
+from integration.events.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
+from integration.events.publisher import QuietPeriodPublisher, announce_record, announce_study
+from integration.fhir import storage as fhir_storage
+from integration.fhir.validation import ValidationWorkers
+from integration.reports.writer import ReportWriter
+from schemas.events import CONSUMER_OF_TOPIC
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # the runtime owns SIGINT/SIGTERM and stops uvicorn in order
+        yield
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, with_viewer: bool | None = None) -> None:
+        self.settings = settings
+        self.with_viewer = settings.viewer_enabled if with_viewer is None else with_viewer
+        self.store = Store(settings.effective_database_url)
+        self.embedded: EmbeddedBroker | None = None
+        self.bootstrap = settings.kafka_bootstrap_servers
+        self.relay: OutboxRelay | None = None
+        self.dicom: DicomListener | None = None
+        self.http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.viewer: subprocess.Popen[bytes] | None = None
+        self.components: list[tuple[str, Callable[[], Awaitable[None] | None]]] = []  # stop callbacks
+        self.health: dict[str, Callable[[], bool]] = {}
+        self.workers: dict[str, Any] = {}
+        self.upstream: UpstreamSender | None = None
+
+    def notify_outbox(self) -> None:
+        if self.relay:
+            self.relay.wake()
+        if self.upstream:
+            self.upstream.wake()
+
+    def _dlq_producer(self) -> Any:
+        return self.relay.producer if self.relay else None
+
+    async def start(self) -> None:
+        s = self.settings
+        for folder in (s.data_dir, s.dicom_dir, s.artifacts_dir, s.models_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+        await asyncio.to_thread(self.store.start)
+        self.components.append(("store", self.store.stop))
+        await asyncio.to_thread(fhir_storage.prepare, self.store)  # resources from before the search index
+
+        if not self.bootstrap:
+            self.embedded = EmbeddedBroker(s.embedded_kafka_port)
+            await asyncio.to_thread(self.embedded.start)
+            self.components.append(("embedded broker", self.embedded.stop))
+            self.bootstrap = self.embedded.bootstrap_servers
+            self.health["embedded_broker"] = self.embedded.alive
+        await ensure_topics(self.bootstrap)
+
+        self.relay = OutboxRelay(
+            self.store, self.bootstrap, s.outbox_poll_seconds,
+            consumers_by_topic=CONSUMER_OF_TOPIC, redeliver_after_seconds=s.redeliver_after_seconds,
+        )
+        await self.relay.start()
+        self.components.append(("outbox relay", self.relay.stop))
+        relay = self.relay
+        self.health["broker"] = lambda: relay.running() and relay.last_error is None
+
+        publishers = {}
+        for kind, quiet, announce in (
+            ("study", s.study_quiet_seconds, announce_study),
+            ("patient", s.record_quiet_seconds, announce_record),
+        ):
+            pub = QuietPeriodPublisher(self.store, kind, quiet, announce, on_announced=self.notify_outbox)
+            await pub.start()
+            publishers[kind] = pub
+            self.components.append((f"{kind} publisher", pub.stop))
+            self.health[f"{kind}_publisher"] = pub.running
+
+        options = ConsumerOptions(
+            bootstrap=self.bootstrap,
+            group_prefix=s.kafka_group_prefix,
+            max_attempts=s.consumer_max_attempts,
+            notify_outbox=self.notify_outbox,
+            dead_letter_producer=self._dlq_producer,
+        )
+        if s.upstream_urls:
+            self.upstream = UpstreamSender(self.store, s)  # refuses incomplete upstream settings
+            await self.upstream.start()
+            self.components.append(("upstream writeback", self.upstream.stop))
+            self.health["upstream_writeback"] = self.upstream.running
+        if "reports" in s.enabled_workers:
+            writer = ReportWriter(self.store, options)
+            writer.upstreams = s.upstream_urls
+            await self._start_worker("report_writer", writer)
+        if "imaging" in s.enabled_workers:
+            from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
+
+            imaging = ImagingWorker(self.store, s.imaging_model_path, s.artifacts_dir, device=s.device, options=options)
+            await self._start_worker("imaging_worker", imaging)
+        if "clinical" in s.enabled_workers:
+            from inference.clinical.worker import ClinicalWorker
+
+            clinical = ClinicalWorker(
+                self.store,
+                chroma_dir=s.chroma_dir,
+                chroma_url=s.chroma_url,
+                llm_model=s.llm_model,
+                llm_cache_dir=s.models_dir,
+                device=s.device,
+                retrieval_k=s.retrieval_k,
+                max_new_tokens=s.llm_max_new_tokens,
+                options=options,
+            )
+            await self._start_worker("clinical_worker", clinical)
+        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
+            policy = ExportPolicy(
+                calling_ae=s.dicom_ae_title,
+                max_attempts=s.dicom_export_max_attempts,
+                backoff_seconds=s.dicom_export_backoff_seconds,
+                max_backoff_seconds=s.dicom_export_max_backoff_seconds,
+                timeout_seconds=s.dicom_export_timeout_seconds,
+            )
+            await self._start_worker("dicom_exporter", DicomExportWorker(self.store, options, s.dicom_peers, policy))
+
+        if s.dicom_enabled:
+            self.dicom = DicomListener.from_settings(
+                self.store, s, tls=dicom_tls(s), on_study_ready=publishers["study"].wake
+            )
+            await asyncio.to_thread(self.dicom.start)
+            self.components.append(("DICOM listener", self.dicom.stop))
+            self.health["dicom_listener"] = self.dicom.running
+            self.health["disk_space"] = self.dicom.has_free_space
+            if s.dicom_processes > 1:
+                more = ListenerProcesses(s, s.dicom_processes, self.dicom.port)
+                await asyncio.to_thread(more.start)
+                self.components.append(("DICOM listener processes", more.stop))
+                self.health["dicom_listener_processes"] = more.alive
+
+        validation = ValidationWorkers(s.fhir_validation_workers)
+        self.components.append(("FHIR validation workers", validation.stop))
+        services = Services(s, self.store, self.health, self.notify_outbox, fhir_validation=validation)
+        services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones
+        config = uvicorn.Config(
+            create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
+            access_log=False,  # URLs carry patient references
+        )
+        self.http = _EmbeddedUvicorn(config)
+        self._http_task = asyncio.create_task(self.http.serve(), name="http")
+        while not self.http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the bind error
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.05)
+        if s.http_port == 0:
+            sock = self.http.servers[0].sockets[0]
+            s.http_port = sock.getsockname()[1]
+        self.components.append(("HTTP server", self._stop_http))
+
+        if self.with_viewer:
+            self._start_viewer()
+        log.info("MedBridge up: HTTP http://%s:%d, broker %s", s.http_host, s.http_port, self.bootstrap)
+
+    async def _start_worker(self, name: str, worker: Any) -> None:
+        await worker.start()
+        self.workers[name] = worker
+        self.components.append((name, worker.stop))
+        self.health[name] = worker.running
+
+    async def _stop_http(self) -> None:
+        if self.http and self._http_task:
+            self.http.should_exit = True
+            await self._http_task
+
+    def _start_viewer(self) -> None:
+        s = self.settings
+        script = Path(__file__).resolve().parent.parent / "viewer" / "app.py"
+        env = {**os.environ, "MEDBRIDGE_API_URL": f"http://{s.http_host}:{s.http_port}"}
+        self.viewer = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(s.viewer_port),
+             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        viewer = self.viewer
+        self.components.append(("viewer", self._stop_viewer))
+        self.health["viewer"] = lambda: viewer.poll() is None
+
+    def _stop_viewer(self) -> None:
+        if self.viewer and self.viewer.poll() is None:
+            self.viewer.terminate()
+            try:
+                self.viewer.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.viewer.kill()
+
+    async def stop(self) -> None:
+        for name, stop in reversed(self.components):
+            try:
+                result = stop()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                log.exception("stopping %s failed", name)
+        self.components.clear()
+
+
+def dicom_tls(s: Settings) -> Any:
+    """The DICOM TLS context when a TLS port is configured (cert and key then required)."""
+    if s.dicom_tls_port is None:
+        return None
+    if s.dicom_tls_cert is None or s.dicom_tls_key is None:
+        raise ValueError("MEDBRIDGE_DICOM_TLS_PORT needs MEDBRIDGE_DICOM_TLS_CERT and MEDBRIDGE_DICOM_TLS_KEY")
+    return tls_context(s.dicom_tls_cert, s.dicom_tls_key, s.dicom_tls_client_ca)

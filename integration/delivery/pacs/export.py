@@ -1,0 +1,284 @@
+"""DICOM export of AI results: a Comprehensive SR of the findings and a Secondary Capture of the
+heatmap overlay, built with highdicom, sent to a PACS by C-STORE (we are the SCU).
+
+Both objects go into the source study (same Study Instance UID, patient and study modules copied
+from the source images by highdicom), each in a new series. Their Series and SOP Instance UIDs
+derive from the report id, so a retry or a replay re-sends the same objects rather than new ones
+(the PACS keeps one copy).
+
+Nothing here logs patient data: callers log hashed UIDs and report ids only.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+
+from integration.db.tables import AiResult, DicomInstance, stable_id
+from integration.dicom.network.requestor import adapt_requests
+
+MANUFACTURER = "MedBridge"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+PRELIMINARY_STATEMENT = (
+    "AI-generated, preliminary result from a demonstration model, not for clinical use; "
+    "it has not been reviewed by a clinician."
+)
+# Codes for concepts DICOM/LOINC do not name are in a private scheme ("99" prefix, PS3.16 8.2).
+MEDBRIDGE_SCHEME = "99MEDBRIDGE"
+PROBABILITY = hd.sr.CodedConcept("ai-probability", MEDBRIDGE_SCHEME, "AI probability")
+ALGORITHM_NAME = hd.sr.CodedConcept("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = hd.sr.CodedConcept("111003", "DCM", "Algorithm Version")
+REPORT_TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging study")
+UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+
+class ExportBuildError(Exception):
+    """The AI result cannot become DICOM objects (no source image on disk, no analysed image)."""
+
+
+class ExportSendError(Exception):
+    """The destination could not be reached or refused an object; ``str()`` holds no patient data."""
+
+
+@dataclass(frozen=True)
+class ExportObjects:
+    """What one report exports: the SR and, when a heatmap exists, the SC; with their UIDs."""
+
+    sr: Dataset
+    sc: Dataset | None
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return [self.sr] if self.sc is None else [self.sc, self.sr]
+
+
+def export_uid(report_id: str, part: str) -> str:
+    """A deterministic UID for a derived object of a report (``part`` is e.g. 'sr-series'): the
+    2.25 form of a name-based UUID (PS3.5 B.2). pydicom's ``generate_uid(prefix=None)`` would
+    ignore its entropy sources and return a random one."""
+    return f"2.25.{uuid.UUID(stable_id('dicom-export', report_id, part)).int}"
+
+
+def finding_concept(name: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(name[:64], MEDBRIDGE_SCHEME, name.replace("_", " ")[:64])
+
+
+def overlay_pixels(png_path: str | Path) -> np.ndarray:
+    """The heatmap overlay (the PNG the API serves to the viewer) as an RGB uint8 array."""
+    with Image.open(png_path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _headers(path: str) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+_AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z (LPS patient axes)
+
+
+def _direction_letters(cosines: list[float]) -> str:
+    """The Patient Orientation letters of a direction, dominant axis first (PS3.3 C.7.6.1.1.1)."""
+    order = sorted(range(3), key=lambda i: abs(cosines[i]), reverse=True)
+    letters = [_AXIS_LETTERS[i][0 if cosines[i] > 0 else 1] for i in order if abs(cosines[i]) > 0.25]
+    return "".join(letters) or "L"
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str]:
+    """Row and column directions of the source image: its Patient Orientation, else derived from
+    Image Orientation (Patient); an image with neither is taken as an axial slice (L, P)."""
+    if len(source.get("PatientOrientation") or []) == 2:
+        row, col = (str(v) for v in source.PatientOrientation)
+        return row, col
+    iop = [float(v) for v in source.get("ImageOrientationPatient") or []]
+    if len(iop) == 6:
+        return _direction_letters(iop[:3]), _direction_letters(iop[3:])
+    return "L", "P"
+
+
+def build_secondary_capture(report_id: str, source: Dataset, png_path: str | Path) -> Dataset:
+    """An RGB Secondary Capture of the heatmap overlay, in the source image's study."""
+    pixels = overlay_pixels(png_path)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=patient_orientation(source),
+        series_instance_uid=export_uid(report_id, "sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=export_uid(report_id, "sc-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description="AI heatmap overlay (preliminary)",
+    )
+    sc.ImageComments = PRELIMINARY_STATEMENT
+    sc.BurnedInAnnotation = "NO"
+    # the SC stands for the source image it was derived from
+    derived = Dataset()
+    derived.ReferencedSOPClassUID = source.SOPClassUID
+    derived.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [derived]
+    return sc
+
+
+def build_sr(
+    report_id: str,
+    details: dict[str, Any],
+    sources: dict[str, Dataset],
+    sc: Dataset | None,
+    threshold: float = 0.5,
+) -> Dataset:
+    """A Comprehensive SR: algorithm name/version, the preliminary statement, and per analysed
+    image one Findings container (finding code, probability, source image reference)."""
+    root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id=None)
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(ALGORITHM_NAME, str(details.get("model_name") or "unknown"), "HAS OBS CONTEXT"),
+        hd.sr.TextContentItem(ALGORITHM_VERSION, str(details.get("model_version") or "unknown"), "HAS OBS CONTEXT"),
+        hd.sr.TextContentItem(codes.DCM.Comment, PRELIMINARY_STATEMENT, "CONTAINS"),
+    ]
+    for inst in details.get("instances", []):
+        source = sources.get(inst["sop_instance_uid"])
+        if source is None:
+            continue
+        group = hd.sr.ContainerContentItem(name=codes.DCM.Findings, relationship_type="CONTAINS")
+        children: list[hd.sr.ContentItem] = []
+        for name, probability in inst["probabilities"].items():
+            children.append(hd.sr.CodeContentItem(codes.DCM.Finding, finding_concept(name), "CONTAINS"))
+            children.append(
+                hd.sr.NumContentItem(PROBABILITY, float(probability), UNITLESS, relationship_type="CONTAINS")
+            )
+            verdict = "suspected" if probability >= threshold else "not detected"
+            children.append(
+                hd.sr.TextContentItem(codes.DCM.Conclusion, f"{name.replace('_', ' ')}: {verdict}", "CONTAINS")
+            )
+        children.append(
+            hd.sr.ImageContentItem(
+                codes.DCM.SourceOfMeasurement, source.SOPClassUID, source.SOPInstanceUID,
+                relationship_type="INFERRED FROM",
+            )
+        )
+        group.ContentSequence = hd.sr.ContentSequence(children)
+        items.append(group)
+    if len(items) == 3:
+        raise ExportBuildError(f"report {report_id} has no analysed image whose source is on disk")
+    if sc is not None:
+        items.append(
+            hd.sr.ImageContentItem(
+                hd.sr.CodedConcept("121200", "DCM", "Illustration of ROI"),
+                sc.SOPClassUID, sc.SOPInstanceUID, relationship_type="CONTAINS",
+            )
+        )
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    evidence = list(sources.values()) + ([sc] if sc is not None else [])
+    return hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=export_uid(report_id, "sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=export_uid(report_id, "sr-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description="AI findings (preliminary)",
+    )
+
+
+def build_export(ai: AiResult, instances: list[DicomInstance]) -> ExportObjects:
+    """The SR (and SC) for an imaging AI result; ``instances`` are the study's stored instances.
+
+    Raises ExportBuildError when none of the analysed images is still on disk.
+    """
+    paths = {i.sop_instance_uid: i.path for i in instances}
+    findings = [f for f in ai.details.get("instances", []) if f["sop_instance_uid"] in paths]
+    sources: dict[str, Dataset] = {}
+    for f in findings:
+        path = paths[f["sop_instance_uid"]]
+        if Path(path).is_file():
+            sources[f["sop_instance_uid"]] = _headers(path)
+    if not sources:
+        raise ExportBuildError(f"report {ai.report_id}: none of the analysed images is stored any more")
+    # the heatmap of the highest-probability image, as the FHIR report's presentedForm
+    ranked = sorted(
+        (f for f in findings if f["sop_instance_uid"] in sources),
+        key=lambda f: max(f["probabilities"].values(), default=0.0),
+        reverse=True,
+    )
+    top = ranked[0]
+    sc = None
+    if top.get("heatmap_path") and Path(top["heatmap_path"]).is_file():
+        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], top["heatmap_path"])
+    sr = build_sr(ai.report_id, ai.details, sources, sc)
+    return ExportObjects(sr=sr, sc=sc)
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    # one small PDU exchange per object: Nagle's algorithm would add ~40 ms to each on loopback
+    dul_socket = event.assoc.dul.socket
+    sock = dul_socket.socket if dul_socket is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_datasets(
+    datasets: list[Dataset],
+    *,
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float = 30.0,
+) -> None:
+    """C-STORE every dataset on one association. Success and warning (0xB...) statuses count as
+    stored; anything else, or an association that cannot be made, raises ExportSendError."""
+    adapt_requests()
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+    if not assoc.is_established:
+        what = "rejected the association" if assoc.is_rejected else "could not be reached"
+        raise ExportSendError(
+            f"{called_ae} at {host}:{port} {what}; check the peer is running and accepts calling AE {calling_ae}"
+        )
+    try:
+        for ds in datasets:
+            sop_class = ds.SOPClassUID.name if hasattr(ds.SOPClassUID, "name") else str(ds.SOPClassUID)
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                raise ExportSendError(f"{called_ae} did not answer the C-STORE of a {sop_class} (timeout or abort)")
+            if code != 0x0000 and (code & 0xF000) != 0xB000:
+                raise ExportSendError(f"{called_ae} refused a {sop_class} with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def dataset_bytes(ds: Dataset) -> bytes:
+    """The dataset as a DICOM Part 10 file (for tests and archives)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

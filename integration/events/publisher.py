@@ -1,0 +1,115 @@
+"""Quiet-period publishers: turn changed studies and patient records into events.
+
+A study is announced once no instance has arrived for ``quiet_seconds`` (or its association was
+released); a patient's record likewise once no resource arrived for it. The event goes to the
+outbox in the same transaction that marks the revision published, so nothing is announced twice
+and nothing is lost if the process dies in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from integration.db.store import Store
+from integration.db.tables import ChangeTracker
+from integration.fhir.resources import imaging_study_for, patient_for_dicom, store_resource
+from integration.phi import uid_hash
+from schemas.events import TOPIC_RECORD_RECEIVED, TOPIC_STUDY_RECEIVED, RecordReceived, StudyReceived
+
+log = logging.getLogger(__name__)
+
+
+class QuietPeriodPublisher:
+    def __init__(
+        self,
+        store: Store,
+        kind: str,
+        quiet_seconds: float,
+        announce: Callable[[Session, ChangeTracker], None],
+        on_announced: Callable[[], None] | None = None,
+        poll_seconds: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.kind = kind
+        self.quiet_seconds = quiet_seconds
+        self.announce = announce
+        self.on_announced = on_announced
+        self.poll_seconds = poll_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"publisher-{self.kind}")
+
+    def wake(self) -> None:
+        """Look for due trackers now (thread-safe: DICOM threads call it when an association ends)."""
+        if self._loop and self._wake:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def publish_due(self) -> int:
+        """Announce every due tracker; returns how many were announced."""
+        announced = 0
+        for tracker in self.store.due_trackers(self.kind, self.quiet_seconds):
+            with self.store.session() as s:
+                if not Store.claim_tracker(s, tracker):
+                    continue  # it changed since we looked; it will be due again after its quiet period
+                self.announce(s, tracker)
+            announced += 1
+        if announced and self.on_announced:
+            self.on_announced()
+        return announced
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.to_thread(self.publish_due)
+            except Exception:  # noqa: BLE001 - keep publishing; the tracker stays due and is retried
+                log.exception("%s publisher failed; retrying", self.kind)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+            self._wake.clear()
+
+
+def announce_study(s: Session, tracker: ChangeTracker) -> None:
+    """Create or refresh the ImagingStudy (and the Patient, when new) and queue StudyReceived."""
+    study_uid = tracker.key
+    Store.mark_announced(s, study_uid, tracker.revision)
+    instances = Store.instances_in(s, study_uid)
+    patient_ref = patient_for_dicom(s, instances)
+    imaging_study = imaging_study_for(study_uid, instances, patient_ref)
+    store_resource(s, imaging_study, track=False)
+    event = StudyReceived(
+        study_instance_uid=study_uid,
+        revision=tracker.revision,
+        patient_ref=patient_ref,
+        imaging_study_ref=f"ImagingStudy/{imaging_study['id']}",
+        instance_count=len(instances),
+    )
+    Store.add_to_outbox(s, TOPIC_STUDY_RECEIVED, event, key=study_uid)
+    log.info("study %s revision %d announced (event %s)", uid_hash(study_uid), tracker.revision, event.event_id)
+
+
+def announce_record(s: Session, tracker: ChangeTracker) -> None:
+    event = RecordReceived(patient_ref=tracker.key, revision=tracker.revision)
+    Store.add_to_outbox(s, TOPIC_RECORD_RECEIVED, event, key=tracker.key)
+    log.info("record of %s revision %d announced (event %s)", uid_hash(tracker.key), tracker.revision, event.event_id)
+
+

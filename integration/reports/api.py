@@ -1,0 +1,195 @@
+"""The query API under /api: what the viewer (and any other client) reads and the review action."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+
+from integration.app.services import Services, get_services
+from integration.db.tables import AiResult
+from integration.delivery.ehr import sender as upstream
+from integration.delivery.pacs.sender import (
+    DicomExport,
+    ExportNotDeadError,
+    ExportNotFoundError,
+    list_exports,
+    replay_export,
+)
+from integration.errors import ResourceNotFoundError
+from integration.fhir.resources import allowed_codes, is_fhir_id
+from integration.fhir.storage import get_resource, search_resources
+from integration.reports.writer import apply_review
+from schemas.api import DicomExportRecord, InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
+from schemas.events import EvidencePassage
+
+router = APIRouter(prefix="/api", tags=["query"])
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _summary(report: dict[str, Any], ai: AiResult) -> ReportSummary:
+    top_name, top_p = None, None
+    for inst in ai.details.get("instances", []):
+        for name, p in inst["probabilities"].items():
+            if top_p is None or p > top_p:
+                top_name, top_p = name, p
+    return ReportSummary(
+        id=report["id"],
+        kind=ai.kind,  # type: ignore[arg-type]
+        status=report["status"],
+        subject=(report.get("subject") or {}).get("reference"),
+        issued=report.get("issued"),
+        conclusion=report.get("conclusion"),
+        study_instance_uid=ai.study_instance_uid,
+        top_finding=top_name,
+        top_probability=top_p,
+    )
+
+
+# the largest id the replay routes' Integer primary keys hold (32-bit on PostgreSQL)
+_MAX_ROW_ID = 2**31 - 1
+_REPORT_STATUSES = allowed_codes("DiagnosticReport", "status")
+
+
+def _ai_result(services: Services, report_id: str) -> AiResult:
+    """The AI result behind report ``report_id``; ResourceNotFoundError (404) when there is none. An id
+    that is not a FHIR id is unknown without asking the database (PostgreSQL refuses NUL in text)."""
+    ai = services.store.get_ai_result(report_id) if is_fhir_id(report_id) else None
+    if ai is None:
+        raise ResourceNotFoundError("DiagnosticReport", report_id)
+    return ai
+
+
+def _detail(services: Services, report_id: str) -> ReportDetail:
+    ai = _ai_result(services, report_id)
+    report = get_resource(services.store, "DiagnosticReport", report_id)
+    summary = _summary(report, ai)
+    return ReportDetail(
+        **summary.model_dump(),
+        model_name=ai.details.get("model_name"),
+        model_version=ai.details.get("model_version"),
+        instances=[
+            InstanceResult(
+                sop_instance_uid=i["sop_instance_uid"],
+                probabilities=i["probabilities"],
+                has_heatmap=bool(i.get("heatmap_path")),
+            )
+            for i in ai.details.get("instances", [])
+        ],
+        evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
+        reviews=[
+            ReviewRecord(action=r.action, reviewer=r.reviewer, comment=r.comment, at=r.at)  # type: ignore[arg-type]
+            for r in services.store.reviews_for(report_id)
+        ],
+        fhir=report,
+    )
+
+
+@router.get("/reports", response_model=list[ReportSummary])
+def list_reports(
+    services: ServicesDep,
+    status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ReportSummary]:
+    statuses = [v.strip() for v in status.split(",") if v.strip()] if status else []
+    unknown = [v for v in statuses if v not in _REPORT_STATUSES]
+    if unknown:
+        raise HTTPException(400, f"status must be DiagnosticReport statuses separated by commas "
+                                 f"({', '.join(sorted(_REPORT_STATUSES))}); {len(unknown)} value(s) are not")
+    rows, _ = search_resources(services.store, "DiagnosticReport", status=statuses or None, limit=limit)
+    out = []
+    for report in rows:
+        ai = services.store.get_ai_result(report["id"])
+        if ai is not None:  # only reports MedBridge wrote
+            out.append(_summary(report, ai))
+    return out
+
+
+@router.get("/reports/{report_id}", response_model=ReportDetail)
+def get_report(report_id: str, services: ServicesDep) -> ReportDetail:
+    return _detail(services, report_id)
+
+
+@router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
+def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | None = None) -> Response:
+    """The image with the AI heatmap blended over it (the highest-probability image by default)."""
+    ai = _ai_result(services, report_id)
+    instances = ai.details.get("instances", [])
+    chosen = next(
+        (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
+    )
+    if chosen is None or not chosen.get("heatmap_path") or not Path(chosen["heatmap_path"]).is_file():
+        raise HTTPException(404, "this report has no image")
+    return Response(Path(chosen["heatmap_path"]).read_bytes(), media_type="image/png")
+
+
+@router.post("/reports/{report_id}/review", response_model=ReportDetail)
+def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
+    _ai_result(services, report_id)  # an id that cannot be stored is unknown before any write
+    apply_review(services.store, report_id, review, services.settings.upstream_urls)
+    services.notify_outbox()
+    return _detail(services, report_id)
+
+
+@router.get("/dead-letters")
+def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
+    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI)."""
+    return [
+        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id, "error": d.error, "at": d.at}
+        for d in services.store.dead_letters()
+    ]
+
+
+def _export_record(row: DicomExport) -> DicomExportRecord:
+    return DicomExportRecord.model_validate(row, from_attributes=True)
+
+
+@router.get("/dicom-exports", response_model=list[DicomExportRecord])
+def dicom_exports(
+    services: ServicesDep,
+    state: Annotated[Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[DicomExportRecord]:
+    """DICOM exports of AI results to the PACS, newest first; ``state=dead`` lists those to replay."""
+    return [_export_record(r) for r in list_exports(services.store, state, limit)]
+
+
+@router.post("/dicom-exports/{export_id}/replay", response_model=DicomExportRecord)
+def replay_dicom_export(export_id: int, services: ServicesDep) -> DicomExportRecord:
+    """Put a dead export back to pending with a fresh attempt budget (404 unknown, 409 not dead)."""
+    if not 1 <= export_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
+        raise HTTPException(404, f"DICOM export {export_id} is not known; list them with GET /api/dicom-exports")
+    try:
+        return _export_record(replay_export(services.store, export_id))
+    except ExportNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ExportNotDeadError as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+@router.get("/writebacks", tags=["writeback"])
+def writebacks(
+    services: ServicesDep,
+    state: Annotated[
+        Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead; all when absent")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[dict[str, Any]]:
+    """Writebacks to the upstream EHR, oldest first (payloads omitted: they hold patient data)."""
+    return upstream.list_jobs(services.store, state, limit)
+
+
+@router.post("/writebacks/{job_id}/replay", tags=["writeback"])
+def replay_writeback(job_id: int, services: ServicesDep) -> dict[str, Any]:
+    """Queue a dead writeback again (after fixing what made the upstream refuse it)."""
+    if not 1 <= job_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
+        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
+    try:
+        job = upstream.replay_job(services.store, job_id)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    if job is None:
+        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
+    services.notify_outbox()  # also wakes the writeback sender
+    return job
