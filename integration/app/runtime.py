@@ -73,7 +73,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        for folder in (s.data_dir, s.dicom_dir, s.artifacts_dir, s.models_dir):
+        for folder in (s.data_dir, s.dicom_dir, s.models_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
         await asyncio.to_thread(self.store.start)
@@ -127,7 +127,7 @@ class Runtime:
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
 
-            imaging = ImagingWorker(self.store, s.imaging_model_path, s.artifacts_dir, device=s.device, options=options)
+            imaging = ImagingWorker(self.store, s.imaging_model_path, device=s.device, options=options)
             await self._start_worker("imaging_worker", imaging)
         if "clinical" in s.enabled_workers:
             from inference.clinical.worker import ClinicalWorker
