@@ -32,6 +32,7 @@ from integration.events.broker import ConsumerOptions, EmbeddedBroker, OutboxRel
 from integration.events.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.fhir import storage as fhir_storage
 from integration.fhir.validation import ValidationWorkers
+from integration.reports.legacy_heatmaps import adopt_heatmap_files
 from integration.reports.writer import ReportWriter
 from schemas.events import CONSUMER_OF_TOPIC
 
@@ -79,6 +80,7 @@ class Runtime:
         await asyncio.to_thread(self.store.start)
         self.components.append(("store", self.store.stop))
         await asyncio.to_thread(fhir_storage.prepare, self.store)  # resources from before the search index
+        await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
 
         if not self.bootstrap:
             self.embedded = EmbeddedBroker(s.embedded_kafka_port)

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from integration.db.artifacts import put_artifact
+from integration.db.artifacts import artifact_id, get_artifact, put_artifact, stored_artifact_ids
 from integration.db.store import Store
 from integration.db.tables import AiResult
 from integration.fhir.storage import get_resource
+from integration.reports.legacy_heatmaps import adopt_heatmap_files, legacy_heatmap_folder
 from integration.reports.writer import write_report
 from schemas.events import ImagingInferenceCompleted, InstanceFinding, parse_event
 from tests.conftest import serve_app, stack_settings
@@ -133,3 +134,32 @@ def test_the_viewers_heatmap_route_serves_the_reports_artifact(api: httpx.Client
     assert image.status_code == 200 and image.content == png and image.headers["content-type"] == "image/png"
     without = api.get(f"/api/reports/{report_id}/image.png", params={"sop_instance_uid": "1.2.3.1"})
     assert without.status_code == 404 and without.json()["detail"] == "this report has no image"
+
+
+# results from before artifacts --------------------------------------------------------------------
+def test_results_from_before_artifacts_get_their_heatmap_files_as_artifacts_and_no_other_file(
+    store: Store, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "var"
+    folder = legacy_heatmap_folder(data_dir) / "study-hash"
+    folder.mkdir(parents=True)
+    kept = _png((255, 0, 0))
+    (folder / "1.2.3.0.png").write_bytes(kept)
+    outside = tmp_path / "elsewhere.png"  # a path out of the legacy folder, even through "..", is never read
+    outside.write_bytes(_png((1, 2, 3)))
+    legacy = [str(folder / "1.2.3.0.png"), str(folder / ".." / ".." / ".." / ".." / "elsewhere.png"),
+              str(folder / "gone.png"), None]
+    with store.session() as s:
+        s.add(AiResult(report_id="old", kind="imaging", source_event_id="e-old", details={
+            "model_name": "demo", "instances": [{"sop_instance_uid": f"1.2.3.{n}", "probabilities": {"x": 0.5},
+                                                 "heatmap_path": path} for n, path in enumerate(legacy)]}))
+        s.add(AiResult(report_id="new", kind="imaging", source_event_id="e-new", details={"instances": []}))
+
+    assert adopt_heatmap_files(store, data_dir) == 1
+    details = _details(store, "old")
+    assert details["model_name"] == "demo" and "heatmap_path" not in json.dumps(details)
+    ids = [i["heatmap_artifact_id"] for i in details["instances"]]
+    assert ids == [artifact_id(kept), None, None, None]
+    assert get_artifact(store, ids[0]).data == kept
+    assert stored_artifact_ids(store, [artifact_id(outside.read_bytes())]) == set()
+    assert adopt_heatmap_files(store, data_dir) == 0  # done once
