@@ -138,7 +138,7 @@ def _artifact_response(services: Services, artifact_id: str) -> Response:
 
 
 @router.get("/artifacts/{artifact_id}", responses={200: {"content": {"image/png": {}}}})
-def artifact(
+def artifact_content(
     artifact_id: Annotated[str, PathParam(pattern=ARTIFACT_ID_PATTERN,
                                           description="sha256 of the bytes, 64 lowercase hex digits")],
     services: ServicesDep,
