@@ -30,6 +30,7 @@ class InstanceResult(BaseModel):
     sop_instance_uid: str
     probabilities: dict[str, float]
     has_heatmap: bool
+    heatmap_artifact_id: str | None = Field(None, description="the overlay PNG, at GET /api/artifacts/{id}")
 
 
 class ReviewRecord(BaseModel):

@@ -76,17 +76,28 @@ class RecordReceived(_Event):
     revision: int
 
 
+# An artifact kept by the store (integration.db.artifacts) is named by the sha256 of its bytes, in lowercase
+# hex: an id from an event can only ever select a stored artifact, never name a file.
+ARTIFACT_ID_PATTERN = r"^[0-9a-f]{64}$"
+ArtifactId = Annotated[str, Field(pattern=ARTIFACT_ID_PATTERN, description="sha256 of the artifact's bytes, hex")]
+
+
 class InstanceFinding(BaseModel):
+    # Extra fields are ignored, not refused: a version 1 event's ``heatmap_path`` (a file path) is dropped
+    # unread, and its report is written without the heatmap.
     model_config = ConfigDict(frozen=True)
 
     sop_instance_uid: str
     series_instance_uid: str
     probabilities: dict[str, float]
-    heatmap_path: str | None = None
+    heatmap_artifact_id: ArtifactId | None = Field(None, description="the overlay PNG, in the artifact store")
 
 
 class ImagingInferenceCompleted(_Event):
     event_type: Literal["ImagingInferenceCompleted"] = "ImagingInferenceCompleted"
+    # 2: findings name their heatmap by artifact id (1 named a file path). Version 1 events still parse,
+    # so those waiting in the outbox at an upgrade still become reports (without their heatmap).
+    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]  # a field per event, not a method override
     source_event_id: str
     study_instance_uid: str
     revision: int

@@ -1,22 +1,23 @@
 """The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
 
 A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
-stored instances, runs the detector off the event loop, saves each heatmap overlay as a PNG
-(atomically) and writes the result event to the outbox in the same transaction that records the
-StudyReceived event as processed.
+stored instances, runs the detector off the event loop, stores each heatmap overlay PNG in the
+artifact store (the database, so the report writer needs no access to this host's files) and writes
+the result event, which names the overlays by artifact id, to the outbox in the same transaction that
+records the StudyReceived event as processed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from integration.db.artifacts import put_artifact
 from integration.db.store import Store
 from integration.events.broker import ConsumerOptions, ConsumerWorker
 from integration.phi import uid_hash
@@ -33,16 +34,18 @@ from schemas.events import (
 log = logging.getLogger(__name__)
 
 
-def _write_png(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def store_overlay(store: Store, png: bytes) -> str:
+    """Store one overlay PNG in the artifact store; its artifact id.
+
+    Each in its own transaction, as soon as it is made, so a study of hundreds of images is not held in
+    memory. Committed before the result event (``ConsumerWorker.finish``): an event never names an
+    artifact the store lacks. A crash in between leaves rows no event names, which the redelivery,
+    inferring the same images again, finds in place or stores anew (content-addressed)."""
+    with store.session() as s:
+        return put_artifact(s, png, "image/png")
 
 
-def infer_study(
-    store: Store, detector: LesionDetector, artifacts_dir: Path, event: StudyReceived
-) -> ImagingInferenceCompleted | None:
+def infer_study(store: Store, detector: LesionDetector, event: StudyReceived) -> ImagingInferenceCompleted | None:
     """Run the detector on the image instances this revision of the study brought; None when it
     brought none. Images an earlier revision brought have that revision's result already."""
     images = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
@@ -62,14 +65,12 @@ def infer_study(
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)
             continue
-        png = artifacts_dir / "heatmaps" / uid_hash(event.study_instance_uid) / f"{inst.sop_instance_uid}.png"
-        _write_png(png, result.overlay_png)
         findings.append(
             InstanceFinding(
                 sop_instance_uid=inst.sop_instance_uid,
                 series_instance_uid=inst.series_instance_uid,
                 probabilities=result.probabilities,
-                heatmap_path=str(png),
+                heatmap_artifact_id=store_overlay(store, result.overlay_png),
             )
         )
     return ImagingInferenceCompleted(
@@ -91,13 +92,10 @@ class ImagingWorker(ConsumerWorker):
     name = IMAGING_WORKER
     topics = (TOPIC_STUDY_RECEIVED,)
 
-    def __init__(
-        self, store: Store, weights: Path, artifacts_dir: Path, *, device: str, options: ConsumerOptions
-    ) -> None:
+    def __init__(self, store: Store, weights: Path, *, device: str, options: ConsumerOptions) -> None:
         super().__init__(store, options)
         self.weights = weights
         self.device = device
-        self.artifacts_dir = artifacts_dir
         self.detector: LesionDetector | None = None
 
     async def load(self) -> None:
@@ -107,5 +105,5 @@ class ImagingWorker(ConsumerWorker):
         if not isinstance(event, StudyReceived):
             return
         assert self.detector is not None
-        result = await asyncio.to_thread(infer_study, self.store, self.detector, self.artifacts_dir, event)
+        result = await asyncio.to_thread(infer_study, self.store, self.detector, event)
         self.finish(event.event_id, result, TOPIC_IMAGING_COMPLETED, key=event.study_instance_uid)

@@ -32,6 +32,7 @@ from integration.events.broker import ConsumerOptions, EmbeddedBroker, OutboxRel
 from integration.events.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.fhir import storage as fhir_storage
 from integration.fhir.validation import ValidationWorkers
+from integration.reports.legacy_heatmaps import adopt_heatmap_files
 from integration.reports.writer import ReportWriter
 from schemas.events import CONSUMER_OF_TOPIC
 
@@ -73,12 +74,13 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        for folder in (s.data_dir, s.dicom_dir, s.artifacts_dir, s.models_dir):
+        for folder in (s.data_dir, s.dicom_dir, s.models_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
         await asyncio.to_thread(self.store.start)
         self.components.append(("store", self.store.stop))
         await asyncio.to_thread(fhir_storage.prepare, self.store)  # resources from before the search index
+        await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
 
         if not self.bootstrap:
             self.embedded = EmbeddedBroker(s.embedded_kafka_port)
@@ -127,7 +129,7 @@ class Runtime:
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
 
-            imaging = ImagingWorker(self.store, s.imaging_model_path, s.artifacts_dir, device=s.device, options=options)
+            imaging = ImagingWorker(self.store, s.imaging_model_path, device=s.device, options=options)
             await self._start_worker("imaging_worker", imaging)
         if "clinical" in s.enabled_workers:
             from inference.clinical.worker import ClinicalWorker

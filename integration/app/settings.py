@@ -135,10 +135,6 @@ class Settings(BaseSettings):
         return self.data_dir / "dicom"
 
     @property
-    def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
-
-    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 

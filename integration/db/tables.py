@@ -16,6 +16,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -254,3 +255,17 @@ class UpstreamReport(Base):
     upstream_id: Mapped[str] = mapped_column(String(128))
     version_id: Mapped[str | None] = mapped_column(String(128))
     result_refs: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class Artifact(Base):
+    """A derived file (a heatmap overlay PNG) kept in the database, named by the sha256 of its bytes.
+
+    Events and AI results name artifacts by ``id``, never by a path, so a worker on another host reads
+    them with the database URL alone (integration.db.artifacts writes and reads them)."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of ``data``, lowercase hex
+    media_type: Mapped[str] = mapped_column(String(127))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

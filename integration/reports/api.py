@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import Path as PathParam
 
 from integration.app.services import Services, get_services
+from integration.db.artifacts import ArtifactNotFoundError, get_artifact
 from integration.db.tables import AiResult
 from integration.delivery.ehr import sender as upstream
 from integration.delivery.pacs.sender import (
@@ -22,7 +23,7 @@ from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
 from integration.reports.writer import apply_review
 from schemas.api import DicomExportRecord, InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
-from schemas.events import EvidencePassage
+from schemas.events import ARTIFACT_ID_PATTERN, EvidencePassage
 
 router = APIRouter(prefix="/api", tags=["query"])
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -73,7 +74,8 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
             InstanceResult(
                 sop_instance_uid=i["sop_instance_uid"],
                 probabilities=i["probabilities"],
-                has_heatmap=bool(i.get("heatmap_path")),
+                has_heatmap=bool(i.get("heatmap_artifact_id")),
+                heatmap_artifact_id=i.get("heatmap_artifact_id"),
             )
             for i in ai.details.get("instances", [])
         ],
@@ -119,9 +121,31 @@ def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | 
     chosen = next(
         (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
     )
-    if chosen is None or not chosen.get("heatmap_path") or not Path(chosen["heatmap_path"]).is_file():
+    if chosen is None or not chosen.get("heatmap_artifact_id"):
         raise HTTPException(404, "this report has no image")
-    return Response(Path(chosen["heatmap_path"]).read_bytes(), media_type="image/png")
+    return _artifact_response(services, chosen["heatmap_artifact_id"])
+
+
+def _artifact_response(services: Services, artifact_id: str) -> Response:
+    try:
+        artifact = get_artifact(services.store, artifact_id)
+    except ArtifactNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    # content-addressed: the bytes behind an id never change. Private: the image is of a patient.
+    headers = {"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{artifact.id}"',
+               "X-Content-Type-Options": "nosniff"}
+    return Response(artifact.data, media_type=artifact.media_type, headers=headers)
+
+
+@router.get("/artifacts/{artifact_id}", responses={200: {"content": {"image/png": {}}}})
+def artifact_content(
+    artifact_id: Annotated[str, PathParam(pattern=ARTIFACT_ID_PATTERN,
+                                          description="sha256 of the bytes, 64 lowercase hex digits")],
+    services: ServicesDep,
+) -> Response:
+    """A stored artifact (a heatmap overlay), by the id a report's instances name, with its media type:
+    404 when the store holds no artifact with that id, 422 when the id is not 64 lowercase hex digits."""
+    return _artifact_response(services, artifact_id)
 
 
 @router.post("/reports/{report_id}/review", response_model=ReportDetail)

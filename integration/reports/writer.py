@@ -2,8 +2,9 @@
 
 Reports carry the AI-asserted security label (``AIAST``, HL7 AI Transparency on FHIR), the
 source study or the Observations they used, the conclusion, ICD-10-CM conclusion codes where the
-cited evidence supports one, and the heatmap overlay as ``presentedForm``. A reviewer's action
-later makes them ``final``, ``amended`` or ``entered-in-error``.
+cited evidence supports one, and the heatmap overlay as ``presentedForm`` (read from the artifact
+store by the id the result event names, so this writer needs no access to the imaging worker's
+files). A reviewer's action later makes them ``final``, ``amended`` or ``entered-in-error``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import asyncio
 import base64
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from integration.db.artifacts import get_artifact, stored_artifact_ids
 from integration.db.store import Store
 from integration.db.tables import AiResult, FhirResource, Review, stable_id, utcnow
 from integration.delivery.ehr.sender import enqueue_report_issued, enqueue_report_reviewed
@@ -37,6 +38,7 @@ from schemas.events import (
     TOPIC_REPORT_ISSUED,
     ClinicalInferenceCompleted,
     ImagingInferenceCompleted,
+    InstanceFinding,
     MedBridgeEvent,
     ReportIssued,
 )
@@ -69,8 +71,16 @@ def _images(n: int) -> str:
     return "1 image" if n == 1 else f"{n} images"
 
 
-def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The DiagnosticReport for an imaging result, and the details kept beside it for the viewer."""
+def ranked_findings(findings: Sequence[InstanceFinding]) -> list[InstanceFinding]:
+    """The findings, highest probability first: the first one's heatmap is the report's presentedForm."""
+    return sorted(findings, key=lambda f: max(f.probabilities.values(), default=0.0), reverse=True)
+
+
+def imaging_report(
+    event: ImagingInferenceCompleted, threshold: float = 0.5, heatmap_png: bytes | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DiagnosticReport for an imaging result, and the details kept beside it for the viewer.
+    ``heatmap_png``: the overlay of the highest-ranked finding (``top_heatmap``), the presentedForm."""
     report_id = stable_id("imaging-report", event.study_instance_uid, str(event.revision))
     report = _base_report(
         report_id,
@@ -85,7 +95,7 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
     ]
     if event.imaging_study_ref:
         report["imagingStudy"] = [{"reference": event.imaging_study_ref}]
-    findings = sorted(event.findings, key=lambda f: max(f.probabilities.values(), default=0.0), reverse=True)
+    findings = ranked_findings(event.findings)
     lines = [f"{event.model_name} {event.model_version} (demonstration model, not for clinical use)."]
     if event.earlier_images:
         lines.append(f"The images received since this study's previous report; its {_images(event.earlier_images)} "
@@ -105,12 +115,12 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
     if event.skipped_instances:
         lines.append(f"{event.skipped_instances} instance(s) could not be decoded and were not analysed.")
     report["conclusion"] = fhir_string(" ".join(lines))
-    if findings and findings[0].heatmap_path and Path(findings[0].heatmap_path).is_file():
+    if heatmap_png is not None:
         report["presentedForm"] = [
             {
                 "contentType": "image/png",
                 "title": "Heatmap (Grad-CAM) over the image with the highest probability",
-                "data": base64.b64encode(Path(findings[0].heatmap_path).read_bytes()).decode(),
+                "data": base64.b64encode(heatmap_png).decode(),
             }
         ]
     details = {
@@ -120,6 +130,29 @@ def imaging_report(event: ImagingInferenceCompleted, threshold: float = 0.5) -> 
         "skipped_instances": event.skipped_instances,
     }
     return report, details
+
+
+def without_unknown_heatmaps(store: Store, event: ImagingInferenceCompleted) -> ImagingInferenceCompleted:
+    """The event with every heatmap artifact id the store does not hold removed (logged), so that the
+    report and its stored details name only artifacts that can be served. The imaging worker commits its
+    artifacts before its event; an unknown id comes from elsewhere (a crafted or foreign event)."""
+    named = {f.heatmap_artifact_id for f in event.findings if f.heatmap_artifact_id}
+    missing = named - stored_artifact_ids(store, named)
+    if not missing:
+        return event
+    log.warning("event %s names %d heatmap artifact(s) the store does not hold; its report goes without them",
+                event.event_id, len(missing))
+    findings = [f.model_copy(update={"heatmap_artifact_id": None}) if f.heatmap_artifact_id in missing else f
+                for f in event.findings]
+    return event.model_copy(update={"findings": findings})
+
+
+def top_heatmap(store: Store, event: ImagingInferenceCompleted) -> bytes | None:
+    """The PNG bytes of the highest-ranked finding's heatmap, from the artifact store; None without one."""
+    ranked = ranked_findings(event.findings)
+    if not ranked or ranked[0].heatmap_artifact_id is None:
+        return None
+    return get_artifact(store, ranked[0].heatmap_artifact_id).data
 
 
 def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -184,7 +217,8 @@ def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] =
     the report id derives from the study (or patient) and revision, so a replay rewrites it.
     ``upstreams``: the EHR FHIR base URLs the report is queued for (integration.delivery.ehr.sender)."""
     if isinstance(event, ImagingInferenceCompleted):
-        report, details = imaging_report(event)
+        event = without_unknown_heatmaps(store, event)
+        report, details = imaging_report(event, heatmap_png=top_heatmap(store, event))
         kind, study = "imaging", event.study_instance_uid
     elif isinstance(event, ClinicalInferenceCompleted):
         report, details = clinical_report(event)

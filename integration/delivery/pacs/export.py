@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from integration.db.artifacts import ArtifactNotFoundError
 from integration.db.tables import AiResult, DicomInstance, stable_id
 from integration.dicom.network.requestor import adapt_requests
 
@@ -80,9 +82,9 @@ def finding_concept(name: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(name[:64], MEDBRIDGE_SCHEME, name.replace("_", " ")[:64])
 
 
-def overlay_pixels(png_path: str | Path) -> np.ndarray:
+def overlay_pixels(png: bytes) -> np.ndarray:
     """The heatmap overlay (the PNG the API serves to the viewer) as an RGB uint8 array."""
-    with Image.open(png_path) as img:
+    with Image.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
@@ -112,9 +114,9 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
     return "L", "P"
 
 
-def build_secondary_capture(report_id: str, source: Dataset, png_path: str | Path) -> Dataset:
-    """An RGB Secondary Capture of the heatmap overlay, in the source image's study."""
-    pixels = overlay_pixels(png_path)
+def build_secondary_capture(report_id: str, source: Dataset, png: bytes) -> Dataset:
+    """An RGB Secondary Capture of the heatmap overlay (PNG bytes), in the source image's study."""
+    pixels = overlay_pixels(png)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
@@ -204,10 +206,14 @@ def build_sr(
     )
 
 
-def build_export(ai: AiResult, instances: list[DicomInstance]) -> ExportObjects:
-    """The SR (and SC) for an imaging AI result; ``instances`` are the study's stored instances.
+def build_export(
+    ai: AiResult, instances: list[DicomInstance], read_artifact: Callable[[str], bytes]
+) -> ExportObjects:
+    """The SR (and SC) for an imaging AI result; ``instances`` are the study's stored instances;
+    ``read_artifact`` gives the bytes of an artifact by id (the store's, raising ArtifactNotFoundError).
 
-    Raises ExportBuildError when none of the analysed images is still on disk.
+    Raises ExportBuildError when none of the analysed images is still on disk. A heatmap the artifact
+    store does not hold leaves the SC out, as a result without a heatmap does.
     """
     paths = {i.sop_instance_uid: i.path for i in instances}
     findings = [f for f in ai.details.get("instances", []) if f["sop_instance_uid"] in paths]
@@ -226,10 +232,20 @@ def build_export(ai: AiResult, instances: list[DicomInstance]) -> ExportObjects:
     )
     top = ranked[0]
     sc = None
-    if top.get("heatmap_path") and Path(top["heatmap_path"]).is_file():
-        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], top["heatmap_path"])
+    png = _heatmap(top.get("heatmap_artifact_id"), read_artifact)
+    if png is not None:
+        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], png)
     sr = build_sr(ai.report_id, ai.details, sources, sc)
     return ExportObjects(sr=sr, sc=sc)
+
+
+def _heatmap(artifact_id: str | None, read_artifact: Callable[[str], bytes]) -> bytes | None:
+    if not artifact_id:
+        return None
+    try:
+        return read_artifact(artifact_id)
+    except ArtifactNotFoundError:
+        return None
 
 
 def _set_nodelay(event: evt.Event) -> None:

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, update
 
 from integration.app.settings import DicomPeer
+from integration.db.artifacts import get_artifact
 from integration.db.store import Store
 from integration.db.tables import AiResult, DicomExport, utcnow
 from integration.events.broker import ConsumerOptions, ConsumerWorker
@@ -242,7 +243,8 @@ class DicomExportWorker(ConsumerWorker):
             ai = self.store.get_ai_result(row.report_id)
             if ai is None or not ai.study_instance_uid:
                 raise ExportBuildError(f"report {row.report_id} has no imaging result to export")
-            objects = build_export(ai, self.store.study_instances(ai.study_instance_uid))
+            objects = build_export(ai, self.store.study_instances(ai.study_instance_uid),
+                                   lambda artifact_id: get_artifact(self.store, artifact_id).data)
             send_datasets(objects.datasets, host=peer.host, port=peer.port, called_ae=peer.ae_title,
                           calling_ae=p.calling_ae, timeout=p.timeout_seconds)
         except ExportBuildError as exc:

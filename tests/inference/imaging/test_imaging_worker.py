@@ -1,7 +1,15 @@
-"""The imaging worker over a real listener and store: a grown study's images are each inferred once."""
+"""The imaging worker over a real listener and store: a grown study's images are each inferred once, and
+its heatmaps travel by artifact id: a report writer in another process, with its own data folder and only
+the database in common, embeds them."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from pydicom import dcmread
@@ -12,12 +20,15 @@ from sqlalchemy import select
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.worker import infer_study
+from integration.db.artifacts import get_artifact
 from integration.db.store import Store
-from integration.db.tables import OutboxEntry
+from integration.db.tables import AiResult, OutboxEntry
 from integration.dicom.network.listener import DicomListener
 from integration.events.publisher import QuietPeriodPublisher, announce_study
+from integration.fhir.storage import get_resource
 from integration.reports.writer import imaging_report
-from schemas.events import StudyReceived
+from schemas.events import ImagingInferenceCompleted, StudyReceived
+from tests.conftest import REPO
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
@@ -58,7 +69,7 @@ def _announce_first(store: Store, listener: DicomListener):  # noqa: ANN202
 
 
 def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same(
-    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, detector: LesionDetector
 ) -> None:
     publisher, first = _announce_first(store, listener)
     # the study grows: a new series on a later association, two images
@@ -70,14 +81,14 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
     revision1, revision2 = _announced(store)
     assert revision2.revision > revision1.revision
     assert (revision1.instance_count, revision2.instance_count) == (1, 3)
-    result1 = infer_study(store, detector, tmp_path / "artifacts", revision1)
-    result2 = infer_study(store, detector, tmp_path / "artifacts", revision2)
+    result1 = infer_study(store, detector, revision1)
+    result2 = infer_study(store, detector, revision2)
     assert result1 is not None and result2 is not None
     assert [f.sop_instance_uid for f in result1.findings] == [first.SOPInstanceUID]
     assert sorted(f.sop_instance_uid for f in result2.findings) == sorted(ds.SOPInstanceUID for ds in later)
     assert (result1.earlier_images, result2.earlier_images) == (0, 1)
     # at-least-once delivery: revision 1 redelivered after revision 2 is announced infers what it did
-    again = infer_study(store, detector, tmp_path / "artifacts", revision1)
+    again = infer_study(store, detector, revision1)
     assert again is not None and [f.sop_instance_uid for f in again.findings] == [first.SOPInstanceUID]
     # the grown revision's report says its images are the new ones
     report, details = imaging_report(result2)
@@ -88,7 +99,7 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
 
 
 def test_a_revision_that_brings_no_image_has_nothing_to_infer(
-    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, detector: LesionDetector
 ) -> None:
     publisher, first = _announce_first(store, listener)
     # the same instance again: a duplicate, the study does not grow, nothing is announced
@@ -97,4 +108,60 @@ def test_a_revision_that_brings_no_image_has_nothing_to_infer(
     (revision1,) = _announced(store)
     # a later revision whose instances are all announced already (as a non-image-only one would be)
     later = revision1.model_copy(update={"revision": revision1.revision + 1, "event_id": "e-later"})
-    assert infer_study(store, detector, tmp_path / "artifacts", later) is None
+    assert infer_study(store, detector, later) is None
+
+
+# The report writer as a process of its own: another working folder and data folder, only the database URL in
+# common with the imaging worker (as a worker on another host has). It reads the event as the broker would
+# deliver it (JSON) on stdin and prints the report id.
+_REMOTE_WRITER = """
+import sys
+from integration.db.store import Store
+from integration.reports.writer import write_report
+from schemas.events import parse_event
+
+store = Store(sys.argv[1])
+store.start()
+try:
+    print(write_report(store, parse_event(sys.stdin.read())))
+finally:
+    store.stop()
+"""
+
+
+def _write_report_elsewhere(database_url: str, event: ImagingInferenceCompleted, folder: Path) -> str:
+    folder.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDBRIDGE_DATA_DIR": str(folder / "var")}
+    proc = subprocess.run([sys.executable, "-c", _REMOTE_WRITER, database_url], input=event.model_dump_json(),
+                          capture_output=True, text=True, cwd=folder, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_report_writer_in_another_process_with_another_data_folder_embeds_the_heatmap(
+    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+) -> None:
+    _announce_first(store, listener)
+    (announced,) = _announced(store)
+    result = infer_study(store, detector, announced)
+    assert result is not None and result.schema_version == 2
+    (finding,) = result.findings
+    heatmap_id = finding.heatmap_artifact_id
+    assert heatmap_id is not None
+    # the overlay is in the store under the sha256 of its bytes, and nowhere on this host's disk
+    stored = get_artifact(store, heatmap_id)
+    assert stored.media_type == "image/png" and stored.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert hashlib.sha256(stored.data).hexdigest() == heatmap_id
+    assert list(tmp_path.rglob("*.png")) == []
+
+    report_id = _write_report_elsewhere(store.url, result, tmp_path / "writer-host")
+
+    report = get_resource(store, "DiagnosticReport", report_id)
+    (form,) = report["presentedForm"]
+    assert form["contentType"] == "image/png"
+    assert hashlib.sha256(base64.b64decode(form["data"])).hexdigest() == heatmap_id
+    with store.session() as s:
+        details = s.get(AiResult, report_id).details
+    assert [i["heatmap_artifact_id"] for i in details["instances"]] == [heatmap_id]
+    assert "heatmap_path" not in json.dumps(details)
+

@@ -24,6 +24,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, Secondar
 from pynetdicom import AE, evt
 
 from integration.app.settings import DicomPeer
+from integration.db.artifacts import ArtifactNotFoundError, artifact_id, put_artifact
 from integration.db.store import Store
 from integration.db.tables import AiResult, DicomInstance
 from integration.delivery.pacs.export import (
@@ -53,17 +54,30 @@ from tests.conftest import free_port
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
 
-def overlay_png(path: Path, source: str, size: tuple[int, int] = (200, 256)) -> Path:
+def overlay_png(source: str, size: tuple[int, int] = (200, 256)) -> bytes:
     """A real overlay-like PNG: the source image's pixels in grey with a red square, at (h, w) size."""
     pixels = pydicom.dcmread(source).pixel_array.astype(np.float32)
     grey = ((pixels - pixels.min()) / max(1.0, float(np.ptp(pixels))) * 255).astype(np.uint8)
     rgb = np.stack([grey] * 3, axis=-1)
     rgb[40:60, 40:60] = (255, 0, 0)
-    Image.fromarray(rgb).resize((size[1], size[0])).save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).resize((size[1], size[0])).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def ai_result(report_id: str, source: str, png: Path | None, probability: float = 0.83) -> AiResult:
+def artifacts(*pngs: bytes) -> Callable[[str], bytes]:
+    """An artifact reader over these bytes, refusing other ids as the store's does (for the builder alone)."""
+    held = {artifact_id(png): png for png in pngs}
+
+    def read(aid: str) -> bytes:
+        if aid not in held:
+            raise ArtifactNotFoundError(aid)
+        return held[aid]
+
+    return read
+
+
+def ai_result(report_id: str, source: str, png: bytes | None, probability: float = 0.83) -> AiResult:
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     return AiResult(
         report_id=report_id, kind="imaging", source_event_id="e-1", study_instance_uid=ds.StudyInstanceUID,
@@ -71,7 +85,7 @@ def ai_result(report_id: str, source: str, png: Path | None, probability: float 
             "model_name": "demo-lesion-densenet", "model_version": "0.1.0",
             "instances": [{"sop_instance_uid": ds.SOPInstanceUID, "series_instance_uid": ds.SeriesInstanceUID,
                            "probabilities": {"synthetic_round_lesion": probability},
-                           "heatmap_path": str(png) if png else None}],
+                           "heatmap_artifact_id": artifact_id(png) if png else None}],
             "skipped_instances": 0,
         },
     )
@@ -99,10 +113,10 @@ def finding_values(sr: pydicom.Dataset) -> tuple[list[str], list[float], list[st
 
 
 # building ---------------------------------------------------------------------------------------
-def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_report(tmp_path: Path) -> None:
+def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_report() -> None:
     src = pydicom.dcmread(CT_SMALL)
-    png = overlay_png(tmp_path / "overlay.png", CT_SMALL, size=(200, 256))
-    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)])
+    png = overlay_png(CT_SMALL, size=(200, 256))
+    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     sr, sc = objects.sr, objects.sc
     assert sc is not None
     for ds in (sr, sc):
@@ -122,19 +136,27 @@ def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_re
     assert any("AI-generated, preliminary" in t for t in texts)
     # the SC holds the overlay's RGB pixels at its size
     assert (sc.Rows, sc.Columns, sc.SamplesPerPixel, sc.PhotometricInterpretation) == (200, 256, 3, "RGB")
-    assert np.array_equal(sc.pixel_array, np.asarray(Image.open(png).convert("RGB")))
+    assert np.array_equal(sc.pixel_array, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
     # a rebuild (a retry) yields the same objects, a different report other ones
-    again = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)])
+    again = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     assert (again.sr.SOPInstanceUID, again.sc.SOPInstanceUID) == (sr.SOPInstanceUID, sc.SOPInstanceUID)
     assert sr.SOPInstanceUID == export_uid("report-1", "sr-instance")
-    other = build_export(ai_result("report-2", CT_SMALL, png), [source_instance(CT_SMALL)])
+    other = build_export(ai_result("report-2", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     assert other.sr.SOPInstanceUID != sr.SOPInstanceUID and other.sc.SOPInstanceUID != sc.SOPInstanceUID
 
 
+def test_a_heatmap_the_artifact_store_lacks_leaves_the_sc_out_and_the_sr_whole() -> None:
+    ai = ai_result("report-1", CT_SMALL, overlay_png(CT_SMALL))
+    objects = build_export(ai, [source_instance(CT_SMALL)], artifacts())
+    assert objects.sc is None and [ds.SOPClassUID for ds in objects.datasets] == [ComprehensiveSRStorage]
+    names, probabilities, _ = finding_values(objects.sr)
+    assert names == ["synthetic round lesion"] and probabilities == [pytest.approx(0.83)]
+
+
 # sending ----------------------------------------------------------------------------------------
-def test_orthanc_stores_what_the_scu_sends_once_however_often_it_is_sent(orthanc: Any, tmp_path: Path) -> None:
-    png = overlay_png(tmp_path / "overlay.png", CT_SMALL)
-    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)])
+def test_orthanc_stores_what_the_scu_sends_once_however_often_it_is_sent(orthanc: Any) -> None:
+    png = overlay_png(CT_SMALL)
+    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     for _ in range(2):  # a retry after a lost answer re-sends the same SOP instances
         send_datasets(objects.datasets, host="127.0.0.1", port=orthanc.dicom_port, called_ae="ORTHANC",
                       calling_ae="MEDBRIDGE")
@@ -164,11 +186,11 @@ def refusing_scp() -> Iterator[tuple[int, list[str]]]:
 
 
 def test_failure_status_from_the_peer_fails_the_send_and_a_warning_does_not(
-    refusing_scp: tuple[int, list[str]], tmp_path: Path
+    refusing_scp: tuple[int, list[str]]
 ) -> None:
     port, received = refusing_scp
-    png = overlay_png(tmp_path / "overlay.png", CT_SMALL)
-    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)])
+    png = overlay_png(CT_SMALL)
+    objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     with pytest.raises(ExportSendError, match="REFUSER refused a Comprehensive SR Storage with status 0xA700"):
         send_datasets(objects.datasets, host="127.0.0.1", port=port, called_ae="REFUSER", calling_ae="MEDBRIDGE")
     # the SC went first and its warning counted as stored; the SR's failure stopped the send
@@ -249,13 +271,14 @@ def test_failures_back_off_exponentially_then_die_and_a_replay_starts_afresh(sto
 
 
 async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
-    store: Store, refusing_scp: tuple[int, list[str]], tmp_path: Path
+    store: Store, refusing_scp: tuple[int, list[str]]
 ) -> None:
     port, received = refusing_scp
-    png = overlay_png(tmp_path / "overlay.png", CT_SMALL)
+    png = overlay_png(CT_SMALL)
     _add_ai(store, ai_result("img-1", CT_SMALL, png))
     with store.session() as s:
         s.add(source_instance(CT_SMALL))
+        put_artifact(s, png, "image/png")  # the sender reads the heatmap from the store
     worker = DicomExportWorker(
         store,
         ConsumerOptions(bootstrap="127.0.0.1:1", group_prefix="test", max_attempts=1, notify_outbox=lambda: None),
@@ -272,6 +295,7 @@ async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
     row = list_exports(store)[0]
     assert (row.state, row.attempts) == ("dead", 2)
     assert received.count(ComprehensiveSRStorage) == 2
+    assert received.count(SecondaryCaptureImageStorage) == 2  # each attempt built the SC from the stored PNG
 
 
 async def test_without_an_export_peer_the_exporter_does_not_start(export_stack: Any) -> None:
