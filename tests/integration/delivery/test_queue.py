@@ -3,8 +3,10 @@ replay; and what a report and a review enqueue, in their own transaction."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -167,3 +169,29 @@ def test_a_report_that_cannot_be_stored_queues_nothing(store: Store) -> None:
     with pytest.raises(Exception, match="refused"):  # noqa: B017, PT011 - the database's own error type
         write_report(store, imaging_event(), TARGETS)
     assert queue.list_jobs(store) == []
+
+
+def test_a_database_from_before_the_delivery_queue_still_starts_and_takes_reviews(tmp_path: Path) -> None:
+    """The older queues' tables stay (unused, their rows untouched); reviews gain their conclusion column."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            CREATE TABLE dicom_exports (id INTEGER PRIMARY KEY, report_id VARCHAR(64), destination_ae VARCHAR(16),
+                                        state VARCHAR(8));
+            INSERT INTO dicom_exports VALUES (1, 'old-report', 'PACS', 'dead');
+            CREATE TABLE upstream_writebacks (id INTEGER PRIMARY KEY, upstream VARCHAR(512), report_id VARCHAR(64),
+                                              kind VARCHAR(16), payload JSON, state VARCHAR(16));
+            CREATE TABLE reviews (id INTEGER PRIMARY KEY, report_id VARCHAR(64), action VARCHAR(32),
+                                  reviewer VARCHAR(200), comment TEXT, at DATETIME);
+        """)
+    store = Store(f"sqlite:///{path}")
+    store.start()
+    try:
+        report_id = write_report(store, imaging_event(), TARGETS)
+        apply_review(store, report_id, ReviewRequest(action="amended", reviewer="Dr A", conclusion="None."), TARGETS)
+        assert len(queue.list_jobs(store)) == 8
+        with store.session() as s:
+            assert s.query(Review).one().conclusion == "None."
+            assert s.execute(text("SELECT state FROM dicom_exports")).scalars().all() == ["dead"]
+    finally:
+        store.stop()
