@@ -56,6 +56,10 @@ class DeliverySender(ABC):
     def replay_hint(self, job_id: int) -> str:
         return f"replay it with POST /api/deliveries/{job_id}/replay"
 
+    def label(self, destination: str) -> str:
+        """How the log names a destination (a subclass leaves out what may be secret)."""
+        return destination
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
 
@@ -111,7 +115,7 @@ class DeliverySender(ABC):
                 sent += 1
                 self.last_error = None
                 log.info("%s: delivery %d (%s report %s) sent to %s", self.name, job.id, job.what, job.report_id,
-                         job.destination)
+                         self.label(job.destination))
         return sent
 
     def _release(self, job: ClaimedJob) -> None:
@@ -128,9 +132,9 @@ class DeliverySender(ABC):
         if row.state == "dead":
             log.error("%s: delivery %d (%s report %s) to %s is dead after %d attempt(s): %s; see GET "
                       "/api/deliveries?state=dead and %s", self.name, job.id, job.what, job.report_id,
-                      job.destination, row.attempts, exc.brief, self.replay_hint(job.id))
+                      self.label(job.destination), row.attempts, exc.brief, self.replay_hint(job.id))
         else:
             log.warning("%s: delivery %d (%s report %s) to %s failed (attempt %d/%d): %s; retrying at %s",
-                        self.name, job.id, job.what, job.report_id, job.destination, row.attempts,
+                        self.name, job.id, job.what, job.report_id, self.label(job.destination), row.attempts,
                         self.policy.max_attempts, exc.brief,
                         queue.aware(row.next_attempt_at).isoformat(timespec="seconds"))

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -337,11 +338,16 @@ class UpstreamSender(DeliverySender):
     def replay_hint(self, job_id: int) -> str:
         return f"replay it with POST /api/writebacks/{job_id}/replay"
 
+    def label(self, destination: str) -> str:
+        # the host only: a base URL may carry credentials or a key in its user info or query
+        return urlsplit(destination).hostname or "the upstream"
+
     async def deliver(self, job: ClaimedJob) -> str | None:
         client = self._clients.get(job.destination)
         if client is None:
             raise UpstreamError(f"{job.destination} is no longer in MEDBRIDGE_UPSTREAM_FHIR_URL; add it back and "
-                                "replay, or leave this writeback dead", permanent=True)
+                                "replay, or leave this writeback dead", permanent=True,
+                                brief="the upstream is no longer in MEDBRIDGE_UPSTREAM_FHIR_URL")
         if job.what == "issued":
             n_obs = sum(1 for e in job.payload["entry"] if e["resource"]["resourceType"] == "Observation")
             result = await client.send_transaction(job.payload, n_obs)
