@@ -68,11 +68,14 @@ class ReviewRequest(BaseModel):
 
 
 class DicomExportRecord(BaseModel):
-    """One report's DICOM export to one destination (no patient data)."""
+    """One DICOM export of a report to one destination (no patient data): the preliminary SR and SC
+    (``what`` issued) or the version a review made (``what`` reviewed, with its action)."""
 
     id: int
     report_id: str
     destination_ae: str
+    what: Literal["issued", "reviewed"] = "issued"
+    review_action: str | None = None
     state: Literal["pending", "sent", "dead"]
     attempts: int
     last_error: str | None
@@ -80,3 +83,23 @@ class DicomExportRecord(BaseModel):
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+
+
+class DeliveryRecord(BaseModel):
+    """One delivery of a report to one destination (no patient data: the payload is not shown).
+    ``kind`` ehr: ``destination`` is the upstream FHIR base URL; pacs: the export peer's AE title."""
+
+    id: int
+    kind: Literal["ehr", "pacs"]
+    destination: str
+    report_id: str
+    what: Literal["issued", "reviewed"]
+    review_action: str | None
+    state: Literal["pending", "sent", "dead"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    delivered_as: str | None = Field(None, description="DiagnosticReport/<id> upstream; the SR's SOP Instance UID")

@@ -7,8 +7,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from integration.app.services import Services
-from integration.delivery.ehr import sender as upstream
-from integration.delivery.pacs.sender import count_by_state
+from integration.delivery import queue
 from integration.dicom import web as dicomweb
 from integration.fhir import api as fhir_api
 from integration.reports import api
@@ -40,17 +39,17 @@ def create_app(services: Services) -> FastAPI:
         ok = all(checks.values())
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
         if checks["store"]:
-            details: dict[str, object] = {"dicom_exports": count_by_state(services.store)}
+            details: dict[str, object] = {"dicom_exports": queue.counts(services.store, "pacs")}
             if services.settings.upstream_urls:
-                details["writeback"] = upstream.writeback_counts(services.store)
+                details["writeback"] = queue.counts(services.store, "ehr")
             body["details"] = details
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics() -> str:
         """Prometheus text format."""
-        counts = upstream.writeback_counts(services.store)
-        exports = count_by_state(services.store)
+        counts = queue.counts(services.store, "ehr")
+        exports = queue.counts(services.store, "pacs")
         return (
             "# HELP medbridge_writeback_pending Writebacks to the upstream EHR not yet sent\n"
             "# TYPE medbridge_writeback_pending gauge\n"

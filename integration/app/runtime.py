@@ -25,7 +25,9 @@ from integration.app.services import Services
 from integration.app.settings import Settings
 from integration.db.store import Store
 from integration.delivery.ehr.sender import UpstreamSender
-from integration.delivery.pacs.sender import DicomExportWorker, ExportPolicy, export_peers
+from integration.delivery.pacs.sender import DicomExportSender, ExportPolicy, export_peers
+from integration.delivery.plan import Destinations
+from integration.delivery.sender import DeliverySender
 from integration.dicom.network.listener import DicomListener, tls_context
 from integration.dicom.network.processes import ListenerProcesses
 from integration.events.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
@@ -62,12 +64,13 @@ class Runtime:
         self.health: dict[str, Callable[[], bool]] = {}
         self.workers: dict[str, Any] = {}
         self.upstream: UpstreamSender | None = None
+        self.senders: list[DeliverySender] = []  # one per destination kind (EHR, PACS)
 
     def notify_outbox(self) -> None:
         if self.relay:
             self.relay.wake()
-        if self.upstream:
-            self.upstream.wake()
+        for sender in self.senders:
+            sender.wake()  # a write may have queued a delivery
 
     def _dlq_producer(self) -> Any:
         return self.relay.producer if self.relay else None
@@ -119,13 +122,12 @@ class Runtime:
         )
         if s.upstream_urls:
             self.upstream = UpstreamSender(self.store, s)  # refuses incomplete upstream settings
-            await self.upstream.start()
-            self.components.append(("upstream writeback", self.upstream.stop))
-            self.health["upstream_writeback"] = self.upstream.running
+            await self._start_sender("upstream_writeback", self.upstream)
+        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
+            exporter = DicomExportSender(self.store, s.dicom_peers, ExportPolicy.from_settings(s))
+            await self._start_sender("dicom_exporter", exporter)
         if "reports" in s.enabled_workers:
-            writer = ReportWriter(self.store, options)
-            writer.upstreams = s.upstream_urls
-            await self._start_worker("report_writer", writer)
+            await self._start_worker("report_writer", ReportWriter(self.store, options, Destinations.from_settings(s)))
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
 
@@ -146,15 +148,6 @@ class Runtime:
                 options=options,
             )
             await self._start_worker("clinical_worker", clinical)
-        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
-            policy = ExportPolicy(
-                calling_ae=s.dicom_ae_title,
-                max_attempts=s.dicom_export_max_attempts,
-                backoff_seconds=s.dicom_export_backoff_seconds,
-                max_backoff_seconds=s.dicom_export_max_backoff_seconds,
-                timeout_seconds=s.dicom_export_timeout_seconds,
-            )
-            await self._start_worker("dicom_exporter", DicomExportWorker(self.store, options, s.dicom_peers, policy))
 
         if s.dicom_enabled:
             self.dicom = DicomListener.from_settings(
@@ -199,6 +192,13 @@ class Runtime:
         self.workers[name] = worker
         self.components.append((name, worker.stop))
         self.health[name] = worker.running
+
+    async def _start_sender(self, name: str, sender: DeliverySender) -> None:
+        await sender.start()
+        self.senders.append(sender)
+        self.workers[name] = sender
+        self.components.append((name, sender.stop))
+        self.health[name] = sender.running
 
     async def _stop_http(self) -> None:
         if self.http and self._http_task:

@@ -19,7 +19,6 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -197,6 +196,8 @@ class Review(Base):
     reviewer: Mapped[str] = mapped_column(String(200))
     comment: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the conclusion an amendment set (the PACS's new SR version carries it); NULL for other actions
+    conclusion: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class DeadLetter(Base):
@@ -210,40 +211,42 @@ class DeadLetter(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class DicomExport(Base):
-    """One report's export to one destination."""
+class DeliveryJob(Base):
+    """One thing to deliver to one destination: an issued or reviewed report, to an EHR or a PACS.
 
-    __tablename__ = "dicom_exports"
-    __table_args__ = (UniqueConstraint("report_id", "destination_ae", name="uq_dicom_export_report_destination"),)
+    The report writer and the review add these rows in the same transaction as the change itself
+    (integration.delivery.plan); one sender loop per ``kind`` drains them (integration.delivery.queue).
+    ``kind`` 'ehr': ``destination`` is the upstream FHIR base URL and ``payload`` the FHIR content to
+    send; 'pacs': ``destination`` is the export peer's AE title and ``payload`` is empty (the SR and SC
+    are built at send time from the AI result and, for a review, the ``reviews`` row ``review_id``).
+    Jobs of one (kind, destination, report) are sent in id order. No patient data beyond the EHR
+    payload. The older ``dicom_exports`` and ``upstream_writebacks`` tables are no longer used.
+    """
+
+    __tablename__ = "delivery_jobs"
+    __table_args__ = (
+        Index("ix_delivery_jobs_due", "kind", "state", "next_attempt_at"),
+        Index("ix_delivery_jobs_report", "kind", "destination", "report_id"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    report_id: Mapped[str] = mapped_column(String(64), index=True)
-    destination_ae: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(8), index=True, default="pending")
+    kind: Mapped[str] = mapped_column(String(8))  # ehr | pacs
+    destination: Mapped[str] = mapped_column(String(512))
+    report_id: Mapped[str] = mapped_column(String(64))
+    what: Mapped[str] = mapped_column(String(16))  # issued | reviewed
+    review_id: Mapped[int | None] = mapped_column(Integer, default=None)  # reviews.id, for 'reviewed'
+    review_action: Mapped[str | None] = mapped_column(String(32), default=None)  # final | amended | entered-in-error
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(8), default="pending")  # pending | sent | dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True, default=utcnow)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    # when a pending job is due; while a sender holds it, when its lease ends
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claim: Mapped[int] = mapped_column(Integer, default=0)  # bumped by each sender that takes the job
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class WritebackJob(Base):
-    """One change to send to one upstream FHIR server (``kind`` create or update)."""
-
-    __tablename__ = "upstream_writebacks"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    upstream: Mapped[str] = mapped_column(String(512), index=True)
-    report_id: Mapped[str] = mapped_column(String(64), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True, default="pending")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    upstream_ref: Mapped[str | None] = mapped_column(String(256))
-    claim: Mapped[int] = mapped_column(Integer, default=0)  # bumped by the sender that takes the job
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # what the destination calls the delivery: DiagnosticReport/<id> upstream, the SR's SOP Instance UID
+    delivered_as: Mapped[str | None] = mapped_column(String(256), default=None)
 
 
 class UpstreamReport(Base):

@@ -9,20 +9,22 @@ from fastapi import Path as PathParam
 
 from integration.app.services import Services, get_services
 from integration.db.artifacts import ArtifactNotFoundError, get_artifact
-from integration.db.tables import AiResult
-from integration.delivery.ehr import sender as upstream
-from integration.delivery.pacs.sender import (
-    DicomExport,
-    ExportNotDeadError,
-    ExportNotFoundError,
-    list_exports,
-    replay_export,
-)
+from integration.db.tables import AiResult, DeliveryJob
+from integration.delivery import queue
+from integration.delivery.plan import Destinations
 from integration.errors import ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
 from integration.reports.writer import apply_review
-from schemas.api import DicomExportRecord, InstanceResult, ReportDetail, ReportSummary, ReviewRecord, ReviewRequest
+from schemas.api import (
+    DeliveryRecord,
+    DicomExportRecord,
+    InstanceResult,
+    ReportDetail,
+    ReportSummary,
+    ReviewRecord,
+    ReviewRequest,
+)
 from schemas.events import ARTIFACT_ID_PATTERN, EvidencePassage
 
 router = APIRouter(prefix="/api", tags=["query"])
@@ -151,8 +153,8 @@ def artifact_content(
 @router.post("/reports/{report_id}/review", response_model=ReportDetail)
 def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
     _ai_result(services, report_id)  # an id that cannot be stored is unknown before any write
-    apply_review(services.store, report_id, review, services.settings.upstream_urls)
-    services.notify_outbox()
+    apply_review(services.store, report_id, review, Destinations.from_settings(services.settings))
+    services.notify_outbox()  # also wakes the delivery senders
     return _detail(services, report_id)
 
 
@@ -165,8 +167,51 @@ def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
     ]
 
 
-def _export_record(row: DicomExport) -> DicomExportRecord:
-    return DicomExportRecord.model_validate(row, from_attributes=True)
+StateQuery = Annotated[
+    Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead; all when absent")
+]
+
+
+def _replay(services: Services, job_id: int, kind: queue.Kind | None, noun: str, listing: str) -> DeliveryJob:
+    """Put dead job ``job_id`` (of ``kind``) back in the queue: 404 when unknown, 409 when not dead."""
+    unknown = f"{noun} {job_id} is not known; list them with {listing}"
+    if not 1 <= job_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
+        raise HTTPException(404, unknown)
+    try:
+        job = queue.replay(services.store, job_id, kind)
+    except queue.JobNotFoundError as exc:
+        raise HTTPException(404, unknown) from exc
+    except queue.JobNotDeadError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    services.notify_outbox()  # also wakes the delivery senders
+    return job
+
+
+@router.get("/deliveries", response_model=list[DeliveryRecord], tags=["delivery"])
+def deliveries(
+    services: ServicesDep,
+    state: StateQuery = None,
+    kind: Annotated[Literal["ehr", "pacs"] | None, Query(description="ehr or pacs; both when absent")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[DeliveryRecord]:
+    """Every delivery of a result downstream (EHR writebacks and PACS exports), oldest first;
+    ``state=dead`` lists those to replay (payloads omitted: they hold patient data)."""
+    return [DeliveryRecord.model_validate(j, from_attributes=True)
+            for j in queue.list_jobs(services.store, kind, state, limit)]
+
+
+@router.post("/deliveries/{job_id}/replay", response_model=DeliveryRecord, tags=["delivery"])
+def replay_delivery(job_id: int, services: ServicesDep) -> DeliveryRecord:
+    """Queue a dead delivery again, with a fresh attempt budget, once its cause is fixed."""
+    job = _replay(services, job_id, None, "delivery", "GET /api/deliveries")
+    return DeliveryRecord.model_validate(job, from_attributes=True)
+
+
+def _export_record(job: DeliveryJob) -> DicomExportRecord:
+    return DicomExportRecord(id=job.id, report_id=job.report_id, destination_ae=job.destination, what=job.what,
+                             review_action=job.review_action, state=job.state, attempts=job.attempts,
+                             last_error=job.last_error, next_attempt_at=job.next_attempt_at,
+                             created_at=job.created_at, updated_at=job.updated_at, sent_at=job.sent_at)
 
 
 @router.get("/dicom-exports", response_model=list[DicomExportRecord])
@@ -175,45 +220,44 @@ def dicom_exports(
     state: Annotated[Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[DicomExportRecord]:
-    """DICOM exports of AI results to the PACS, newest first; ``state=dead`` lists those to replay."""
-    return [_export_record(r) for r in list_exports(services.store, state, limit)]
+    """DICOM exports of AI results to the PACS (the ``pacs`` deliveries), newest first; ``state=dead``
+    lists those to replay."""
+    return [_export_record(j) for j in queue.list_jobs(services.store, "pacs", state, limit, newest_first=True)]
 
 
 @router.post("/dicom-exports/{export_id}/replay", response_model=DicomExportRecord)
 def replay_dicom_export(export_id: int, services: ServicesDep) -> DicomExportRecord:
     """Put a dead export back to pending with a fresh attempt budget (404 unknown, 409 not dead)."""
-    if not 1 <= export_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
-        raise HTTPException(404, f"DICOM export {export_id} is not known; list them with GET /api/dicom-exports")
-    try:
-        return _export_record(replay_export(services.store, export_id))
-    except ExportNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except ExportNotDeadError as exc:
-        raise HTTPException(409, str(exc)) from exc
+    return _export_record(_replay(services, export_id, "pacs", "DICOM export", "GET /api/dicom-exports"))
+
+
+def _writeback_summary(job: DeliveryJob) -> dict[str, Any]:
+    """A writeback as /api/writebacks has always shown it (``kind`` create or update; no payload)."""
+    return {
+        "id": job.id,
+        "upstream": job.destination,
+        "report_id": job.report_id,
+        "kind": "create" if job.what == "issued" else "update",
+        "review_action": job.review_action,
+        "state": job.state,
+        "attempts": job.attempts,
+        "next_attempt_at": job.next_attempt_at,
+        "last_error": job.last_error,
+        "created_at": job.created_at,
+        "sent_at": job.sent_at,
+        "upstream_ref": job.delivered_as,
+    }
 
 
 @router.get("/writebacks", tags=["writeback"])
-def writebacks(
-    services: ServicesDep,
-    state: Annotated[
-        Literal["pending", "sent", "dead"] | None, Query(description="pending, sent or dead; all when absent")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-) -> list[dict[str, Any]]:
-    """Writebacks to the upstream EHR, oldest first (payloads omitted: they hold patient data)."""
-    return upstream.list_jobs(services.store, state, limit)
+def writebacks(services: ServicesDep, state: StateQuery = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+    """Writebacks to the upstream EHR (the ``ehr`` deliveries), oldest first (payloads omitted: they
+    hold patient data)."""
+    return [_writeback_summary(j) for j in queue.list_jobs(services.store, "ehr", state, limit)]
 
 
 @router.post("/writebacks/{job_id}/replay", tags=["writeback"])
 def replay_writeback(job_id: int, services: ServicesDep) -> dict[str, Any]:
     """Queue a dead writeback again (after fixing what made the upstream refuse it)."""
-    if not 1 <= job_id <= _MAX_ROW_ID:  # no row has it; the database could not even compare it
-        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
-    try:
-        job = upstream.replay_job(services.store, job_id)
-    except ValueError as exc:
-        raise HTTPException(409, str(exc)) from exc
-    if job is None:
-        raise HTTPException(404, f"writeback {job_id} is not known; see GET /api/writebacks")
-    services.notify_outbox()  # also wakes the writeback sender
-    return job
+    return _writeback_summary(_replay(services, job_id, "ehr", "writeback", "GET /api/writebacks"))

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 from integration.db.artifacts import get_artifact, stored_artifact_ids
 from integration.db.store import Store
 from integration.db.tables import AiResult, FhirResource, Review, stable_id, utcnow
-from integration.delivery.ehr.sender import enqueue_report_issued, enqueue_report_reviewed
+from integration.delivery.plan import NO_DESTINATIONS, Destinations, enqueue_issued, enqueue_reviewed
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
-from integration.events.broker import ConsumerWorker
+from integration.events.broker import ConsumerOptions, ConsumerWorker
 from integration.fhir.resources import (
     AI_ASSERTED,
     MEDBRIDGE_IDENTIFIER_SYSTEM,
@@ -194,7 +194,7 @@ def _store_report(
     kind: str,
     event: MedBridgeEvent,
     study_uid: str | None,
-    upstreams: Sequence[str] = (),
+    destinations: Destinations,
 ) -> None:
     validate_resource(report)
     store_resource(s, report, track=False)
@@ -209,13 +209,13 @@ def _store_report(
     issued = ReportIssued(report_id=report["id"], source_event_id=event.event_id, patient_ref=row.subject_ref)
     Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, issued, key=report["id"])
     Store.mark_processed(s, REPORT_WRITER, event.event_id)
-    enqueue_report_issued(s, report, details, upstreams)  # same transaction: the writeback cannot be lost
+    enqueue_issued(s, report, details, row, destinations)  # same transaction: no delivery can be lost
 
 
-def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] = ()) -> str:
-    """Build, validate and store the report for one result event, in one transaction. Idempotent:
-    the report id derives from the study (or patient) and revision, so a replay rewrites it.
-    ``upstreams``: the EHR FHIR base URLs the report is queued for (integration.delivery.ehr.sender)."""
+def write_report(store: Store, event: MedBridgeEvent, destinations: Destinations = NO_DESTINATIONS) -> str:
+    """Build, validate and store the report for one result event, in one transaction with the
+    deliveries it owes ``destinations`` (each EHR, each PACS export peer: integration.delivery.plan).
+    Idempotent: the report id derives from the study (or patient) and revision, so a replay rewrites it."""
     if isinstance(event, ImagingInferenceCompleted):
         event = without_unknown_heatmaps(store, event)
         report, details = imaging_report(event, heatmap_png=top_heatmap(store, event))
@@ -227,7 +227,7 @@ def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] =
         raise PermanentEventError(f"report writer cannot handle {event.event_type}")
     try:
         with store.session() as s:
-            _store_report(s, report, details, kind, event, study, upstreams)
+            _store_report(s, report, details, kind, event, study, destinations)
     except InvalidResourceError as exc:
         raise PermanentEventError(f"generated report is not valid FHIR: {exc}") from exc
     log.info("report %s issued (%s) for event %s", report["id"], kind, event.event_id)
@@ -235,34 +235,43 @@ def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] =
 
 
 def apply_review(
-    store: Store, report_id: str, review: ReviewRequest, upstreams: Sequence[str] = ()
+    store: Store, report_id: str, review: ReviewRequest, destinations: Destinations = NO_DESTINATIONS
 ) -> dict[str, Any]:
     """Record a reviewer's decision and move the report to its new status (one new version), and
-    queue the update for each upstream EHR in ``upstreams`` in the same transaction."""
+    queue its follow-ups in the same transaction: the status change for each EHR, a new SR and SC
+    version for each PACS export peer (integration.delivery.plan)."""
     if review.action == "amended" and not (review.conclusion and review.conclusion.strip()):
         raise InvalidResourceError([("conclusion", "an amendment needs the amended conclusion")], 422)
     with store.session() as s:
         row = s.get(FhirResource, ("DiagnosticReport", report_id))
-        if row is None or s.get(AiResult, report_id) is None:
+        ai = s.get(AiResult, report_id)
+        if row is None or ai is None:
             raise ResourceNotFoundError("DiagnosticReport", report_id)
         report = dict(row.content)
         report["status"] = review.action
         if review.action == "amended":
             report["conclusion"] = review.conclusion
         stored, _ = store_resource(s, validate_resource(report), track=False)
-        s.add(Review(report_id=report_id, action=review.action, reviewer=review.reviewer, comment=review.comment))
-        enqueue_report_reviewed(s, stored, upstreams)
+        recorded = Review(report_id=report_id, action=review.action, reviewer=review.reviewer, comment=review.comment,
+                          conclusion=review.conclusion if review.action == "amended" else None, at=utcnow())
+        s.add(recorded)
+        s.flush()  # its id names the review in the PACS delivery
+        enqueue_reviewed(s, stored, recorded, ai, destinations)
     log.info("report %s reviewed: %s", report_id, review.action)
     return stored
 
 
 class ReportWriter(ConsumerWorker):
-    """Consumes result events and writes DiagnosticReports (write_report marks them processed)."""
+    """Consumes result events and writes DiagnosticReports (write_report marks them processed) with
+    their deliveries to ``destinations``."""
 
     name = REPORT_WRITER
     topics = (TOPIC_IMAGING_COMPLETED, TOPIC_CLINICAL_COMPLETED)
-    upstreams: tuple[str, ...] = ()  # set by the runtime from MEDBRIDGE_UPSTREAM_FHIR_URL
+
+    def __init__(self, store: Store, options: ConsumerOptions, destinations: Destinations) -> None:
+        super().__init__(store, options)
+        self.destinations = destinations
 
     async def handle(self, event: MedBridgeEvent) -> None:
-        await asyncio.to_thread(write_report, self.store, event, self.upstreams)
+        await asyncio.to_thread(write_report, self.store, event, self.destinations)
         self.notify_outbox()

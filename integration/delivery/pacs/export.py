@@ -6,6 +6,12 @@ from the source images by highdicom), each in a new series. Their Series and SOP
 derive from the report id, so a retry or a replay re-sends the same objects rather than new ones
 (the PACS keeps one copy).
 
+A clinician's review makes a new version of both (``ReviewOutcome``): an SR that is final and
+verified by the reviewer, says whether the result was confirmed, amended or entered in error (with
+the amended conclusion and the reviewer's comment), and names the previous version as its
+predecessor; and an SC whose comments say the same. Their UIDs derive from the report id and the
+review's number, so each review is one new version, however often it is sent.
+
 Nothing here logs patient data: callers log hashed UIDs and report ids only.
 """
 
@@ -16,8 +22,9 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -26,6 +33,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
@@ -49,6 +57,17 @@ ALGORITHM_NAME = hd.sr.CodedConcept("111001", "DCM", "Algorithm Name")
 ALGORITHM_VERSION = hd.sr.CodedConcept("111003", "DCM", "Algorithm Version")
 REPORT_TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging study")
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+REVIEW_OUTCOME = hd.sr.CodedConcept("review-outcome", MEDBRIDGE_SCHEME, "Clinician review outcome")
+REVIEW_COMMENT = hd.sr.CodedConcept("review-comment", MEDBRIDGE_SCHEME, "Reviewer comment")
+AMENDED_CONCLUSION = hd.sr.CodedConcept("amended-conclusion", MEDBRIDGE_SCHEME, "Amended conclusion")
+# DICOM wants the verifier's organisation (Type 1); MedBridge knows only that the review was made in it
+VERIFYING_ORGANIZATION = "MedBridge review"
+OUTCOME_STATEMENTS = {
+    "final": "Reviewed by a clinician: the AI result is confirmed (final).",
+    "amended": "Reviewed by a clinician: the AI result is amended; see the amended conclusion.",
+    "entered-in-error": "Reviewed by a clinician: the AI result is entered in error and must not be used.",
+}
+DEMO_MODEL_NOTE = "AI-generated from a demonstration model, not for clinical use."
 
 
 class ExportBuildError(Exception):
@@ -57,6 +76,44 @@ class ExportBuildError(Exception):
 
 class ExportSendError(Exception):
     """The destination could not be reached or refused an object; ``str()`` holds no patient data."""
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    """A clinician's decision on a report, which a new SR and SC version carries to the PACS.
+    ``number``: 1 for the report's first review, 2 for the next, ..."""
+
+    number: int
+    action: Literal["final", "amended", "entered-in-error"]
+    reviewer: str
+    at: datetime
+    comment: str | None = None
+    conclusion: str | None = None  # the amended conclusion
+
+    @property
+    def statement(self) -> str:
+        return f"{OUTCOME_STATEMENTS[self.action]} {DEMO_MODEL_NOTE}"
+
+
+def version_part(part: str, review_number: int) -> str:
+    """The UID name of ``part`` (e.g. 'sr-instance') in the preliminary version (0) or a review's."""
+    return part if review_number == 0 else f"{part}-review-{review_number}"
+
+
+def _number(review: ReviewOutcome | None) -> int:
+    return 0 if review is None else review.number
+
+
+def previous_sr(report_id: str, review: ReviewOutcome, study_uid: str) -> Dataset:
+    """What a review's SR names as its predecessor: the version before it (the preliminary SR, or
+    the previous review's), by its derived UIDs."""
+    before = review.number - 1
+    ref = Dataset()
+    ref.StudyInstanceUID = study_uid
+    ref.SeriesInstanceUID = export_uid(report_id, version_part("sr-series", before))
+    ref.SOPClassUID = ComprehensiveSRStorage
+    ref.SOPInstanceUID = export_uid(report_id, version_part("sr-instance", before))
+    return ref
 
 
 @dataclass(frozen=True)
@@ -114,8 +171,10 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
     return "L", "P"
 
 
-def build_secondary_capture(report_id: str, source: Dataset, png: bytes) -> Dataset:
-    """An RGB Secondary Capture of the heatmap overlay (PNG bytes), in the source image's study."""
+def build_secondary_capture(report_id: str, source: Dataset, png: bytes,
+                            review: ReviewOutcome | None = None) -> Dataset:
+    """An RGB Secondary Capture of the heatmap overlay (PNG bytes), in the source image's study; with
+    ``review``, the version that carries the clinician's decision."""
     pixels = overlay_pixels(png)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -124,15 +183,15 @@ def build_secondary_capture(report_id: str, source: Dataset, png: bytes) -> Data
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         patient_orientation=patient_orientation(source),
-        series_instance_uid=export_uid(report_id, "sc-series"),
+        series_instance_uid=export_uid(report_id, version_part("sc-series", _number(review))),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=export_uid(report_id, "sc-instance"),
-        instance_number=1,
+        sop_instance_uid=export_uid(report_id, version_part("sc-instance", _number(review))),
+        instance_number=1 if review is None else review.number + 1,
         manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description="AI heatmap overlay (preliminary)",
+        series_description=f"AI heatmap overlay ({_state(review)})",
     )
-    sc.ImageComments = PRELIMINARY_STATEMENT
+    sc.ImageComments = PRELIMINARY_STATEMENT if review is None else review.statement
     sc.BurnedInAnnotation = "NO"
     # the SC stands for the source image it was derived from
     derived = Dataset()
@@ -148,15 +207,19 @@ def build_sr(
     sources: dict[str, Dataset],
     sc: Dataset | None,
     threshold: float = 0.5,
+    review: ReviewOutcome | None = None,
 ) -> Dataset:
     """A Comprehensive SR: algorithm name/version, the preliminary statement, and per analysed
-    image one Findings container (finding code, probability, source image reference)."""
+    image one Findings container (finding code, probability, source image reference). With
+    ``review``: final and verified by the reviewer, with the review's outcome instead of the
+    preliminary statement."""
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id=None)
     items: list[hd.sr.ContentItem] = [
         hd.sr.TextContentItem(ALGORITHM_NAME, str(details.get("model_name") or "unknown"), "HAS OBS CONTEXT"),
         hd.sr.TextContentItem(ALGORITHM_VERSION, str(details.get("model_version") or "unknown"), "HAS OBS CONTEXT"),
-        hd.sr.TextContentItem(codes.DCM.Comment, PRELIMINARY_STATEMENT, "CONTAINS"),
+        *_statement_items(review),
     ]
+    header_items = len(items)
     for inst in details.get("instances", []):
         source = sources.get(inst["sop_instance_uid"])
         if source is None:
@@ -180,7 +243,7 @@ def build_sr(
         )
         group.ContentSequence = hd.sr.ContentSequence(children)
         items.append(group)
-    if len(items) == 3:
+    if len(items) == header_items:
         raise ExportBuildError(f"report {report_id} has no analysed image whose source is on disk")
     if sc is not None:
         items.append(
@@ -191,26 +254,63 @@ def build_sr(
         )
     root.ContentSequence = hd.sr.ContentSequence(items)
     evidence = list(sources.values()) + ([sc] if sc is not None else [])
-    return hd.sr.ComprehensiveSR(
+    study_uid = next(iter(sources.values())).StudyInstanceUID
+    sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=root,
-        series_instance_uid=export_uid(report_id, "sr-series"),
+        series_instance_uid=export_uid(report_id, version_part("sr-series", _number(review))),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=export_uid(report_id, "sr-instance"),
-        instance_number=1,
+        sop_instance_uid=export_uid(report_id, version_part("sr-instance", _number(review))),
+        instance_number=1 if review is None else review.number + 1,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description="AI findings (preliminary)",
+        is_final=review is not None,
+        is_verified=review is not None,
+        verifying_observer_name=None if review is None else _person_name(review.reviewer),
+        verifying_organization=None if review is None else VERIFYING_ORGANIZATION,
+        previous_versions=None if review is None else [previous_sr(report_id, review, study_uid)],
+        series_description=f"AI findings ({_state(review)})",
     )
+    if review is not None:
+        # highdicom stamps the time of building; the verification happened when the reviewer decided
+        sr.VerifyingObserverSequence[0].VerificationDateTime = review.at.strftime("%Y%m%d%H%M%S")
+    return sr
+
+
+def _state(review: ReviewOutcome | None) -> str:
+    return "preliminary" if review is None else review.action.replace("-", " ")
+
+
+def _person_name(reviewer: str) -> str:
+    """The reviewer as a DICOM person name. MedBridge has the name as typed, not its parts, so it
+    is one component (a PN component holds 64 characters and no '^', '=' or backslash); the trailing
+    '^' says it is one component, not a family name missing its given name."""
+    name = reviewer.replace("^", " ").replace("=", " ").replace("\\", " ").strip()[:64] or "unknown reviewer"
+    return f"{name}^"
+
+
+def _statement_items(review: ReviewOutcome | None) -> list[hd.sr.ContentItem]:
+    """What the SR says about its own standing: preliminary, or the clinician's decision."""
+    if review is None:
+        return [hd.sr.TextContentItem(codes.DCM.Comment, PRELIMINARY_STATEMENT, "CONTAINS")]
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(codes.DCM.Comment, review.statement, "CONTAINS"),
+        hd.sr.TextContentItem(REVIEW_OUTCOME, review.action, "CONTAINS"),
+    ]
+    if review.action == "amended" and review.conclusion:
+        items.append(hd.sr.TextContentItem(AMENDED_CONCLUSION, review.conclusion, "CONTAINS"))
+    if review.comment:
+        items.append(hd.sr.TextContentItem(REVIEW_COMMENT, review.comment, "CONTAINS"))
+    return items
 
 
 def build_export(
-    ai: AiResult, instances: list[DicomInstance], read_artifact: Callable[[str], bytes]
+    ai: AiResult, instances: list[DicomInstance], read_artifact: Callable[[str], bytes],
+    review: ReviewOutcome | None = None,
 ) -> ExportObjects:
     """The SR (and SC) for an imaging AI result; ``instances`` are the study's stored instances;
     ``read_artifact`` gives the bytes of an artifact by id (the store's, raising ArtifactNotFoundError).
+    With ``review``, the version that carries that review's decision.
 
     Raises ExportBuildError when none of the analysed images is still on disk. A heatmap the artifact
     store does not hold leaves the SC out, as a result without a heatmap does.
@@ -234,8 +334,8 @@ def build_export(
     sc = None
     png = _heatmap(top.get("heatmap_artifact_id"), read_artifact)
     if png is not None:
-        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], png)
-    sr = build_sr(ai.report_id, ai.details, sources, sc)
+        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], png, review)
+    sr = build_sr(ai.report_id, ai.details, sources, sc, review=review)
     return ExportObjects(sr=sr, sc=sc)
 
 

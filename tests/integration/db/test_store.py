@@ -118,8 +118,8 @@ def test_an_instance_whose_query_values_postgresql_refuses_is_stored_without_the
 
 
 def test_a_store_started_on_its_own_has_every_table(tmp_path: Path) -> None:
-    """In a fresh interpreter (this one has imported everything): the export and writeback queues'
-    tables exist though nothing imported their modules before the store started."""
+    """In a fresh interpreter (this one has imported everything): the delivery queue's tables exist
+    though nothing imported its modules before the store started."""
     import subprocess
     import sys
 
@@ -127,7 +127,7 @@ def test_a_store_started_on_its_own_has_every_table(tmp_path: Path) -> None:
             "s = Store(sys.argv[1]); s.start(); print(sorted(inspect(s.engine).get_table_names())); s.stop()")
     out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'alone.db'}"], capture_output=True,
                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[3], check=True).stdout
-    for table in ("dicom_exports", "upstream_writebacks", "upstream_reports", "dicom_instances", "fhir_resources"):
+    for table in ("delivery_jobs", "artifacts", "upstream_reports", "dicom_instances", "fhir_resources"):
         assert f"'{table}'" in out
 
 

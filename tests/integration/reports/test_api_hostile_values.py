@@ -76,3 +76,5 @@ def test_replay_ids_beyond_the_tables_range_are_unknown(api: httpx.Client) -> No
         assert r.status_code == 404 and "GET /api/dicom-exports" in r.json()["detail"], job_id
         r = api.post(f"/api/writebacks/{job_id}/replay")
         assert r.status_code == 404 and "GET /api/writebacks" in r.json()["detail"], job_id
+        r = api.post(f"/api/deliveries/{job_id}/replay")
+        assert r.status_code == 404 and "GET /api/deliveries" in r.json()["detail"], job_id

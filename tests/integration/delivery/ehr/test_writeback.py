@@ -23,6 +23,7 @@ from pydicom.data import get_testdata_file
 
 from integration.app.runtime import Runtime
 from integration.db.store import Store
+from integration.delivery.plan import Destinations
 from integration.fhir.resources import store_resource
 from integration.reports.writer import write_report
 from schemas.events import ClinicalInferenceCompleted, EvidencePassage, ImagingInferenceCompleted, InstanceFinding
@@ -92,7 +93,7 @@ def api(rt: Runtime) -> httpx.AsyncClient:
 
 
 async def issue(rt: Runtime, event: ImagingInferenceCompleted) -> str:
-    report_id = await asyncio.to_thread(write_report, rt.store, event, rt.settings.upstream_urls)
+    report_id = await asyncio.to_thread(write_report, rt.store, event, Destinations.from_settings(rt.settings))
     rt.notify_outbox()
     return report_id
 
@@ -231,9 +232,9 @@ async def test_smart_backend_services_token_is_fetched_cached_and_refreshed_on_4
 
 
 def _sent_count(store: Store) -> int:
-    from integration.delivery.ehr.sender import writeback_counts
+    from integration.delivery import queue
 
-    return writeback_counts(store)["sent"]
+    return queue.counts(store, "ehr")["sent"]
 
 
 async def test_every_report_arrives_exactly_once_through_outages_and_a_restart(
@@ -285,11 +286,11 @@ async def test_every_report_arrives_exactly_once_through_outages_and_a_restart(
 def _attempts(store: Store) -> int:
     from sqlalchemy import func, select
 
-    from integration.delivery.ehr.sender import WritebackJob
+    from integration.db.tables import DeliveryJob
 
     with store.session() as s:
-        return int(s.scalar(select(func.coalesce(func.sum(WritebackJob.attempts), 0)).where(
-            WritebackJob.state == "pending")) or 0)
+        return int(s.scalar(select(func.coalesce(func.sum(DeliveryJob.attempts), 0)).where(
+            DeliveryJob.kind == "ehr", DeliveryJob.state == "pending")) or 0)
 
 
 async def test_permanent_rejection_goes_to_the_dead_list_and_replay_sends_it(

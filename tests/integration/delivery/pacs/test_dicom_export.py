@@ -8,7 +8,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +27,16 @@ from integration.app.settings import DicomPeer
 from integration.db.artifacts import ArtifactNotFoundError, artifact_id, put_artifact
 from integration.db.store import Store
 from integration.db.tables import AiResult, DicomInstance
+from integration.delivery import queue
 from integration.delivery.pacs.export import (
     ExportSendError,
+    ReviewOutcome,
     build_export,
     export_uid,
     send_datasets,
 )
-from integration.delivery.pacs.sender import (
-    DicomExport,
-    DicomExportWorker,
-    ExportPolicy,
-    claim_due,
-    count_by_state,
-    enqueue_report,
-    export_peers,
-    list_exports,
-    record_failure,
-    record_success,
-    replay_export,
-)
-from integration.events.broker import ConsumerOptions
+from integration.delivery.pacs.sender import DicomExportSender, ExportPolicy, export_peers
 from integration.phi import uid_hash
-from schemas.events import ReportIssued
 from tests.conftest import free_port
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
@@ -113,7 +101,7 @@ def finding_values(sr: pydicom.Dataset) -> tuple[list[str], list[float], list[st
 
 
 # building ---------------------------------------------------------------------------------------
-def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_report() -> None:
+def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_report(tmp_path: Path) -> None:
     src = pydicom.dcmread(CT_SMALL)
     png = overlay_png(CT_SMALL, size=(200, 256))
     objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
@@ -145,6 +133,60 @@ def test_sr_and_sc_join_the_source_study_in_new_series_with_uids_fixed_by_the_re
     assert other.sr.SOPInstanceUID != sr.SOPInstanceUID and other.sc.SOPInstanceUID != sc.SOPInstanceUID
 
 
+def review(number: int, action: str, **extra: Any) -> ReviewOutcome:
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    return ReviewOutcome(number=number, action=action, reviewer="Dr^Jane Roe", at=at, **extra)  # type: ignore[arg-type]
+
+
+def text_items(sr: pydicom.Dataset) -> dict[str, list[str]]:
+    """Every TEXT content item of an SR, by concept name."""
+    doc = hd.sr.ComprehensiveSR.from_dataset(sr)
+    found: dict[str, list[str]] = {}
+    for item in hd.sr.utils.find_content_items(doc, value_type=hd.sr.ValueTypeValues.TEXT, recursive=True):
+        found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(item.TextValue)
+    return found
+
+
+def test_a_review_makes_a_verified_version_that_says_the_outcome_and_names_its_predecessor(tmp_path: Path) -> None:
+    png = overlay_png(CT_SMALL)
+    ai, sources = ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)]
+    preliminary = build_export(ai, sources, artifacts(png))
+    first = build_export(ai, sources, artifacts(png),
+                         review(1, "amended", conclusion="No lesion; vessel.", comment="Looked again"))
+    second = build_export(ai, sources, artifacts(png), review(2, "entered-in-error", comment="Wrong patient"))
+    sr = first.sr
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "VERIFIED", "FINAL")
+    observer = sr.VerifyingObserverSequence[0]
+    # one name component: a '^' typed by the reviewer would have split the name into parts
+    name = observer.VerifyingObserverName
+    assert (name.family_name, name.given_name) == ("Dr Jane Roe", "")
+    assert observer.VerificationDateTime == "20260102030405"  # when the reviewer decided, not when built
+    texts = text_items(sr)
+    assert texts["Clinician review outcome"] == ["amended"]
+    assert texts["Amended conclusion"] == ["No lesion; vessel."]
+    assert texts["Reviewer comment"] == ["Looked again"]
+    assert not any("preliminary" in t for t in texts["Comment"])
+    assert finding_values(sr)[1] == [pytest.approx(0.83)]  # the AI's findings stay, now under the decision
+    # each version is a new instance (and series) named by the report and the review's number ...
+    uids = {o.sr.SOPInstanceUID for o in (preliminary, first, second)} | {
+        o.sc.SOPInstanceUID for o in (preliminary, first, second) if o.sc is not None}
+    assert len(uids) == 6
+    assert sr.SOPInstanceUID == export_uid("report-1", "sr-instance-review-1")
+    rebuilt = build_export(ai, sources, artifacts(png), review(1, "amended", conclusion="x"))
+    assert rebuilt.sr.SOPInstanceUID == sr.SOPInstanceUID
+    # ... that names the version before it
+    for version, before in ((first, preliminary), (second, first)):
+        predecessor = version.sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert predecessor.SeriesInstanceUID == before.sr.SeriesInstanceUID
+        assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == before.sr.SOPInstanceUID
+    rejected = text_items(second.sr)
+    assert rejected["Clinician review outcome"] == ["entered-in-error"]
+    assert any("entered in error and must not be used" in t for t in rejected["Comment"])
+    assert "Amended conclusion" not in rejected
+    assert second.sc is not None and "entered in error" in second.sc.ImageComments
+    assert second.sc.SeriesDescription == "AI heatmap overlay (entered in error)"
+
+
 def test_a_heatmap_the_artifact_store_lacks_leaves_the_sc_out_and_the_sr_whole() -> None:
     ai = ai_result("report-1", CT_SMALL, overlay_png(CT_SMALL))
     objects = build_export(ai, [source_instance(CT_SMALL)], artifacts())
@@ -154,7 +196,7 @@ def test_a_heatmap_the_artifact_store_lacks_leaves_the_sc_out_and_the_sr_whole()
 
 
 # sending ----------------------------------------------------------------------------------------
-def test_orthanc_stores_what_the_scu_sends_once_however_often_it_is_sent(orthanc: Any) -> None:
+def test_orthanc_stores_what_the_scu_sends_once_however_often_it_is_sent(orthanc: Any, tmp_path: Path) -> None:
     png = overlay_png(CT_SMALL)
     objects = build_export(ai_result("report-1", CT_SMALL, png), [source_instance(CT_SMALL)], artifacts(png))
     for _ in range(2):  # a retry after a lost answer re-sends the same SOP instances
@@ -186,7 +228,7 @@ def refusing_scp() -> Iterator[tuple[int, list[str]]]:
 
 
 def test_failure_status_from_the_peer_fails_the_send_and_a_warning_does_not(
-    refusing_scp: tuple[int, list[str]]
+    refusing_scp: tuple[int, list[str]], tmp_path: Path
 ) -> None:
     port, received = refusing_scp
     png = overlay_png(CT_SMALL)
@@ -211,67 +253,14 @@ def test_an_export_peer_without_a_port_is_refused_with_what_to_set() -> None:
     assert export_peers(peers[:1]) == []  # no export peer: the worker is not started
 
 
-# the queue --------------------------------------------------------------------------------------
+# the sender -------------------------------------------------------------------------------------
 def _add_ai(store: Store, ai: AiResult) -> None:
     with store.session() as s:
         s.add(ai)
 
 
-def test_report_issued_queues_one_export_per_destination_once_and_only_for_imaging(
-    store: Store, tmp_path: Path
-) -> None:
-    _add_ai(store, ai_result("img-1", CT_SMALL, None))
-    _add_ai(store, AiResult(report_id="clin-1", kind="clinical", source_event_id="e-2", details={}))
-    event = ReportIssued(report_id="img-1", source_event_id="e-1", patient_ref=None)
-    assert enqueue_report(store, "dicom-export", event, ["PACS_A", "PACS_B"]) == 2
-    assert enqueue_report(store, "dicom-export", event, ["PACS_A", "PACS_B"]) == 0  # redelivery
-    assert store.is_processed("dicom-export", event.event_id)
-    clinical = ReportIssued(report_id="clin-1", source_event_id="e-2", patient_ref=None)
-    assert enqueue_report(store, "dicom-export", clinical, ["PACS_A"]) == 0
-    assert store.is_processed("dicom-export", clinical.event_id)
-    nothing_analysed = ai_result("img-2", CT_SMALL, None)
-    nothing_analysed.details = {**nothing_analysed.details, "instances": [], "skipped_instances": 1}
-    _add_ai(store, nothing_analysed)
-    assert enqueue_report(store, "dicom-export", ReportIssued(report_id="img-2", source_event_id="e-3",
-                                                              patient_ref=None), ["PACS_A"]) == 0
-    rows = list_exports(store)
-    assert sorted((r.report_id, r.destination_ae, r.state) for r in rows) == [
-        ("img-1", "PACS_A", "pending"), ("img-1", "PACS_B", "pending")]
-    assert count_by_state(store) == {"pending": 2, "sent": 0, "dead": 0}
-
-
-def test_failures_back_off_exponentially_then_die_and_a_replay_starts_afresh(store: Store) -> None:
-    _add_ai(store, ai_result("img-1", CT_SMALL, None))
-    enqueue_report(store, "dicom-export", ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
-                   ["PACS"])
-    claimed = claim_due(store, lease_seconds=60)
-    assert [r.destination_ae for r in claimed] == ["PACS"]
-    assert claim_due(store, lease_seconds=60) == []  # leased: another sender skips it
-    export_id = claimed[0].id
-    delays = []
-    for attempt in range(1, 4):
-        row = record_failure(store, export_id, "PACS at 127.0.0.1:1 could not be reached", max_attempts=4,
-                             backoff=10, max_backoff=1000)
-        assert row is not None and row.state == "pending" and row.attempts == attempt
-        delays.append((row.next_attempt_at - row.updated_at) / timedelta(seconds=1))
-    # 10 s, 20 s, 40 s, each with +-25 % jitter
-    for delay, base in zip(delays, (10, 20, 40), strict=True):
-        assert 0.75 * base <= delay <= 1.25 * base
-    assert claim_due(store, lease_seconds=60) == []  # not due before its backoff ends
-    dead = record_failure(store, export_id, "still down", max_attempts=4, backoff=10, max_backoff=1000)
-    assert dead is not None and dead.state == "dead" and dead.attempts == 4
-    assert [r.id for r in list_exports(store, "dead")] == [export_id]
-    replayed = replay_export(store, export_id)
-    assert replayed.state == "pending" and replayed.attempts == 0
-    assert [r.id for r in claim_due(store, lease_seconds=60)] == [export_id]
-    record_success(store, export_id)
-    with store.session() as s:
-        row = s.get(DicomExport, export_id)
-        assert row is not None and row.state == "sent" and row.sent_at is not None and row.last_error is None
-
-
-async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
-    store: Store, refusing_scp: tuple[int, list[str]]
+async def test_sender_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
+    store: Store, refusing_scp: tuple[int, list[str]], tmp_path: Path
 ) -> None:
     port, received = refusing_scp
     png = overlay_png(CT_SMALL)
@@ -279,23 +268,41 @@ async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
     with store.session() as s:
         s.add(source_instance(CT_SMALL))
         put_artifact(s, png, "image/png")  # the sender reads the heatmap from the store
-    worker = DicomExportWorker(
-        store,
-        ConsumerOptions(bootstrap="127.0.0.1:1", group_prefix="test", max_attempts=1, notify_outbox=lambda: None),
-        [DicomPeer(ae_title="REFUSER", host="127.0.0.1", port=port, export=True)],
+        queue.enqueue(s, "pacs", "REFUSER", "img-1", "issued")
+    sender = DicomExportSender(
+        store, [DicomPeer(ae_title="REFUSER", host="127.0.0.1", port=port, export=True)],
         ExportPolicy(calling_ae="MEDBRIDGE", max_attempts=2, backoff_seconds=0.01, timeout_seconds=10),
-    )  # not started: no Kafka needed to drive the sender directly
-    enqueue_report(store, worker.name, ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
-                   list(worker.peers))
-    assert await worker.send_due() == 1
-    row = list_exports(store)[0]
+    )  # not started: the test drives its rounds
+    assert await sender.send_due() == 0
+    (row,) = queue.list_jobs(store, "pacs")
     assert (row.state, row.attempts) == ("pending", 1)
     assert row.last_error == "REFUSER refused a Comprehensive SR Storage with status 0xA700"
-    await poll(worker.send_due, timeout=30, what="the second attempt")
-    row = list_exports(store)[0]
+
+    async def second_attempt() -> list[Any]:
+        await sender.send_due()
+        return queue.list_jobs(store, "pacs", "dead")
+
+    await poll(second_attempt, timeout=30, what="the second attempt")
+    (row,) = queue.list_jobs(store, "pacs")
     assert (row.state, row.attempts) == ("dead", 2)
     assert received.count(ComprehensiveSRStorage) == 2
     assert received.count(SecondaryCaptureImageStorage) == 2  # each attempt built the SC from the stored PNG
+
+
+async def test_a_job_whose_image_is_gone_dies_at_once_with_the_reason(store: Store, tmp_path: Path) -> None:
+    gone = tmp_path / "gone.dcm"
+    gone.write_bytes(Path(CT_SMALL).read_bytes())
+    _add_ai(store, ai_result("img-1", str(gone), None))
+    with store.session() as s:
+        s.add(source_instance(str(gone)))
+        queue.enqueue(s, "pacs", "PACS", "img-1", "issued")
+    gone.unlink()
+    sender = DicomExportSender(store, [DicomPeer(ae_title="PACS", host="127.0.0.1", port=free_port(), export=True)],
+                               ExportPolicy(calling_ae="MEDBRIDGE", max_attempts=5))
+    await sender.send_due()
+    (row,) = queue.list_jobs(store, "pacs")
+    assert (row.state, row.attempts) == ("dead", 1)  # no retry brings the image back
+    assert "none of the analysed images is stored any more" in (row.last_error or "")
 
 
 async def test_without_an_export_peer_the_exporter_does_not_start(export_stack: Any) -> None:
@@ -316,7 +323,7 @@ def base_url(runtime: Any) -> str:
 async def poll(check: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = await check() if asyncio.iscoroutinefunction(check) else check()
+        result = await check() if asyncio.iscoroutinefunction(check) else await asyncio.to_thread(check)
         if result:
             return result
         await asyncio.sleep(0.3)

@@ -1,0 +1,140 @@
+"""The sender loop that drains one kind of delivery job (``ehr`` or ``pacs``); ``start()`` / ``stop()``.
+
+Each round claims the due jobs of its kind (integration.delivery.queue) and hands each to
+``deliver``. A transient failure backs the job off and skips the rest of that destination's jobs for
+the round (it is probably down), so a long outage costs one attempt per round, not one per queued
+report; a permanent one makes the job dead at once. The loop runs every ``poll_seconds`` and at once
+when woken (the runtime wakes it after every write that may have queued something).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+
+from integration.db.store import Store
+from integration.db.tables import DeliveryJob, utcnow
+from integration.delivery import queue
+from integration.delivery.queue import ClaimedJob, Kind, RetryPolicy
+from integration.errors import MedBridgeError
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(MedBridgeError):
+    """A delivery attempt failed. ``permanent`` ones make the job dead at once; the rest are retried.
+    ``str()`` is what an administrator reads with the job; ``brief`` is what the log gets (the
+    destination's own error text may quote patient data, so it stays out of the log)."""
+
+    def __init__(self, message: str, *, permanent: bool, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.brief = brief or message
+
+
+class DeliverySender(ABC):
+    """Sends the queued jobs of one kind; subclasses say how one job is delivered."""
+
+    kind: Kind
+    name: str  # for logs and task names
+
+    def __init__(self, store: Store, policy: RetryPolicy, poll_seconds: float) -> None:
+        self.store = store
+        self.policy = policy
+        self.poll_seconds = poll_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.last_error: str | None = None
+
+    @abstractmethod
+    async def deliver(self, job: ClaimedJob) -> str | None:
+        """Send one job; returns what the destination calls it (kept as ``delivered_as``). Raises
+        DeliveryError; any other exception counts as a transient failure."""
+
+    def replay_hint(self, job_id: int) -> str:
+        return f"replay it with POST /api/deliveries/{job_id}/replay"
+
+    def label(self, destination: str) -> str:
+        """How the log names a destination (a subclass leaves out what may be secret)."""
+        return destination
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.send_due()
+            except Exception as exc:  # noqa: BLE001 - the loop outlives a database hiccup; the jobs stay queued
+                # the type only: a database error's text can quote a payload, which may hold patient data
+                log.error("%s: a sending round failed (%s); retrying in %.1f s", self.name, type(exc).__name__,
+                          self.poll_seconds)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def send_due(self) -> int:
+        """One round: every due job of this kind, in order. Returns how many were sent."""
+        jobs = await asyncio.to_thread(queue.claim_due, self.store, self.kind, self.policy.lease_seconds)
+        down: set[str] = set()
+        sent = 0
+        for job in jobs:
+            if job.destination in down:
+                # leased by this round: hand it back at once rather than when the lease ends
+                await asyncio.to_thread(self._release, job)
+                continue
+            try:
+                delivered_as = await self.deliver(job)
+            except DeliveryError as exc:
+                await asyncio.to_thread(self._failed, job, exc)
+                if not exc.permanent:
+                    down.add(job.destination)
+                continue
+            except Exception as exc:  # noqa: BLE001 - counted as a failed attempt, never lost
+                # neither the message nor the traceback is kept: either may quote patient data
+                error = DeliveryError(f"{type(exc).__name__} while delivering; please report it", permanent=False)
+                await asyncio.to_thread(self._failed, job, error)
+                down.add(job.destination)
+                continue
+            if await asyncio.to_thread(queue.record_success, self.store, job, delivered_as):
+                sent += 1
+                self.last_error = None
+                log.info("%s: delivery %d (%s report %s) sent to %s", self.name, job.id, job.what, job.report_id,
+                         self.label(job.destination))
+        return sent
+
+    def _release(self, job: ClaimedJob) -> None:
+        with self.store.session() as s:
+            row = s.get(DeliveryJob, job.id, with_for_update=True)
+            if row is not None and row.claim == job.claim and row.state == "pending":
+                row.next_attempt_at = utcnow()
+
+    def _failed(self, job: ClaimedJob, exc: DeliveryError) -> None:
+        row = queue.record_failure(self.store, job, str(exc), self.policy, permanent=exc.permanent)
+        self.last_error = exc.brief
+        if row is None:
+            return  # the lease ended and another sender holds the job: its outcome stands
+        if row.state == "dead":
+            log.error("%s: delivery %d (%s report %s) to %s is dead after %d attempt(s): %s; see GET "
+                      "/api/deliveries?state=dead and %s", self.name, job.id, job.what, job.report_id,
+                      self.label(job.destination), row.attempts, exc.brief, self.replay_hint(job.id))
+        else:
+            log.warning("%s: delivery %d (%s report %s) to %s failed (attempt %d/%d): %s; retrying at %s",
+                        self.name, job.id, job.what, job.report_id, self.label(job.destination), row.attempts,
+                        self.policy.max_attempts, exc.brief,
+                        queue.aware(row.next_attempt_at).isoformat(timespec="seconds"))
