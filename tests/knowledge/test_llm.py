@@ -32,9 +32,16 @@ def test_prompt_beyond_the_context_is_refused(tiny_path: Path, tmp_path: Path) -
 def test_completion_prompt_is_used_without_a_chat_template(tiny_path: Path, tmp_path: Path) -> None:
     gen = load_text_generator(tiny_path, tmp_path, device="cpu")
     gen.has_chat_template = False  # as for Meditron-7B, a pretrained Llama-2
-    rendered = gen.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = gen.render(messages)  # type: ignore[arg-type]
     assert rendered == "Be brief.\n\nHi\n\nAnswer:"
-    assert gen.generate([{"role": "user", "content": "Hi"}], 5) is not None
+    gen.has_chat_template = True
+    assert gen.render(messages) != rendered  # type: ignore[arg-type]  # the tokenizer has a template of its own
+    gen.has_chat_template = False
+    # the model is conditioned on exactly that text (with the tokenizer's BOS), so it continues it alike
+    assert gen.count_prompt_tokens(messages) == gen.count_prompt_tokens(rendered)  # type: ignore[arg-type]
+    answer = gen.generate(messages, 5)  # type: ignore[arg-type]
+    assert isinstance(answer, str) and answer == gen.generate(rendered, 5)
 
 
 def test_missing_model_folder_tells_what_to_set(tmp_path: Path) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 from playwright.async_api import async_playwright
 
 from integration.app.demo import send_study
@@ -18,6 +22,10 @@ from tests.conftest import REPO, free_port
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def rgb(image: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.int16)
 
 
 async def wait_http(url: str, timeout: float = 60) -> None:
@@ -43,6 +51,10 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
             assert time.monotonic() < deadline, "no report to review"
             await asyncio.sleep(0.25)
         (report,) = (await client.get("/api/reports", params={"status": "preliminary"})).json()
+        detail = (await client.get(f"/api/reports/{report['id']}")).json()
+        heatmap = (await client.get(f"/api/reports/{report['id']}/image.png")).content
+    assert detail["instances"] and heatmap.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", heatmap[16:24])  # the PNG's IHDR
 
     port = free_port()
     viewer = subprocess.Popen(
@@ -59,7 +71,17 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
             await page.get_by_text("Image with the AI heatmap").wait_for(timeout=60_000)
             await page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
             assert await page.get_by_text("synthetic_round_lesion").count() >= 1
-            assert await page.locator("img").count() >= 1
+            # one image, the API's heatmap, decoded by the browser at its own size (Streamlit re-encodes it as JPEG)
+            (figure,) = await page.locator('[data-testid="stImage"]').all()
+            assert "Image with the AI heatmap" in await figure.inner_text()
+            img = figure.locator("img")
+            shown_size = await img.evaluate("i => [i.complete, i.naturalWidth, i.naturalHeight]")
+            assert shown_size == [True, width, height]
+            served = await (await page.request.get(await img.evaluate("i => i.src"))).body()
+            assert np.abs(rgb(served) - rgb(heatmap)).mean() < 4, "the viewer shows another picture than the API's"
+            # a row per instance of the report in the probabilities table
+            for instance in detail["instances"]:
+                assert await page.get_by_text(f"…{instance['sop_instance_uid'][-12:]}", exact=True).count() == 1
             shown = f"{report['top_probability']:.2f}"
             assert await page.get_by_text(shown, exact=True).count() >= 1
             await page.get_by_label("Reviewer").fill("dr-viewer")

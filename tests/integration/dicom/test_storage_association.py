@@ -150,20 +150,36 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     return pdu_type, body
 
 
+def wait_until_ended(lst: DicomListener, timeout: float = 10) -> None:
+    """Return once no storage association is open on ``lst``: each has left its data transfer."""
+    deadline = time.monotonic() + timeout
+    while lst.storage_associations.active():  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the storage association did not end"
+        time.sleep(0.01)
+
+
 def test_an_abort_in_the_middle_of_an_instance_stores_nothing(listener: DicomListener, store: Store) -> None:
     data = Path(CT_SMALL).read_bytes()
     sop_instance = dcmread(CT_SMALL).SOPInstanceUID
     sock = associate_raw(listener.port)
     sock.sendall(p_data(1, 0x03, store_command(sop_instance)))
     sock.sendall(p_data(1, 0x00, data[1000:20000]))  # a first data set fragment, not the last
+    assert listener.storage_associations.active() == 1  # type: ignore[union-attr]  # served on the storage path
     sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-ABORT from the SCU
     sock.close()
-    time.sleep(0.2)
+    wait_until_ended(listener)  # the association's thread is done with the partial instance
     assert store.get_instance(sop_instance) is None
     assert list(Path(listener.storage_dir).rglob("*.dcm")) == []
-    proc = subprocess.run(["storescu", "-aec", "MEDBRIDGE", "127.0.0.1", str(listener.port), CT_SMALL],
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr  # the listener is still there, and stores the instance
+    # the listener is still there, and the instance is new to it: success, not the duplicate's 0xB000
+    ds = dcmread(CT_SMALL)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDBRIDGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
     assert store.get_instance(sop_instance) is not None
 
 
@@ -255,7 +271,7 @@ def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tm
         first.sendall(bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
         assert read_pdu(first)[0] == 0x06
         first.close()
-        time.sleep(0.2)
+        wait_until_ended(lst)
         third = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
         assert third.is_established  # the slot is free again once the first is released
         third.release()

@@ -111,8 +111,9 @@ def test_transaction_resolves_urn_uuid_references_and_marks_the_patient_changed(
     patient_ref = next(e["response"]["location"] for e in out["entry"] if e["fullUrl"].startswith("Patient/"))
     patient_ref = patient_ref.split("/_history")[0]
     conditions = fhir_client.get("/fhir/Condition", params={"subject": patient_ref}).json()
-    assert conditions["total"] >= 1
-    assert conditions["entry"][0]["resource"]["subject"]["reference"] == patient_ref
+    sent = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == "Condition")
+    assert sent and conditions["total"] == len(conditions["entry"]) == sent  # every Condition of the Bundle, no other
+    assert {e["resource"]["subject"]["reference"] for e in conditions["entry"]} == {patient_ref}
     with store.session() as s:
         trackers = list(s.scalars(select(ChangeTracker).where(ChangeTracker.kind == "patient")))
     assert [t.key for t in trackers] == [patient_ref]
