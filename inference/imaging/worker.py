@@ -2,8 +2,8 @@
 
 A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
 stored instances, runs the detector off the event loop, saves each heatmap overlay as a PNG
-(atomically) and writes the result event to the outbox in the same transaction that records the
-StudyReceived event as processed.
+(atomically) and hands the result event back to the consumer base, which writes it to the outbox in
+the transaction that records the StudyReceived event as processed.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from integration.app.settings import Settings
 from integration.db.store import Store
-from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.phi import uid_hash
 from schemas.events import (
     IMAGING_WORKER,
-    TOPIC_IMAGING_COMPLETED,
-    TOPIC_STUDY_RECEIVED,
     ImagingInferenceCompleted,
     InstanceFinding,
-    MedBridgeEvent,
     StudyReceived,
 )
 
@@ -89,23 +87,19 @@ def infer_study(
 
 class ImagingWorker(ConsumerWorker):
     name = IMAGING_WORKER
-    topics = (TOPIC_STUDY_RECEIVED,)
 
-    def __init__(
-        self, store: Store, weights: Path, artifacts_dir: Path, *, device: str, options: ConsumerOptions
-    ) -> None:
+    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
         super().__init__(store, options)
-        self.weights = weights
-        self.device = device
-        self.artifacts_dir = artifacts_dir
+        self.weights = settings.imaging_model_path
+        self.device = settings.device
+        self.artifacts_dir = settings.artifacts_dir
         self.detector: LesionDetector | None = None
 
     async def load(self) -> None:
         self.detector = await asyncio.to_thread(LesionDetector, self.weights, self.device)
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        if not isinstance(event, StudyReceived):
-            return
-        assert self.detector is not None
+    @handles(StudyReceived)
+    async def on_study(self, event: StudyReceived) -> Outcome | None:
+        assert self.detector is not None, "load() runs before the first event"
         result = await asyncio.to_thread(infer_study, self.store, self.detector, self.artifacts_dir, event)
-        self.finish(event.event_id, result, TOPIC_IMAGING_COMPLETED, key=event.study_instance_uid)
+        return Publish(result, key=event.study_instance_uid) if result is not None else None

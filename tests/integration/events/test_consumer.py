@@ -1,106 +1,233 @@
-"""Outbox relay and consumer semantics against the real embedded Kafka-protocol broker."""
+"""Consumers by type against the real embedded Kafka-protocol broker: typed dispatch, the ack
+policy (retry, dead letter, undeclared types) and "processed" recorded with the handler's work."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.events.broker import EventConsumer, OutboxRelay
-from schemas.events import TOPIC_DEAD_LETTER, TOPIC_RECORD_RECEIVED, MedBridgeEvent, RecordReceived
+from integration.errors import PermanentEventError
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
+from integration.events.relay import OutboxRelay
+from schemas.events import (
+    TOPIC_DEAD_LETTER,
+    TOPIC_RECORD_RECEIVED,
+    TOPIC_REPORT_ISSUED,
+    TOPIC_STUDY_RECEIVED,
+    RecordReceived,
+    ReportIssued,
+    StudyReceived,
+)
+from tests.integration.events.helpers import outbox, queue_events, until
 
 
-@pytest.fixture
-def sqlite_store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    s.start()
-    yield s
-    s.stop()
+def options(kafka: str, *, relay: OutboxRelay | None = None, producer: AIOKafkaProducer | None = None,
+            max_attempts: int = 3) -> ConsumerOptions:
+    return ConsumerOptions(
+        bootstrap=kafka, group_prefix="test", max_attempts=max_attempts,
+        notify_outbox=relay.wake if relay else lambda: None,
+        dead_letter_producer=(lambda: producer) if producer else None,
+    )
 
 
-def queue_events(store: Store, n: int) -> list[RecordReceived]:
-    events = [RecordReceived(patient_ref=f"Patient/{i}", revision=1) for i in range(n)]
-    with store.session() as s:
-        for e in events:
-            Store.add_to_outbox(s, TOPIC_RECORD_RECEIVED, e, key=e.patient_ref)
-    return events
+class RecordWorker(ConsumerWorker):
+    """Handles RecordReceived only; ``fail(event, attempt)`` may name an error to raise."""
+
+    name = "test"
+
+    def __init__(self, store: Store, opts: ConsumerOptions,
+                 fail: Callable[[RecordReceived, int], Exception | None] = lambda _e, _n: None) -> None:
+        super().__init__(store, opts)
+        self.fail = fail
+        self.attempts: Counter[str] = Counter()
+        self.seen: list[str] = []
+
+    @handles(RecordReceived)
+    async def on_record(self, event: RecordReceived) -> None:
+        self.attempts[event.event_id] += 1
+        error = self.fail(event, self.attempts[event.event_id])
+        if error is not None:
+            raise error
+        self.seen.append(event.event_id)
 
 
-async def until(predicate, timeout: float = 20.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
+class Announcements(ConsumerWorker):
+    """Handles two types, each on its own handler; each answers with a ReportIssued naming its input."""
+
+    name = "announcements"
+
+    def __init__(self, store: Store, opts: ConsumerOptions) -> None:
+        super().__init__(store, opts)
+        self.studies: list[StudyReceived] = []
+        self.records: list[RecordReceived] = []
+
+    @handles(StudyReceived)
+    async def on_study(self, event: StudyReceived) -> Outcome:
+        self.studies.append(event)
+        return Publish(ReportIssued(report_id=f"study:{event.study_instance_uid}", source_event_id=event.event_id,
+                                    patient_ref=None), key=event.study_instance_uid)
+
+    @handles(RecordReceived)
+    async def on_record(self, event: RecordReceived) -> Outcome:
+        self.records.append(event)
+        return Publish(ReportIssued(report_id=f"record:{event.patient_ref}", source_event_id=event.event_id,
+                                    patient_ref=event.patient_ref), key=event.patient_ref)
 
 
-async def test_relay_publishes_what_was_queued_before_it_started(kafka: str, sqlite_store: Store) -> None:
-    events = queue_events(sqlite_store, 3)
+class _Refused:
+    """An outcome that stores a row, then fails: nothing of the attempt may stay."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def write(self, s: Session) -> None:
+        Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, ReportIssued(report_id="half", source_event_id="x",
+                                                                 patient_ref=None), key=None)
+        s.flush()  # the row is in the transaction when the failure comes
+        raise self.error
+
+
+class RefusingWorker(ConsumerWorker):
+    name = "refusing"
+
+    @handles(RecordReceived)
+    async def on_record(self, event: RecordReceived) -> Outcome:
+        return _Refused(PermanentEventError("the report cannot be valid FHIR"))
+
+
+async def _send(producer: AIOKafkaProducer, topic: str, *events: StudyReceived | RecordReceived | ReportIssued) -> None:
+    """The events on ``topic`` in this order (one key: one partition, so they are consumed in order too)."""
+    for event in events:
+        await producer.send_and_wait(topic, event.model_dump_json().encode(), key=b"one-partition")
+
+
+# declaring handlers ------------------------------------------------------------------------------
+def test_a_worker_subscribes_to_the_topics_of_the_types_it_handles() -> None:
+    assert Announcements.topics == (TOPIC_STUDY_RECEIVED, TOPIC_RECORD_RECEIVED)
+    assert Announcements.handled == {StudyReceived: "on_study", RecordReceived: "on_record"}
+    assert RecordWorker.topics == (TOPIC_RECORD_RECEIVED,)
+
+
+def test_a_type_declared_twice_in_one_worker_is_refused_when_the_class_is_made() -> None:
+    with pytest.raises(TypeError, match=r"handles RecordReceived twice \(first and second\): keep one handler"):
+        class Twice(ConsumerWorker):  # noqa: F841 - defining it is the test
+            name = "twice"
+
+            @handles(RecordReceived)
+            async def first(self, event: RecordReceived) -> None: ...
+
+            @handles(RecordReceived)
+            async def second(self, event: RecordReceived) -> None: ...
+
+
+def test_a_handler_must_be_async() -> None:
+    with pytest.raises(TypeError, match=r"must be `async def`"):
+        handles(RecordReceived)(lambda self, event: None)  # type: ignore[type-var]
+
+
+# dispatch and "processed" ------------------------------------------------------------------------
+async def test_each_type_reaches_its_handler_and_an_undeclared_type_is_dead_lettered(
+    kafka: str, sqlite_store: Store
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    study = StudyReceived(study_instance_uid="1.2.3", revision=1, instance_count=1)
+    record = RecordReceived(patient_ref="Patient/p1", revision=1)
+    # a ReportIssued where RecordReceived travels: the worker subscribes to the topic, not to the type
+    stray = ReportIssued(report_id="r-1", source_event_id="e-0", patient_ref=None)
+    worker = Announcements(sqlite_store, options(kafka, producer=producer))
+    await worker.start()
+    try:
+        await _send(producer, TOPIC_STUDY_RECEIVED, study)
+        await _send(producer, TOPIC_RECORD_RECEIVED, stray, record)
+        await until(lambda: sqlite_store.is_processed(worker.name, record.event_id)
+                    and sqlite_store.is_processed(worker.name, study.event_id)
+                    and len(sqlite_store.dead_letters()) == 1)
+    finally:
+        await worker.stop()
+        await producer.stop()
+    # each handler got its own type, typed
+    assert [e.event_id for e in worker.studies] == [study.event_id]
+    assert [e.event_id for e in worker.records] == [record.event_id]
+    assert {e.report_id for e in map(_issued, outbox(sqlite_store, TOPIC_REPORT_ISSUED))} == {
+        "study:1.2.3", "record:Patient/p1"}
+    # the undeclared type: handled by no one, dead-lettered with what to do, and not marked processed
+    (letter,) = sqlite_store.dead_letters()
+    assert (letter.consumer, letter.topic, letter.event_id) == ("announcements", TOPIC_RECORD_RECEIVED,
+                                                                stray.event_id)
+    assert letter.error.startswith("announcements has no handler for ReportIssued "
+                                   "(it handles RecordReceived, StudyReceived)")
+    assert "then replay the event" in letter.error
+    assert not sqlite_store.is_processed(worker.name, stray.event_id)
+
+
+async def test_a_redelivered_event_is_a_no_op(kafka: str, sqlite_store: Store) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    study = StudyReceived(study_instance_uid="1.2.3", revision=1, instance_count=1)
+    later = StudyReceived(study_instance_uid="1.2.4", revision=1, instance_count=1)
+    worker = Announcements(sqlite_store, options(kafka))
+    await worker.start()
+    try:
+        # at least once: the same event twice (a producer retry, a relay republish), then another
+        await _send(producer, TOPIC_STUDY_RECEIVED, study, study, later)
+        await until(lambda: sqlite_store.is_processed(worker.name, later.event_id))
+    finally:
+        await worker.stop()
+        await producer.stop()
+    assert [e.event_id for e in worker.studies] == [study.event_id, later.event_id]
+    assert [_issued(row).source_event_id for row in outbox(sqlite_store, TOPIC_REPORT_ISSUED)] == [
+        study.event_id, later.event_id]
+
+
+async def test_a_failed_write_keeps_neither_the_work_nor_the_processed_mark(kafka: str, sqlite_store: Store) -> None:
+    (event,) = queue_events(sqlite_store, 1)
     relay = OutboxRelay(sqlite_store, kafka, poll_seconds=0.1)
     await relay.start()
-    consumer = AIOKafkaConsumer(TOPIC_RECORD_RECEIVED, bootstrap_servers=kafka, group_id="check",
-                                auto_offset_reset="earliest")
-    await consumer.start()
+    worker = RefusingWorker(sqlite_store, options(kafka, relay=relay))
+    await worker.start()
     try:
-        got = []
-        deadline = time.monotonic() + 20
-        while len(got) < 3 and time.monotonic() < deadline:
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                got.extend(msgs)
+        await until(lambda: len(sqlite_store.dead_letters()) == 1)
     finally:
-        await consumer.stop()
+        await worker.stop()
         await relay.stop()
-    assert sorted(RecordReceived.model_validate_json(m.value).event_id for m in got) == sorted(
-        e.event_id for e in events
-    )
-    assert dict(got[0].headers)["event_type"] == b"RecordReceived"
-    assert sqlite_store.outbox_backlog() == 0
+    (letter,) = sqlite_store.dead_letters()
+    assert letter.error == "PermanentEventError: the report cannot be valid FHIR"  # at once: not retried
+    assert outbox(sqlite_store, TOPIC_REPORT_ISSUED) == []
+    assert not sqlite_store.is_processed(worker.name, event.event_id)
 
 
-def make_consumer(kafka: str, store: Store, handler, name: str = "test", producer=None) -> EventConsumer:  # noqa: ANN001
-    return EventConsumer(name=name, topics=(TOPIC_RECORD_RECEIVED,), group_id=f"group-{name}", bootstrap=kafka,
-                         store=store, handler=handler, max_attempts=3,
-                         dead_letter_producer=(lambda: producer) if producer else None)
+def _issued(row: object) -> ReportIssued:
+    return ReportIssued.model_validate_json(row.payload)  # type: ignore[attr-defined]
 
 
+# the ack policy ----------------------------------------------------------------------------------
 async def test_consumer_retries_then_succeeds_and_commits(kafka: str, sqlite_store: Store) -> None:
     relay = OutboxRelay(sqlite_store, kafka, poll_seconds=0.1)
     await relay.start()
-    attempts: dict[str, int] = {}
-
-    async def flaky(event: MedBridgeEvent) -> None:
-        attempts[event.event_id] = attempts.get(event.event_id, 0) + 1
-        if attempts[event.event_id] == 1:
-            raise RuntimeError("transient")
-        with sqlite_store.session() as s:
-            Store.mark_processed(s, "test", event.event_id)
-
     (event,) = queue_events(sqlite_store, 1)
     relay.wake()
-    consumer = make_consumer(kafka, sqlite_store, flaky)
-    await consumer.start()
+    worker = RecordWorker(sqlite_store, options(kafka, relay=relay),
+                          fail=lambda _e, attempt: RuntimeError("transient") if attempt == 1 else None)
+    await worker.start()
     await until(lambda: sqlite_store.is_processed("test", event.event_id))
-    await consumer.stop()
-    assert attempts[event.event_id] == 2
+    await worker.stop()
+    assert worker.attempts[event.event_id] == 2
     # committed: a new member of the same group does not see it again
-    again: list[str] = []
-
-    async def record(e: MedBridgeEvent) -> None:
-        again.append(e.event_id)
-
-    consumer = make_consumer(kafka, sqlite_store, record)
-    await consumer.start()
+    worker = RecordWorker(sqlite_store, options(kafka, relay=relay))
+    await worker.start()
     (second,) = queue_events(sqlite_store, 1)
     relay.wake()
-    await until(lambda: second.event_id in again)
-    await consumer.stop()
+    await until(lambda: second.event_id in worker.seen)
+    await worker.stop()
     await relay.stop()
-    assert again == [second.event_id]
+    assert worker.seen == [second.event_id]
 
 
 async def test_repeated_failure_goes_to_dead_letter_and_the_next_event_still_flows(
@@ -111,20 +238,16 @@ async def test_repeated_failure_goes_to_dead_letter_and_the_next_event_still_flo
     producer = AIOKafkaProducer(bootstrap_servers=kafka)
     await producer.start()
     poison, good = queue_events(sqlite_store, 2)
-    done: list[str] = []
-
-    async def handler(event: MedBridgeEvent) -> None:
-        if event.event_id == poison.event_id:
-            raise ValueError("cannot handle this one")
-        done.append(event.event_id)
-
+    worker = RecordWorker(
+        sqlite_store, options(kafka, relay=relay, producer=producer),
+        fail=lambda e, _n: ValueError("cannot handle this one") if e.event_id == poison.event_id else None,
+    )
     # raw garbage on the topic is dead-lettered too
     await producer.send_and_wait(TOPIC_RECORD_RECEIVED, b"\x00not json", key=b"Patient/0")
     relay.wake()
-    consumer = make_consumer(kafka, sqlite_store, handler, producer=producer)
-    await consumer.start()
-    await until(lambda: good.event_id in done and len(sqlite_store.dead_letters()) == 2, timeout=40)
-    await consumer.stop()
+    await worker.start()
+    await until(lambda: good.event_id in worker.seen and len(sqlite_store.dead_letters()) == 2, timeout=40)
+    await worker.stop()
     dlq = AIOKafkaConsumer(TOPIC_DEAD_LETTER, bootstrap_servers=kafka, group_id="dlq", auto_offset_reset="earliest")
     await dlq.start()
     got = []
@@ -138,6 +261,8 @@ async def test_repeated_failure_goes_to_dead_letter_and_the_next_event_still_flo
     letters = sqlite_store.dead_letters()
     assert {d.event_id for d in letters} == {poison.event_id, None}
     assert any("ValueError: cannot handle this one" in d.error for d in letters)
+    assert worker.attempts[poison.event_id] == 3
+    assert not sqlite_store.is_processed("test", poison.event_id)
     assert len(got) == 2 and all(dict(m.headers)["consumer"] == b"test" for m in got)
 
 
@@ -147,53 +272,10 @@ async def test_already_processed_events_are_skipped(kafka: str, sqlite_store: St
     first, second = queue_events(sqlite_store, 2)
     with sqlite_store.session() as s:
         Store.mark_processed(s, "test", first.event_id)
-    seen: list[str] = []
-
-    async def handler(event: MedBridgeEvent) -> None:
-        seen.append(event.event_id)
-
     relay.wake()
-    consumer = make_consumer(kafka, sqlite_store, handler)
-    await consumer.start()
-    await until(lambda: second.event_id in seen)
-    await consumer.stop()
+    worker = RecordWorker(sqlite_store, options(kafka, relay=relay))
+    await worker.start()
+    await until(lambda: second.event_id in worker.seen)
+    await worker.stop()
     await relay.stop()
-    assert seen == [second.event_id]
-
-
-async def test_events_lost_by_a_restarted_broker_are_republished_until_processed(sqlite_store: Store) -> None:
-    """The embedded broker forgets everything on restart: the store decides what is done."""
-    from integration.events.broker import EmbeddedBroker, ensure_topics
-    from tests.conftest import free_port
-
-    port = free_port()
-    broker = EmbeddedBroker(port)
-    broker.start()
-    await ensure_topics(broker.bootstrap_servers)
-    relay = OutboxRelay(sqlite_store, broker.bootstrap_servers, poll_seconds=0.1,
-                        consumers_by_topic={TOPIC_RECORD_RECEIVED: "test"}, redeliver_after_seconds=1.0)
-    await relay.start()
-    (event,) = queue_events(sqlite_store, 1)
-    relay.wake()
-    await until(lambda: sqlite_store.outbox_backlog() == 0)
-    broker.stop()  # published, never consumed, and now gone with the broker
-    broker = EmbeddedBroker(port)
-    broker.start()
-    seen: list[str] = []
-
-    async def handler(e: MedBridgeEvent) -> None:
-        seen.append(e.event_id)
-        with sqlite_store.session() as s:
-            Store.mark_processed(s, "test", e.event_id)
-
-    try:
-        await ensure_topics(broker.bootstrap_servers)
-        consumer = make_consumer(broker.bootstrap_servers, sqlite_store, handler)
-        await consumer.start()
-        await until(lambda: event.event_id in seen, timeout=60)
-        await consumer.stop()
-        await relay.stop()
-    finally:
-        broker.stop()
-    assert seen == [event.event_id]
-    assert sqlite_store.requeue_unprocessed({TOPIC_RECORD_RECEIVED: "test"}, 0) == 0
+    assert worker.seen == [second.event_id]

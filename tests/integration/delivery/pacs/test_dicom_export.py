@@ -45,7 +45,7 @@ from integration.delivery.pacs.sender import (
     record_success,
     replay_export,
 )
-from integration.events.broker import ConsumerOptions
+from integration.events.consumer import ConsumerOptions
 from integration.phi import uid_hash
 from schemas.events import ReportIssued
 from tests.conftest import free_port
@@ -201,17 +201,15 @@ def test_report_issued_queues_one_export_per_destination_once_and_only_for_imagi
     _add_ai(store, ai_result("img-1", CT_SMALL, None))
     _add_ai(store, AiResult(report_id="clin-1", kind="clinical", source_event_id="e-2", details={}))
     event = ReportIssued(report_id="img-1", source_event_id="e-1", patient_ref=None)
-    assert enqueue_report(store, "dicom-export", event, ["PACS_A", "PACS_B"]) == 2
-    assert enqueue_report(store, "dicom-export", event, ["PACS_A", "PACS_B"]) == 0  # redelivery
-    assert store.is_processed("dicom-export", event.event_id)
+    assert enqueue_report(store, event, ["PACS_A", "PACS_B"]) == 2
+    assert enqueue_report(store, event, ["PACS_A", "PACS_B"]) == 0  # redelivery
     clinical = ReportIssued(report_id="clin-1", source_event_id="e-2", patient_ref=None)
-    assert enqueue_report(store, "dicom-export", clinical, ["PACS_A"]) == 0
-    assert store.is_processed("dicom-export", clinical.event_id)
+    assert enqueue_report(store, clinical, ["PACS_A"]) == 0
     nothing_analysed = ai_result("img-2", CT_SMALL, None)
     nothing_analysed.details = {**nothing_analysed.details, "instances": [], "skipped_instances": 1}
     _add_ai(store, nothing_analysed)
-    assert enqueue_report(store, "dicom-export", ReportIssued(report_id="img-2", source_event_id="e-3",
-                                                              patient_ref=None), ["PACS_A"]) == 0
+    assert enqueue_report(store, ReportIssued(report_id="img-2", source_event_id="e-3", patient_ref=None),
+                          ["PACS_A"]) == 0
     rows = list_exports(store)
     assert sorted((r.report_id, r.destination_ae, r.state) for r in rows) == [
         ("img-1", "PACS_A", "pending"), ("img-1", "PACS_B", "pending")]
@@ -220,7 +218,7 @@ def test_report_issued_queues_one_export_per_destination_once_and_only_for_imagi
 
 def test_failures_back_off_exponentially_then_die_and_a_replay_starts_afresh(store: Store) -> None:
     _add_ai(store, ai_result("img-1", CT_SMALL, None))
-    enqueue_report(store, "dicom-export", ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
+    enqueue_report(store, ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
                    ["PACS"])
     claimed = claim_due(store, lease_seconds=60)
     assert [r.destination_ae for r in claimed] == ["PACS"]
@@ -262,7 +260,7 @@ async def test_worker_counts_a_refusal_as_a_failed_attempt_and_names_the_status(
         [DicomPeer(ae_title="REFUSER", host="127.0.0.1", port=port, export=True)],
         ExportPolicy(calling_ae="MEDBRIDGE", max_attempts=2, backoff_seconds=0.01, timeout_seconds=10),
     )  # not started: no Kafka needed to drive the sender directly
-    enqueue_report(store, worker.name, ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
+    enqueue_report(store, ReportIssued(report_id="img-1", source_event_id="e", patient_ref=None),
                    list(worker.peers))
     assert await worker.send_due() == 1
     row = list_exports(store)[0]
