@@ -157,3 +157,16 @@ event_adapter: TypeAdapter[MedBridgeEvent] = TypeAdapter(MedBridgeEvent)
 def parse_event(raw: bytes | str) -> MedBridgeEvent:
     """Parse a serialised event; raises ``pydantic.ValidationError`` for anything else."""
     return event_adapter.validate_json(raw)
+
+
+# The base every event shares (event_id, schema_version): what consumers' handler registries are keyed by
+AnyEvent = _Event
+
+# The topic each event type travels on: a consumer subscribes to the topics of the types it handles
+TOPIC_OF_EVENT: dict[type[AnyEvent], str] = {
+    StudyReceived: TOPIC_STUDY_RECEIVED,
+    RecordReceived: TOPIC_RECORD_RECEIVED,
+    ImagingInferenceCompleted: TOPIC_IMAGING_COMPLETED,
+    ClinicalInferenceCompleted: TOPIC_CLINICAL_COMPLETED,
+    ReportIssued: TOPIC_REPORT_ISSUED,
+}

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 
 from integration.db.store import Store  # noqa: E402
 from integration.dicom.network.listener import DicomListener  # noqa: E402
-from integration.events.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from integration.events.embedded import EmbeddedBroker  # noqa: E402
+from integration.events.topics import ensure_topics  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("MEDBRIDGE_TEST_PG_URL", "postgresql://medbridge:medbridge@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent

@@ -5,21 +5,28 @@
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import streamlit as st
+from pydantic import ValidationError
 
-API_URL = os.environ.get("MEDBRIDGE_API_URL", "http://127.0.0.1:8000").rstrip("/")
+from viewer.settings import get_viewer_settings
+
 ACTIONS = {"Approve (final)": "final", "Amend": "amended", "Reject (entered in error)": "entered-in-error"}
 
 st.set_page_config(page_title="MedBridge review", layout="wide")
 st.title("MedBridge: AI reports awaiting review")
 st.caption("AI output is preliminary until a clinician signs it off. The demo imaging model is not for clinical use.")
 
+try:
+    settings = get_viewer_settings()
+except ValidationError as exc:
+    st.error(f"MEDBRIDGE_API_URL must be the API's absolute URL, e.g. http://127.0.0.1:8000 ({exc.errors()[0]['msg']})")
+    st.stop()
+API_URL = settings.api_url
+
 
 def api() -> httpx.Client:
-    return httpx.Client(base_url=API_URL, timeout=30)
+    return httpx.Client(base_url=API_URL, timeout=settings.viewer_timeout_seconds)
 
 
 status_filter = st.sidebar.selectbox("Status", ["preliminary", "final", "amended", "entered-in-error"], index=0)
@@ -53,7 +60,8 @@ st.write(detail.get("conclusion") or "-")
 if detail["kind"] == "imaging":
     left, right = st.columns([3, 2])
     with left:
-        image = httpx.get(f"{API_URL}/api/reports/{detail['id']}/image.png", timeout=30)
+        with api() as client:
+            image = client.get(f"/api/reports/{detail['id']}/image.png")
         if image.status_code == 200:
             st.image(image.content, caption="Image with the AI heatmap (Grad-CAM) overlaid")
         else:

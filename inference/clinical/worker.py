@@ -1,8 +1,9 @@
 """The clinical-text worker: RecordReceived in, ClinicalInferenceCompleted out.
 
 It gathers the patient's records from the store into an identifier-free PatientContext, asks the
-RAG-backed LLM operator for an impression (off the event loop), and writes the result event to
-the outbox in the same transaction that marks the RecordReceived event processed.
+RAG-backed LLM operator for an impression (off the event loop), and hands the result event back to
+the consumer base, which writes it to the outbox in the transaction that marks the RecordReceived
+event processed.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 from pathlib import Path
 
 from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
+from integration.app.settings import Settings
 from integration.db.store import Store
 from integration.errors import PermanentEventError
-from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.fhir.patient_context import build_patient_context
 from integration.phi import uid_hash
 from knowledge.ingest import ingest_default_corpus
@@ -22,10 +24,7 @@ from knowledge.llm import load_text_generator
 from knowledge.store import KnowledgeBase
 from schemas.events import (
     CLINICAL_WORKER,
-    TOPIC_CLINICAL_COMPLETED,
-    TOPIC_RECORD_RECEIVED,
     ClinicalInferenceCompleted,
-    MedBridgeEvent,
     RecordReceived,
 )
 
@@ -43,32 +42,23 @@ def open_knowledge_base(chroma_dir: Path, chroma_url: str) -> KnowledgeBase:
 
 class ClinicalWorker(ConsumerWorker):
     name = CLINICAL_WORKER
-    topics = (TOPIC_RECORD_RECEIVED,)
 
-    def __init__(
-        self,
-        store: Store,
-        *,
-        chroma_dir: Path,
-        chroma_url: str,
-        llm_model: Path | None,
-        llm_cache_dir: Path,
-        device: str,
-        retrieval_k: int,
-        max_new_tokens: int,
-        options: ConsumerOptions,
-    ) -> None:
+    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
         super().__init__(store, options)
-        self._open = lambda: ClinicalImpressionOperator(
-            open_knowledge_base(chroma_dir, chroma_url),
-            load_text_generator(llm_model, llm_cache_dir, device),
-            k=retrieval_k,
-            max_new_tokens=max_new_tokens,
-        )
+        self.settings = settings
         self.operator: ClinicalImpressionOperator | None = None
 
+    def _open_operator(self) -> ClinicalImpressionOperator:
+        s = self.settings
+        return ClinicalImpressionOperator(
+            open_knowledge_base(s.chroma_dir, s.chroma_url),
+            load_text_generator(s.llm_model, s.models_dir, s.device),
+            k=s.retrieval_k,
+            max_new_tokens=s.llm_max_new_tokens,
+        )
+
     async def load(self) -> None:
-        self.operator = await asyncio.to_thread(self._open)
+        self.operator = await asyncio.to_thread(self._open_operator)
 
     def infer(self, event: RecordReceived) -> ClinicalInferenceCompleted | None:
         assert self.operator is not None
@@ -91,8 +81,7 @@ class ClinicalWorker(ConsumerWorker):
             conclusion_codes=list(result.conclusion_codes),
         )
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        if not isinstance(event, RecordReceived):
-            return
+    @handles(RecordReceived)
+    async def on_record(self, event: RecordReceived) -> Outcome | None:
         result = await asyncio.to_thread(self.infer, event)
-        self.finish(event.event_id, result, TOPIC_CLINICAL_COMPLETED, key=event.patient_ref)
+        return Publish(result, key=event.patient_ref) if result is not None else None

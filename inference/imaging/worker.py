@@ -2,32 +2,29 @@
 
 A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
 stored instances, runs the detector off the event loop, stores each heatmap overlay PNG in the
-artifact store (the database, so the report writer needs no access to this host's files) and writes
-the result event, which names the overlays by artifact id, to the outbox in the same transaction that
-records the StudyReceived event as processed.
+artifact store (the database, so the report writer needs no access to this host's files) and hands the
+result event, which names the overlays by artifact id, back to the consumer base, which writes it to the
+outbox in the transaction that records the StudyReceived event as processed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from integration.app.settings import Settings
 from integration.db.artifacts import put_artifact
 from integration.db.store import Store
-from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.phi import uid_hash
 from schemas.events import (
     IMAGING_WORKER,
-    TOPIC_IMAGING_COMPLETED,
-    TOPIC_STUDY_RECEIVED,
     ImagingInferenceCompleted,
     InstanceFinding,
-    MedBridgeEvent,
     StudyReceived,
 )
 
@@ -90,20 +87,18 @@ def infer_study(store: Store, detector: LesionDetector, event: StudyReceived) ->
 
 class ImagingWorker(ConsumerWorker):
     name = IMAGING_WORKER
-    topics = (TOPIC_STUDY_RECEIVED,)
 
-    def __init__(self, store: Store, weights: Path, *, device: str, options: ConsumerOptions) -> None:
+    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
         super().__init__(store, options)
-        self.weights = weights
-        self.device = device
+        self.weights = settings.imaging_model_path
+        self.device = settings.device
         self.detector: LesionDetector | None = None
 
     async def load(self) -> None:
         self.detector = await asyncio.to_thread(LesionDetector, self.weights, self.device)
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        if not isinstance(event, StudyReceived):
-            return
-        assert self.detector is not None
+    @handles(StudyReceived)
+    async def on_study(self, event: StudyReceived) -> Outcome | None:
+        assert self.detector is not None, "load() runs before the first event"
         result = await asyncio.to_thread(infer_study, self.store, self.detector, event)
-        self.finish(event.event_id, result, TOPIC_IMAGING_COMPLETED, key=event.study_instance_uid)
+        return Publish(result, key=event.study_instance_uid) if result is not None else None

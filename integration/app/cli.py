@@ -58,7 +58,7 @@ async def _serve(settings: Settings) -> None:
         await runtime.start()
         print(
             f"MedBridge is up. DICOM {settings.dicom_ae_title}@{settings.dicom_host}:{settings.dicom_port}  "
-            f"API http://{settings.http_host}:{settings.http_port}/docs  "
+            f"API http://{settings.http_host}:{runtime.http_port}/docs  "
             f"viewer http://127.0.0.1:{settings.viewer_port}  (Ctrl-C stops)",
             flush=True,
         )

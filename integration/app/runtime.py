@@ -26,12 +26,14 @@ from integration.app.settings import Settings
 from integration.db.store import Store
 from integration.delivery.ehr.sender import UpstreamSender
 from integration.delivery.pacs.sender import DicomExportSender, ExportPolicy, export_peers
-from integration.delivery.plan import Destinations
 from integration.delivery.sender import DeliverySender
 from integration.dicom.network.listener import DicomListener, tls_context
 from integration.dicom.network.processes import ListenerProcesses
-from integration.events.broker import ConsumerOptions, EmbeddedBroker, OutboxRelay, ensure_topics
+from integration.events.consumer import ConsumerOptions
+from integration.events.embedded import EmbeddedBroker
 from integration.events.publisher import QuietPeriodPublisher, announce_record, announce_study
+from integration.events.relay import OutboxRelay
+from integration.events.topics import ensure_topics
 from integration.fhir import storage as fhir_storage
 from integration.fhir.validation import ValidationWorkers
 from integration.reports.legacy_heatmaps import adopt_heatmap_files
@@ -58,6 +60,7 @@ class Runtime:
         self.relay: OutboxRelay | None = None
         self.dicom: DicomListener | None = None
         self.http: _EmbeddedUvicorn | None = None
+        self.http_port = settings.http_port  # the port bound once started (settings may say 0: any)
         self._http_task: asyncio.Task[None] | None = None
         self.viewer: subprocess.Popen[bytes] | None = None
         self.components: list[tuple[str, Callable[[], Awaitable[None] | None]]] = []  # stop callbacks
@@ -127,27 +130,15 @@ class Runtime:
             exporter = DicomExportSender(self.store, s.dicom_peers, ExportPolicy.from_settings(s))
             await self._start_sender("dicom_exporter", exporter)
         if "reports" in s.enabled_workers:
-            await self._start_worker("report_writer", ReportWriter(self.store, options, Destinations.from_settings(s)))
+            await self._start_worker("report_writer", ReportWriter(self.store, s, options))
         if "imaging" in s.enabled_workers:
             from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
 
-            imaging = ImagingWorker(self.store, s.imaging_model_path, device=s.device, options=options)
-            await self._start_worker("imaging_worker", imaging)
+            await self._start_worker("imaging_worker", ImagingWorker(self.store, s, options))
         if "clinical" in s.enabled_workers:
             from inference.clinical.worker import ClinicalWorker
 
-            clinical = ClinicalWorker(
-                self.store,
-                chroma_dir=s.chroma_dir,
-                chroma_url=s.chroma_url,
-                llm_model=s.llm_model,
-                llm_cache_dir=s.models_dir,
-                device=s.device,
-                retrieval_k=s.retrieval_k,
-                max_new_tokens=s.llm_max_new_tokens,
-                options=options,
-            )
-            await self._start_worker("clinical_worker", clinical)
+            await self._start_worker("clinical_worker", ClinicalWorker(self.store, s, options))
 
         if s.dicom_enabled:
             self.dicom = DicomListener.from_settings(
@@ -165,8 +156,11 @@ class Runtime:
 
         validation = ValidationWorkers(s.fhir_validation_workers)
         self.components.append(("FHIR validation workers", validation.stop))
-        services = Services(s, self.store, self.health, self.notify_outbox, fhir_validation=validation)
-        services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones
+        services = Services(
+            s, self.store, self.health, self.notify_outbox,
+            on_study_ready=publishers["study"].wake,  # STOW-RS studies announce like C-STORE'd ones
+            fhir_validation=validation,
+        )
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
             access_log=False,  # URLs carry patient references
@@ -178,14 +172,12 @@ class Runtime:
                 self._http_task.result()  # raises the bind error
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.05)
-        if s.http_port == 0:
-            sock = self.http.servers[0].sockets[0]
-            s.http_port = sock.getsockname()[1]
+        self.http_port = self.http.servers[0].sockets[0].getsockname()[1]  # the bound one, when 0 asked for any
         self.components.append(("HTTP server", self._stop_http))
 
         if self.with_viewer:
             self._start_viewer()
-        log.info("MedBridge up: HTTP http://%s:%d, broker %s", s.http_host, s.http_port, self.bootstrap)
+        log.info("MedBridge up: HTTP http://%s:%d, broker %s", s.http_host, self.http_port, self.bootstrap)
 
     async def _start_worker(self, name: str, worker: Any) -> None:
         await worker.start()
@@ -207,8 +199,9 @@ class Runtime:
 
     def _start_viewer(self) -> None:
         s = self.settings
-        script = Path(__file__).resolve().parent.parent / "viewer" / "app.py"
-        env = {**os.environ, "MEDBRIDGE_API_URL": f"http://{s.http_host}:{s.http_port}"}
+        script = Path(__file__).resolve().parents[2] / "viewer" / "app.py"
+        # the viewer is a process of its own: its settings (viewer.settings.ViewerSettings) reach it by environment
+        env = {**os.environ, "MEDBRIDGE_API_URL": f"http://{s.http_host}:{self.http_port}"}
         self.viewer = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(s.viewer_port),
              "--server.headless", "true", "--browser.gatherUsageStats", "false"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,8 +474,3 @@ def _element(attr: Attr, value: Any) -> dict[str, Any]:
 def to_dataset(identifier: Mapping[str, Any]) -> Dataset:
     """A DICOM JSON object as a pydicom Dataset (for C-FIND responses)."""
     return Dataset.from_json(dict(identifier))
-
-
-def sop_pairs(rows: Iterable[DicomInstance]) -> set[tuple[str, str]]:
-    """The (SOP Class UID, transfer syntax) pairs of ``rows``: presentation contexts to request."""
-    return {(r.sop_class_uid, r.transfer_syntax_uid) for r in rows}

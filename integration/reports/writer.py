@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from integration.app.settings import Settings
 from integration.db.artifacts import get_artifact, stored_artifact_ids
 from integration.db.store import Store
 from integration.db.tables import AiResult, FhirResource, Review, stable_id, utcnow
 from integration.delivery.plan import NO_DESTINATIONS, Destinations, enqueue_issued, enqueue_reviewed
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
-from integration.events.broker import ConsumerOptions, ConsumerWorker
+from integration.events.consumer import ConsumerOptions, ConsumerWorker, handles
 from integration.fhir.resources import (
     AI_ASSERTED,
     MEDBRIDGE_IDENTIFIER_SYSTEM,
@@ -33,8 +35,6 @@ from integration.fhir.resources import (
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
-    TOPIC_CLINICAL_COMPLETED,
-    TOPIC_IMAGING_COMPLETED,
     TOPIC_REPORT_ISSUED,
     ClinicalInferenceCompleted,
     ImagingInferenceCompleted,
@@ -208,30 +208,67 @@ def _store_report(
     row.details = details
     issued = ReportIssued(report_id=report["id"], source_event_id=event.event_id, patient_ref=row.subject_ref)
     Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, issued, key=report["id"])
-    Store.mark_processed(s, REPORT_WRITER, event.event_id)
     enqueue_issued(s, report, details, row, destinations)  # same transaction: no delivery can be lost
 
 
-def write_report(store: Store, event: MedBridgeEvent, destinations: Destinations = NO_DESTINATIONS) -> str:
-    """Build, validate and store the report for one result event, in one transaction with the
-    deliveries it owes ``destinations`` (each EHR, each PACS export peer: integration.delivery.plan).
-    Idempotent: the report id derives from the study (or patient) and revision, so a replay rewrites it."""
-    if isinstance(event, ImagingInferenceCompleted):
-        event = without_unknown_heatmaps(store, event)
-        report, details = imaging_report(event, heatmap_png=top_heatmap(store, event))
-        kind, study = "imaging", event.study_instance_uid
-    elif isinstance(event, ClinicalInferenceCompleted):
-        report, details = clinical_report(event)
-        kind, study = "clinical", None
-    else:
-        raise PermanentEventError(f"report writer cannot handle {event.event_type}")
-    try:
-        with store.session() as s:
-            _store_report(s, report, details, kind, event, study, destinations)
-    except InvalidResourceError as exc:
-        raise PermanentEventError(f"generated report is not valid FHIR: {exc}") from exc
-    log.info("report %s issued (%s) for event %s", report["id"], kind, event.event_id)
-    return report["id"]
+ResultEvent = ImagingInferenceCompleted | ClinicalInferenceCompleted
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    """A result event's report, ready to store: the report writer's outcome (written in the
+    transaction that marks the result event processed)."""
+
+    report: dict[str, Any]
+    details: dict[str, Any]
+    kind: Literal["imaging", "clinical"]
+    event: ResultEvent
+    study_uid: str | None
+    destinations: Destinations = NO_DESTINATIONS
+
+    @property
+    def report_id(self) -> str:
+        return str(self.report["id"])
+
+    def write(self, s: Session) -> None:
+        """Store the report with its ReportIssued event and the deliveries it owes (each EHR, each PACS
+        export peer: integration.delivery.plan); a report that is not valid FHIR is a PermanentEventError
+        (building it again gives the same report)."""
+        try:
+            _store_report(s, self.report, self.details, self.kind, self.event, self.study_uid, self.destinations)
+        except InvalidResourceError as exc:
+            raise PermanentEventError(f"generated report is not valid FHIR: {exc}") from exc
+        log.info("report %s written (%s) for event %s", self.report_id, self.kind, self.event.event_id)
+
+
+def imaging_record(store: Store, event: ImagingInferenceCompleted,
+                   destinations: Destinations = NO_DESTINATIONS) -> ReportRecord:
+    event = without_unknown_heatmaps(store, event)
+    report, details = imaging_report(event, heatmap_png=top_heatmap(store, event))
+    return ReportRecord(report, details, "imaging", event, event.study_instance_uid, destinations)
+
+
+def clinical_record(store: Store, event: ClinicalInferenceCompleted,
+                    destinations: Destinations = NO_DESTINATIONS) -> ReportRecord:
+    report, details = clinical_report(event)
+    return ReportRecord(report, details, "clinical", event, None, destinations)
+
+
+_RECORD_OF: dict[type[ResultEvent], Callable[..., ReportRecord]] = {
+    ImagingInferenceCompleted: imaging_record,
+    ClinicalInferenceCompleted: clinical_record,
+}
+
+
+def write_report(store: Store, event: ResultEvent, destinations: Destinations = NO_DESTINATIONS) -> str:
+    """Build, validate and store the report for one result event, in one transaction with the deliveries
+    it owes ``destinations``, outside the consumer (which stores a :class:`ReportRecord` with its
+    "processed" mark). Idempotent: the report id derives from the study (or patient) and revision, so a
+    replay rewrites it."""
+    record = _RECORD_OF[type(event)](store, event, destinations)
+    with store.session() as s:
+        record.write(s)
+    return record.report_id
 
 
 def apply_review(
@@ -262,16 +299,19 @@ def apply_review(
 
 
 class ReportWriter(ConsumerWorker):
-    """Consumes result events and writes DiagnosticReports (write_report marks them processed) with
-    their deliveries to ``destinations``."""
+    """Consumes result events and writes DiagnosticReports with their deliveries (each EHR, each PACS
+    export peer)."""
 
     name = REPORT_WRITER
-    topics = (TOPIC_IMAGING_COMPLETED, TOPIC_CLINICAL_COMPLETED)
 
-    def __init__(self, store: Store, options: ConsumerOptions, destinations: Destinations) -> None:
+    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
         super().__init__(store, options)
-        self.destinations = destinations
+        self.destinations = Destinations.from_settings(settings)
 
-    async def handle(self, event: MedBridgeEvent) -> None:
-        await asyncio.to_thread(write_report, self.store, event, self.destinations)
-        self.notify_outbox()
+    @handles(ImagingInferenceCompleted)
+    async def on_imaging(self, event: ImagingInferenceCompleted) -> ReportRecord:
+        return await asyncio.to_thread(imaging_record, self.store, event, self.destinations)  # reads artifacts
+
+    @handles(ClinicalInferenceCompleted)
+    async def on_clinical(self, event: ClinicalInferenceCompleted) -> ReportRecord:
+        return clinical_record(self.store, event, self.destinations)

@@ -1,0 +1,339 @@
+"""Consumers by type: a worker declares the event types it handles; the base does the rest.
+
+    class ImagingWorker(ConsumerWorker):
+        name = IMAGING_WORKER
+
+        @handles(StudyReceived)
+        async def on_study(self, event: StudyReceived) -> Outcome | None:
+            result = await asyncio.to_thread(infer, event)
+            return Publish(result, key=event.study_instance_uid)
+
+The worker subscribes to the topics of the types it declares (``schemas.events.TOPIC_OF_EVENT``),
+in one consumer group named after it. Each message is parsed into its event model and given to the
+handler of its type. What the handler returns, its :class:`Outcome` (an event to publish, a report
+to store, or ``None`` for nothing), is written in one transaction with the event's "processed"
+mark; this module is the only place that mark is made. The offset is committed after that
+transaction, so nothing half-done is acknowledged.
+
+Ack policy, per message:
+
+- already processed (a redelivery: delivery is at least once): skipped, committed;
+- unparseable, or of a type the worker declares no handler for: dead-lettered at once (to the
+  dead-letter topic and the store's ``dead_letters``, which ``GET /api/dead-letters`` lists), and
+  never marked processed, so nothing pretends it was handled; the outbox does not republish
+  dead-lettered events;
+- the handler or its outcome's write fails: retried up to ``max_attempts`` times with backoff, then
+  dead-lettered; a :class:`~integration.errors.PermanentEventError` is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from integration.db.store import Store
+from integration.errors import PermanentEventError
+from schemas.events import TOPIC_DEAD_LETTER, TOPIC_OF_EVENT, AnyEvent, parse_event
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(Protocol):
+    """A handler's stored work: written in the transaction that marks its event processed."""
+
+    def write(self, s: Session) -> None: ...
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Outcome: one event into the outbox, on its type's topic (the outbox relay publishes it)."""
+
+    event: AnyEvent
+    key: str | None = None
+
+    def write(self, s: Session) -> None:
+        Store.add_to_outbox(s, topic_of(type(self.event)), self.event, key=self.key)
+
+
+EventHandler = Callable[[Any], Awaitable[Outcome | None]]
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Outcome | None]])
+_HANDLES = "__medbridge_handles__"
+
+
+def topic_of(event_type: type[AnyEvent]) -> str:
+    """The topic ``event_type`` travels on; a TypeError names the table to extend when it has none."""
+    try:
+        return TOPIC_OF_EVENT[event_type]
+    except KeyError:
+        raise TypeError(
+            f"{event_type.__name__} has no topic: add it to schemas.events.TOPIC_OF_EVENT"
+        ) from None
+
+
+def handles(*event_types: type[AnyEvent]) -> Callable[[_Method], _Method]:
+    """Declare a worker method the handler of ``event_types`` (``async def on_x(self, event) -> Outcome | None``)."""
+    if not event_types:
+        raise TypeError("@handles needs at least one event type")
+    for event_type in event_types:
+        topic_of(event_type)  # an event type without a topic fails at import, not at the first message
+
+    def declare(method: _Method) -> _Method:
+        is_async = inspect.iscoroutinefunction(method)  # kept apart: the TypeGuard would retype ``method``
+        if not is_async:
+            raise TypeError(f"@handles: {method.__qualname__} must be `async def`")
+        setattr(method, _HANDLES, event_types)
+        return method
+
+    return declare
+
+
+def topics_for(event_types: Mapping[type[AnyEvent], object]) -> tuple[str, ...]:
+    """The topics to subscribe for ``event_types``, each once, in declaration order."""
+    return tuple(dict.fromkeys(topic_of(t) for t in event_types))
+
+
+def handler_registry(cls: type) -> dict[type[AnyEvent], str]:
+    """Event type -> name of the method that handles it, over ``cls`` and its bases (a subclass's
+    declaration wins). Two methods of one class declaring the same type is a TypeError."""
+    registry: dict[type[AnyEvent], str] = {}
+    for klass in reversed(cls.__mro__):
+        declared_here: dict[type[AnyEvent], str] = {}
+        for attr, member in vars(klass).items():
+            for event_type in getattr(member, _HANDLES, ()):
+                if event_type in declared_here:
+                    raise TypeError(
+                        f"{klass.__name__} handles {event_type.__name__} twice "
+                        f"({declared_here[event_type]} and {attr}): keep one handler per event type"
+                    )
+                declared_here[event_type] = attr
+        registry.update(declared_here)
+    return registry
+
+
+class EventConsumer:
+    """One consumer group on the topics of ``handlers``' event types: handle, store, then commit
+    offset + 1 (see the module docstring for the ack policy)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        group_id: str,
+        bootstrap: str,
+        store: Store,
+        handlers: Mapping[type[AnyEvent], EventHandler],
+        max_attempts: int = 3,
+        dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None,
+        on_stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        if not handlers:
+            raise TypeError(f"consumer {name!r} handles no event type; declare at least one with @handles")
+        self.name = name
+        self.handlers = dict(handlers)
+        self.topics = topics_for(self.handlers)
+        self.group_id = group_id
+        self.bootstrap = bootstrap
+        self.store = store
+        self.max_attempts = max_attempts
+        self._dlq_producer = dead_letter_producer
+        self._on_stored = on_stored  # e.g. wakes the outbox relay, so a result event leaves at once
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=15 * 60 * 1000,  # inference on a slow CPU can take minutes
+            fetch_max_bytes=16 * 1024 * 1024,
+            # a short long-poll: the embedded broker answers a fetch only when this wait ends,
+            # so it bounds the latency of every hop (measured: 500 ms default -> ~0.25 s per hop)
+            fetch_max_wait_ms=50,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer:
+            await self._consumer.stop()
+
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500, max_records=10)
+            except KafkaError as exc:
+                log.warning("%s: fetch failed (%s); backing off", self.name, type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, messages in batches.items():
+                for msg in messages:
+                    # Cancellation inside _handle() propagates before the commit: nothing half-done is acked.
+                    await self._handle(msg.value or b"", msg.topic)
+                    await self._commit(consumer, tp, msg.offset + 1)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        for attempt in range(5):
+            try:
+                await consumer.commit({tp: offset})
+                return
+            except KafkaError as exc:
+                # A rebalance took the partition: the new owner reprocesses, idempotently.
+                log.warning("%s: commit failed (%s), attempt %d", self.name, type(exc).__name__, attempt + 1)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _handle(self, raw: bytes, topic: str) -> None:
+        try:
+            event = parse_event(raw)
+        except ValidationError as exc:
+            await self._dead_letter(topic, None, raw, f"unparseable event: {exc.error_count()} errors")
+            return
+        handler = self.handlers.get(type(event))
+        if handler is None:
+            await self._dead_letter(topic, event.event_id, raw, self._not_declared(event.event_type, topic))
+            return
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                # checked on every attempt: a duplicate that another member stored meanwhile is done
+                if await asyncio.to_thread(self.store.is_processed, self.name, event.event_id):
+                    log.debug("%s: event %s already processed", self.name, event.event_id)
+                    return
+                outcome = await handler(event)
+                await asyncio.to_thread(self._store, event.event_id, outcome)
+                self._on_stored()
+                return
+            except PermanentEventError as exc:
+                await self._dead_letter(topic, event.event_id, raw, f"PermanentEventError: {exc}")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ack policy: retry, then dead-letter with the error
+                log.warning(
+                    "%s: event %s failed (attempt %d/%d): %s",
+                    self.name,
+                    event.event_id,
+                    attempt,
+                    self.max_attempts,
+                    type(exc).__name__,
+                )
+                if attempt == self.max_attempts:
+                    await self._dead_letter(topic, event.event_id, raw, f"{type(exc).__name__}: {exc}")
+                    return
+                await asyncio.sleep(min(10.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+
+    def _store(self, event_id: str, outcome: Outcome | None) -> None:
+        """The handler's work and the "processed" mark, in one transaction: both or neither."""
+        with self.store.session() as s:
+            if outcome is not None:
+                outcome.write(s)
+            Store.mark_processed(s, self.name, event_id)
+
+    def _not_declared(self, event_type: str, topic: str) -> str:
+        declared = ", ".join(sorted(t.__name__ for t in self.handlers))
+        return (
+            f"{self.name} has no handler for {event_type} (it handles {declared}); "
+            f"check what publishes {event_type} to {topic}, or give {self.name} a @handles method for it, "
+            "then replay the event"
+        )
+
+    async def _dead_letter(self, topic: str, event_id: str | None, raw: bytes, error: str) -> None:
+        log.error("%s: event %s dead-lettered", self.name, event_id or "<unparseable>")
+        await asyncio.to_thread(self.store.record_dead_letter, self.name, topic, event_id, error, raw)
+        producer = self._dlq_producer() if self._dlq_producer else None
+        if producer is not None:
+            with contextlib.suppress(KafkaError):
+                await producer.send_and_wait(
+                    TOPIC_DEAD_LETTER,
+                    raw,
+                    headers=[
+                        ("consumer", self.name.encode()),
+                        ("source_topic", topic.encode()),
+                        ("error", error[:1000].encode()),
+                    ],
+                )
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """What every worker's consumer needs from the composition root."""
+
+    bootstrap: str
+    group_prefix: str
+    max_attempts: int
+    notify_outbox: Callable[[], None]
+    dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None
+
+
+class ConsumerWorker:
+    """Base of the workers: one consumer group named after the worker, on the topics of the event
+    types its ``@handles`` methods declare.
+
+    Subclasses set ``name``, load their model in ``load()`` (a missing model is a start-up error)
+    and declare one ``@handles(EventType)`` method per type; each returns the :class:`Outcome` to
+    store with the "processed" mark, or ``None``.
+    """
+
+    name: ClassVar[str] = ""
+    # event type -> name of its handler method, and the topics they travel on: built per subclass
+    handled: ClassVar[dict[type[AnyEvent], str]] = {}
+    topics: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handled = handler_registry(cls)
+        cls.topics = topics_for(cls.handled)
+
+    def __init__(self, store: Store, options: ConsumerOptions) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} needs a `name`: its consumer group and processed-event key")
+        self.store = store
+        self.notify_outbox = options.notify_outbox
+        self.consumer = EventConsumer(
+            name=self.name,
+            group_id=f"{options.group_prefix}.{self.name}",
+            bootstrap=options.bootstrap,
+            store=store,
+            handlers={event_type: getattr(self, method) for event_type, method in self.handled.items()},
+            max_attempts=options.max_attempts,
+            dead_letter_producer=options.dead_letter_producer,
+            on_stored=self.stored,
+        )
+
+    async def load(self) -> None:
+        """Load models before consuming; the default has none."""
+
+    def stored(self) -> None:
+        """Called after an event's outcome is committed; the default wakes the outbox relay."""
+        self.notify_outbox()
+
+    async def start(self) -> None:
+        await self.load()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    def running(self) -> bool:
+        return self.consumer.running()
