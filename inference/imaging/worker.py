@@ -17,9 +17,10 @@ import pydicom
 
 from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from integration.datadir import private_folder
 from integration.db.store import Store
 from integration.events.broker import ConsumerOptions, ConsumerWorker
-from integration.phi import uid_hash
+from integration.phi import folder_name, uid_hash
 from schemas.events import (
     IMAGING_WORKER,
     TOPIC_IMAGING_COMPLETED,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _write_png(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -62,7 +63,7 @@ def infer_study(
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)
             continue
-        png = artifacts_dir / "heatmaps" / uid_hash(event.study_instance_uid) / f"{inst.sop_instance_uid}.png"
+        png = artifacts_dir / "heatmaps" / folder_name(event.study_instance_uid) / f"{inst.sop_instance_uid}.png"
         _write_png(png, result.overlay_png)
         findings.append(
             InstanceFinding(

@@ -20,9 +20,11 @@ from typing import Any
 
 import uvicorn
 
+from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
+from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
 from integration.delivery.ehr.sender import UpstreamSender
 from integration.delivery.pacs.sender import DicomExportWorker, ExportPolicy, export_peers
@@ -73,8 +75,11 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        keep_private()  # the data dir holds patient data: what this process creates there is its own
         for folder in (s.data_dir, s.dicom_dir, s.artifacts_dir, s.models_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_folder(folder)
+        # identifiers in logs are hashed with this data dir's key (made at first start, 0600)
+        phi.install_key(phi.load_or_create_key(s.data_dir))
 
         await asyncio.to_thread(self.store.start)
         self.components.append(("store", self.store.stop))

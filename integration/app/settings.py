@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         default_factory=lambda: max(0, min(4, len(os.sched_getaffinity(0)) - 1)), ge=0, le=64,
         alias="MEDBRIDGE_FHIR_VALIDATION_WORKERS")
 
+    # Audit trail: an AuditEvent (IHE BALP) per FHIR, DICOMweb and review request; false turns it off
+    # (for a measurement, or where another component audits the same requests)
+    audit_enabled: bool = Field(True, alias="MEDBRIDGE_AUDIT")
+
     # Viewer
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")
     viewer_enabled: bool = Field(True, alias="MEDBRIDGE_VIEWER")

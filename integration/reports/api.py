@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from sqlalchemy.orm import Session
 
+from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, get_services
+from integration.audit import events as audit_events
 from integration.db.tables import AiResult
 from integration.delivery.ehr import sender as upstream
 from integration.delivery.pacs.sender import (
@@ -17,7 +21,7 @@ from integration.delivery.pacs.sender import (
     list_exports,
     replay_export,
 )
-from integration.errors import ResourceNotFoundError
+from integration.errors import InvalidResourceError, PreconditionRequiredError, ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
 from integration.reports.writer import apply_review
@@ -79,7 +83,8 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
         ],
         evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
         reviews=[
-            ReviewRecord(action=r.action, reviewer=r.reviewer, comment=r.comment, at=r.at)  # type: ignore[arg-type]
+            ReviewRecord(action=r.action, reviewer=r.reviewer, reviewer_sub=r.reviewer_sub,  # type: ignore[arg-type]
+                         reason=r.reason, comment=r.comment, report_version=r.report_version, at=r.at)
             for r in services.store.reviews_for(report_id)
         ],
         fhir=report,
@@ -89,6 +94,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
 @router.get("/reports", response_model=list[ReportSummary])
 def list_reports(
     services: ServicesDep,
+    audit: Annotated[RequestAudit, Depends(audited(audit_events.FHIR_SEARCH))],
     status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[ReportSummary]:
@@ -97,6 +103,7 @@ def list_reports(
     if unknown:
         raise HTTPException(400, f"status must be DiagnosticReport statuses separated by commas "
                                  f"({', '.join(sorted(_REPORT_STATUSES))}); {len(unknown)} value(s) are not")
+    audit.add(audit_events.query_entity(f"status={status or ''}&limit={limit}", "AI report worklist"))
     rows, _ = search_resources(services.store, "DiagnosticReport", status=statuses or None, limit=limit)
     out = []
     for report in rows:
@@ -106,9 +113,20 @@ def list_reports(
     return out
 
 
+def _etag(detail: ReportDetail) -> str:
+    """The report's version as an ETag, for the If-Match of a review."""
+    return f'W/"{detail.fhir["meta"]["versionId"]}"'
+
+
 @router.get("/reports/{report_id}", response_model=ReportDetail)
-def get_report(report_id: str, services: ServicesDep) -> ReportDetail:
-    return _detail(services, report_id)
+def get_report(report_id: str, services: ServicesDep, response: Response,
+               audit: Annotated[RequestAudit, Depends(audited(audit_events.FHIR_READ))]) -> ReportDetail:
+    """The report with what the AI saw and its reviews; the ETag header is the version to review."""
+    audit.about(f"DiagnosticReport/{report_id}")
+    detail = _detail(services, report_id)
+    audit.about(f"DiagnosticReport/{report_id}/_history/{detail.fhir['meta']['versionId']}", detail.subject)
+    response.headers["ETag"] = _etag(detail)
+    return detail
 
 
 @router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
@@ -124,21 +142,79 @@ def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | 
     return Response(Path(chosen["heatmap_path"]).read_bytes(), media_type="image/png")
 
 
-@router.post("/reports/{report_id}/review", response_model=ReportDetail)
-def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
+_ETAG = re.compile(r'(?:W/)?"?([0-9]{1,9})"?')
+
+
+def review_version(if_match: str | None) -> int:
+    """The report version a review was made on, from its If-Match header (``W/"3"``, as the FHIR API's
+    ETags). Required: a decision that does not say which version it read could overwrite another's."""
+    if not if_match:
+        raise PreconditionRequiredError(
+            'a review needs If-Match with the version you reviewed, e.g. If-Match: W/"1": take it from the '
+            "ETag of GET /api/reports/{id} (or fhir.meta.versionId)")
+    found = _ETAG.fullmatch(if_match.strip())
+    if found is None:
+        raise InvalidResourceError([("If-Match", 'If-Match must be an ETag like W/"3"')], 400)
+    return int(found.group(1))
+
+
+ReviewAudit = Annotated[RequestAudit, Depends(audited(audit_events.review_interaction("decision")))]
+
+
+@router.post("/reports/{report_id}/review", response_model=ReportDetail,
+             responses={409: {"description": "the report's status does not allow this decision"},
+                        412: {"description": "the report changed since the If-Match version"},
+                        428: {"description": "If-Match is missing"}})
+def review_report(report_id: str, review: ReviewRequest, services: ServicesDep, response: Response,
+                  audit: ReviewAudit, if_match: Annotated[str | None, Header()] = None) -> ReportDetail:
+    """Sign off (final), amend or reject (entered-in-error, with a reason) an AI report, as the
+    authenticated caller. Send ``If-Match`` with the version reviewed (the ETag of GET /api/reports/{id}):
+    a stale one gets 412, a missing one 428, a decision the current status does not allow 409."""
+    audit.record.interaction = audit_events.review_interaction(review.action)
+    audit.about(f"DiagnosticReport/{report_id}")
     _ai_result(services, report_id)  # an id that cannot be stored is unknown before any write
-    apply_review(services.store, report_id, review, services.settings.upstream_urls)
+    version = review_version(if_match)
+
+    def audit_in(s: Session, stored: dict[str, Any]) -> None:
+        audit.about(f"DiagnosticReport/{report_id}/_history/{stored['meta']['versionId']}",
+                    (stored.get("subject") or {}).get("reference"))
+        audit.within(s)
+
+    apply_review(services.store, report_id, review, audit.actor, version, services.settings.upstream_urls,
+                 audit_in=audit_in)
     services.notify_outbox()
-    return _detail(services, report_id)
+    detail = _detail(services, report_id)
+    response.headers["ETag"] = _etag(detail)
+    return detail
 
 
 @router.get("/dead-letters")
 def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
-    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI)."""
+    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI; the error
+    is its class only, since an exception's message may quote the event's patient data)."""
     return [
-        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id, "error": d.error, "at": d.at}
+        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id,
+         "error": error_class(d.error), "at": d.at}
         for d in services.store.dead_letters()
     ]
+
+
+def error_class(error: str) -> str:
+    """The kind of a stored error (``PermanentEventError: <message>`` → ``PermanentEventError``), without
+    the message, which may quote patient data."""
+    return error.split(":", 1)[0].strip()[:120]
+
+
+# an upstream's refusal quotes its OperationOutcome text, which may quote the report's patient data
+_UPSTREAM_TEXT = re.compile(r"(answered HTTP \d{3}): .*?(?=; fix the cause|$)", re.DOTALL)
+
+
+def upstream_error(error: str | None) -> str | None:
+    """A writeback's last error with the upstream's own explanation withheld (the status and MedBridge's
+    hint what to do stay)."""
+    if error is None:
+        return None
+    return _UPSTREAM_TEXT.sub(r"\1 (the upstream's text is withheld here: it may quote patient data)", error)
 
 
 def _export_record(row: DicomExport) -> DicomExportRecord:
@@ -176,8 +252,10 @@ def writebacks(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[dict[str, Any]]:
-    """Writebacks to the upstream EHR, oldest first (payloads omitted: they hold patient data)."""
-    return upstream.list_jobs(services.store, state, limit)
+    """Writebacks to the upstream EHR, oldest first (payloads and the upstream's error text omitted: they
+    hold patient data)."""
+    return [{**job, "last_error": upstream_error(job.get("last_error"))}
+            for job in upstream.list_jobs(services.store, state, limit)]
 
 
 @router.post("/writebacks/{job_id}/replay", tags=["writeback"])

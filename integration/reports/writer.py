@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.db.tables import AiResult, FhirResource, Review, stable_id, utcnow
+from integration.db.tables import AiResult, FhirResource, stable_id, utcnow
 from integration.delivery.ehr.sender import enqueue_report_issued, enqueue_report_reviewed
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
 from integration.events.broker import ConsumerWorker
@@ -29,6 +29,9 @@ from integration.fhir.resources import (
     store_resource,
     validate_resource,
 )
+from integration.fhir.storage import serialize_conditional
+from integration.identity import Actor
+from integration.reports import review as review_rules
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
@@ -201,22 +204,26 @@ def write_report(store: Store, event: MedBridgeEvent, upstreams: Sequence[str] =
 
 
 def apply_review(
-    store: Store, report_id: str, review: ReviewRequest, upstreams: Sequence[str] = ()
+    store: Store, report_id: str, review: ReviewRequest, actor: Actor, if_match: int,
+    upstreams: Sequence[str] = (), audit_in: Callable[[Session, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Record a reviewer's decision and move the report to its new status (one new version), and
-    queue the update for each upstream EHR in ``upstreams`` in the same transaction."""
-    if review.action == "amended" and not (review.conclusion and review.conclusion.strip()):
-        raise InvalidResourceError([("conclusion", "an amendment needs the amended conclusion")], 422)
+    """Record ``actor``'s decision on the report at version ``if_match`` and move it to its new status (one
+    new version), by the rules of integration.reports.review (409 refused transition, 412 stale version),
+    with its Provenance, ``reviews`` row and (``audit_in(session, new version)``) AuditEvent, and queue the
+    update for each upstream EHR in ``upstreams``: all in the same transaction."""
+    review_rules.check_request(review)
     with store.session() as s:
-        row = s.get(FhirResource, ("DiagnosticReport", report_id))
+        # reviews of one report take turns from the read to the commit: the second of two decisions on the
+        # same version then reads the first's version and is refused, instead of overwriting it
+        serialize_conditional(s, [f"review:{report_id}"])
+        row = s.get(FhirResource, ("DiagnosticReport", report_id), with_for_update=True)
         if row is None or s.get(AiResult, report_id) is None:
             raise ResourceNotFoundError("DiagnosticReport", report_id)
-        report = dict(row.content)
-        report["status"] = review.action
-        if review.action == "amended":
-            report["conclusion"] = review.conclusion
-        stored, _ = store_resource(s, validate_resource(report), track=False)
-        s.add(Review(report_id=report_id, action=review.action, reviewer=review.reviewer, comment=review.comment))
+        report = review_rules.decided_report(row.content, review, actor, if_match)
+        stored, _ = store_resource(s, validate_resource(report), if_match=if_match, track=False)
+        review_rules.record_decision(s, stored, review, actor)
+        if audit_in is not None:
+            audit_in(s, stored)
         enqueue_report_reviewed(s, stored, upstreams)
     log.info("report %s reviewed: %s", report_id, review.action)
     return stored
