@@ -1,6 +1,6 @@
 """One AuditEvent per HTTP request, as a FastAPI dependency (``audited``).
 
-A route takes ``Depends(audited(FHIR_READ))``; it names what it touched (``about``) and, when it
+A route takes ``Annotated[RequestAudit, audited(FHIR_READ)]``; it names what it touched (``about``) and, when it
 writes, records the event in its own transaction (``within``), so the change and its audit are
 committed together. Whatever the route did not record (a read, a search, a refused or failed request)
 is recorded once the route has finished, with the outcome its exception means.
@@ -8,9 +8,9 @@ is recorded once the route has finished, with the outcome its exception means.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -112,12 +112,15 @@ async def request_audit(svc: Services, actor: Actor, interaction: Interaction) -
         await run_in_threadpool(record_after, svc.store, audit.record)
 
 
-def audited(interaction: Interaction) -> Callable[..., AsyncIterator[RequestAudit]]:
-    """A dependency giving the route its RequestAudit for ``interaction`` (see ``request_audit``)."""
+def audited(interaction: Interaction) -> Any:
+    """The ``Depends`` of a route's RequestAudit for ``interaction`` (see ``request_audit``), for
+    ``Annotated[RequestAudit, audited(...)]``. Its scope is the route function: the event is written
+    before the answer leaves, so a client that has its answer finds its AuditEvent, and no answer goes
+    out whose audit could still be lost."""
 
     async def dependency(svc: Annotated[Services, Depends(get_services)],
                          actor: Annotated[Actor, Depends(current_actor)]) -> AsyncIterator[RequestAudit]:
         async with request_audit(svc, actor, interaction) as audit:
             yield audit
 
-    return dependency
+    return Depends(dependency, scope="function")

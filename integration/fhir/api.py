@@ -159,7 +159,7 @@ JsonBody = Annotated[Any, Depends(json_body)]
 
 def _audit(interaction: audit_events.Interaction) -> Any:
     """The route parameter type of a request audited as ``interaction`` (one AuditEvent per request)."""
-    return Annotated[RequestAudit, Depends(audited(interaction))]
+    return Annotated[RequestAudit, audited(interaction)]
 
 
 ReadAudit = _audit(audit_events.FHIR_READ)

@@ -94,7 +94,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
 @router.get("/reports", response_model=list[ReportSummary])
 def list_reports(
     services: ServicesDep,
-    audit: Annotated[RequestAudit, Depends(audited(audit_events.FHIR_SEARCH))],
+    audit: Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)],
     status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[ReportSummary]:
@@ -120,7 +120,7 @@ def _etag(detail: ReportDetail) -> str:
 
 @router.get("/reports/{report_id}", response_model=ReportDetail)
 def get_report(report_id: str, services: ServicesDep, response: Response,
-               audit: Annotated[RequestAudit, Depends(audited(audit_events.FHIR_READ))]) -> ReportDetail:
+               audit: Annotated[RequestAudit, audited(audit_events.FHIR_READ)]) -> ReportDetail:
     """The report with what the AI saw and its reviews; the ETag header is the version to review."""
     audit.about(f"DiagnosticReport/{report_id}")
     detail = _detail(services, report_id)
@@ -158,7 +158,7 @@ def review_version(if_match: str | None) -> int:
     return int(found.group(1))
 
 
-ReviewAudit = Annotated[RequestAudit, Depends(audited(audit_events.review_interaction("decision")))]
+ReviewAudit = Annotated[RequestAudit, audited(audit_events.review_interaction("decision"))]
 
 
 @router.post("/reports/{report_id}/review", response_model=ReportDetail,
