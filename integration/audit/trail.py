@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from integration.audit.events import LOGIN, Entity, Interaction, Record, audit_event, outcome_for_status
 from integration.db.store import Store
 from integration.errors import StoreUnavailableError
-from integration.fhir.storage import put_resource
+from integration.fhir.storage import put_resources
 from integration.identity import Actor
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def record_in(s: Session, record: Record) -> dict[str, Any]:
     """Write the AuditEvent of ``record`` in session ``s`` (the transaction of the change it records):
     both are kept, or neither. Returns the stored AuditEvent."""
-    stored, _ = put_resource(s, audit_event(record))
+    # a fresh id: no locking SELECT for a row that cannot exist, and the bulk INSERTs of a Bundle's path
+    ((stored, _),) = put_resources(s, [audit_event(record)], [None], fresh=[True])
     return stored
 
 

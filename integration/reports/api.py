@@ -130,9 +130,14 @@ def get_report(report_id: str, services: ServicesDep, response: Response,
 
 
 @router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
-def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | None = None) -> Response:
+def report_image(report_id: str, services: ServicesDep,
+                 audit: Annotated[RequestAudit, audited(audit_events.DICOM_RETRIEVE)],
+                 sop_instance_uid: str | None = None) -> Response:
     """The image with the AI heatmap blended over it (the highest-probability image by default)."""
+    audit.about(f"DiagnosticReport/{report_id}")
     ai = _ai_result(services, report_id)
+    if ai.study_instance_uid:
+        audit.add(audit_events.study_entity(ai.study_instance_uid))
     instances = ai.details.get("instances", [])
     chosen = next(
         (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
