@@ -64,6 +64,7 @@ class RequestAudit:
         self.record = record
         self.enabled = enabled
         self.recorded = False
+        self.stored: dict[str, Any] | None = None  # the AuditEvent as written
 
     @property
     def actor(self) -> Actor:
@@ -85,7 +86,7 @@ class RequestAudit:
         """Record the (successful) event in ``s``, the transaction of the change: kept with it, or not at all.
         A write retried in a fresh transaction calls this again; only the committed one counts."""
         if self.enabled:
-            record_in(s, self.record)
+            self.stored = record_in(s, self.record)
         self.recorded = True
 
     def failed(self, exc: Exception) -> None:
@@ -94,6 +95,7 @@ class RequestAudit:
         # the exception's class and status only: its message may quote what the caller sent
         self.record.outcome_desc = f"{status}: {type(exc).__name__}"
         self.recorded = False  # whatever was written with the change was rolled back with it
+        self.stored = None
 
 
 @asynccontextmanager
@@ -106,10 +108,18 @@ async def request_audit(svc: Services, actor: Actor, interaction: Interaction) -
     except Exception as exc:
         audit.failed(exc)
         if audit.enabled:
-            await run_in_threadpool(record_after, svc.store, audit.record)
+            audit.stored = await run_in_threadpool(record_after, svc.store, audit.record)
+            _forward(svc, audit)
         raise
     if audit.enabled and not audit.recorded:
-        await run_in_threadpool(record_after, svc.store, audit.record)
+        audit.stored = await run_in_threadpool(record_after, svc.store, audit.record)
+    _forward(svc, audit)
+
+
+def _forward(svc: Services, audit: RequestAudit) -> None:
+    """The committed AuditEvent's copy to the audit repository (a queue: never waits for it)."""
+    if svc.audit_forward is not None and audit.stored is not None:
+        svc.audit_forward(audit.stored)
 
 
 def audited(interaction: Interaction) -> Any:

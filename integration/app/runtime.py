@@ -24,6 +24,7 @@ from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
+from integration.audit.syslog import SyslogForwarder
 from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
 from integration.delivery.ehr.sender import UpstreamSender
@@ -176,6 +177,11 @@ class Runtime:
         validation = ValidationWorkers(s.fhir_validation_workers)
         self.components.append(("FHIR validation workers", validation.stop))
         services = Services(s, self.store, self.health, self.notify_outbox, fhir_validation=validation)
+        if s.audit_syslog and s.audit_enabled:
+            forwarder = SyslogForwarder(s.audit_syslog, s.audit_syslog_ca)  # refuses a malformed address
+            forwarder.start()
+            self.components.append(("audit syslog", forwarder.stop))
+            services.audit_forward = forwarder.forward
         services.on_study_ready = publishers["study"].wake  # STOW-RS studies announce like C-STORE'd ones
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",

@@ -9,6 +9,7 @@ AuditEvents records one AuditEvent like any other read, so the trail never feeds
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -30,16 +31,17 @@ def record_in(s: Session, record: Record) -> dict[str, Any]:
     return stored
 
 
-def record_after(store: Store, record: Record) -> None:
+def record_after(store: Store, record: Record) -> dict[str, Any] | None:
     """Write the AuditEvent of ``record`` in a transaction of its own (after a read, or after a change
     that failed and left nothing to record it with). A store that cannot take it is logged, not raised:
     the answer the caller is about to get does not depend on it."""
     try:
         with store.session() as s:
-            record_in(s, record)
+            return record_in(s, record)
     except StoreUnavailableError:
         log.error("audit event (%s, outcome %s) not recorded: the store is unavailable",
                   record.interaction.type.get("code"), record.outcome)
+        return None
 
 
 def audit_refusal(
@@ -49,12 +51,15 @@ def audit_refusal(
     reason: str,
     interaction: Interaction | None = None,
     entities: list[Entity] | None = None,
+    forward: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Record a refused access: 401 (authentication failed: recorded as a failed login) or 403 (an
     authenticated caller without the right role or scope for ``interaction``). For the auth layer.
 
     ``reason`` goes into outcomeDesc: say why in words (``"token expired"``, ``"needs role admin"``),
-    never quote the token or patient data."""
+    never quote the token or patient data. ``forward``: Services.audit_forward (the syslog copy), if any."""
     chosen = LOGIN if status_code == 401 or interaction is None else interaction
-    record_after(store, Record(actor, chosen, entities or [], outcome_for_status(status_code),
-                               f"{status_code}: {reason}"))
+    stored = record_after(store, Record(actor, chosen, entities or [], outcome_for_status(status_code),
+                                        f"{status_code}: {reason}"))
+    if stored is not None and forward is not None:
+        forward(stored)
