@@ -157,20 +157,16 @@ async def json_body(request: Request, services: ServicesDep) -> Any:
 JsonBody = Annotated[Any, Depends(json_body)]
 
 
-def _audit(interaction: audit_events.Interaction) -> Any:
-    """The route parameter type of a request audited as ``interaction`` (one AuditEvent per request)."""
-    return Annotated[RequestAudit, audited(interaction)]
-
-
-ReadAudit = _audit(audit_events.FHIR_READ)
-VreadAudit = _audit(audit_events.FHIR_VREAD)
-InstanceHistoryAudit = _audit(audit_events.FHIR_HISTORY_INSTANCE)
-TypeHistoryAudit = _audit(audit_events.FHIR_HISTORY_TYPE)
-SearchAudit = _audit(audit_events.FHIR_SEARCH)
-CreateAudit = _audit(audit_events.FHIR_CREATE)
-UpdateAudit = _audit(audit_events.FHIR_UPDATE)
-DeleteAudit = _audit(audit_events.FHIR_DELETE)
-BundleAudit = _audit(audit_events.FHIR_TRANSACTION)
+# the route parameter of a request audited as each interaction (one AuditEvent per request)
+ReadAudit = Annotated[RequestAudit, audited(audit_events.FHIR_READ)]
+VreadAudit = Annotated[RequestAudit, audited(audit_events.FHIR_VREAD)]
+InstanceHistoryAudit = Annotated[RequestAudit, audited(audit_events.FHIR_HISTORY_INSTANCE)]
+TypeHistoryAudit = Annotated[RequestAudit, audited(audit_events.FHIR_HISTORY_TYPE)]
+SearchAudit = Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)]
+CreateAudit = Annotated[RequestAudit, audited(audit_events.FHIR_CREATE)]
+UpdateAudit = Annotated[RequestAudit, audited(audit_events.FHIR_UPDATE)]
+DeleteAudit = Annotated[RequestAudit, audited(audit_events.FHIR_DELETE)]
+BundleAudit = Annotated[RequestAudit, audited(audit_events.FHIR_TRANSACTION)]
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

@@ -83,8 +83,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
         ],
         evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
         reviews=[
-            ReviewRecord(action=r.action, reviewer=r.reviewer, reviewer_sub=r.reviewer_sub,  # type: ignore[arg-type]
-                         reason=r.reason, comment=r.comment, report_version=r.report_version, at=r.at)
+            ReviewRecord.model_validate(r, from_attributes=True)
             for r in services.store.reviews_for(report_id)
         ],
         fhir=report,
