@@ -8,15 +8,20 @@ the anonymous actor, with its network address still recorded.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from integration.identity import Actor, anonymous_actor
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A claim as text for the record, control characters replaced (a token may carry any string, and a
+    NUL would make the AuditEvent and review row unstorable on PostgreSQL)."""
+    return _CONTROL.sub("\ufffd", value) if isinstance(value, str) and value else None
 
 
 def actor_from_principal(principal: Any, address: str | None) -> Actor:
@@ -24,10 +29,10 @@ def actor_from_principal(principal: Any, address: str | None) -> Actor:
     ``client_id``; missing ones are None/empty) onto an Actor."""
     roles = getattr(principal, "roles", None) or ()
     return Actor(
-        sub=str(principal.sub),
+        sub=_text(str(principal.sub)) or "-",
         name=_text(getattr(principal, "name", None)),
         fhir_user=_text(getattr(principal, "fhir_user", None)),
-        roles=frozenset(str(r) for r in roles),
+        roles=frozenset(_CONTROL.sub("\ufffd", str(r)) for r in roles),
         client_id=_text(getattr(principal, "client_id", None)),
         address=address,
     )

@@ -14,6 +14,7 @@ DICOM interactions use DICOM's own event types (DCM 110104 transferred, 110103 a
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -114,12 +115,23 @@ class Entity:
         return out
 
 
+# what a caller put in a URL is recorded only when it is a well-formed reference or UID: an AuditEvent must
+# be storable whatever was asked (PostgreSQL refuses a NUL in JSON), and anything else is no resource anyway
+_REFERENCE = re.compile(r"[A-Z][A-Za-z]{0,63}/[A-Za-z0-9\-.]{1,64}(/_history/[0-9]{1,9})?")
+_UID = re.compile(r"[0-9.]{1,64}")
+_NOT_RECORDED = "the request named no valid id (not recorded)"
+
+
 def resource_entity(reference: str) -> Entity:
     """A FHIR resource (``Type/id`` or ``Type/id/_history/v``) that was read or written."""
+    if not _REFERENCE.fullmatch(reference):
+        return Entity(None, "2", "4", description=_NOT_RECORDED)
     return Entity({"reference": reference}, "2", "4")
 
 
 def patient_entity(reference: str) -> Entity:
+    if not _REFERENCE.fullmatch(reference):
+        return Entity(None, "1", "1", description=_NOT_RECORDED)
     return Entity({"reference": reference}, "1", "1")
 
 
@@ -129,6 +141,8 @@ def query_entity(query: str, description: str) -> Entity:
 
 
 def study_entity(study_uid: str) -> Entity:
+    if not _UID.fullmatch(study_uid):
+        return Entity(None, "2", "3", description=_NOT_RECORDED)
     return Entity({"identifier": {"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}}, "2", "3")
 
 
