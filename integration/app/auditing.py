@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException
+from fastapi import Depends
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from integration.app.identity import current_actor
 from integration.app.services import Services, get_services

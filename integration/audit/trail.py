@@ -63,3 +63,11 @@ def audit_refusal(
                                         f"{status_code}: {reason}"))
     if stored is not None and forward is not None:
         forward(stored)
+
+
+def audit_login(store: Store, actor: Actor, forward: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Record a successful login (a token issued to, or a password checked for, ``actor``). For the auth
+    layer; a failed one is ``audit_refusal(..., 401, reason)``."""
+    stored = record_after(store, Record(actor, LOGIN, []))
+    if stored is not None and forward is not None:
+        forward(stored)

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from integration.audit.events import FHIR_READ
-from integration.audit.trail import audit_refusal
+from integration.audit.trail import audit_login, audit_refusal
 from integration.db.store import Store
 from integration.fhir.resources import validate_resource
 from integration.identity import Actor
@@ -132,9 +132,10 @@ def test_audit_refusal_records_a_failed_login_or_a_forbidden_interaction(api: ht
     audit_refusal(store, intruder, 401, "token expired")
     audit_refusal(store, Actor(sub="u-7", name="Nurse", roles=frozenset({"integration"})), 403,
                   "needs role reviewer", FHIR_READ)
-    login = events(api, subtype="http://dicom.nema.org/resources/ontology/DCM|110122")
-    assert [(e["outcome"], e["outcomeDesc"], e["agent"][0]["network"]["address"]) for e in login] == [
-        ("4", "401: token expired", "10.1.2.3")]
+    audit_login(store, Actor(sub="u-8", name="Dr Lee", address="10.1.2.4"))
+    login = events(api, subtype="http://dicom.nema.org/resources/ontology/DCM|110122", _sort="date")
+    assert [(e["outcome"], e.get("outcomeDesc"), e["agent"][0]["network"]["address"]) for e in login] == [
+        ("4", "401: token expired", "10.1.2.3"), ("0", None, "10.1.2.4")]
     forbidden = events(api, altid="u-7")
     assert [(subtype(e), e["outcome"], e["outcomeDesc"]) for e in forbidden] == [
         ("read", "4", "403: needs role reviewer")]
