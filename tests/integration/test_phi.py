@@ -78,3 +78,21 @@ def test_dicom_files_and_folders_written_by_stow_are_private(store: Store, tmp_p
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         assert stat.S_IMODE(f.parent.stat().st_mode) == 0o700, f.parent
+
+
+def test_api_error_text_gives_the_kind_of_error_not_patient_data(store: Store, tmp_path: Path) -> None:
+    from integration.db.tables import WritebackJob
+
+    store.record_dead_letter("report-writer", "medbridge.x.v1", "e1",
+                             "PermanentEventError: generated report for DOE^JANE is not valid FHIR", b"{}")
+    with store.session() as s:
+        s.add(WritebackJob(upstream="http://ehr", report_id="r1", kind="create", payload={}, state="dead",
+                           last_error="POST / answered HTTP 422: Patient DOE^JANE MRN-77 refused; fix the cause, "
+                                      "then replay it with POST /api/writebacks/{id}/replay"))
+    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        (dead,) = client.get("/api/dead-letters").json()
+        (job,) = client.get("/api/writebacks").json()
+    assert dead["error"] == "PermanentEventError"
+    assert "DOE" not in job["last_error"] and "MRN-77" not in job["last_error"]
+    assert "HTTP 422" in job["last_error"] and "replay" in job["last_error"]  # what to do next stays
