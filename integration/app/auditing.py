@@ -3,7 +3,8 @@
 A route takes ``Annotated[RequestAudit, audited(FHIR_READ)]``; it names what it touched (``about``) and, when it
 writes, records the event in its own transaction (``within``), so the change and its audit are
 committed together. Whatever the route did not record (a read, a search, a refused or failed request)
-is recorded once the route has finished, with the outcome its exception means.
+is recorded once the route has finished (a successful read's once its answer is sent), with the outcome its
+exception means.
 """
 
 from __future__ import annotations
@@ -125,13 +126,17 @@ def _forward(svc: Services, audit: RequestAudit) -> None:
 
 def audited(interaction: Interaction) -> Any:
     """The ``Depends`` of a route's RequestAudit for ``interaction`` (see ``request_audit``), for
-    ``Annotated[RequestAudit, audited(...)]``. Its scope is the route function: the event is written
-    before the answer leaves, so a client that has its answer finds its AuditEvent, and no answer goes
-    out whose audit could still be lost."""
+    ``Annotated[RequestAudit, audited(...)]``.
+
+    Scope "request": what the route did not record with its change (a read's or search's event) is written
+    once the answer has been sent. Written before it, every read would wait for the database's write lock
+    (SQLite: behind any Bundle being ingested; PostgreSQL: behind a lock on fhir_resources), which a read
+    otherwise never does. A refused or failed request's event is written before its error answer (the
+    exception reaches this dependency first), and a write's is committed with the write."""
 
     async def dependency(svc: Annotated[Services, Depends(get_services)],
                          actor: Annotated[Actor, Depends(current_actor)]) -> AsyncIterator[RequestAudit]:
         async with request_audit(svc, actor, interaction) as audit:
             yield audit
 
-    return Depends(dependency, scope="function")
+    return Depends(dependency, scope="request")

@@ -83,8 +83,8 @@ async def _audit_request(request: Request, services: ServicesDep, actor: ActorDe
         yield
 
 
-# scope "function": each request's event is written before its answer leaves (as the FHIR API's)
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(_audit_request, scope="function")])
+# scope "request", as the FHIR API's (integration.app.auditing.audited): a retrieve's event once it is sent
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(_audit_request, scope="request")])
 
 DICOM_JSON = "application/dicom+json"
 STATUS_NOT_IN_STUDY = 0xA900  # STOW-RS to /studies/{study} of an instance of another study

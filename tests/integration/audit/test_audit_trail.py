@@ -5,6 +5,7 @@ GET /fhir/AuditEvent; and nothing of it when MEDBRIDGE_AUDIT is false."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
 
 from integration.audit.events import FHIR_READ
 from integration.audit.trail import audit_login, audit_refusal
 from integration.db.store import Store
+from integration.db.tables import FhirResource
 from integration.fhir.resources import validate_resource
 from integration.identity import Actor
 from tests.conftest import serve_app, stack_settings
@@ -44,16 +47,31 @@ def events(api: httpx.Client, **params: str) -> list[dict[str, Any]]:
     return [e["resource"] for e in bundle.get("entry", []) if e["resource"]["resourceType"] == "AuditEvent"]
 
 
+def settled(store: Store, at_least: int) -> None:
+    """Wait until ``at_least`` AuditEvents are stored: a read's is written just after its answer is sent."""
+    deadline = time.monotonic() + 15
+    while True:
+        with store.session() as s:
+            count = s.scalar(select(func.count()).select_from(FhirResource)
+                             .where(FhirResource.resource_type == "AuditEvent")) or 0
+        if count >= at_least:
+            return
+        assert time.monotonic() < deadline, f"{count} of {at_least} AuditEvents stored"
+        time.sleep(0.05)
+
+
 def subtype(event: dict[str, Any]) -> str:
     return event["subtype"][0]["code"]
 
 
-def test_a_create_read_and_search_each_leave_one_audit_event_with_who_what_and_outcome(api: httpx.Client) -> None:
+def test_a_create_read_and_search_each_leave_one_audit_event_with_who_what_and_outcome(
+    api: httpx.Client, store: Store
+) -> None:
     created = api.post("/fhir/Patient", json=PATIENT, headers=FHIR).json()
     pid = created["id"]
     assert api.get(f"/fhir/Patient/{pid}").status_code == 200
     assert api.get("/fhir/Observation", params={"patient": pid, "code": "8867-4"}).status_code == 200
-
+    settled(store, 3)
     about = events(api, patient=f"Patient/{pid}")
     assert sorted(subtype(e) for e in about) == ["create", "read", "search-type"]
     for event in about:
@@ -86,11 +104,18 @@ def test_a_refused_request_is_audited_as_a_minor_failure(api: httpx.Client) -> N
     assert read["entity"][0]["what"] == {"reference": "Patient/nobody"}
 
 
-def test_reading_the_audit_trail_is_one_audit_event_per_request_not_a_cascade(api: httpx.Client) -> None:
+def test_reading_the_audit_trail_is_one_audit_event_per_request_not_a_cascade(
+    api: httpx.Client, store: Store
+) -> None:
     api.post("/fhir/Patient", json=PATIENT, headers=FHIR)
-    before = len(events(api))
-    after = len(events(api))
-    assert after == before + 1  # the first listing's own event, nothing more
+    assert len(events(api)) == 1  # the create's (written with it)
+    settled(store, 2)
+    assert len(events(api)) == 2  # and the first listing's own event, nothing more
+    settled(store, 3)
+    time.sleep(0.3)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(FhirResource)
+                        .where(FhirResource.resource_type == "AuditEvent")) == 3
 
 
 def test_a_transaction_is_one_audit_event_written_with_its_entries(api: httpx.Client, store: Store) -> None:
@@ -107,7 +132,7 @@ def test_a_transaction_is_one_audit_event_written_with_its_entries(api: httpx.Cl
     assert [e["outcome"] for e in events(api, subtype="transaction", _sort="date")] == ["0", "4"]
 
 
-def test_dicomweb_requests_are_audited_per_request_with_the_study(api: httpx.Client) -> None:
+def test_dicomweb_requests_are_audited_per_request_with_the_study(api: httpx.Client, store: Store) -> None:
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     boundary = "audit-test"
     raw = Path(get_testdata_file("CT_small.dcm")).read_bytes()
@@ -118,6 +143,7 @@ def test_dicomweb_requests_are_audited_per_request_with_the_study(api: httpx.Cli
     assert r.status_code == 200
     assert api.get("/dicomweb/studies", params={"PatientName": "Compressed*"}).status_code == 200
     assert api.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/metadata").status_code == 200
+    settled(store, 3)
     kinds = {e["type"]["code"]: e for e in events(api, type="http://dicom.nema.org/resources/ontology/DCM|110104,"
                                                              "http://dicom.nema.org/resources/ontology/DCM|110112,"
                                                              "http://dicom.nema.org/resources/ontology/DCM|110103")}
