@@ -103,11 +103,16 @@ def fill(store: Store, templates: list[dict[str, Any]], target: int, have: int) 
 def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds per stage of the transaction path, run in-process on fresh copies of the bundles (the HTTP
     server runs in another thread, out of a profiler's sight): JSON parsing, preparation (validation,
-    reference resolution and checks), the writes, the commit."""
+    reference resolution and checks), the writes, the request's AuditEvent (built and written in the same
+    transaction, as the API does), the commit."""
+    from integration.audit.events import FHIR_TRANSACTION, Entity, Record
+    from integration.audit.trail import record_in
     from integration.fhir.bundles import prepare_entries, write_entries
+    from integration.identity import Actor
 
     stages = {"json": 0.0, "validate (model_validate)": 0.0, "prepare (refs, bindings, checks)": 0.0,
-              "write (SQL)": 0.0, "commit": 0.0}
+              "write (SQL)": 0.0, "audit (one AuditEvent a Bundle)": 0.0, "commit": 0.0}
+    actor = Actor(sub="bench", name="bench", address="127.0.0.1", client_id="bench")
     for bundle in bundles:
         body = json.dumps(bundle).encode()
         t = time.perf_counter()
@@ -125,6 +130,10 @@ def stage_breakdown(store: Store, bundles: list[dict[str, Any]]) -> dict[str, fl
             write_entries(s, prepared)
             s.flush()
             stages["write (SQL)"] += time.perf_counter() - t
+            t = time.perf_counter()
+            record_in(s, Record(actor, FHIR_TRANSACTION, [Entity(None, "2", "4", description="bench")]))
+            s.flush()
+            stages["audit (one AuditEvent a Bundle)"] += time.perf_counter() - t
             t = time.perf_counter()
         stages["commit"] += time.perf_counter() - t
     stages["prepare (refs, bindings, checks)"] -= stages["validate (model_validate)"]
@@ -158,7 +167,7 @@ def post_all(client: httpx.Client, base: str, bodies: list[bytes], latencies: li
 
 
 def ingest_phase(store: Store, services: Services, base: str, bundles: list[dict[str, Any]], profile: bool,
-                 rounds: int) -> None:
+                 rounds: int, audit_compare: bool = False) -> None:
     """Post the bundles over HTTP, in rounds interleaved with bare validation passes over the same
     resources (rotating which goes first), so that all see the same moments of a noisy machine; then
     break the time down by stage. Each round posts twice: with the validation workers the settings give
@@ -185,10 +194,20 @@ def ingest_phase(store: Store, services: Services, base: str, bundles: list[dict
             finally:
                 services.fhir_validation = workers
 
+        def unaudited() -> float:
+            # the same posts with MEDBRIDGE_AUDIT=false: what the AuditEvent of each transaction costs
+            services.settings.audit_enabled = False
+            try:
+                return post_all(client, base, bodies, [])
+            finally:
+                services.settings.audit_enabled = True
+
         passes = [("bare", lambda: bare_validation_seconds(bundles)),
                   ("pooled", lambda: post_all(client, base, bodies, latencies)), ("alone", alone)]
+        if audit_compare:
+            passes.append(("unaudited", unaudited))
         for i in range(rounds):
-            order = passes[i % 3:] + passes[:i % 3]
+            order = passes[i % len(passes):] + passes[:i % len(passes)]
             seconds = {name: run() for name, run in order}
             rows.append({k: v / n_resources * 1e6 for k, v in seconds.items()})
     count = workers.count if workers else 0
@@ -207,6 +226,14 @@ def ingest_phase(store: Store, services: Services, base: str, bundles: list[dict
         ratios = [r[key] / r["bare"] for r in rows]
         print(f"  ratio {label}: {statistics.median(ratios):.2f}x median of the rounds' ratios "
               f"(range {min(ratios):.2f}-{max(ratios):.2f}; target <= 2x)")
+    if audit_compare:
+        print("  audit on/off (MEDBRIDGE_AUDIT), same pooled posts, us/resource:")
+        for i, r in enumerate(rows, 1):
+            print(f"  {i:5d}   audit on {r['pooled']:7.0f}   audit off {r['unaudited']:7.0f}   "
+                  f"on/off {r['pooled'] / r['unaudited']:4.3f}x")
+        costs = [r["pooled"] / r["unaudited"] for r in rows]
+        print(f"  audit on/off: {statistics.median(costs):.3f}x median of the rounds' ratios "
+              f"(range {min(costs):.3f}-{max(costs):.3f}; target <= 1.10x)")
     stages = stage_breakdown(store, bundles)
     total_stages = sum(stages.values())
     print("  where the time goes (same bundles again, in-process, us/resource):")
@@ -232,6 +259,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200, help="requests per read/search kind")
     ap.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
     ap.add_argument("--profile", action="store_true", help="also cProfile the in-process transaction path")
+    ap.add_argument("--audit-compare", action="store_true",
+                    help="also post each round with the audit trail off (MEDBRIDGE_AUDIT=false) and compare")
     ap.add_argument("--skip-ingest", action="store_true",
                     help="only fill (if needed) and measure read/search, e.g. again on a --database-url already filled")
     args = ap.parse_args()
@@ -253,7 +282,7 @@ def main() -> None:
     print(f"store: {store.engine.dialect.name}; generating {args.bundles} carebundle transaction bundles ...")
     bundles = make_bundles(args.bundles)
     if not args.skip_ingest:
-        ingest_phase(store, services, base, bundles, args.profile, args.rounds)
+        ingest_phase(store, services, base, bundles, args.profile, args.rounds, args.audit_compare)
     with store.session() as s:
         have = s.scalar(select(func.count()).select_from(FhirResource)) or 0  # the warm-up bundle counts too
     added, fill_s = fill(store, bundles, args.fill, have)

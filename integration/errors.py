@@ -48,3 +48,26 @@ class InvalidResourceError(MedBridgeError):
 
 class PermanentEventError(MedBridgeError):
     """An event can never be processed (bad content); it goes to the dead-letter topic at once."""
+
+
+class ProtectedResourceError(MedBridgeError):
+    """A plain FHIR write to a resource that changes only through its own workflow (an AI report, which
+    only its review changes): HTTP 409, telling the caller where to go instead."""
+
+    status_code = 409
+
+
+class ReviewRefusedError(MedBridgeError):
+    """A review decision the report's current status does not allow (HTTP 409)."""
+
+    status_code = 409
+
+    def __init__(self, message: str, current_status: str) -> None:
+        super().__init__(message)
+        self.current_status = current_status
+
+
+class PreconditionRequiredError(MedBridgeError):
+    """A change that must name the version it was based on came without If-Match (HTTP 428)."""
+
+    status_code = 428

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from schemas.events import EvidencePassage
 
 ReportKind = Literal["imaging", "clinical"]
 ReviewAction = Literal["final", "amended", "entered-in-error"]
+# why a reviewer rejects (entered-in-error) an AI report; "other" needs a comment saying what
+RejectionReason = Literal["wrong-finding", "wrong-patient", "image-quality", "model-error", "other"]
+REJECTION_REASONS: tuple[str, ...] = get_args(RejectionReason)
 
 
 class ReportSummary(BaseModel):
@@ -35,8 +38,11 @@ class InstanceResult(BaseModel):
 
 class ReviewRecord(BaseModel):
     action: ReviewAction
-    reviewer: str
+    reviewer: str = Field(description="The reviewer's display name (from the authenticated identity)")
+    reviewer_sub: str | None = Field(None, description="The authenticated subject (token sub) who decided")
+    reason: RejectionReason | None = None
     comment: str | None = None
+    report_version: int | None = Field(None, description="The report version this decision made")
     at: datetime
 
 
@@ -53,10 +59,27 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls but ta
 
 
 class ReviewRequest(BaseModel):
+    """A reviewer's decision. Sent with ``If-Match: W/"<version>"`` of the report (see the review API)."""
+
     action: ReviewAction
-    reviewer: str = Field(min_length=1, max_length=200)
+    reason: RejectionReason | None = Field(
+        None, description="Required when action is 'entered-in-error' (and only then); 'other' needs a comment")
     comment: str | None = Field(None, max_length=4000)
     conclusion: str | None = Field(None, max_length=8000, description="Required when action is 'amended'")
+    # the reviewer is the authenticated caller, never a typed name: still accepted (older clients send it),
+    # checked like the other text, and ignored
+    reviewer: str | None = Field(None, min_length=1, max_length=200, deprecated=True,
+                                 description="Ignored: the reviewer recorded is the authenticated caller")
+
+    @model_validator(mode="after")
+    def _reason_matches_action(self) -> ReviewRequest:
+        if self.action == "entered-in-error" and self.reason is None:
+            raise ValueError("a rejection (entered-in-error) needs a reason: one of " + ", ".join(REJECTION_REASONS))
+        if self.action != "entered-in-error" and self.reason is not None:
+            raise ValueError("reason is only for a rejection (entered-in-error); leave it out for " + self.action)
+        if self.reason == "other" and not (self.comment and self.comment.strip()):
+            raise ValueError("reason 'other' needs a comment saying what is wrong with the report")
+        return self
 
     @field_validator("reviewer", "comment", "conclusion")
     @classmethod

@@ -138,9 +138,10 @@ def seeded_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def serve_app(settings, store: Store, fhir_validation=None) -> Iterator[int]:  # noqa: ANN001 - Settings, ValidationWorkers
+def serve_app(settings, store: Store, fhir_validation=None, configure=None) -> Iterator[int]:  # noqa: ANN001 - Settings, ValidationWorkers, Callable[[FastAPI], None]
     """The HTTP app (FHIR, DICOMweb, API) on a real uvicorn in a thread, on a free port; yields the port.
-    Without ``fhir_validation`` (ValidationWorkers) the request threads validate alone."""
+    Without ``fhir_validation`` (ValidationWorkers) the request threads validate alone. ``configure(app)``
+    runs before it serves (to add what a deployment adds in front, such as the authentication layer)."""
     import threading
     import time
 
@@ -151,6 +152,8 @@ def serve_app(settings, store: Store, fhir_validation=None) -> Iterator[int]:  #
 
     port = free_port()
     app = create_app(Services(settings, store, fhir_validation=fhir_validation))
+    if configure is not None:
+        configure(app)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -89,17 +89,23 @@ async def test_review_makes_a_report_final_and_records_who(stack) -> None:  # no
     async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         reports = await wait_for(client, "/fhir/DiagnosticReport", {"status": "preliminary"})
         rid = reports[0]["id"]
-        bad = await client.post(f"/api/reports/{rid}/review", json={"action": "amended", "reviewer": "dr-a"})
+        version = {"If-Match": (await client.get(f"/api/reports/{rid}")).headers["ETag"]}
+        bad = await client.post(f"/api/reports/{rid}/review", json={"action": "amended"}, headers=version)
         assert bad.status_code == 422  # an amendment needs its text
         amended = await client.post(
             f"/api/reports/{rid}/review",
-            json={"action": "amended", "reviewer": "dr-a", "conclusion": "No lesion on review."},
+            json={"action": "amended", "reviewer": "dr-a", "conclusion": "No lesion on review."}, headers=version,
         )
         assert amended.status_code == 200, amended.text
         fhir = (await client.get(f"/fhir/DiagnosticReport/{rid}")).json()
         assert fhir["status"] == "amended" and fhir["conclusion"] == "No lesion on review."
         assert fhir["meta"]["versionId"] == "2"
-        assert amended.json()["reviews"][0]["reviewer"] == "dr-a"
+        # who: the authenticated caller (anonymous without the auth layer), never the typed "reviewer"
+        assert amended.json()["reviews"][0]["reviewer"] == "anonymous"
+        assert fhir["resultsInterpreter"] == [{"display": "anonymous", "identifier": {
+            "system": "urn:medbridge:sub", "value": "anonymous"}}]
+        provenance = (await client.get("/fhir/Provenance", params={"target": f"DiagnosticReport/{rid}"})).json()
+        assert provenance["entry"][0]["resource"]["target"] == [{"reference": f"DiagnosticReport/{rid}/_history/2"}]
         assert (await client.get("/fhir/DiagnosticReport", params={"status": "preliminary"})).json()["total"] == 0
 
 

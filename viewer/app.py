@@ -12,6 +12,9 @@ from pydantic import ValidationError
 from viewer.settings import get_viewer_settings
 
 ACTIONS = {"Approve (final)": "final", "Amend": "amended", "Reject (entered in error)": "entered-in-error"}
+# the coded reasons a rejection needs (schemas.api.RejectionReason)
+REASONS = {"Wrong finding": "wrong-finding", "Wrong patient": "wrong-patient", "Image quality": "image-quality",
+           "Model error": "model-error", "Other (say what in the comment)": "other"}
 
 st.set_page_config(page_title="MedBridge review", layout="wide")
 st.title("MedBridge: AI reports awaiting review")
@@ -84,23 +87,31 @@ else:
 if detail["reviews"]:
     st.markdown("**Review history**")
     for rv in detail["reviews"]:
-        st.write(f"{rv['at']}: {rv['action']} by {rv['reviewer']}" + (f" ({rv['comment']})" if rv["comment"] else ""))
+        why = f", reason {rv['reason']}" if rv.get("reason") else ""
+        note = f" ({rv['comment']})" if rv["comment"] else ""
+        st.write(f"{rv['at']}: {rv['action']} by {rv['reviewer']}{why}{note}")
 
 st.divider()
 st.markdown("**Your review**")
+# the reviewer recorded is the caller the API authenticates, not a name typed here
 with st.form("review"):
-    reviewer = st.text_input("Reviewer")
     action = st.radio("Decision", list(ACTIONS), horizontal=True)
     conclusion = st.text_area("Amended conclusion (for Amend)", value=detail.get("conclusion") or "")
-    comment = st.text_input("Comment (optional)")
+    reason = st.selectbox("Reason (for Reject)", list(REASONS))
+    comment = st.text_input("Comment (optional; required for reason Other)")
     submitted = st.form_submit_button("Submit review")
 if submitted:
-    payload = {"action": ACTIONS[action], "reviewer": reviewer.strip(), "comment": comment or None}
+    payload = {"action": ACTIONS[action], "comment": comment or None}
     if ACTIONS[action] == "amended":
         payload["conclusion"] = conclusion
+    if ACTIONS[action] == "entered-in-error":
+        payload["reason"] = REASONS[reason]
+    # the version shown: if someone reviewed it meanwhile, the API refuses (412) instead of overwriting
+    version = detail["fhir"]["meta"]["versionId"]
     with api() as client:
-        r = client.post(f"/api/reports/{detail['id']}/review", json=payload)
+        r = client.post(f"/api/reports/{detail['id']}/review", json=payload, headers={"If-Match": f'W/"{version}"'})
     if r.status_code == 200:
         st.success(f"Recorded: report is now {r.json()['status']}.")
     else:
-        st.error(f"The review was refused ({r.status_code}): {r.text[:300]}")
+        st.error(f"The review was refused ({r.status_code}): {r.text[:300]}"
+                 + (" Reload the page to see the other decision." if r.status_code == 412 else ""))

@@ -20,9 +20,12 @@ from typing import Any
 
 import uvicorn
 
+from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
+from integration.audit.syslog import SyslogForwarder
+from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
 from integration.delivery.ehr.sender import UpstreamSender
 from integration.delivery.pacs.sender import DicomExportSender, ExportPolicy, export_peers
@@ -80,8 +83,11 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        keep_private()  # the data dir holds patient data: what this process creates there is its own
         for folder in (s.data_dir, s.dicom_dir, s.models_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_folder(folder)
+        # identifiers in logs are hashed with this data dir's key (made at first start, 0600)
+        phi.install_key(phi.load_or_create_key(s.data_dir))
 
         await asyncio.to_thread(self.store.start)
         self.components.append(("store", self.store.stop))
@@ -161,6 +167,11 @@ class Runtime:
             on_study_ready=publishers["study"].wake,  # STOW-RS studies announce like C-STORE'd ones
             fhir_validation=validation,
         )
+        if s.audit_syslog and s.audit_enabled:
+            forwarder = SyslogForwarder(s.audit_syslog, s.audit_syslog_ca)  # refuses a malformed address
+            forwarder.start()
+            self.components.append(("audit syslog", forwarder.stop))
+            services.audit_forward = forwarder.forward
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
             access_log=False,  # URLs carry patient references

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -24,6 +25,8 @@ class Services:
     on_study_ready: Callable[[], None] = lambda: None
     # worker processes that validate part of each large transaction Bundle (integration.fhir.validation)
     fhir_validation: ValidationWorkers | None = None
+    # a copy of each committed AuditEvent for an audit repository (integration.audit.syslog), if configured
+    audit_forward: Callable[[dict[str, Any]], None] | None = None
 
 
 async def body_within(request: Request, max_bytes: int) -> bytes | None:

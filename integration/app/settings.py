@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         default_factory=lambda: max(0, min(4, len(os.sched_getaffinity(0)) - 1)), ge=0, le=64,
         alias="MEDBRIDGE_FHIR_VALIDATION_WORKERS")
 
+    # Audit trail: an AuditEvent (IHE BALP) per FHIR, DICOMweb and review request; false turns it off
+    # (for a measurement, or where another component audits the same requests)
+    audit_enabled: bool = Field(True, alias="MEDBRIDGE_AUDIT")
+    # a copy of each AuditEvent as RFC 5424 syslog over TLS (IHE ATNA) to host:port; empty: none
+    audit_syslog: str = Field("", alias="MEDBRIDGE_AUDIT_SYSLOG")
+    # CA bundle that signed the syslog server's certificate (default: the system's)
+    audit_syslog_ca: Path | None = Field(None, alias="MEDBRIDGE_AUDIT_SYSLOG_CA")
+
     # Viewer
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")
     viewer_enabled: bool = Field(True, alias="MEDBRIDGE_VIEWER")

@@ -269,7 +269,9 @@ class Store:
         # JSON columns (FHIR content above all) read by orjson: a search's page of resources was decoded by
         # json.loads in ~14% of its time on PostgreSQL. (Like the FHIR API's request bodies, an integer
         # beyond 64 bits comes back as the nearest double.)
-        kwargs: dict[str, Any] = {"future": True, "json_deserializer": orjson.loads}
+        # hide_parameters: an error SQLAlchemy raises (and a caller may log) shows the statement without its
+        # values, which are patient data (names, identifiers, FHIR content)
+        kwargs: dict[str, Any] = {"future": True, "json_deserializer": orjson.loads, "hide_parameters": True}
         sqlite = url.startswith("sqlite")
         if sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}

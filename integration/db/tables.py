@@ -193,11 +193,15 @@ class Review(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     report_id: Mapped[str] = mapped_column(String(64), index=True)
     action: Mapped[str] = mapped_column(String(32))
-    reviewer: Mapped[str] = mapped_column(String(200))
+    reviewer: Mapped[str] = mapped_column(String(200))  # the authenticated reviewer's display name
     comment: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # the conclusion an amendment set (the PACS's new SR version carries it); NULL for other actions
     conclusion: Mapped[str | None] = mapped_column(Text, default=None)
+    # added 2026-12 (nullable: Store._add_missing_columns adds them to older databases, whose rows keep NULL)
+    reviewer_sub: Mapped[str | None] = mapped_column(String(256))  # the authenticated subject (token sub)
+    reason: Mapped[str | None] = mapped_column(String(32))  # why a rejection (schemas.api.RejectionReason)
+    report_version: Mapped[int | None] = mapped_column(Integer)  # the report version the decision made
 
 
 class DeadLetter(Base):

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from email.message import Message
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +37,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
+from integration.app.auditing import request_audit
+from integration.app.identity import ActorDep
 from integration.app.services import Services, body_within, get_services
+from integration.audit import events as audit_events
 from integration.db.tables import DicomInstance
 from integration.dicom.ingest.instances import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
 from integration.dicom.query import ATTRIBUTES, Query, QueryEngine, QueryError, keyword_of, tag_of
@@ -55,8 +58,33 @@ from integration.phi import uid_hash
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _audited_interaction(request: Request) -> audit_events.Interaction:
+    """STOW-RS stores, QIDO-RS (a path ending in studies, series or instances) queries, the rest retrieves."""
+    if request.method == "POST":
+        return audit_events.DICOM_STORE
+    if request.url.path.rstrip("/").rsplit("/", 1)[-1] in ("studies", "series", "instances"):
+        return audit_events.DICOM_QUERY
+    return audit_events.DICOM_RETRIEVE
+
+
+async def _audit_request(request: Request, services: ServicesDep, actor: ActorDep) -> AsyncIterator[None]:
+    """One coarse AuditEvent per DICOMweb request (not per instance): what kind, the study it names, and a
+    query's keys (base64, as the FHIR searches'); recorded once the request is answered."""
+    interaction = _audited_interaction(request)
+    async with request_audit(services, actor, interaction) as audit:
+        study = request.path_params.get("study")
+        if study:
+            audit.add(audit_events.study_entity(str(study)))
+        if interaction is audit_events.DICOM_QUERY:
+            audit.add(audit_events.query_entity(request.url.query, "QIDO-RS"))
+        yield
+
+
+# scope "request", as the FHIR API's (integration.app.auditing.audited): a retrieve's event once it is sent
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(_audit_request, scope="request")])
 
 DICOM_JSON = "application/dicom+json"
 STATUS_NOT_IN_STUDY = 0xA900  # STOW-RS to /studies/{study} of an instance of another study

@@ -21,23 +21,30 @@ from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, body_within, get_services
+from integration.audit import events as audit_events
 from integration.db.tables import FhirResource
 from integration.errors import (
     ConcurrentWriteError,
     InvalidResourceError,
+    PreconditionRequiredError,
+    ProtectedResourceError,
     ResourceGoneError,
     ResourceNotFoundError,
+    ReviewRefusedError,
     StoreUnavailableError,
     VersionConflictError,
 )
 from integration.fhir import bundles as fhir_bundles
 from integration.fhir import search as fhir_search
+from integration.fhir.protected import refuse_plain_write
 from integration.fhir.resources import (
     is_fhir_id,
     new_id,
     resource_model,
     store_resource,
+    subject_of,
     validate_resource,
 )
 from integration.fhir.storage import (
@@ -150,6 +157,31 @@ async def json_body(request: Request, services: ServicesDep) -> Any:
 JsonBody = Annotated[Any, Depends(json_body)]
 
 
+# the route parameter of a request audited as each interaction (one AuditEvent per request)
+ReadAudit = Annotated[RequestAudit, audited(audit_events.FHIR_READ)]
+VreadAudit = Annotated[RequestAudit, audited(audit_events.FHIR_VREAD)]
+InstanceHistoryAudit = Annotated[RequestAudit, audited(audit_events.FHIR_HISTORY_INSTANCE)]
+TypeHistoryAudit = Annotated[RequestAudit, audited(audit_events.FHIR_HISTORY_TYPE)]
+SearchAudit = Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)]
+CreateAudit = Annotated[RequestAudit, audited(audit_events.FHIR_CREATE)]
+UpdateAudit = Annotated[RequestAudit, audited(audit_events.FHIR_UPDATE)]
+DeleteAudit = Annotated[RequestAudit, audited(audit_events.FHIR_DELETE)]
+BundleAudit = Annotated[RequestAudit, audited(audit_events.FHIR_TRANSACTION)]
+
+
+def patient_of(resource: dict[str, Any]) -> str | None:
+    """The Patient a resource is about (itself, for a Patient), for the AuditEvent's patient entity."""
+    if resource.get("resourceType") == "Patient":
+        return f"Patient/{resource.get('id')}"
+    return subject_of(resource)
+
+
+def _audit_write(audit: RequestAudit, s: Session, stored: dict[str, Any]) -> None:
+    """Record the write of ``stored`` (its new version) in the write's own transaction."""
+    audit.about(_location(stored), patient_of(stored))
+    audit.within(s)
+
+
 def _location(resource: dict[str, Any]) -> str:
     return f"{resource['resourceType']}/{resource['id']}/_history/{resource['meta']['versionId']}"
 
@@ -196,7 +228,8 @@ def _conditional_matches(s: Session, resource_type: str, criteria: str, header: 
 
 
 @router.post("/{resource_type}")
-def create(resource_type: str, request: Request, services: ServicesDep, data: JsonBody) -> Response:
+def create(resource_type: str, request: Request, services: ServicesDep, audit: CreateAudit, data: JsonBody
+           ) -> Response:
     resource = validate_resource(data, resource_type)
     # the standard carries the criteria in If-None-Exist; some clients (fhirpy's get_or_create) send them as
     # the query string: both are honoured, never ignored
@@ -210,8 +243,11 @@ def create(resource_type: str, request: Request, services: ServicesDep, data: Js
                 raise InvalidResourceError([(header, "more than one resource matches")], 412)
             current = s.get(FhirResource, (resource_type, existing[0])) if existing else None
             if current is not None and not current.deleted:  # (a DELETE does not take the criteria's lock)
+                _audit_write(audit, s, current.content)
                 return current.content, False  # already there: nothing is created
-            return store_resource(s, resource)
+            written = store_resource(s, resource)
+            _audit_write(audit, s, written[0])
+            return written
 
         stored, created = write_retrying(services, create_unless_matched)
         if not created:
@@ -219,13 +255,15 @@ def create(resource_type: str, request: Request, services: ServicesDep, data: Js
     else:
         with services.store.session() as s:
             stored, _ = store_resource(s, resource)
+            _audit_write(audit, s, stored)
     services.notify_outbox()
     log.info("created %s %s", resource_type, stored["id"])
     return _preferred(request, stored, 201)
 
 
 @router.put("/{resource_type}")
-def conditional_update(resource_type: str, request: Request, services: ServicesDep, data: JsonBody) -> Response:
+def conditional_update(resource_type: str, request: Request, services: ServicesDep, audit: UpdateAudit,
+                       data: JsonBody) -> Response:
     """``PUT /fhir/Patient?identifier=sys|val``: no match creates, one match updates it, more is 412."""
     criteria = request.url.query
     if not criteria:
@@ -243,7 +281,10 @@ def conditional_update(resource_type: str, request: Request, services: ServicesD
         rid = matches[0] if matches else fresh_id
         if resource.get("id") not in (None, rid):
             raise InvalidResourceError([(f"{resource_type}.id", f"the body's id differs from the match {rid}")], 400)
-        return store_resource(s, {**resource, "id": rid}, if_match=if_match)
+        refuse_plain_write(s, resource_type, rid)
+        written = store_resource(s, {**resource, "id": rid}, if_match=if_match)
+        _audit_write(audit, s, written[0])
+        return written
 
     stored, created = write_retrying(services, update_or_create)
     services.notify_outbox()
@@ -251,12 +292,20 @@ def conditional_update(resource_type: str, request: Request, services: ServicesD
 
 
 @router.put("/{resource_type}/{resource_id}")
-def update(resource_type: str, resource_id: str, request: Request, services: ServicesDep, data: JsonBody) -> Response:
+def update(resource_type: str, resource_id: str, request: Request, services: ServicesDep, audit: UpdateAudit,
+           data: JsonBody) -> Response:
     resource = validate_resource(data, resource_type)
     if resource.get("id") != resource_id:
         raise InvalidResourceError([(f"{resource_type}.id", "the body's id must equal the id in the URL")], 400)
     if_match = _parse_if_match(request.headers.get("if-match"))
-    stored, created = write_retrying(services, lambda s: store_resource(s, resource, if_match=if_match))
+
+    def write(s: Session) -> tuple[dict[str, Any], bool]:
+        refuse_plain_write(s, resource_type, resource_id)
+        written = store_resource(s, resource, if_match=if_match)
+        _audit_write(audit, s, written[0])
+        return written
+
+    stored, created = write_retrying(services, write)
     services.notify_outbox()
     return _preferred(request, stored, 201 if created else 200)
 
@@ -299,9 +348,10 @@ def _page_links(request: Request, offset: int, count: int, has_next: bool) -> li
 
 
 @router.get("/{resource_type}/_history")
-def type_history(resource_type: str, request: Request, services: ServicesDep) -> Response:
+def type_history(resource_type: str, request: Request, services: ServicesDep, audit: TypeHistoryAudit) -> Response:
     """Every version of every resource of a type, newest first; ``_since`` (instant), ``_count``, ``_offset``."""
     resource_model(resource_type)
+    audit.add(audit_events.query_entity(request.url.query, f"{resource_type}/_history"))
     params = request.query_params
     unknown = sorted(set(params) - {"_since", "_count", "_offset", "_format"})
     if unknown:
@@ -330,48 +380,63 @@ def _storable_id(resource_type: str, resource_id: str) -> str:
 
 
 @router.get("/{resource_type}/{resource_id}")
-def read(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+def read(resource_type: str, resource_id: str, services: ServicesDep, audit: ReadAudit) -> Response:
+    audit.about(f"{resource_type}/{resource_id}")
     _storable_id(resource_type, resource_id)
     stored = get_resource(services.store, resource_type, resource_id)
+    audit.about(f"{resource_type}/{resource_id}", patient_of(stored))
     return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version_id}")
-def vread(resource_type: str, resource_id: str, version_id: str, services: ServicesDep) -> Response:
+def vread(resource_type: str, resource_id: str, version_id: str, services: ServicesDep, audit: VreadAudit
+          ) -> Response:
     if not (version_id.isascii() and version_id.isdigit()):
         raise InvalidResourceError([("", "a version id is a positive integer")], 400)
     _storable_id(resource_type, resource_id)
     if len(version_id) > 9:  # beyond the version column's range (32 bits): no resource has that many versions
         raise ResourceNotFoundError(resource_type, f"{resource_id}/_history/{version_id}")
+    audit.about(f"{resource_type}/{resource_id}/_history/{version_id}")
     stored = get_version(services.store, resource_type, resource_id, int(version_id))
+    audit.about(f"{resource_type}/{resource_id}/_history/{version_id}", patient_of(stored))
     return fhir_response(stored, 200, {"ETag": _etag(stored), "Last-Modified": stored["meta"]["lastUpdated"]})
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
-def instance_history(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+def instance_history(resource_type: str, resource_id: str, services: ServicesDep, audit: InstanceHistoryAudit
+                     ) -> Response:
     _storable_id(resource_type, resource_id)
+    audit.about(f"{resource_type}/{resource_id}")
     versions = history(services.store, resource_type, resource_id)
+    audit.about(f"{resource_type}/{resource_id}", patient_of(versions[0][0]) if not versions[0][1] else None)
     return _history_bundle(versions, len(versions), [])
 
 
 @router.delete("/{resource_type}/{resource_id}")
-def delete(resource_type: str, resource_id: str, services: ServicesDep) -> Response:
+def delete(resource_type: str, resource_id: str, services: ServicesDep, audit: DeleteAudit) -> Response:
+    audit.about(f"{resource_type}/{resource_id}")
     if not is_fhir_id(resource_id):  # nothing is stored under it: deleted already, as an unknown id is
         return Response(status_code=204)
     with services.store.session() as s:
+        refuse_plain_write(s, resource_type, resource_id)
         version = delete_resource(s, resource_type, resource_id)
+        if version:
+            audit.about(f"{resource_type}/{resource_id}/_history/{version}")
+        audit.within(s)
     headers = {"ETag": f'W/"{version}"'} if version else {}
     return Response(status_code=204, headers=headers)
 
 
 @router.get("/{resource_type}")
-def search(resource_type: str, request: Request, services: ServicesDep) -> Response:
+def search(resource_type: str, request: Request, services: ServicesDep, audit: SearchAudit) -> Response:
     """Search with the registry's parameters. Lenient handling (the default) ignores what it cannot
     process and says so in an OperationOutcome entry (search.mode=outcome); ``Prefer: handling=strict``
     refuses the same with 400."""
     resource_model(resource_type)  # 404 for anything that is not a resource type
     strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower()
     query = fhir_search.parse_search(resource_type, request.query_params.multi_items(), strict=strict)
+    audit.about(patient=_searched_patient(request))
+    audit.add(audit_events.query_entity(request.url.query, f"{resource_type} search"))
     result = fhir_search.run_search(services.store, query, total_limit=services.settings.fhir_exact_total_limit)
     base = str(request.url).split("?")[0]
     bundle: dict[str, Any] = {
@@ -395,6 +460,16 @@ def search(resource_type: str, request: Request, services: ServicesDep) -> Respo
     return fhir_response(bundle)
 
 
+def _searched_patient(request: Request) -> str | None:
+    """The Patient a search is restricted to (``patient=`` or ``subject=Patient/...``), for its AuditEvent."""
+    for name in ("patient", "subject", "_id" if request.url.path.endswith("/Patient") else ""):
+        value = request.query_params.get(name) if name else None
+        if value and "," not in value:
+            value = value.rsplit("/", 1)[-1]
+            return f"Patient/{value}" if is_fhir_id(value) else None
+    return None
+
+
 # Bundles ------------------------------------------------------------------------------------------
 def _response_entry(stored: dict[str, Any], created: bool) -> dict[str, Any]:
     return {
@@ -414,7 +489,7 @@ def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @router.post("")
 @router.post("/")
-def transaction_or_batch(services: ServicesDep, data: JsonBody) -> Response:
+def transaction_or_batch(services: ServicesDep, audit: BundleAudit, data: JsonBody) -> Response:
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise InvalidResourceError([("resourceType", "POST to the base URL takes a Bundle")], 400)
     kind = data.get("type")
@@ -423,13 +498,22 @@ def transaction_or_batch(services: ServicesDep, data: JsonBody) -> Response:
         raise InvalidResourceError([("Bundle.type", "Bundle.type must be 'transaction' or 'batch'")], 400)
     if not isinstance(entries, list):
         raise InvalidResourceError([("Bundle.entry", "Bundle.entry must be a list")], 400)
+    # one AuditEvent for the Bundle, not one per entry: an EHR's push stays one small extra row
+    audit.add(audit_events.Entity(None, "2", "4", description=f"{kind} Bundle of {len(entries)} entries"))
     if kind == "transaction":
         # all or nothing: one session, and any refused entry rolls back the whole bundle
         workers = services.fhir_validation
-        written = write_retrying(services, lambda s: fhir_bundles.write_transaction(s, entries, workers))
+
+        def write(s: Session) -> list[tuple[dict[str, Any], bool]]:
+            done = fhir_bundles.write_transaction(s, entries, workers)
+            audit.within(s)  # with the entries, in their transaction
+            return done
+
+        written = write_retrying(services, write)
         results = [_response_entry(stored, created) for stored, created in written]
         services.notify_outbox()
         return fhir_response({"resourceType": "Bundle", "type": "transaction-response", "entry": results})
+    audit.record.interaction = audit_events.FHIR_BATCH  # recorded after the entries, each its own transaction
     out = []
     for i, entry in enumerate(entries):
         try:
@@ -540,6 +624,18 @@ def install_exception_handlers(app: Any) -> None:
     @app.exception_handler(ConcurrentWriteError)
     async def _concurrent(_: Request, exc: ConcurrentWriteError) -> Response:
         return outcome_response(409, [("", str(exc))], "conflict")
+
+    @app.exception_handler(ProtectedResourceError)
+    async def _protected(_: Request, exc: ProtectedResourceError) -> Response:
+        return outcome_response(409, [("", str(exc))], "business-rule")
+
+    @app.exception_handler(ReviewRefusedError)
+    async def _refused(_: Request, exc: ReviewRefusedError) -> Response:
+        return outcome_response(409, [("DiagnosticReport.status", str(exc))], "business-rule")
+
+    @app.exception_handler(PreconditionRequiredError)
+    async def _precondition(_: Request, exc: PreconditionRequiredError) -> Response:
+        return outcome_response(428, [("If-Match", str(exc))], "required")
 
     @app.exception_handler(StoreUnavailableError)
     async def _unavailable(_: Request, exc: StoreUnavailableError) -> Response:

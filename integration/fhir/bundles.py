@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from integration.db.tables import FhirResource
 from integration.errors import InvalidResourceError
 from integration.fhir import search as fhir_search
+from integration.fhir.protected import refuse_plain_writes
 from integration.fhir.resources import is_fhir_id, new_id, resource_model, store_resources
 from integration.fhir.storage import serialize_conditional
 from integration.fhir.validation import Outcome, Share, ValidationWorkers, outcome_of
@@ -189,6 +190,10 @@ def _targets_and_references(s: Session, entries: list[Any]) -> list[dict[str, An
         if isinstance(full_url, str) and full_url:
             mapping[full_url] = f"{rtype}/{rid}"
         prepared.append({"resource": {**resource, "id": rid}, "index": i, "existing": existing, "fresh": fresh})
+    # an entry that would overwrite an AI report bypasses its review: refused (one query, only for Bundles
+    # that update DiagnosticReports)
+    refuse_plain_writes(s, [(p["index"], p["resource"]["resourceType"], p["resource"]["id"])
+                            for p in prepared if not p["fresh"] and not p["existing"]])
     for p in prepared:
         refs: list[str] = []
         unresolved: list[str] = []

@@ -178,6 +178,26 @@ REGISTRY: dict[str, dict[str, SearchParam]] = {
             _p("category", "token", "category"),
             _p("authored", "date", "authoredOn"),
         ],
+        # the audit trail (integration.audit): who (agent: the fhirUser reference; altid: the token subject),
+        # what (entity, patient), when (date), which interaction (type, subtype, action) and its outcome
+        "AuditEvent": [
+            _p("date", "date", "recorded"),
+            _p("agent", "reference", "agent.who"),
+            _p("altid", "token", "agent.altId"),
+            _p("address", "string", "agent.network.address"),
+            _p("entity", "reference", "entity.what"),
+            _p("patient", "reference", "entity.what", targets=("Patient",), indexed_as="entity"),
+            _p("type", "token", "type"),
+            _p("subtype", "token", "subtype"),
+            _p("action", "token", "action"),
+            _p("outcome", "token", "outcome"),
+        ],
+        # the sign-offs of AI reports (integration.reports.review): which report version, by whom, when
+        "Provenance": [
+            _p("target", "reference", "target"),
+            _p("agent", "reference", "agent.who"),
+            _p("recorded", "date", "recorded"),
+        ],
     }.items()
 }
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
+from sqlalchemy.orm import Session
 
+from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, get_services
+from integration.audit import events as audit_events
 from integration.db.artifacts import ArtifactNotFoundError, get_artifact
 from integration.db.tables import AiResult, DeliveryJob
 from integration.delivery import queue
 from integration.delivery.plan import Destinations
-from integration.errors import ResourceNotFoundError
+from integration.errors import InvalidResourceError, PreconditionRequiredError, ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
 from integration.reports.writer import apply_review
@@ -83,7 +87,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
         ],
         evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
         reviews=[
-            ReviewRecord(action=r.action, reviewer=r.reviewer, comment=r.comment, at=r.at)  # type: ignore[arg-type]
+            ReviewRecord.model_validate(r, from_attributes=True)
             for r in services.store.reviews_for(report_id)
         ],
         fhir=report,
@@ -93,6 +97,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
 @router.get("/reports", response_model=list[ReportSummary])
 def list_reports(
     services: ServicesDep,
+    audit: Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)],
     status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[ReportSummary]:
@@ -101,6 +106,7 @@ def list_reports(
     if unknown:
         raise HTTPException(400, f"status must be DiagnosticReport statuses separated by commas "
                                  f"({', '.join(sorted(_REPORT_STATUSES))}); {len(unknown)} value(s) are not")
+    audit.add(audit_events.query_entity(f"status={status or ''}&limit={limit}", "AI report worklist"))
     rows, _ = search_resources(services.store, "DiagnosticReport", status=statuses or None, limit=limit)
     out = []
     for report in rows:
@@ -110,15 +116,31 @@ def list_reports(
     return out
 
 
+def _etag(detail: ReportDetail) -> str:
+    """The report's version as an ETag, for the If-Match of a review."""
+    return f'W/"{detail.fhir["meta"]["versionId"]}"'
+
+
 @router.get("/reports/{report_id}", response_model=ReportDetail)
-def get_report(report_id: str, services: ServicesDep) -> ReportDetail:
-    return _detail(services, report_id)
+def get_report(report_id: str, services: ServicesDep, response: Response,
+               audit: Annotated[RequestAudit, audited(audit_events.FHIR_READ)]) -> ReportDetail:
+    """The report with what the AI saw and its reviews; the ETag header is the version to review."""
+    audit.about(f"DiagnosticReport/{report_id}")
+    detail = _detail(services, report_id)
+    audit.about(f"DiagnosticReport/{report_id}/_history/{detail.fhir['meta']['versionId']}", detail.subject)
+    response.headers["ETag"] = _etag(detail)
+    return detail
 
 
 @router.get("/reports/{report_id}/image.png", responses={200: {"content": {"image/png": {}}}})
-def report_image(report_id: str, services: ServicesDep, sop_instance_uid: str | None = None) -> Response:
+def report_image(report_id: str, services: ServicesDep,
+                 audit: Annotated[RequestAudit, audited(audit_events.DICOM_RETRIEVE)],
+                 sop_instance_uid: str | None = None) -> Response:
     """The image with the AI heatmap blended over it (the highest-probability image by default)."""
+    audit.about(f"DiagnosticReport/{report_id}")
     ai = _ai_result(services, report_id)
+    if ai.study_instance_uid:
+        audit.add(audit_events.study_entity(ai.study_instance_uid))
     instances = ai.details.get("instances", [])
     chosen = next(
         (i for i in instances if sop_instance_uid is None or i["sop_instance_uid"] == sop_instance_uid), None
@@ -150,21 +172,79 @@ def artifact_content(
     return _artifact_response(services, artifact_id)
 
 
-@router.post("/reports/{report_id}/review", response_model=ReportDetail)
-def review_report(report_id: str, review: ReviewRequest, services: ServicesDep) -> ReportDetail:
+_ETAG = re.compile(r'(?:W/)?"?([0-9]{1,9})"?')
+
+
+def review_version(if_match: str | None) -> int:
+    """The report version a review was made on, from its If-Match header (``W/"3"``, as the FHIR API's
+    ETags). Required: a decision that does not say which version it read could overwrite another's."""
+    if not if_match:
+        raise PreconditionRequiredError(
+            'a review needs If-Match with the version you reviewed, e.g. If-Match: W/"1": take it from the '
+            "ETag of GET /api/reports/{id} (or fhir.meta.versionId)")
+    found = _ETAG.fullmatch(if_match.strip())
+    if found is None:
+        raise InvalidResourceError([("If-Match", 'If-Match must be an ETag like W/"3"')], 400)
+    return int(found.group(1))
+
+
+ReviewAudit = Annotated[RequestAudit, audited(audit_events.review_interaction("decision"))]
+
+
+@router.post("/reports/{report_id}/review", response_model=ReportDetail,
+             responses={409: {"description": "the report's status does not allow this decision"},
+                        412: {"description": "the report changed since the If-Match version"},
+                        428: {"description": "If-Match is missing"}})
+def review_report(report_id: str, review: ReviewRequest, services: ServicesDep, response: Response,
+                  audit: ReviewAudit, if_match: Annotated[str | None, Header()] = None) -> ReportDetail:
+    """Sign off (final), amend or reject (entered-in-error, with a reason) an AI report, as the
+    authenticated caller. Send ``If-Match`` with the version reviewed (the ETag of GET /api/reports/{id}):
+    a stale one gets 412, a missing one 428, a decision the current status does not allow 409."""
+    audit.record.interaction = audit_events.review_interaction(review.action)
+    audit.about(f"DiagnosticReport/{report_id}")
     _ai_result(services, report_id)  # an id that cannot be stored is unknown before any write
-    apply_review(services.store, report_id, review, Destinations.from_settings(services.settings))
+    version = review_version(if_match)
+
+    def audit_in(s: Session, stored: dict[str, Any]) -> None:
+        audit.about(f"DiagnosticReport/{report_id}/_history/{stored['meta']['versionId']}",
+                    (stored.get("subject") or {}).get("reference"))
+        audit.within(s)
+
+    apply_review(services.store, report_id, review, audit.actor, version,
+                 Destinations.from_settings(services.settings), audit_in=audit_in)
     services.notify_outbox()  # also wakes the delivery senders
-    return _detail(services, report_id)
+    detail = _detail(services, report_id)
+    response.headers["ETag"] = _etag(detail)
+    return detail
 
 
 @router.get("/dead-letters")
 def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
-    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI)."""
+    """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI; the error
+    is its class only, since an exception's message may quote the event's patient data)."""
     return [
-        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id, "error": d.error, "at": d.at}
+        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id,
+         "error": error_class(d.error), "at": d.at}
         for d in services.store.dead_letters()
     ]
+
+
+def error_class(error: str) -> str:
+    """The kind of a stored error (``PermanentEventError: <message>`` → ``PermanentEventError``), without
+    the message, which may quote patient data."""
+    return error.split(":", 1)[0].strip()[:120]
+
+
+# an upstream's refusal quotes its OperationOutcome text, which may quote the report's patient data
+_UPSTREAM_TEXT = re.compile(r"(answered HTTP \d{3}): .*?(?=; fix the cause|$)", re.DOTALL)
+
+
+def upstream_error(error: str | None) -> str | None:
+    """A writeback's last error with the upstream's own explanation withheld (the status and MedBridge's
+    hint what to do stay)."""
+    if error is None:
+        return None
+    return _UPSTREAM_TEXT.sub(r"\1 (the upstream's text is withheld here: it may quote patient data)", error)
 
 
 StateQuery = Annotated[
@@ -196,21 +276,24 @@ def deliveries(
 ) -> list[DeliveryRecord]:
     """Every delivery of a result downstream (EHR writebacks and PACS exports), oldest first;
     ``state=dead`` lists those to replay (payloads omitted: they hold patient data)."""
-    return [DeliveryRecord.model_validate(j, from_attributes=True)
-            for j in queue.list_jobs(services.store, kind, state, limit)]
+    return [_delivery_record(j) for j in queue.list_jobs(services.store, kind, state, limit)]
 
 
 @router.post("/deliveries/{job_id}/replay", response_model=DeliveryRecord, tags=["delivery"])
 def replay_delivery(job_id: int, services: ServicesDep) -> DeliveryRecord:
     """Queue a dead delivery again, with a fresh attempt budget, once its cause is fixed."""
-    job = _replay(services, job_id, None, "delivery", "GET /api/deliveries")
-    return DeliveryRecord.model_validate(job, from_attributes=True)
+    return _delivery_record(_replay(services, job_id, None, "delivery", "GET /api/deliveries"))
+
+
+def _delivery_record(job: DeliveryJob) -> DeliveryRecord:
+    record = DeliveryRecord.model_validate(job, from_attributes=True)
+    return record.model_copy(update={"last_error": upstream_error(job.last_error)})
 
 
 def _export_record(job: DeliveryJob) -> DicomExportRecord:
     return DicomExportRecord(id=job.id, report_id=job.report_id, destination_ae=job.destination, what=job.what,
                              review_action=job.review_action, state=job.state, attempts=job.attempts,
-                             last_error=job.last_error, next_attempt_at=job.next_attempt_at,
+                             last_error=upstream_error(job.last_error), next_attempt_at=job.next_attempt_at,
                              created_at=job.created_at, updated_at=job.updated_at, sent_at=job.sent_at)
 
 
@@ -242,7 +325,7 @@ def _writeback_summary(job: DeliveryJob) -> dict[str, Any]:
         "state": job.state,
         "attempts": job.attempts,
         "next_attempt_at": job.next_attempt_at,
-        "last_error": job.last_error,
+        "last_error": upstream_error(job.last_error),
         "created_at": job.created_at,
         "sent_at": job.sent_at,
         "upstream_ref": job.delivered_as,
@@ -252,8 +335,8 @@ def _writeback_summary(job: DeliveryJob) -> dict[str, Any]:
 @router.get("/writebacks", tags=["writeback"])
 def writebacks(services: ServicesDep, state: StateQuery = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
-    """Writebacks to the upstream EHR (the ``ehr`` deliveries), oldest first (payloads omitted: they
-    hold patient data)."""
+    """Writebacks to the upstream EHR (the ``ehr`` deliveries), oldest first (payloads and the upstream's error text
+    omitted: they hold patient data)."""
     return [_writeback_summary(j) for j in queue.list_jobs(services.store, "ehr", state, limit)]
 
 

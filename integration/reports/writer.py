@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from integration.app.settings import Settings
 from integration.db.artifacts import get_artifact, stored_artifact_ids
 from integration.db.store import Store
-from integration.db.tables import AiResult, FhirResource, Review, stable_id, utcnow
+from integration.db.tables import AiResult, FhirResource, stable_id, utcnow
 from integration.delivery.plan import NO_DESTINATIONS, Destinations, enqueue_issued, enqueue_reviewed
 from integration.errors import InvalidResourceError, PermanentEventError, ResourceNotFoundError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, handles
@@ -32,6 +32,9 @@ from integration.fhir.resources import (
     store_resource,
     validate_resource,
 )
+from integration.fhir.storage import serialize_conditional
+from integration.identity import Actor
+from integration.reports import review as review_rules
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
@@ -272,27 +275,29 @@ def write_report(store: Store, event: ResultEvent, destinations: Destinations = 
 
 
 def apply_review(
-    store: Store, report_id: str, review: ReviewRequest, destinations: Destinations = NO_DESTINATIONS
+    store: Store, report_id: str, review: ReviewRequest, actor: Actor, if_match: int,
+    destinations: Destinations = NO_DESTINATIONS,
+    audit_in: Callable[[Session, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Record a reviewer's decision and move the report to its new status (one new version), and
-    queue its follow-ups in the same transaction: the status change for each EHR, a new SR and SC
-    version for each PACS export peer (integration.delivery.plan)."""
-    if review.action == "amended" and not (review.conclusion and review.conclusion.strip()):
-        raise InvalidResourceError([("conclusion", "an amendment needs the amended conclusion")], 422)
+    """Record ``actor``'s decision on the report at version ``if_match`` and move it to its new status (one
+    new version), by the rules of integration.reports.review (409 refused transition, 412 stale version),
+    with its Provenance, ``reviews`` row and (``audit_in(session, new version)``) AuditEvent, and queue its
+    follow-ups: the status change for each EHR, a new SR and SC version for each PACS export peer
+    (integration.delivery.plan). All in the same transaction."""
+    review_rules.check_request(review)
     with store.session() as s:
-        row = s.get(FhirResource, ("DiagnosticReport", report_id))
+        # reviews of one report take turns from the read to the commit: the second of two decisions on the
+        # same version then reads the first's version and is refused, instead of overwriting it
+        serialize_conditional(s, [f"review:{report_id}"])
+        row = s.get(FhirResource, ("DiagnosticReport", report_id), with_for_update=True)
         ai = s.get(AiResult, report_id)
         if row is None or ai is None:
             raise ResourceNotFoundError("DiagnosticReport", report_id)
-        report = dict(row.content)
-        report["status"] = review.action
-        if review.action == "amended":
-            report["conclusion"] = review.conclusion
-        stored, _ = store_resource(s, validate_resource(report), track=False)
-        recorded = Review(report_id=report_id, action=review.action, reviewer=review.reviewer, comment=review.comment,
-                          conclusion=review.conclusion if review.action == "amended" else None, at=utcnow())
-        s.add(recorded)
-        s.flush()  # its id names the review in the PACS delivery
+        report = review_rules.decided_report(row.content, review, actor, if_match)
+        stored, _ = store_resource(s, validate_resource(report), if_match=if_match, track=False)
+        recorded = review_rules.record_decision(s, stored, review, actor)
+        if audit_in is not None:
+            audit_in(s, stored)
         enqueue_reviewed(s, stored, recorded, ai, destinations)
     log.info("report %s reviewed: %s", report_id, review.action)
     return stored

@@ -27,13 +27,14 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
+from integration.datadir import open_private, private_folder
 from integration.db.store import Store
 from integration.db.tables import utcnow
 from integration.dicom.ingest.journal import JournalRecord, ReceiveJournal
 from integration.dicom.ingest.scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.dicom.query import INT32_LIMIT, STORABLE_UID
 from integration.errors import StoreUnavailableError
-from integration.phi import uid_hash
+from integration.phi import folder_name, uid_hash
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class InstanceIngest:
                     _write(final, part10)  # the journal's syncer runs meanwhile
                     unwritten = None
                 elif not final.parent.is_dir():
-                    final.parent.mkdir(parents=True, exist_ok=True)  # a file in its way answers 0xA700
+                    private_folder(final.parent)  # a file in its way answers 0xA700
                 record.durable()
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -278,7 +279,7 @@ class InstanceIngest:
         return True
 
     def _final_path(self, facts: InstanceFacts) -> Path:
-        return self.storage_dir / uid_hash(facts.study_instance_uid) / f"{facts.sop_instance_uid}.dcm"
+        return self.storage_dir / folder_name(facts.study_instance_uid) / f"{facts.sop_instance_uid}.dcm"
 
     def write_rows(self) -> None:
         """Write the files of instances already answered (``defer_row``) and commit their rows if
@@ -621,17 +622,17 @@ def _holds(path: Path, size: int) -> bool:
 
 def _write(path: Path, data: bytes) -> None:
     try:
-        fh = open(path, "wb")
+        fh = open_private(path)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)  # the study's first instance
-        fh = open(path, "wb")
+        private_folder(path.parent)  # the study's first instance
+        fh = open_private(path)
     with fh:
         fh.write(data)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
+    private_folder(path.parent)
+    with open_private(path) as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

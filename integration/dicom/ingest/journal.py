@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from integration.datadir import private_folder
+
 log = logging.getLogger(__name__)
 
 _SEGMENT_MAGIC = b"MBJSEG01"
@@ -86,7 +88,7 @@ class ReceiveJournal:
         """Open (creating and zero-filling on first use) and yield the records a previous run left
         unchecked, oldest first, as (relative path, Part 10 bytes). The caller restores them, then
         calls :meth:`checkpoint`."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
         existing = self.path.stat().st_size if self.path.exists() else 0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self._stopping = False

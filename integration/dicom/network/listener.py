@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from integration.app.settings import DicomPeer, Settings
+from integration.datadir import private_folder
 from integration.db.store import Store
 from integration.dicom.ingest.instances import STATUS_SUCCESS, InstanceIngest
 from integration.dicom.ingest.journal import ReceiveJournal
@@ -139,7 +140,7 @@ class DicomListener:
         return ae
 
     def start(self) -> None:
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.storage_dir)
         self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         self.ingest.recover()
         if self.process_index == 0:

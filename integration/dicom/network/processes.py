@@ -21,7 +21,9 @@ import signal
 import threading
 from typing import Any
 
+from integration import phi
 from integration.app.settings import Settings
+from integration.datadir import keep_private
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ def serve_listener(config: dict[str, Any], index: int, port: int, ready: Any, ac
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s dicom-{index} %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it can print identifiers
     settings = Settings.model_validate(config)
+    keep_private()  # as the parent (spawned: nothing of its setup is inherited)
+    phi.install_key(phi.load_or_create_key(settings.data_dir))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     parent = multiprocessing.parent_process()

@@ -25,7 +25,7 @@ from integration.db.tables import DicomInstance
 from integration.dicom.ingest.instances import InstanceIngest
 from integration.dicom.ingest.journal import JournalRecord, ReceiveJournal
 from integration.dicom.network.listener import part10_bytes
-from integration.phi import uid_hash
+from integration.phi import folder_name
 
 
 def ct_instances(n: int) -> list[tuple[str, bytes, bytes]]:
@@ -224,7 +224,7 @@ def test_instances_journaled_before_they_are_read_are_restored_and_refused_ones_
     assert held_uids(store) == {kept, other}
     for sop_uid, part10 in ((kept, kept_part10), (other, other_part10)):
         assert Path(store.get_instance(sop_uid).path).read_bytes() == part10  # type: ignore[union-attr]
-    study_folder = storage / uid_hash(str(dcmread(BytesIO(kept_part10)).StudyInstanceUID))
+    study_folder = storage / folder_name(str(dcmread(BytesIO(kept_part10)).StudyInstanceUID))
     assert sorted(storage.glob("*/*.dcm")) == sorted(study_folder / f"{uid}.dcm" for uid in (kept, other))
     restarted.close()
 
@@ -244,7 +244,7 @@ def test_a_file_that_cannot_be_written_after_the_answer_waits_in_the_journal_and
     ingest.rows.retry_seconds = 0.1
     (first, first_data, first_part10), (second, second_data, second_part10) = ct_instances(2)
     assert ingest.ingest_data_set(first_data, SYNTAX, first_part10, expected_sop_uid=first, defer_row=True).stored
-    final = storage / uid_hash(str(dcmread(BytesIO(first_part10)).StudyInstanceUID)) / f"{first}.dcm"
+    final = storage / folder_name(str(dcmread(BytesIO(first_part10)).StudyInstanceUID)) / f"{first}.dcm"
     assert final.parent.is_dir() and not final.exists()  # answered; written after the answer
     final.mkdir()
     ingest.write_rows()  # what the association does after its answer
@@ -354,7 +354,7 @@ def test_one_sop_instance_uid_under_other_studies_is_a_duplicate_of_the_first(st
         outcome = ingest.ingest_data_set(fp.getvalue(), SYNTAX, part10, expected_sop_uid=sop_uid, defer_row=True)
         assert outcome.status == 0x0000
         stored.append(outcome.stored)
-        paths.append(tmp_path / "dicom" / uid_hash(str(ds.StudyInstanceUID)) / f"{sop_uid}.dcm")
+        paths.append(tmp_path / "dicom" / folder_name(str(ds.StudyInstanceUID)) / f"{sop_uid}.dcm")
         if flush_between:
             assert ingest.flush_rows()
     assert stored == [True, False, False]  # answered as duplicates (the listener's warning)

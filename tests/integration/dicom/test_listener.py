@@ -150,10 +150,10 @@ def test_nul_in_text_and_a_12_digit_number_are_stored_and_found_on_both_engines(
 def test_unwritable_storage_answers_out_of_resources(listener: DicomListener, store: Store) -> None:
     # root ignores permission bits, so make the folder unusable by putting a file where it must be
     ds = dcmread(CT_SMALL)
-    from integration.phi import uid_hash
+    from integration.phi import folder_name
 
     Path(listener.storage_dir).mkdir(parents=True, exist_ok=True)
-    (Path(listener.storage_dir) / uid_hash(ds.StudyInstanceUID)).write_bytes(b"not a folder")
+    (Path(listener.storage_dir) / folder_name(ds.StudyInstanceUID)).write_bytes(b"not a folder")
     assoc = associate(listener.port, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID),
                       ("1.2.840.10008.1.1", "1.2.840.10008.1.2"))
     try:

@@ -205,7 +205,7 @@ def test_capability_statement_lists_exactly_what_the_server_does(fhir_client: ht
     types = {r["type"]: r for r in rest["resource"]}
     assert set(types) == {"Patient", "Encounter", "Condition", "Observation", "DiagnosticReport", "ImagingStudy",
                           "DocumentReference", "MedicationRequest", "AllergyIntolerance", "Procedure",
-                          "ServiceRequest"}
+                          "ServiceRequest", "AuditEvent", "Provenance"}
     strict = {"Prefer": "handling=strict"}
     for rtype, res in types.items():
         assert {i["code"] for i in res["interaction"]} == {

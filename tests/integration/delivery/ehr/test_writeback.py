@@ -166,7 +166,8 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
     (created,) = await eventually(lambda: up.search(query), what="the report upstream")
 
     async with api(rt) as client:
-        resp = await client.post(f"/api/reports/{report_id}/review", json={"action": "final", "reviewer": "Dr A"})
+        resp = await client.post(f"/api/reports/{report_id}/review", json={"action": "final"},
+                                 headers={"If-Match": 'W/"1"'})
         assert resp.status_code == 200, resp.text
 
     def status_is(status: str) -> Callable[[], dict[str, Any] | None]:
@@ -178,6 +179,9 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
     final = await eventually(status_is("final"), what="status final upstream")
     assert final["id"] == created["id"] and final["meta"]["versionId"] != created["meta"]["versionId"]
     assert final["result"] == created["result"]  # the Observations stay attached
+    # the reviewer travels with the status: the authenticated caller (anonymous without the auth layer)
+    assert final["resultsInterpreter"] == [{"display": "anonymous", "identifier": {
+        "system": "urn:medbridge:sub", "value": "anonymous"}}]
 
     # someone edits the report in the EHR: MedBridge's recorded version is stale, so its next PUT
     # gets 412; it reads the current version and applies the reviewer's amendment once more
@@ -188,7 +192,8 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
     assert resp.status_code == 200, resp.text
     async with api(rt) as client:
         resp = await client.post(f"/api/reports/{report_id}/review",
-                                 json={"action": "amended", "reviewer": "Dr A", "conclusion": "Amended: no lesion."})
+                                 json={"action": "amended", "conclusion": "Amended: no lesion."},
+                                 headers={"If-Match": 'W/"2"'})
         assert resp.status_code == 200, resp.text
     amended = await eventually(status_is("amended"), what="status amended upstream")
     assert amended["conclusion"] == "Amended: no lesion."
@@ -215,7 +220,8 @@ async def test_smart_backend_services_token_is_fetched_cached_and_refreshed_on_4
 
     up.revoke_tokens()  # the EHR forgets the token: the next request gets 401, MedBridge fetches another
     async with api(rt) as client:
-        resp = await client.post(f"/api/reports/{first}/review", json={"action": "final", "reviewer": "Dr B"})
+        resp = await client.post(f"/api/reports/{first}/review", json={"action": "final"},
+                                 headers={"If-Match": 'W/"1"'})
         assert resp.status_code == 200
     await eventually(lambda: _sent_count(rt.store) == 3, what="the review sent after a token refresh")
     stats = up.stats()

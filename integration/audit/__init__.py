@@ -1,0 +1,1 @@
+"""The audit trail: FHIR AuditEvents following IHE BALP (Basic Audit Log Patterns)."""
