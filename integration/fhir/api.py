@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from integration.app.services import Services, body_within, get_services
+from integration.auth.policy import check_bundle_entries
 from integration.db.tables import FhirResource
 from integration.errors import (
     ConcurrentWriteError,
@@ -414,7 +415,7 @@ def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @router.post("")
 @router.post("/")
-def transaction_or_batch(services: ServicesDep, data: JsonBody) -> Response:
+def transaction_or_batch(request: Request, services: ServicesDep, data: JsonBody) -> Response:
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise InvalidResourceError([("resourceType", "POST to the base URL takes a Bundle")], 400)
     kind = data.get("type")
@@ -423,6 +424,8 @@ def transaction_or_batch(services: ServicesDep, data: JsonBody) -> Response:
         raise InvalidResourceError([("Bundle.type", "Bundle.type must be 'transaction' or 'batch'")], 400)
     if not isinstance(entries, list):
         raise InvalidResourceError([("Bundle.entry", "Bundle.entry must be a list")], 400)
+    # the router's policy checked the token; each entry needs the scope its interaction alone would
+    check_bundle_entries(request.state.principal, entries)
     if kind == "transaction":
         # all or nothing: one session, and any refused entry rolls back the whole bundle
         workers = services.fhir_validation
