@@ -63,7 +63,8 @@ class TokenValidator:
             raise AuthenticationError("the token is not a signed JWT") from None
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in self.policy.algorithms:
-            raise AuthenticationError(f"tokens signed with {str(alg)[:20]!r} are not accepted")
+            accepted = ", ".join(self.policy.algorithms)
+            raise AuthenticationError(f"the token's algorithm is not accepted (only {accepted})")
         if not isinstance(kid, str) or not kid:
             raise AuthenticationError("the token names no signing key (kid)")
         return kid, alg

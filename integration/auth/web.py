@@ -180,7 +180,8 @@ def _outcome(status: int, code: str, message: str, headers: dict[str, str] | Non
 
 
 def _quoted(text: str) -> str:
-    return text.replace("\\", "").replace('"', "'")
+    """``text`` as an RFC 6750 quoted value may hold it: printable ASCII without ``"`` and ``\\``."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
 
 
 def install_exception_handlers(app: FastAPI) -> None:
@@ -260,3 +261,16 @@ class NetworkGuard:
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+async def _authenticated(request: Request, _: Annotated[Any, Depends(bearer_scheme)]) -> Principal:
+    principal = await _authenticator(request).principal(request)
+    request.state.principal = principal
+    return principal
+
+
+@router.get("/me", summary="Who the bearer token says the caller is (any valid token)")
+async def who_am_i(principal: Annotated[Principal, Depends(_authenticated)]) -> dict[str, Any]:
+    return {"sub": principal.sub, "name": principal.name, "display": principal.display,
+            "roles": sorted(principal.roles), "scopes": sorted(principal.scopes), "fhirUser": principal.fhir_user,
+            "client_id": principal.client_id, "issuer": principal.issuer, "remote_address": principal.remote_address}
