@@ -146,6 +146,8 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     from integration.db.store import Store
 
     settings = get_settings()
+    if settings.oidc_issuer:
+        raise SystemExit(f"MEDBRIDGE_OIDC_ISSUER is set: people log in at {settings.oidc_issuer}; add them there")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:

@@ -13,6 +13,8 @@ import httpx
 from playwright.async_api import async_playwright
 
 from integration.app.demo import send_study
+from integration.auth.users import add_user
+from tests import authorized
 from tests.conftest import REPO, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,12 +39,13 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
     # the probability shown must be the API's, to two decimals
     api = f"http://127.0.0.1:{stack.settings.http_port}"
     await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with authorized.AsyncClient(base_url=api) as client:
         deadline = time.monotonic() + 90
         while not (await client.get("/api/reports", params={"status": "preliminary"})).json():
             assert time.monotonic() < deadline, "no report to review"
             await asyncio.sleep(0.25)
         (report,) = (await client.get("/api/reports", params={"status": "preliminary"})).json()
+    add_user(stack.store, "dr-viewer", "a reviewer's password", ["reviewer"])
 
     port = free_port()
     viewer = subprocess.Popen(
@@ -56,6 +59,9 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{port}")
+            await page.get_by_label("User name").fill("dr-viewer")
+            await page.get_by_label("Password").fill("a reviewer's password")
+            await page.get_by_text("Log in").click()
             await page.get_by_text("Image with the AI heatmap").wait_for(timeout=60_000)
             await page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
             assert await page.get_by_text("synthetic_round_lesion").count() >= 1
@@ -69,7 +75,7 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
     finally:
         viewer.terminate()
         viewer.wait(10)
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with authorized.AsyncClient(base_url=api) as client:
         fhir = (await client.get(f"/fhir/DiagnosticReport/{report['id']}")).json()
         detail = (await client.get(f"/api/reports/{report['id']}")).json()
     assert fhir["status"] == "final"
