@@ -60,7 +60,7 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{port}")
             await page.get_by_label("User name").fill("dr-viewer")
-            await page.get_by_label("Password").fill("a reviewer's password")
+            await page.get_by_label("Password", exact=True).fill("a reviewer's password")
             await page.get_by_text("Log in").click()
             await page.get_by_text("Image with the AI heatmap").wait_for(timeout=60_000)
             await page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
@@ -80,3 +80,40 @@ async def test_reviewer_sees_the_heatmap_and_approves_a_report(stack, tmp_path: 
         detail = (await client.get(f"/api/reports/{report['id']}")).json()
     assert fhir["status"] == "final"
     assert detail["reviews"][0]["reviewer"] == "dr-viewer"
+
+
+async def test_the_viewer_asks_for_a_password_and_shows_the_worklist_after_login(tmp_path: Path) -> None:
+    """The login alone, against the HTTP app without workers (cheap beside the whole stack above)."""
+    from integration.db.store import Store
+    from tests.conftest import serve_app, stack_settings
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.start()
+    add_user(store, "dr-login", "the right password", ["reviewer"])
+    port = free_port()
+    with serve_app(stack_settings(tmp_path), store) as api_port:
+        viewer = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            env={**os.environ, "MEDBRIDGE_API_URL": f"http://127.0.0.1:{api_port}"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/_stcore/health")
+            async with async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = await browser.new_page()
+                await page.goto(f"http://127.0.0.1:{port}")
+                await page.get_by_label("User name").fill("dr-login")
+                await page.get_by_label("Password", exact=True).fill("a wrong password")
+                await page.get_by_text("Log in").click()
+                await page.get_by_text("Unknown user name or wrong password").wait_for(timeout=30_000)
+                await page.get_by_label("Password", exact=True).fill("the right password")
+                await page.get_by_text("Log in").click()
+                await page.get_by_text("No preliminary reports").wait_for(timeout=30_000)
+                assert await page.get_by_text("Logged in as").count() == 1
+                await browser.close()
+        finally:
+            viewer.terminate()
+            viewer.wait(10)
+            store.stop()
