@@ -25,3 +25,11 @@ class AccessDeniedError(MedBridgeError):
 class IssuerUnavailableError(MedBridgeError):
     """A token names a key MedBridge does not hold and the issuer cannot be asked for it (HTTP 503):
     the request is refused, never let through."""
+
+
+class UnsupportedMediaTypeError(MedBridgeError):
+    """A FHIR write whose body is not FHIR JSON (HTTP 415): what a cross-origin form or text post would be."""
+
+    def __init__(self, media_type: str) -> None:
+        shown = "".join(c for c in media_type[:60] if c.isprintable()) or "no type"
+        super().__init__(f"send FHIR JSON (Content-Type: application/fhir+json), not {shown}")

@@ -20,7 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from integration.app.settings import Settings
 from integration.auth.embedded import EmbeddedIssuer
-from integration.auth.errors import AccessDeniedError, AuthenticationError, IssuerUnavailableError
+from integration.auth.errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    IssuerUnavailableError,
+    UnsupportedMediaTypeError,
+)
 from integration.auth.keys import KeyCache, KeySource, RemoteIssuer
 from integration.auth.policy import ADMIN, Requirement
 from integration.auth.principal import Principal, principal_from_claims
@@ -116,11 +121,6 @@ async def fhir_json_only(request: Request) -> None:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type not in _FHIR_JSON:
         raise UnsupportedMediaTypeError(media_type)
-
-
-class UnsupportedMediaTypeError(Exception):
-    def __init__(self, media_type: str) -> None:
-        super().__init__(f"send FHIR JSON (Content-Type: application/fhir+json), not {media_type[:60] or 'no type'}")
 
 
 # --- the embedded issuer's routes -----------------------------------------------------------------

@@ -209,3 +209,21 @@ def test_cli_token_is_alone_on_stdout_and_accepted(sqlite_store: Store, tmp_path
     refused = subprocess.run([sys.executable, "-m", "integration.app.cli", "token", "--role", "integration",
                               "--name", "x", "--ttl", "forever"], env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and not refused.stdout and "lifetime" in refused.stderr
+
+
+def test_cli_users_add_reads_the_password_from_stdin_and_the_user_logs_in(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDBRIDGE_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "integration.app.cli", "users", "add", "nurse.joy", "--role", "reviewer",
+               "--password-stdin"]
+    short = subprocess.run(command, input="short\n", env=env, capture_output=True, text=True)
+    assert short.returncode != 0 and "at least 8 characters" in short.stderr
+    subprocess.run(command, input="a long enough password\n", env=env, capture_output=True, text=True, check=True)
+    store = Store(f"sqlite:///{tmp_path / 'var' / 'medbridge.db'}")
+    store.start()
+    try:
+        client = in_process(store, tmp_path)
+        login = client.post("/auth/token", data={"username": "nurse.joy", "password": "a long enough password"})
+        assert login.status_code == 200
+        assert client.get("/api/reports", headers=bearer(login.json()["access_token"])).status_code == 200
+    finally:
+        store.stop()
