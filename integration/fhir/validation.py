@@ -209,7 +209,7 @@ class ValidationWorkers:
                 self._spawn()
 
     def _spawn(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)  # where `integration` is, installed or not
+        root = str(Path(__file__).resolve().parents[2])  # where `integration` is, installed or not
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         process = subprocess.Popen([sys.executable, "-m", "integration.fhir.validation"],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
