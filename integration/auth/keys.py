@@ -72,6 +72,7 @@ class KeyCache:
         self.min_refresh_seconds = min_refresh_seconds
         self._keys: dict[str, jwt.PyJWK] = {}
         self._last_fetch = float("-inf")
+        self._last_failure: str | None = None  # why the last fetch failed, while it is the latest
         self._lock = threading.Lock()
 
     def cached(self, kid: str) -> jwt.PyJWK | None:
@@ -84,9 +85,16 @@ class KeyCache:
             if kid in self._keys:
                 return self._keys[kid]
             if time.monotonic() - self._last_fetch < self.min_refresh_seconds:
+                if self._last_failure is not None:  # the issuer was just found down: not asked again yet
+                    raise IssuerUnavailableError(self._last_failure)
                 return None
-            self._keys = self._load()
             self._last_fetch = time.monotonic()
+            try:
+                self._keys = self._load()
+            except IssuerUnavailableError as exc:
+                self._last_failure = str(exc)
+                raise
+            self._last_failure = None
             return self._keys.get(kid)
 
     def _load(self) -> dict[str, jwt.PyJWK]:
