@@ -26,3 +26,10 @@ if [ "$(cat "$upstream/node_modules/.medbridge-lock" 2>/dev/null)" != "$lock_sum
   (cd "$upstream" && npm ci --no-audit --no-fund --loglevel=error)
   echo "$lock_sum" > "$upstream/node_modules/.medbridge-lock"
 fi
+# The OpenID provider of the access-control tests: panva's oidc-provider (npm)
+provider="$(dirname "$0")/../tests/oidc_provider"
+provider_sum="$(sha1sum "$provider/package-lock.json" | cut -c1-12)"
+if [ "$(cat "$provider/node_modules/.medbridge-lock" 2>/dev/null)" != "$provider_sum" ]; then
+  (cd "$provider" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$provider_sum" > "$provider/node_modules/.medbridge-lock"
+fi

@@ -36,6 +36,17 @@ def _pynetdicom_requests_wait_for_their_reactor() -> None:
     adapt_requests()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _test_issuer_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedded-issuer signing key for every server of the session (``stack_settings`` points them
+    at it), so ``tests.authorized`` holds one token that each of them accepts."""
+    from tests import authorized
+
+    path = tmp_path_factory.mktemp("auth") / "signing-key.pem"
+    authorized.use_issuer_key(path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,6 +181,7 @@ def serve_app(settings, store: Store, fhir_validation=None, configure=None) -> I
 
 def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - returns Settings
     from integration.app.settings import Settings
+    from tests import authorized
 
     values: dict[str, object] = {
         "data_dir": tmp_path / "var",
@@ -182,6 +194,7 @@ def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - retur
         "record_quiet_seconds": 1.0,
         "viewer_enabled": False,
         "database_url": "",
+        "auth_signing_key": authorized.issuer_key(),  # the session's test issuer (tests.authorized)
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -9,11 +9,11 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
 from integration.app.demo import demo_bundle
 from integration.app.runtime import Runtime
+from tests import authorized
 from tests.conftest import stack_settings
 
 LLM_CACHE = Path(os.environ.get("MEDBRIDGE_TEST_CACHE", "/tmp/medbridge-test-cache"))
@@ -34,7 +34,7 @@ async def test_demo_llm_writes_an_impression_whose_citations_match_the_evidence(
     runtime = Runtime(settings)
     await runtime.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+        async with authorized.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
             r = await client.post("/fhir", json=demo_bundle())
             assert r.status_code == 200, r.text
             patient = r.json()["entry"][0]["response"]["location"].split("/_history")[0]

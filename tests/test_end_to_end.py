@@ -15,6 +15,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from integration.app.demo import demo_bundle, send_study
+from tests import authorized
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
@@ -41,7 +42,7 @@ async def test_storescu_study_becomes_a_preliminary_diagnostic_report(stack) -> 
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         study_uid = dcmread(CT_SMALL, stop_before_pixels=True).StudyInstanceUID
         studies = await wait_for(client, "/fhir/ImagingStudy", {"identifier": f"urn:dicom:uid|urn:oid:{study_uid}"})
         assert studies[0]["numberOfInstances"] == 1
@@ -67,7 +68,7 @@ async def test_storescu_study_becomes_a_preliminary_diagnostic_report(stack) -> 
 
 
 async def test_patient_record_becomes_a_report_with_evidence(stack) -> None:  # noqa: ANN001
-    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         r = await client.post("/fhir", json=demo_bundle(), headers={"Content-Type": "application/fhir+json"})
         assert r.status_code == 200, r.text
         patient_ref = r.json()["entry"][0]["response"]["location"].split("/_history")[0]
@@ -86,7 +87,7 @@ async def test_patient_record_becomes_a_report_with_evidence(stack) -> None:  # 
 async def test_review_makes_a_report_final_and_records_who(stack) -> None:  # noqa: ANN001
     study_uid, status = await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
     assert status == 0
-    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         reports = await wait_for(client, "/fhir/DiagnosticReport", {"status": "preliminary"})
         rid = reports[0]["id"]
         version = {"If-Match": (await client.get(f"/api/reports/{rid}")).headers["ETag"]}
@@ -113,7 +114,7 @@ async def test_bad_input_at_each_edge_is_refused_and_good_input_still_flows(stac
     truncated = tmp_path / "truncated.dcm"
     data = Path(CT_SMALL).read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         # FHIR: an invalid resource is a 422 OperationOutcome naming the element
         r = await client.post("/fhir/Observation", json={"resourceType": "Observation", "status": "not-a-status",
                                                           "code": {"text": "x"}})
@@ -150,7 +151,7 @@ async def test_logs_carry_no_patient_data(stack, caplog: pytest.LogCaptureFixtur
     caplog.set_level(logging.DEBUG)
     header = dcmread(CT_SMALL, stop_before_pixels=True)
     bundle = demo_bundle(mrn="MRN-SECRET-4711")
-    async with httpx.AsyncClient(base_url=base_url(stack), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(stack), timeout=30) as client:
         await asyncio.to_thread(send_study, "127.0.0.1", stack.dicom.port, "MEDBRIDGE")
         r = await client.post("/fhir", json=bundle)
         patient_ref = r.json()["entry"][0]["response"]["location"].split("/_history")[0]

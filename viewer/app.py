@@ -28,14 +28,52 @@ except ValidationError as exc:
 API_URL = settings.api_url
 
 
+def log_in() -> None:
+    """The embedded identity mode's password login (a local user: `medbridge users add`); stops the page
+    until it succeeds. The token lives in this browser session only."""
+    with st.form("login"):
+        username = st.text_input("User name")
+        password = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Log in")
+    if submitted:
+        try:
+            r = httpx.post(f"{API_URL}/auth/token", data={"grant_type": "password", "username": username,
+                                                           "password": password}, timeout=30)
+        except httpx.HTTPError as exc:
+            st.error(f"Cannot reach the MedBridge API at {API_URL} ({type(exc).__name__}). Is `medbridge run` up?")
+            st.stop()
+        if r.status_code == 200:
+            st.session_state["token"] = r.json()["access_token"]
+            st.session_state["user"] = username
+            st.rerun()
+        elif r.status_code == 401:
+            st.error("MedBridge uses your organisation's identity provider; the viewer cannot log in there yet.")
+        else:
+            st.error("Unknown user name or wrong password.")
+    st.stop()
+
+
+if "token" not in st.session_state:
+    log_in()
+st.sidebar.write(f"Logged in as **{st.session_state['user']}**")
+if st.sidebar.button("Log out"):
+    st.session_state.clear()
+    st.rerun()
+
+
 def api() -> httpx.Client:
-    return httpx.Client(base_url=API_URL, timeout=settings.viewer_timeout_seconds)
+    return httpx.Client(base_url=API_URL, timeout=settings.viewer_timeout_seconds,
+                        headers={"Authorization": f"Bearer {st.session_state['token']}"})
 
 
 status_filter = st.sidebar.selectbox("Status", ["preliminary", "final", "amended", "entered-in-error"], index=0)
 try:
     with api() as client:
-        reports = client.get("/api/reports", params={"status": status_filter}).raise_for_status().json()
+        response = client.get("/api/reports", params={"status": status_filter})
+        if response.status_code == 401:  # the token expired: log in again
+            st.session_state.clear()
+            st.rerun()
+        reports = response.raise_for_status().json()
 except httpx.HTTPError as exc:
     st.error(f"Cannot reach the MedBridge API at {API_URL} ({type(exc).__name__}). Is `medbridge run` up?")
     st.stop()

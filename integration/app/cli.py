@@ -1,4 +1,4 @@
-"""The `medbridge` command: run, send-demo, kb ingest, train-demo-model."""
+"""The `medbridge` command: run, send-demo, token, users add, kb ingest, train-demo-model."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ async def _serve(settings: Settings) -> None:
         print(
             f"MedBridge is up. DICOM {settings.dicom_ae_title}@{settings.dicom_host}:{settings.dicom_port}  "
             f"API http://{settings.http_host}:{runtime.http_port}/docs  "
-            f"viewer http://127.0.0.1:{settings.viewer_port}  (Ctrl-C stops)",
+            f"viewer http://{settings.viewer_host}:{settings.viewer_port}  (Ctrl-C stops)",
             flush=True,
         )
         await stop.wait()
@@ -102,7 +102,69 @@ def cmd_send_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
     host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
     api = args.api or f"http://{host}:{settings.http_port}"
-    return run_demo(api, args.dicom_host, settings.dicom_port, settings.dicom_ae_title, timeout=args.timeout)
+    token = args.token or os.environ.get("MEDBRIDGE_TOKEN") or _embedded_token(
+        settings, ["integration"], "medbridge-send-demo", "send-demo", 3600)
+    return run_demo(api, args.dicom_host, settings.dicom_port, settings.dicom_ae_title, token, timeout=args.timeout)
+
+
+def _embedded_token(settings: Settings, roles: list[str], subject: str, name: str | None, ttl: int) -> str:
+    """A token from the embedded issuer (the key under the data dir); refused when an external issuer
+    is configured, whose tokens MedBridge cannot make."""
+    from integration.auth.embedded import EmbeddedIssuer
+
+    if settings.oidc_issuer:
+        raise SystemExit(f"MEDBRIDGE_OIDC_ISSUER is set: get a token from {settings.oidc_issuer} "
+                         "(client credentials) and pass it with --token or MEDBRIDGE_TOKEN")
+    issuer = EmbeddedIssuer(settings.signing_key_path, settings.oidc_audience)
+    return issuer.mint(subject=subject, roles=roles, name=name, ttl_seconds=ttl)
+
+
+def _duration(text: str) -> int:
+    """Seconds in ``3600``, ``90m``, ``12h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError("a lifetime is a positive number with s, m, h or d (e.g. 12h)")
+    return int(number) * units[unit]
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    subject = args.subject or args.name
+    try:
+        token = _embedded_token(settings, args.role, subject, args.name, args.ttl)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(token)  # alone on stdout, so that TOKEN=$(medbridge token ...) works
+    return 0
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    import getpass
+
+    from integration.auth.users import UserError, add_user
+    from integration.db.store import Store
+
+    settings = get_settings()
+    if settings.oidc_issuer:
+        raise SystemExit(f"MEDBRIDGE_OIDC_ISSUER is set: people log in at {settings.oidc_issuer}; add them there")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise SystemExit("the passwords differ; nothing was changed")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.effective_database_url)
+    store.start()
+    try:
+        add_user(store, args.name, password, args.role, args.display_name)
+    except UserError as exc:
+        raise SystemExit(str(exc)) from None
+    finally:
+        store.stop()
+    print(f"user {args.name} ({', '.join(args.role)}) can log in to the viewer", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--api", help="base URL of the HTTP API (default from settings)")
     demo.add_argument("--dicom-host", default="127.0.0.1")
     demo.add_argument("--timeout", type=float, default=300)
+    demo.add_argument("--token", help="bearer token (default: MEDBRIDGE_TOKEN, else one from the embedded issuer)")
     demo.set_defaults(func=cmd_send_demo)
+    from integration.auth.principal import ROLES
+
+    token = sub.add_parser("token", help="print a bearer token from the embedded issuer (nothing else on stdout)")
+    token.add_argument("--role", action="append", required=True, choices=ROLES, help="repeat for several roles")
+    token.add_argument("--name", required=True, help="who or what the token is for (shown in reviews and audit)")
+    token.add_argument("--subject", help="the token's sub (default: the name)")
+    token.add_argument("--ttl", type=_duration, default=3600, help="lifetime: 3600, 90m, 12h, 7d (default 1h)")
+    token.set_defaults(func=cmd_token)
+    users = sub.add_parser("users", help="local users of the embedded identity mode")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="add a user (or set a user's password and roles)")
+    add.add_argument("name")
+    add.add_argument("--role", action="append", required=True, choices=ROLES, help="repeat for several roles")
+    add.add_argument("--display-name", help="the name shown on reviews (default: the user name)")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.set_defaults(func=cmd_users_add)
     kb = sub.add_parser("kb", help="knowledge base")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)

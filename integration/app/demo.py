@@ -80,8 +80,9 @@ def wait_for_reports(client: httpx.Client, subjects: list[str], timeout: float) 
     return list(found.values())
 
 
-def run_demo(api_url: str, dicom_host: str, dicom_port: int, ae_title: str, timeout: float = 300) -> int:
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+def run_demo(api_url: str, dicom_host: str, dicom_port: int, ae_title: str, token: str, timeout: float = 300) -> int:
+    """Send the demo study and patient; ``token`` is a bearer token with the integration role."""
+    with httpx.Client(base_url=api_url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
         study_uid, status = send_study(dicom_host, dicom_port, ae_title)
         print(f"C-STORE CT_small.dcm -> status 0x{status:04X}")
         r = client.post("/fhir", json=demo_bundle(), headers={"Content-Type": "application/fhir+json"})

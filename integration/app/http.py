@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from integration.app.services import Services
+from integration.auth import policy
+from integration.auth import web as auth
 from integration.delivery import queue
 from integration.dicom import web as dicomweb
 from integration.fhir import api as fhir_api
@@ -27,10 +29,18 @@ def create_app(services: Services) -> FastAPI:
             CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["*"], expose_headers=["ETag", "Location", "Content-Location", "Warning"],
         )
+    # outermost: a request for another Host name (DNS rebinding) or a cross-origin write goes no further
+    trusted_origins = frozenset(o.rstrip("/") for o in origins)
+    app.add_middleware(auth.NetworkGuard, hosts=auth.allowed_hosts(services.settings), origins=trusted_origins)
+    app.state.authenticator = auth.build_authenticator(services.settings)
     fhir_api.install_exception_handlers(app)
-    app.include_router(fhir_api.router)
-    app.include_router(api.router)
-    app.include_router(dicomweb.router)
+    auth.install_exception_handlers(app)
+    # every route but /health, /docs and the login and key routes needs a token; what else, the policy says
+    app.include_router(fhir_api.router, dependencies=[
+        Depends(auth.authorize(policy.fhir_requirement)), Depends(auth.fhir_json_only)])
+    app.include_router(api.router, dependencies=[Depends(auth.authorize(policy.api_requirement))])
+    app.include_router(dicomweb.router, dependencies=[Depends(auth.authorize(policy.dicomweb_requirement))])
+    app.include_router(auth.router)
 
     @app.get("/health", tags=["ops"])
     def health() -> JSONResponse:
@@ -45,7 +55,7 @@ def create_app(services: Services) -> FastAPI:
             body["details"] = details
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(auth.metrics_access)])
     def metrics() -> str:
         """Prometheus text format."""
         counts = queue.counts(services.store, "ehr")

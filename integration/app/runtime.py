@@ -215,6 +215,7 @@ class Runtime:
         env = {**os.environ, "MEDBRIDGE_API_URL": f"http://{s.http_host}:{self.http_port}"}
         self.viewer = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(s.viewer_port),
+             "--server.address", s.viewer_host,
              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )

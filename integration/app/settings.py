@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), alias="MEDBRIDGE_DATA_DIR")
 
     # DICOM edge
-    dicom_host: str = Field("0.0.0.0", alias="MEDBRIDGE_DICOM_HOST")
+    # loopback unless told otherwise: a remote modality needs MEDBRIDGE_DICOM_HOST and a peer list
+    dicom_host: str = Field("127.0.0.1", alias="MEDBRIDGE_DICOM_HOST")
     dicom_port: int = Field(11112, alias="MEDBRIDGE_DICOM_PORT")
     dicom_ae_title: str = Field("MEDBRIDGE", alias="MEDBRIDGE_AE_TITLE")
     study_quiet_seconds: float = Field(3.0, alias="MEDBRIDGE_STUDY_QUIET_SECONDS")
@@ -83,7 +84,31 @@ class Settings(BaseSettings):
     # CA bundle that signed the syslog server's certificate (default: the system's)
     audit_syslog_ca: Path | None = Field(None, alias="MEDBRIDGE_AUDIT_SYSLOG_CA")
 
+    # Host names this server answers to (DNS rebinding), comma-separated, beside localhost, 127.0.0.1,
+    # ::1 and MEDBRIDGE_HTTP_HOST; "*" turns the check off (behind a proxy that checks it)
+    allowed_hosts: str = Field("", alias="MEDBRIDGE_ALLOWED_HOSTS")
+    # /metrics without a token (for a Prometheus on a trusted network); otherwise it needs the admin role
+    metrics_public: bool = Field(False, alias="MEDBRIDGE_METRICS_PUBLIC")
+
+    # Identity (integration/auth): an external OpenID provider, or MedBridge's embedded issuer when empty
+    oidc_issuer: str = Field("", alias="MEDBRIDGE_OIDC_ISSUER")
+    # the "aud" tokens must carry (the embedded issuer uses the same value)
+    oidc_audience: str = Field("medbridge", alias="MEDBRIDGE_OIDC_AUDIENCE")
+    # the claim (dotted path) holding MedBridge roles: integration, reviewer, admin
+    oidc_roles_claim: str = Field("roles", alias="MEDBRIDGE_OIDC_ROLES_CLAIM")
+    # accepted signature algorithms, comma-separated (asymmetric only; never none or HS*)
+    oidc_algorithms: str = Field("RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,ES512,EdDSA",
+                                 alias="MEDBRIDGE_OIDC_ALGORITHMS")
+    oidc_leeway_seconds: float = Field(30.0, ge=0, le=300, alias="MEDBRIDGE_OIDC_LEEWAY_SECONDS")
+    # at most one JWKS fetch per this many seconds when tokens name an unknown key
+    oidc_jwks_refresh_seconds: float = Field(10.0, ge=0, alias="MEDBRIDGE_OIDC_JWKS_REFRESH_SECONDS")
+    # the embedded issuer's signing key (made at first start); default data_dir/auth/signing-key.pem
+    auth_signing_key: Path | None = Field(None, alias="MEDBRIDGE_AUTH_SIGNING_KEY")
+    # lifetime of the tokens the embedded issuer gives at a password login
+    login_token_ttl_seconds: int = Field(8 * 3600, ge=60, alias="MEDBRIDGE_LOGIN_TOKEN_TTL_SECONDS")
+
     # Viewer
+    viewer_host: str = Field("127.0.0.1", alias="MEDBRIDGE_VIEWER_HOST")
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")
     viewer_enabled: bool = Field(True, alias="MEDBRIDGE_VIEWER")
 
@@ -149,6 +174,10 @@ class Settings(BaseSettings):
     @property
     def chroma_dir(self) -> Path:
         return self.data_dir / "chroma"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.auth_signing_key or self.data_dir / "auth" / "signing-key.pem"
 
     @property
     def imaging_model_path(self) -> Path:

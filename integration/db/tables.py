@@ -276,3 +276,14 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LocalUser(Base):
+    """A person who logs in with a password in the embedded identity mode (``medbridge users add``)."""
+
+    __tablename__ = "local_users"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, PHC string (integration.auth.users)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, body_within, get_services
 from integration.audit import events as audit_events
+from integration.auth.policy import check_bundle_entries
 from integration.db.tables import FhirResource
 from integration.errors import (
     ConcurrentWriteError,
@@ -489,7 +490,7 @@ def _apply(s: Any, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @router.post("")
 @router.post("/")
-def transaction_or_batch(services: ServicesDep, audit: BundleAudit, data: JsonBody) -> Response:
+def transaction_or_batch(request: Request, services: ServicesDep, audit: BundleAudit, data: JsonBody) -> Response:
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise InvalidResourceError([("resourceType", "POST to the base URL takes a Bundle")], 400)
     kind = data.get("type")
@@ -498,6 +499,8 @@ def transaction_or_batch(services: ServicesDep, audit: BundleAudit, data: JsonBo
         raise InvalidResourceError([("Bundle.type", "Bundle.type must be 'transaction' or 'batch'")], 400)
     if not isinstance(entries, list):
         raise InvalidResourceError([("Bundle.entry", "Bundle.entry must be a list")], 400)
+    # the router's policy checked the token; each entry needs the scope its interaction alone would
+    check_bundle_entries(request.state.principal, entries)
     # one AuditEvent for the Bundle, not one per entry: an EHR's push stays one small extra row
     audit.add(audit_events.Entity(None, "2", "4", description=f"{kind} Bundle of {len(entries)} entries"))
     if kind == "transaction":

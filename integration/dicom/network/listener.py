@@ -7,6 +7,7 @@ study, and the study publisher announces it once it has been quiet (or its assoc
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -95,8 +96,10 @@ class DicomListener:
         self.max_associations = max_associations
         self.max_pdu_bytes = max_pdu_bytes
         self.peers = peers or []
-        # Without configured peers (the embedded default) any caller is accepted, as Orthanc does
-        self.allow_any_caller = not self.peers if allow_any_caller is None else allow_any_caller
+        # Unset, and no peers configured (the embedded default): callers on this machine only, as Orthanc's
+        # RemoteAccessAllowed=false; a remote caller needs a peer entry (or MEDBRIDGE_DICOM_ALLOW_ANY_CALLER)
+        self.allow_any_caller = bool(allow_any_caller)
+        self.local_callers_only = allow_any_caller is None and not self.peers
         self.duplicate_status = duplicate_status
         self._peer_addresses: dict[str, set[str]] = {}
         self._on_study_ready = on_study_ready  # called (on an association thread) once studies are due
@@ -132,7 +135,7 @@ class DicomListener:
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
         # Callers that name another AE get A-ASSOCIATE-RJ; unknown callers too (see _handle_requested)
-        ae.require_called_aet = not self.allow_any_caller
+        ae.require_called_aet = not (self.allow_any_caller or self.local_callers_only)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -225,8 +228,11 @@ class DicomListener:
         recognised; called AE not recognised). Both association paths ask it. A peer is known by its
         AE title and the address it calls from, so a stolen AE title used from another host is
         refused too."""
-        if self.allow_any_caller:
+        if self.allow_any_caller or (self.local_callers_only and _is_loopback(address)):
             return None
+        if self.local_callers_only:
+            log.warning("association from %s refused: remote DICOM callers need MEDBRIDGE_DICOM_PEERS", address)
+            return REJECT_CALLING_AE
         if called_ae != self.ae_title.strip():
             return REJECT_CALLED_AE
         addresses = self._peer_addresses.get(calling_ae)
@@ -328,6 +334,15 @@ class _SharedPortServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
         super().server_bind()
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def _addresses_of(host: str) -> set[str]:

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from integration.db.store import Store
 from integration.db.tables import OutboxEntry
 from schemas.events import StudyReceived
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT, 128x128
@@ -41,7 +42,7 @@ def base_url(store: Store, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def client(base_url: str) -> DICOMwebClient:
-    return DICOMwebClient(url=base_url)
+    return DICOMwebClient(url=base_url, headers=authorized.headers())
 
 
 @pytest.fixture
@@ -95,13 +96,13 @@ def test_search_for_series_and_instances_with_filters_includefield_and_paging(lo
 
 def test_qido_ignores_fuzzymatching_with_a_warning_and_refuses_unknown_keys(loaded: DICOMwebClient,
                                                                            base_url: str) -> None:
-    rsp = httpx.get(f"{base_url}/studies", params={"PatientName": "compressed*", "fuzzymatching": "true"})
+    rsp = authorized.get(f"{base_url}/studies", params={"PatientName": "compressed*", "fuzzymatching": "true"})
     assert rsp.status_code == 200 and len(rsp.json()) == 3
     assert "fuzzymatching" in rsp.headers["warning"]
     assert rsp.headers["content-type"].startswith("application/dicom+json")
-    bad = httpx.get(f"{base_url}/studies", params={"NoSuchKeyword": "x"})
+    bad = authorized.get(f"{base_url}/studies", params={"NoSuchKeyword": "x"})
     assert bad.status_code == 400 and "NoSuchKeyword" in bad.json()["detail"]
-    bad_date = httpx.get(f"{base_url}/studies", params={"StudyDate": "2004-01-19"})
+    bad_date = authorized.get(f"{base_url}/studies", params={"StudyDate": "2004-01-19"})
     assert bad_date.status_code == 400 and "StudyDate" in bad_date.json()["detail"]
 
 
@@ -115,10 +116,10 @@ def test_retrieve_instance_is_the_stored_instance(loaded: DICOMwebClient) -> Non
 def test_wado_returns_the_bytes_as_received(base_url: str) -> None:
     raw = Path(CT_SMALL).read_bytes()
     body, headers = multipart(raw)
-    assert httpx.post(f"{base_url}/studies", content=body, headers=headers).status_code == 200
+    assert authorized.post(f"{base_url}/studies", content=body, headers=headers).status_code == 200
     ct = dcmread(CT_SMALL)
     url = f"{base_url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
-    rsp = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    rsp = authorized.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     assert rsp.status_code == 200
     boundary = rsp.headers["content-type"].split("boundary=")[1]
     part = rsp.content.split(f"--{boundary}".encode())[1]
@@ -165,7 +166,7 @@ def test_rendered_parameters_window_viewport_and_quality(loaded: DICOMwebClient,
            f"/instances/{ct.SOPInstanceUID}/rendered")
 
     def picture(accept: str = "image/png", **params: str) -> Image.Image:
-        rsp = httpx.get(url, params=params, headers={"Accept": accept})
+        rsp = authorized.get(url, params=params, headers={"Accept": accept})
         assert rsp.status_code == 200, rsp.text
         return Image.open(io.BytesIO(rsp.content))
 
@@ -191,15 +192,15 @@ def test_rendered_parameters_window_viewport_and_quality(loaded: DICOMwebClient,
     assert region.shape == (32, 32)
     assert np.array_equal(region, whole[0:32, 0:32][:, ::-1])
     # JPEG quality changes the bytes; GIF is served too
-    small = httpx.get(url, params={"quality": "5"}, headers={"Accept": "image/jpeg"}).content
-    large = httpx.get(url, params={"quality": "95"}, headers={"Accept": "image/jpeg"}).content
+    small = authorized.get(url, params={"quality": "5"}, headers={"Accept": "image/jpeg"}).content
+    large = authorized.get(url, params={"quality": "95"}, headers={"Accept": "image/jpeg"}).content
     assert len(small) < len(large)
     assert picture(accept="image/gif").format == "GIF"
     # malformed or unsupported parameters: 400 saying what is expected
     for params in ({"window": "40,400"}, {"window": "40,400,cubic"}, {"window": "a,b,linear"},
                    {"viewport": "0,10"}, {"viewport": "10,10,0,0,0,5"}, {"viewport": "10,10,500,500,10,10"},
                    {"quality": "101"}, {"quality": "high"}, {"annotation": "patient"}):
-        rsp = httpx.get(url, params=params, headers={"Accept": "image/png"})
+        rsp = authorized.get(url, params=params, headers={"Accept": "image/png"})
         assert rsp.status_code == 400, (params, rsp.status_code)
         assert next(iter(params)) in rsp.json()["detail"]
 
@@ -220,38 +221,39 @@ def test_rendered_study_series_frames_and_thumbnails(loaded: DICOMwebClient, bas
     instance = f"{series}/instances/{emri.SOPInstanceUID}"
     as_parts = {"Accept": 'multipart/related; type="image/png"'}
     # every frame of the series, each its own part, each the frame rendered on its own
-    frames = image_parts(httpx.get(f"{series}/rendered", headers=as_parts))
+    frames = image_parts(authorized.get(f"{series}/rendered", headers=as_parts))
     assert len(frames) == 10 and all(f.format == "PNG" and f.size == (64, 64) for f in frames)
-    third = Image.open(io.BytesIO(httpx.get(f"{instance}/frames/3/rendered", headers={"Accept": "image/png"}).content))
+    third_png = authorized.get(f"{instance}/frames/3/rendered", headers={"Accept": "image/png"}).content
+    third = Image.open(io.BytesIO(third_png))
     assert np.array_equal(np.asarray(frames[2]), np.asarray(third))
     assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[5]))
-    two = image_parts(httpx.get(f"{instance}/frames/2,3/rendered", headers=as_parts, params={"viewport": "32,32"}))
+    two = image_parts(authorized.get(f"{instance}/frames/2,3/rendered", headers=as_parts, params={"viewport": "32,32"}))
     assert [f.size for f in two] == [(32, 32)] * 2
     # several frames need a multipart Accept; one image for a single-frame media type
-    rsp = httpx.get(f"{instance}/frames/2,3/rendered", headers={"Accept": "image/png"})
+    rsp = authorized.get(f"{instance}/frames/2,3/rendered", headers={"Accept": "image/png"})
     assert rsp.status_code == 406 and "multipart/related" in rsp.json()["detail"]
-    single = httpx.get(f"{instance}/rendered", headers={"Accept": "image/png"})
+    single = authorized.get(f"{instance}/rendered", headers={"Accept": "image/png"})
     assert single.status_code == 200 and single.headers["content-type"] == "image/png"
-    assert len(image_parts(httpx.get(f"{instance}/rendered", headers=as_parts))) == 10
+    assert len(image_parts(authorized.get(f"{instance}/rendered", headers=as_parts))) == 10
     # the study's images: the CT study holds one
     ct = dcmread(CT_SMALL)
-    study_frames = image_parts(httpx.get(f"{base_url}/studies/{ct.StudyInstanceUID}/rendered", headers=as_parts))
+    study_frames = image_parts(authorized.get(f"{base_url}/studies/{ct.StudyInstanceUID}/rendered", headers=as_parts))
     assert [f.size for f in study_frames] == [(ct.Columns, ct.Rows)]
     # thumbnails: one small image, of the middle frame for a multi-frame instance
-    thumb = httpx.get(f"{series}/thumbnail", headers={"Accept": "image/jpeg"})
+    thumb = authorized.get(f"{series}/thumbnail", headers={"Accept": "image/jpeg"})
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
     assert Image.open(io.BytesIO(thumb.content)).size == (128, 128)
-    small = httpx.get(f"{base_url}/studies/{ct.StudyInstanceUID}/thumbnail", params={"viewport": "48,48"},
+    small = authorized.get(f"{base_url}/studies/{ct.StudyInstanceUID}/thumbnail", params={"viewport": "48,48"},
                       headers={"Accept": "image/png"})
     assert Image.open(io.BytesIO(small.content)).size == (48, 48)
-    middle = httpx.get(f"{instance}/thumbnail", params={"viewport": "64,64"}, headers={"Accept": "image/png"})
-    fifth = httpx.get(f"{instance}/frames/5/rendered", headers={"Accept": "image/png"})
+    middle = authorized.get(f"{instance}/thumbnail", params={"viewport": "64,64"}, headers={"Accept": "image/png"})
+    fifth = authorized.get(f"{instance}/frames/5/rendered", headers={"Accept": "image/png"})
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(middle.content))),
                           np.asarray(Image.open(io.BytesIO(fifth.content))))
     # a study without images has nothing to render
     rt = dcmread(RTPLAN)
     for what in ("rendered", "thumbnail"):
-        rsp = httpx.get(f"{base_url}/studies/{rt.StudyInstanceUID}/{what}", headers=as_parts)
+        rsp = authorized.get(f"{base_url}/studies/{rt.StudyInstanceUID}/{what}", headers=as_parts)
         assert rsp.status_code == 406 and "pixel data" in rsp.json()["detail"]
 
 
@@ -260,15 +262,16 @@ def test_unknown_uids_answer_404_with_what_to_do(loaded: DICOMwebClient, base_ur
     with pytest.raises(requests.HTTPError) as err:
         loaded.retrieve_study("1.2.3.4.5.6.7.8.9")
     assert err.value.response.status_code == 404
-    rsp = httpx.get(f"{base_url}/studies/{ct.StudyInstanceUID}/series/1.2.3/instances/{ct.SOPInstanceUID}/metadata")
+    rsp = authorized.get(
+        f"{base_url}/studies/{ct.StudyInstanceUID}/series/1.2.3/instances/{ct.SOPInstanceUID}/metadata")
     assert rsp.status_code == 404 and "QIDO-RS" in rsp.json()["detail"]
-    rendered = httpx.get(f"{base_url}/studies/{dcmread(RTPLAN).StudyInstanceUID}/series/"
-                         f"{dcmread(RTPLAN).SeriesInstanceUID}/instances/{dcmread(RTPLAN).SOPInstanceUID}/rendered")
+    rendered = authorized.get(f"{base_url}/studies/{dcmread(RTPLAN).StudyInstanceUID}/series/"
+                              f"{dcmread(RTPLAN).SeriesInstanceUID}/instances/{dcmread(RTPLAN).SOPInstanceUID}/rendered")
     assert rendered.status_code == 406 and "no pixel data" in rendered.json()["detail"]
 
 
 def test_stow_of_another_content_type_is_415(base_url: str) -> None:
-    rsp = httpx.post(f"{base_url}/studies", content=Path(CT_SMALL).read_bytes(),
+    rsp = authorized.post(f"{base_url}/studies", content=Path(CT_SMALL).read_bytes(),
                      headers={"Content-Type": "application/dicom"})
     assert rsp.status_code == 415 and "multipart/related" in rsp.json()["detail"]
 
@@ -276,7 +279,7 @@ def test_stow_of_another_content_type_is_415(base_url: str) -> None:
 def test_stow_refuses_a_truncated_file_and_stores_its_good_sibling(base_url: str, store: Store) -> None:
     good, bad = Path(MR_SMALL).read_bytes(), Path(CT_SMALL).read_bytes()
     body, headers = multipart(bad[: len(bad) // 2], good)
-    rsp = httpx.post(f"{base_url}/studies", content=body, headers=headers)
+    rsp = authorized.post(f"{base_url}/studies", content=body, headers=headers)
     assert rsp.status_code == 202
     result = rsp.json()
     failed = result["00081198"]["Value"]
@@ -288,7 +291,7 @@ def test_stow_refuses_a_truncated_file_and_stores_its_good_sibling(base_url: str
 
 def test_stow_to_another_study_is_409(base_url: str, store: Store) -> None:
     body, headers = multipart(Path(CT_SMALL).read_bytes())
-    rsp = httpx.post(f"{base_url}/studies/1.2.3.4", content=body, headers=headers)
+    rsp = authorized.post(f"{base_url}/studies/1.2.3.4", content=body, headers=headers)
     assert rsp.status_code == 409
     assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
     assert store.get_instance(dcmread(CT_SMALL).SOPInstanceUID) is None
@@ -302,7 +305,7 @@ async def test_stowed_study_is_announced_as_study_received(stack) -> None:  # no
     ds.save_as(buf, enforce_file_format=True)
     body, headers = multipart(buf.getvalue())
     url = f"http://127.0.0.1:{stack.settings.http_port}/dicomweb/studies"
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with authorized.AsyncClient(timeout=60) as http:
         rsp = await http.post(url, content=body, headers=headers)
     assert rsp.status_code == 200
     deadline = time.monotonic() + 90
@@ -323,10 +326,10 @@ def test_logs_carry_no_patient_data(client: DICOMwebClient, base_url: str, caplo
     ct = dcmread(CT_SMALL)
     truncated = Path(CT_SMALL).read_bytes()[:5000]
     body, headers = multipart(Path(CT_SMALL).read_bytes(), truncated)
-    assert httpx.post(f"{base_url}/studies", content=body, headers=headers).status_code == 202
+    assert authorized.post(f"{base_url}/studies", content=body, headers=headers).status_code == 202
     client.search_for_studies(search_filters={"PatientName": "CompressedSamples*", "PatientID": str(ct.PatientID)})
     client.retrieve_study_metadata(ct.StudyInstanceUID)
-    httpx.get(f"{base_url}/studies", params={"PatientBirthDate": "1970-01-01"})
+    authorized.get(f"{base_url}/studies", params={"PatientBirthDate": "1970-01-01"})
     # the service's records (the test's own HTTP clients log the URLs they call)
     text = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "dicomweb_client")))
     assert "STOW-RS" in text and "QIDO-RS" in text  # the routes did log
@@ -346,28 +349,29 @@ def test_compressed_frames_are_decoded_for_a_client_that_takes_only_octet_stream
                                                                                base_url: str) -> None:
     nm = dcmread(JPEG2K)
     url = f"{base_url}/studies/{nm.StudyInstanceUID}/series/{nm.SeriesInstanceUID}/instances/{nm.SOPInstanceUID}"
-    rsp = httpx.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    rsp = authorized.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert rsp.status_code == 200
     boundary = rsp.headers["content-type"].split("boundary=")[1]
     headers, data = rsp.content.split(f"--{boundary}".encode())[1].split(b"\r\n\r\n", 1)
     assert b"application/octet-stream" in headers
     assert data[:-2] == nm.pixel_array.tobytes()
-    beyond = httpx.get(f"{url}/frames/2")
+    beyond = authorized.get(f"{url}/frames/2")
     assert beyond.status_code == 404 and "1 frame" in beyond.json()["detail"]
 
 
 def test_qido_answers_at_most_the_configured_number_with_the_standard_warning(store: Store, tmp_path: Path) -> None:
     with serve_app(stack_settings(tmp_path, min_free_bytes=0, qido_max_results=2), store) as port:
         base = f"http://127.0.0.1:{port}/dicomweb"
-        DICOMwebClient(url=base).store_instances([dcmread(p) for p in (CT_SMALL, MR_SMALL, RTPLAN, JPEG2K)])
-        first = httpx.get(f"{base}/studies")
+        DICOMwebClient(url=base, headers=authorized.headers()).store_instances(
+            [dcmread(p) for p in (CT_SMALL, MR_SMALL, RTPLAN, JPEG2K)])
+        first = authorized.get(f"{base}/studies")
         assert first.status_code == 200 and len(first.json()) == 2
         assert "exceeded the maximum supported by the server" in first.headers["Warning"]
-        rest = httpx.get(f"{base}/studies", params={"offset": 2})
+        rest = authorized.get(f"{base}/studies", params={"offset": 2})
         assert len(rest.json()) == 2 and "Warning" not in rest.headers
         assert uids(first.json()) | uids(rest.json()) == {dcmread(p).StudyInstanceUID
                                                           for p in (CT_SMALL, MR_SMALL, RTPLAN, JPEG2K)}
-        one = httpx.get(f"{base}/studies", params={"limit": 1})
+        one = authorized.get(f"{base}/studies", params={"limit": 1})
         assert len(one.json()) == 1 and "Warning" not in one.headers  # the client asked for fewer
 
 
@@ -379,9 +383,9 @@ def test_a_viewer_on_a_configured_origin_may_call_dicomweb_and_others_may_not(st
             "Origin": viewer, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "accept"})
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == viewer
-        allowed = httpx.get(f"{base}/studies", headers={"Origin": viewer})
+        allowed = authorized.get(f"{base}/studies", headers={"Origin": viewer})
         assert allowed.headers["access-control-allow-origin"] == viewer
-        other = httpx.get(f"{base}/studies", headers={"Origin": "http://elsewhere.example"})
+        other = authorized.get(f"{base}/studies", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
 
 
@@ -391,10 +395,10 @@ def test_stow_rs_above_the_size_limit_is_refused_with_413_and_stores_nothing(sto
     with serve_app(settings, store) as port:
         url = f"http://127.0.0.1:{port}/dicomweb/studies"
         body, headers = multipart(ct, ct)
-        declared = httpx.post(url, content=body, headers=headers)
-        streamed = httpx.post(url, content=iter([body[:1000], body[1000:]]), headers=headers)  # no Content-Length
+        declared = authorized.post(url, content=body, headers=headers)
+        streamed = authorized.post(url, content=iter([body[:1000], body[1000:]]), headers=headers)  # no Content-Length
         assert store.get_instance(str(dcmread(CT_SMALL).SOPInstanceUID)) is None
-        within = httpx.post(url, content=multipart(ct)[0], headers=headers)
+        within = authorized.post(url, content=multipart(ct)[0], headers=headers)
     assert declared.status_code == 413 and "MEDBRIDGE_STOW_MAX_BYTES" in declared.text
     assert streamed.status_code == 413
     assert within.status_code == 200
@@ -414,6 +418,6 @@ def test_an_instance_with_a_non_conformant_uid_is_stored_and_found(client: DICOM
     assert uids(found, "00080018") == {ds.SOPInstanceUID}
     # dicomweb-client refuses such UIDs in its URLs: plain HTTP
     path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/metadata"
-    metadata = httpx.get(base_url + path, headers={"Accept": "application/dicom+json"}, timeout=30)
+    metadata = authorized.get(base_url + path, headers={"Accept": "application/dicom+json"}, timeout=30)
     assert metadata.status_code == 200, metadata.text
     assert metadata.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]

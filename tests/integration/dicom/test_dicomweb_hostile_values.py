@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from integration.db.store import Store
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.dicom.test_dicomweb import CT_SMALL, MR_SMALL, multipart
 
@@ -20,7 +21,7 @@ MR = dcmread(MR_SMALL, stop_before_pixels=True)
 
 @pytest.fixture
 def web(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
-    with serve_app(stack_settings(tmp_path, min_free_bytes=0), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path, min_free_bytes=0), store) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}/dicomweb", timeout=30
     ) as client:
         body, headers = multipart(Path(CT_SMALL).read_bytes(), Path(MR_SMALL).read_bytes())

@@ -9,13 +9,14 @@ import httpx
 import pytest
 
 from integration.db.store import Store
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 
 @pytest.fixture
 def fhir_client(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
     """The HTTP app served by a real uvicorn on a free port, and a client for it."""
-    with serve_app(stack_settings(tmp_path, max_request_bytes=200_000), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path, max_request_bytes=200_000), store) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Content-Type": "application/fhir+json"}
     ) as client:
         yield client
@@ -37,7 +38,7 @@ def shared_database_ports(store: Store, tmp_path: Path) -> Iterator[list[int]]:
 
 def clients_for(stack: ExitStack, ports: list[int], count: int) -> list[httpx.Client]:
     """``count`` HTTP clients (one per writer thread), spread over the apps on ``ports`` in turn."""
-    return [stack.enter_context(httpx.Client(
+    return [stack.enter_context(authorized.Client(
         base_url=f"http://127.0.0.1:{ports[i % len(ports)]}", timeout=60,
         headers={"Content-Type": "application/fhir+json"})) for i in range(count)]
 

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from integration.db.store import Store
 from integration.db.tables import ChangeTracker
+from tests import authorized
 
 OBSERVATION = {
     "resourceType": "Observation",
@@ -91,7 +92,7 @@ def test_search_by_subject_status_and_paging(fhir_client: httpx.Client) -> None:
     page = fhir_client.get("/fhir/Observation", params={"subject": "Patient/p1", "_count": 2}).json()
     assert page["type"] == "searchset" and page["total"] == 5 and len(page["entry"]) == 2
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
-    page2 = httpx.get(nxt).json()
+    page2 = authorized.get(nxt).json()
     assert len(page2["entry"]) == 2
     assert not {e["resource"]["id"] for e in page["entry"]} & {e["resource"]["id"] for e in page2["entry"]}
     by_patient = fhir_client.get("/fhir/Observation", params={"patient": "other"}).json()

@@ -18,6 +18,7 @@ from integration.db.store import Store
 from integration.fhir.resources import store_resource
 from integration.fhir.search import conditional_key
 from integration.fhir.storage import serialize_conditional
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.fhir.conftest import at_once, clients_for
 
@@ -117,7 +118,7 @@ def test_a_conditional_create_waits_for_one_in_progress_and_then_finds_its_patie
     yet committed does); the request waits, then finds what that writer committed rather than creating."""
     value = "mrn-held"
     criteria = _criteria(0, value)
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
             base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Content-Type": "application/fhir+json"}
     ) as client:
         answer: list[httpx.Response] = []

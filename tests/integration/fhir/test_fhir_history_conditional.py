@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 from fhir.resources.R4B import get_fhir_model_class
 
+from tests import authorized
+
 PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "m-1"}], "gender": "female"}
 
 
@@ -31,7 +33,7 @@ def test_type_history_pages_newest_first_and_honours_since(fhir_client: httpx.Cl
                     (f"Patient/{second['id']}", "POST"), (f"Patient/{first['id']}", "POST")]
     page = fhir_client.get("/fhir/Patient/_history", params={"_count": 3}).json()
     assert len(page["entry"]) == 3
-    rest = httpx.get(next(link["url"] for link in page["link"] if link["relation"] == "next")).json()
+    rest = authorized.get(next(link["url"] for link in page["link"] if link["relation"] == "next")).json()
     assert [e["response"]["etag"] for e in rest["entry"]] == ['W/"1"']
     since = fhir_client.get("/fhir/Patient/_history", params={"_since": second["meta"]["lastUpdated"]}).json()
     assert since["total"] == 3

@@ -10,6 +10,7 @@ import httpx
 
 from integration.db.store import Store
 from integration.fhir import search as fhir_search
+from tests import authorized
 
 LOINC = "http://loinc.org"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -177,11 +178,11 @@ def test_sort_and_paging_links_walk_every_page_both_ways(fhir_client: httpx.Clie
         assert "self" in links
         if "next" not in links:
             break
-        page = httpx.get(links["next"]).json()
+        page = authorized.get(links["next"]).json()
         pages.append(page)
     assert seen == sorted(days) and len(pages) == 3
     previous = {link["relation"]: link["url"] for link in pages[1]["link"]}["previous"]
-    assert httpx.get(previous).json()["entry"] == pages[0]["entry"]
+    assert authorized.get(previous).json()["entry"] == pages[0]["entry"]
     assert "previous" not in {link["relation"] for link in pages[0]["link"]}
 
 

@@ -17,6 +17,7 @@ import pytest
 from integration.db.store import Store
 from integration.fhir import validation as fhir_validation
 from integration.fhir.validation import ValidationWorkers
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 ENTRIES = 20  # above fhir_validation.MIN_SHARED; the worker's share is at least the last 4 entries
@@ -51,7 +52,7 @@ def workers() -> Iterator[ValidationWorkers]:
 
 @pytest.fixture
 def client(store: Store, tmp_path: Path, workers: ValidationWorkers) -> Iterator[httpx.Client]:
-    with serve_app(stack_settings(tmp_path), store, workers) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store, workers) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Content-Type": "application/fhir+json"}
     ) as c:
         assert c.post("/fhir", json=transaction()).status_code == 200  # starts the worker (validated alone)

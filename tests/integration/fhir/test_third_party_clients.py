@@ -9,10 +9,13 @@ from fhirpy import SyncFHIRClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import authorized
+
 
 def test_fhirpy_create_read_search_with_paging_and_delete(fhir_client: httpx.Client) -> None:
     base = str(fhir_client.base_url).rstrip("/")
-    client = SyncFHIRClient(f"{base}/fhir", extra_headers={"Accept": "application/fhir+json"})
+    client = SyncFHIRClient(f"{base}/fhir", authorization=f"Bearer {authorized.token('integration')}",
+                            extra_headers={"Accept": "application/fhir+json"})
     patient = client.resource("Patient", identifier=[{"system": "urn:mrn", "value": "fp-1"}], gender="female",
                               birthDate="1970-01-01")
     patient.save()
@@ -117,6 +120,8 @@ def test_fhirclient_create_read_search_pages_transaction_and_conditional_create(
     base = str(fhir_client.base_url).rstrip("/") + "/fhir/"
     smart = smart_client.FHIRClient(settings={"app_id": "medbridge-tests", "api_base": base})
     server = smart.server
+    # fhirclient gets tokens by its own SMART launch only; a system client's bearer goes on its session
+    server.session.headers["Authorization"] = f"Bearer {authorized.token('integration')}"
     server.get_capability()  # our CapabilityStatement, parsed by fhirclient's own (strict) models
     assert server.capabilityStatement.fhirVersion == "4.0.1"
     assert "Observation" in {r.type for r in server.capabilityStatement.rest[0].resource}

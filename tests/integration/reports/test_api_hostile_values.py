@@ -12,6 +12,7 @@ import pytest
 from integration.db.store import Store
 from integration.db.tables import AiResult, Review
 from integration.fhir.resources import store_resource, validate_resource
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 REPORT = {"resourceType": "DiagnosticReport", "id": "r1", "status": "preliminary", "code": {"text": "AI read"}}
@@ -27,7 +28,7 @@ def api(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
     with store.session() as s:
         store_resource(s, validate_resource(dict(REPORT)), track=False)
         s.add(AiResult(report_id="r1", kind="imaging", source_event_id="e1", details={"instances": []}))
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=30
     ) as client:
         yield client

@@ -27,6 +27,7 @@ from integration.delivery.plan import Destinations
 from integration.fhir.resources import store_resource
 from integration.reports.writer import write_report
 from schemas.events import ClinicalInferenceCompleted, EvidencePassage, ImagingInferenceCompleted, InstanceFinding
+from tests import authorized
 from tests.conftest import stack_settings
 from tests.integration.delivery.ehr.conftest import eventually, key_pair
 
@@ -89,7 +90,7 @@ async def medbridge(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
 
 def api(rt: Runtime) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{rt.settings.http_port}", timeout=30)
+    return authorized.AsyncClient(base_url=f"http://127.0.0.1:{rt.settings.http_port}", timeout=30)
 
 
 async def issue(rt: Runtime, event: ImagingInferenceCompleted) -> str:

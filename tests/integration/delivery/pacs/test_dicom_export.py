@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -37,6 +36,7 @@ from integration.delivery.pacs.export import (
 )
 from integration.delivery.pacs.sender import DicomExportSender, ExportPolicy, export_peers
 from integration.phi import uid_hash
+from tests import authorized
 from tests.conftest import free_port
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
@@ -309,7 +309,7 @@ async def test_without_an_export_peer_the_exporter_does_not_start(export_stack: 
     runtime = await export_stack([DicomPeer(ae_title="MODALITY", host="127.0.0.1", port=104)],
                                  workers="reports,dicom-export")
     assert "dicom_exporter" not in runtime.workers
-    async with httpx.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
         assert (await client.get("/api/dicom-exports")).json() == []
         health = (await client.get("/health")).json()
         assert health["details"]["dicom_exports"] == {"pending": 0, "sent": 0, "dead": 0}
@@ -351,7 +351,7 @@ async def test_ai_result_reaches_orthanc_as_sr_and_sc_in_the_source_study(
 
     series = await poll(exported_series, what="SR and SC series in Orthanc")
     assert all(s["MainDicomTags"]["SeriesInstanceUID"] != src.SeriesInstanceUID for s in series)
-    async with httpx.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
         exports = (await client.get("/api/dicom-exports", params={"state": "sent"})).json()
         assert [(e["destination_ae"], e["attempts"]) for e in exports] == [("ORTHANC", 1)]
         report = (await client.get(f"/api/reports/{exports[0]['report_id']}")).json()
@@ -390,7 +390,7 @@ async def test_outage_ends_dead_and_a_replay_delivers_exactly_once(export_stack:
     )
     src = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
     await storescu(runtime.dicom.port, CT_SMALL)
-    async with httpx.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
+    async with authorized.AsyncClient(base_url=base_url(runtime), timeout=30) as client:
         async def dead() -> list[dict[str, Any]]:
             return (await client.get("/api/dicom-exports", params={"state": "dead"})).json()
 
