@@ -95,6 +95,7 @@ def baseline_inference(weights: Path, variants: list[tuple[Path, str]]) -> list[
 async def medbridge_latencies(variants: list[tuple[Path, str]], workdir: Path, weights: Path) -> list[float]:
     from integration.app.runtime import Runtime
     from integration.app.settings import Settings
+    from integration.auth.embedded import embedded_token
 
     settings = Settings(
         data_dir=workdir / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),
@@ -105,7 +106,9 @@ async def medbridge_latencies(variants: list[tuple[Path, str]], workdir: Path, w
     await runtime.start()
     latencies = []
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+        token = embedded_token(settings, ["integration"], "bench")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30,
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
             for path, study_uid in variants:
                 t0 = time.perf_counter()
                 await asyncio.to_thread(storescu, settings.dicom_port, path, "MEDBRIDGE")

@@ -40,6 +40,8 @@ from sqlalchemy import func, select  # noqa: E402
 from integration.app.http import create_app  # noqa: E402
 from integration.app.services import Services  # noqa: E402
 from integration.app.settings import Settings  # noqa: E402
+from integration.auth.embedded import embedded_token  # noqa: E402
+from integration.auth.principal import ROLES  # noqa: E402
 from integration.db.store import Store  # noqa: E402
 from integration.db.tables import FhirResource, FhirSearchIndex
 from integration.fhir.resources import store_resources  # noqa: E402
@@ -145,6 +147,9 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+AUTH_HEADERS: dict[str, str] = {}  # set by main once the app is up
+
+
 def timed(client: httpx.Client, url: str, params: Any = None) -> float:
     t0 = time.perf_counter()
     r = client.get(url, params=params)
@@ -178,7 +183,7 @@ def ingest_phase(store: Store, services: Services, base: str, bundles: list[dict
     workers = services.fhir_validation
     latencies: list[float] = []
     rows = []
-    with httpx.Client(timeout=120, headers={"Content-Type": "application/fhir+json"}) as client:
+    with httpx.Client(timeout=120, headers={"Content-Type": "application/fhir+json", **AUTH_HEADERS}) as client:
         client.post(base, content=bodies[0])  # warm-up (not counted): imports, first connections, workers
         deadline = time.monotonic() + 60
         while workers is not None and workers.ready() < workers.count and time.monotonic() < deadline:
@@ -279,6 +284,8 @@ def main() -> None:
     while not server.started:
         time.sleep(0.02)
     base = f"http://127.0.0.1:{port}/fhir"
+    # every route needs a token: one from the embedded issuer (the app made its key under the data dir)
+    AUTH_HEADERS["Authorization"] = f"Bearer {embedded_token(settings, list(ROLES), 'bench', ttl_seconds=86400)}"
     print(f"store: {store.engine.dialect.name}; generating {args.bundles} carebundle transaction bundles ...")
     bundles = make_bundles(args.bundles)
     if not args.skip_ingest:
@@ -326,7 +333,7 @@ def main() -> None:
     print(f"\nread and search over HTTP at {have + added} resources ({args.queries} requests each):")
     print(f"  {'request':44s} {'p50 ms':>7s} {'p95 ms':>7s}")
     all_search: list[float] = []
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH_HEADERS) as client:
         for name, make in kinds.items():
             for i in range(5):
                 timed(client, *make(i))  # warm-up

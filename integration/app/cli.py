@@ -108,15 +108,12 @@ def cmd_send_demo(args: argparse.Namespace) -> int:
 
 
 def _embedded_token(settings: Settings, roles: list[str], subject: str, name: str | None, ttl: int) -> str:
-    """A token from the embedded issuer (the key under the data dir); refused when an external issuer
-    is configured, whose tokens MedBridge cannot make."""
-    from integration.auth.embedded import EmbeddedIssuer
+    from integration.auth.embedded import EmbeddedIssuerRefused, embedded_token
 
-    if settings.oidc_issuer:
-        raise SystemExit(f"MEDBRIDGE_OIDC_ISSUER is set: get a token from {settings.oidc_issuer} "
-                         "(client credentials) and pass it with --token or MEDBRIDGE_TOKEN")
-    issuer = EmbeddedIssuer(settings.signing_key_path, settings.oidc_audience)
-    return issuer.mint(subject=subject, roles=roles, name=name, ttl_seconds=ttl)
+    try:
+        return embedded_token(settings, roles, subject, name, ttl)
+    except EmbeddedIssuerRefused as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _duration(text: str) -> int:

@@ -21,6 +21,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from integration.app.settings import Settings
 from integration.auth.principal import ROLES, scopes_of_roles
 
 EMBEDDED_ISSUER = "urn:medbridge:embedded-issuer"
@@ -106,3 +107,19 @@ def _thumbprint(jwk: dict[str, Any]) -> str:
     """The RFC 7638 JWK thumbprint (SHA-256) of an EC public key, used as its kid."""
     canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+class EmbeddedIssuerRefused(RuntimeError):
+    """MedBridge cannot make tokens: an external issuer is configured."""
+
+
+def embedded_token(settings: Settings, roles: list[str], subject: str, name: str | None = None,
+                   ttl_seconds: int = 3600) -> str:
+    """A token from the embedded issuer (the key under the data dir), for ``medbridge token``, the demo and
+    the benchmarks; refused when an external issuer is configured, whose tokens MedBridge cannot make."""
+    if settings.oidc_issuer:
+        raise EmbeddedIssuerRefused(
+            f"MEDBRIDGE_OIDC_ISSUER is set: get a token from {settings.oidc_issuer} (client credentials) and "
+            "pass it with --token or MEDBRIDGE_TOKEN")
+    issuer = EmbeddedIssuer(settings.signing_key_path, settings.oidc_audience)
+    return issuer.mint(subject=subject, roles=roles, name=name, ttl_seconds=ttl_seconds)

@@ -95,7 +95,7 @@ def dicomweb_requirement(method: str, route_path: str, params: dict[str, Any]) -
     return Requirement("ImagingStudy", "s" if is_search else "r")
 
 
-_API_ADMIN_PREFIXES = ("/api/dead-letters", "/api/dicom-exports", "/api/writebacks")
+_API_ADMIN_PREFIXES = ("/api/dead-letters", "/api/dicom-exports", "/api/writebacks", "/api/deliveries")
 
 
 def api_requirement(method: str, route_path: str, params: dict[str, Any]) -> Requirement:

@@ -7,7 +7,6 @@ import logging
 import stat
 from pathlib import Path
 
-import httpx
 import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import text
@@ -15,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from integration import phi
 from integration.db.store import Store
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 
@@ -52,7 +52,7 @@ def test_fhir_traffic_logs_no_patient_data(store: Store, tmp_path: Path, caplog:
     caplog.set_level(logging.DEBUG)
     patient = {"resourceType": "Patient", "name": [{"family": "Loggable", "given": ["Zelda"]}],
                "identifier": [{"system": "urn:mrn", "value": "MRN-99881"}]}
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
             base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Content-Type": "application/fhir+json"}) as c:
         pid = c.post("/fhir/Patient", json=patient).json()["id"]
         c.get("/fhir/Patient", params={"identifier": "urn:mrn|MRN-99881"})
@@ -70,7 +70,7 @@ def test_dicom_files_and_folders_written_by_stow_are_private(store: Store, tmp_p
     body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n--b--\r\n"
     settings = stack_settings(tmp_path, min_free_bytes=0)
     with serve_app(settings, store) as port:
-        r = httpx.post(f"http://127.0.0.1:{port}/dicomweb/studies", content=body, timeout=30,
+        r = authorized.post(f"http://127.0.0.1:{port}/dicomweb/studies", content=body, timeout=30,
                        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
         assert r.status_code == 200
     files = list(settings.dicom_dir.rglob("*.dcm"))
@@ -81,15 +81,16 @@ def test_dicom_files_and_folders_written_by_stow_are_private(store: Store, tmp_p
 
 
 def test_api_error_text_gives_the_kind_of_error_not_patient_data(store: Store, tmp_path: Path) -> None:
-    from integration.db.tables import WritebackJob
+    from integration.delivery import queue
 
     store.record_dead_letter("report-writer", "medbridge.x.v1", "e1",
                              "PermanentEventError: generated report for DOE^JANE is not valid FHIR", b"{}")
     with store.session() as s:
-        s.add(WritebackJob(upstream="http://ehr", report_id="r1", kind="create", payload={}, state="dead",
-                           last_error="POST / answered HTTP 422: Patient DOE^JANE MRN-77 refused; fix the cause, "
-                                      "then replay it with POST /api/writebacks/{id}/replay"))
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+        job = queue.enqueue(s, "ehr", "http://ehr", "r1", "issued", {})
+        job.state = "dead"
+        job.last_error = ("POST / answered HTTP 422: Patient DOE^JANE MRN-77 refused; fix the cause, "
+                          "then replay it with POST /api/writebacks/{id}/replay")
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
             base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         (dead,) = client.get("/api/dead-letters").json()
         (job,) = client.get("/api/writebacks").json()

@@ -23,7 +23,7 @@ from integration.db.tables import FhirResource
 from integration.fhir.resources import validate_resource
 from integration.identity import Actor
 from tests.conftest import serve_app, stack_settings
-from tests.integration.reports.test_review import with_principal
+from tests.integration.reports.test_review import as_identity
 
 FHIR = {"Content-Type": "application/fhir+json"}
 PATIENT = {"resourceType": "Patient", "name": [{"family": "Auditee", "given": ["Rosa"]}],
@@ -31,13 +31,13 @@ PATIENT = {"resourceType": "Patient", "name": [{"family": "Auditee", "given": ["
 
 
 def client_for(port: int) -> httpx.Client:
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, event_hooks={"request": [as_identity]},
                         headers={"x-test-sub": "svc-ehr", "x-test-name": "EHR feed"})
 
 
 @pytest.fixture
 def api(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
-    with serve_app(stack_settings(tmp_path, min_free_bytes=0), store, configure=with_principal) as port, \
+    with serve_app(stack_settings(tmp_path, min_free_bytes=0), store) as port, \
             client_for(port) as client:
         yield client
 
@@ -168,7 +168,7 @@ def test_audit_refusal_records_a_failed_login_or_a_forbidden_interaction(api: ht
 
 
 def test_with_audit_off_nothing_is_recorded(store: Store, tmp_path: Path) -> None:
-    with serve_app(stack_settings(tmp_path, audit_enabled=False), store, configure=with_principal) as port, \
+    with serve_app(stack_settings(tmp_path, audit_enabled=False), store) as port, \
             client_for(port) as client:
         pid = client.post("/fhir/Patient", json=PATIENT, headers=FHIR).json()["id"]
         assert client.get(f"/fhir/Patient/{pid}").status_code == 200

@@ -10,11 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from integration.audit.syslog import PRIORITY, SyslogForwarder, parse_address
 from integration.db.store import Store
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.dicom.test_tls import pki  # noqa: F401 - the CA and localhost certificate fixture
 
@@ -63,9 +63,9 @@ def test_each_audit_event_reaches_the_syslog_server_as_rfc5424_over_tls(
 
         with serve_app(stack_settings(tmp_path), store, configure=wire) as port:
             base = f"http://127.0.0.1:{port}/fhir"
-            pid = httpx.post(f"{base}/Patient", json={"resourceType": "Patient"}, timeout=30,
+            pid = authorized.post(f"{base}/Patient", json={"resourceType": "Patient"}, timeout=30,
                              headers={"Content-Type": "application/fhir+json"}).json()["id"]
-            assert httpx.get(f"{base}/Patient/{pid}", timeout=30).status_code == 200
+            assert authorized.get(f"{base}/Patient/{pid}", timeout=30).status_code == 200
             messages = server.wait_for(2)
     finally:
         forwarder.stop()

@@ -24,7 +24,7 @@ from tests.conftest import REPO
 from tests.integration.auth.conftest import assert_outcome, bearer, in_process
 
 PUBLIC = {"/health", "/auth/token", "/auth/jwks.json", "/auth/.well-known/openid-configuration"}
-ADMIN_ONLY = ("/api/dead-letters", "/api/dicom-exports", "/api/writebacks", "/metrics")
+ADMIN_ONLY = ("/api/dead-letters", "/api/dicom-exports", "/api/writebacks", "/api/deliveries", "/metrics")
 PATIENT = {"resourceType": "Patient", "gender": "male"}
 BATCH = {"resourceType": "Bundle", "type": "batch",
          "entry": [{"request": {"method": "POST", "url": "Patient"}, "resource": PATIENT}]}

@@ -10,6 +10,7 @@ import httpx
 from integration.db.store import Store
 from integration.delivery import queue
 from integration.reports.writer import write_report
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.delivery.test_queue import TARGETS, imaging_event
 
@@ -26,7 +27,7 @@ def test_deliveries_are_listed_by_kind_without_payload_and_replayed_only_where_t
     (pacs_job, *_) = queue.claim_due(store, "pacs", lease_seconds=60)
     queue.record_failure(store, pacs_job, "PACS_A refused a Comprehensive SR Storage with status 0xA700",
                          queue.RetryPolicy(1, 1, 1, 60))
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=30
     ) as client:
         every = client.get("/api/deliveries").json()

@@ -15,6 +15,7 @@ from integration.db.store import Store
 from integration.db.tables import DeliveryJob, Review
 from integration.delivery import queue
 from integration.delivery.plan import Destinations
+from integration.identity import Actor
 from integration.reports.writer import apply_review, write_report
 from schemas.api import ReviewRequest
 from schemas.events import ClinicalInferenceCompleted, ImagingInferenceCompleted, InstanceFinding
@@ -139,8 +140,9 @@ def test_reports_with_nothing_to_show_a_pacs_go_to_the_ehr_only(store: Store) ->
 
 def test_a_review_enqueues_the_status_change_and_a_new_pacs_version_for_each_destination(store: Store) -> None:
     report_id = write_report(store, imaging_event(), TARGETS)
-    apply_review(store, report_id, ReviewRequest(action="final", reviewer="Dr A"), TARGETS)
-    apply_review(store, report_id, ReviewRequest(action="amended", reviewer="Dr B", conclusion="No lesion."), TARGETS)
+    apply_review(store, report_id, ReviewRequest(action="final"), Actor(sub="dr-a", name="Dr A"), 1, TARGETS)
+    apply_review(store, report_id, ReviewRequest(action="amended", conclusion="No lesion."),
+                 Actor(sub="dr-b", name="Dr B"), 2, TARGETS)
     reviewed = [j for j in queue.list_jobs(store) if j.what == "reviewed"]
     assert [(j.kind, j.destination, j.review_action) for j in reviewed] == [
         ("ehr", "http://ehr-a/fhir", "final"), ("ehr", "http://ehr-b/fhir", "final"),
@@ -188,7 +190,8 @@ def test_a_database_from_before_the_delivery_queue_still_starts_and_takes_review
     store.start()
     try:
         report_id = write_report(store, imaging_event(), TARGETS)
-        apply_review(store, report_id, ReviewRequest(action="amended", reviewer="Dr A", conclusion="None."), TARGETS)
+        apply_review(store, report_id, ReviewRequest(action="amended", conclusion="None."),
+                     Actor(sub="dr-a", name="Dr A"), 1, TARGETS)
         assert len(queue.list_jobs(store)) == 8
         with store.session() as s:
             assert s.query(Review).one().conclusion == "None."

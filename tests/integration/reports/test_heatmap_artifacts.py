@@ -22,6 +22,7 @@ from integration.fhir.storage import get_resource
 from integration.reports.legacy_heatmaps import adopt_heatmap_files, legacy_heatmap_folder
 from integration.reports.writer import write_report
 from schemas.events import ImagingInferenceCompleted, InstanceFinding, parse_event
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 
@@ -102,7 +103,7 @@ def test_an_event_naming_an_artifact_the_store_lacks_is_reported_without_it_and_
 # the API ----------------------------------------------------------------------------------------
 @pytest.fixture
 def api(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
-    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=30
     ) as client:
         yield client

@@ -1,8 +1,8 @@
 """The review of an AI report over HTTP: the state machine, If-Match, coded rejection reasons, the
 Provenance and resultsInterpreter each decision writes, and the plain FHIR writes that are refused.
 
-The reviewer is the authenticated identity: here a principal put on ``request.state`` in front of the
-app, exactly where the authentication layer puts it."""
+The reviewer is the authenticated identity: a bearer token from the tests' embedded issuer, made for the
+identity each test names."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
 
+from integration.auth.principal import ROLES
 from integration.db.store import Store
 from integration.db.tables import AiResult, Review
 from integration.fhir.resources import AI_ASSERTED, MEDBRIDGE_IDENTIFIER_SYSTEM, store_resource, validate_resource
 from integration.reports.review import TRANSITIONS
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 
 _ids = itertools.count(1)
@@ -40,24 +40,23 @@ def add_ai_report(store: Store, report_id: str | None = None) -> str:
     return rid
 
 
-def with_principal(app: FastAPI) -> None:
-    """What the authentication layer does: the caller's identity on request.state.principal (taken here
-    from test headers instead of a validated token)."""
-
-    @app.middleware("http")
-    async def principal(request: Request, call_next: Any) -> Any:
-        sub = request.headers.get("x-test-sub")
-        if sub:
-            request.state.principal = SimpleNamespace(
-                sub=sub, name=request.headers.get("x-test-name"), fhir_user=request.headers.get("x-test-fhir-user"),
-                roles=frozenset({"reviewer"}), client_id="viewer")
-        return await call_next(request)
+def as_identity(request: httpx.Request) -> None:
+    """An httpx request hook: the identity named by ``x-test-sub``/``x-test-name``/``x-test-fhir-user``
+    becomes a real bearer token from the tests' embedded issuer (validated by MedBridge's authentication
+    like any other), holding every role, so each test reaches the rule it is about."""
+    sub = request.headers.pop("x-test-sub", None)
+    name = request.headers.pop("x-test-name", None)
+    fhir_user = request.headers.pop("x-test-fhir-user", None)
+    if sub:
+        token = authorized.issuer().mint(subject=sub, roles=list(ROLES), name=name or None,
+                                         fhir_user=fhir_user or None, client_id="viewer")
+        request.headers["Authorization"] = f"Bearer {token}"
 
 
 @pytest.fixture
 def api(store: Store, tmp_path: Path) -> Iterator[httpx.Client]:
-    with serve_app(stack_settings(tmp_path), store, configure=with_principal) as port, httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", timeout=30,
+    with serve_app(stack_settings(tmp_path), store) as port, httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, event_hooks={"request": [as_identity]},
         headers={"x-test-sub": "u-123", "x-test-name": "Dr Ada Reviewer", "x-test-fhir-user": "Practitioner/ada"},
     ) as client:
         yield client
@@ -139,7 +138,7 @@ def test_two_reviewers_on_the_same_version_one_wins_the_other_gets_412(
     answers: list[httpx.Response] = []
 
     def reviewer(action: str, sub: str) -> None:
-        with httpx.Client(base_url=str(api.base_url), timeout=30) as client:
+        with httpx.Client(base_url=str(api.base_url), timeout=30, event_hooks={"request": [as_identity]}) as client:
             barrier.wait()
             answers.append(client.post(
                 f"/api/reports/{rid}/review", headers={"If-Match": etag, "x-test-sub": sub},

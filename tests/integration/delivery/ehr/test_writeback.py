@@ -180,9 +180,9 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
     final = await eventually(status_is("final"), what="status final upstream")
     assert final["id"] == created["id"] and final["meta"]["versionId"] != created["meta"]["versionId"]
     assert final["result"] == created["result"]  # the Observations stay attached
-    # the reviewer travels with the status: the authenticated caller (anonymous without the auth layer)
-    assert final["resultsInterpreter"] == [{"display": "anonymous", "identifier": {
-        "system": "urn:medbridge:sub", "value": "anonymous"}}]
+    # the reviewer travels with the status: the authenticated caller (the tests' token is for "pytest")
+    assert final["resultsInterpreter"] == [{"display": "pytest", "identifier": {
+        "system": "urn:medbridge:sub", "value": "pytest"}}]
 
     # someone edits the report in the EHR: MedBridge's recorded version is stale, so its next PUT
     # gets 412; it reads the current version and applies the reviewer's amendment once more

@@ -27,6 +27,7 @@ from integration.delivery.pacs.export import export_uid
 from integration.delivery.plan import Destinations
 from integration.reports.writer import write_report
 from schemas.events import TOPIC_REPORT_ISSUED, ImagingInferenceCompleted, InstanceFinding
+from tests import authorized
 from tests.conftest import stack_settings
 from tests.integration.delivery.pacs.test_dicom_export import base_url, poll, source_instance
 
@@ -109,12 +110,19 @@ async def test_a_lost_report_issued_event_still_leads_to_the_pacs_export(tmp_pat
         assert list(exported) == [export_uid(report_id, "sr-instance")]
         (sr,) = exported.values()
         assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
-        async with httpx.AsyncClient(base_url=base_url(second), timeout=30) as client:
+        async with authorized.AsyncClient(base_url=base_url(second), timeout=30) as client:
             (row,) = (await client.get("/api/dicom-exports")).json()
             assert (row["report_id"], row["destination_ae"], row["what"], row["state"]) == (
                 report_id, "ORTHANC", "issued", "sent")
     finally:
         await second.stop()
+
+
+async def as_reviewer(client: httpx.AsyncClient, report_id: str, name: str) -> dict[str, str]:
+    """The headers of a review by ``name`` (a reviewer's token) of the report's current version."""
+    etag = (await client.get(f"/api/reports/{report_id}")).headers["ETag"]
+    token = authorized.issuer().mint(subject=name.lower().replace(" ", "-"), roles=["reviewer"], name=name)
+    return {"If-Match": etag, "Authorization": f"Bearer {token}"}
 
 
 async def test_a_reviewed_results_sr_in_orthanc_carries_the_review_outcome(tmp_path: Path, orthanc: Any) -> None:
@@ -124,12 +132,13 @@ async def test_a_reviewed_results_sr_in_orthanc_carries_the_review_outcome(tmp_p
         report_id = await issue_ct_small_report(rt)
         preliminary = export_uid(report_id, "sr-instance")
         await poll(lambda: preliminary in srs_in_orthanc(orthanc), timeout=90, what="the preliminary SR in Orthanc")
-        async with httpx.AsyncClient(base_url=base_url(rt), timeout=30) as client:
-            resp = await client.post(f"/api/reports/{report_id}/review",
-                                     json={"action": "final", "reviewer": "Dr Final"})
+        async with authorized.AsyncClient(base_url=base_url(rt), timeout=30) as client:
+            resp = await client.post(f"/api/reports/{report_id}/review", json={"action": "final"},
+                                     headers=await as_reviewer(client, report_id, "Dr Final"))
             assert resp.status_code == 200, resp.text
             resp = await client.post(f"/api/reports/{report_id}/review", json={
-                "action": "entered-in-error", "reviewer": "Dr Reject", "comment": "Wrong series analysed"})
+                "action": "entered-in-error", "reason": "wrong-finding", "comment": "Wrong series analysed"},
+                headers=await as_reviewer(client, report_id, "Dr Reject"))
             assert resp.status_code == 200, resp.text
             rejected_uid = export_uid(report_id, "sr-instance-review-2")
             srs = await poll(lambda: (found := srs_in_orthanc(orthanc)) and rejected_uid in found and found,
