@@ -22,6 +22,7 @@ from integration.db.store import Store
 from integration.db.tables import FhirResource
 from integration.fhir.resources import validate_resource
 from integration.identity import Actor
+from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.reports.test_review import as_identity
 
@@ -173,3 +174,47 @@ def test_with_audit_off_nothing_is_recorded(store: Store, tmp_path: Path) -> Non
         pid = client.post("/fhir/Patient", json=PATIENT, headers=FHIR).json()["id"]
         assert client.get(f"/fhir/Patient/{pid}").status_code == 200
         assert "entry" not in client.get("/fhir/AuditEvent").json()
+
+
+def test_refused_tokens_and_roles_and_password_logins_are_audited_through_the_auth_layer(
+    api: httpx.Client, store: Store
+) -> None:
+    from integration.auth.users import add_user
+
+    base = str(api.base_url)
+    forged = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0."  # alg none, sub mallory
+    assert httpx.get(f"{base}/fhir/Patient", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    assert httpx.get(f"{base}/fhir/Patient").status_code == 401
+    reviewer = {"Authorization": f"Bearer {authorized.issuer().mint(subject='rev-1', roles=['reviewer'])}"}
+    assert httpx.post(f"{base}/fhir/Patient", json=PATIENT, headers={**reviewer, **FHIR}).status_code == 403
+    add_user(store, "dr-audit", "correct horse", ["reviewer"])
+    login = f"{base}/auth/token"
+    assert httpx.post(login, data={"username": "dr-audit", "password": "wrong"}).status_code == 400
+    assert httpx.post(login, data={"username": "dr-audit", "password": "correct horse"}).status_code == 200
+    settled(store, 5)
+    refused = events(api, outcome="4")
+    descriptions = sorted(e["outcomeDesc"].split(":")[0] for e in refused)
+    assert descriptions == ["401", "401", "401", "403"], [e["outcomeDesc"] for e in refused]
+    assert any(e.get("agent", [{}])[0].get("altId") == "rev-1" for e in refused)  # who was refused
+    assert not any("correct horse" in str(e) or "mallory" in str(e) for e in refused)  # no secret, no claim
+    logins = [e for e in events(api, outcome="0") if e["subtype"][0]["code"] == "110122"]
+    assert [e["agent"][0].get("altId") for e in logins] == ["dr-audit"]
+
+
+def test_the_trail_is_read_by_admins_only_and_written_by_nobody_through_the_api(api: httpx.Client) -> None:
+    base = str(api.base_url)
+    event = events(api) or [{"resourceType": "AuditEvent"}]
+
+    def as_role(role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {authorized.token(role)}"}
+
+    assert httpx.get(f"{base}/fhir/AuditEvent", headers=as_role("reviewer")).status_code == 403
+    assert httpx.get(f"{base}/fhir/AuditEvent", headers=as_role("integration")).status_code == 403
+    assert httpx.get(f"{base}/fhir/AuditEvent", headers=as_role("admin")).status_code == 200
+    forged = {**event[0], "id": "forged"}
+    for role in ("integration", "admin"):
+        assert httpx.put(f"{base}/fhir/AuditEvent/forged", json=forged,
+                         headers={**as_role(role), **FHIR}).status_code == 403
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": forged, "request": {"method": "POST", "url": "AuditEvent"}}]}
+        assert httpx.post(f"{base}/fhir", json=bundle, headers={**as_role(role), **FHIR}).status_code == 403
