@@ -101,10 +101,10 @@ async def test_review_makes_a_report_final_and_records_who(stack) -> None:  # no
         fhir = (await client.get(f"/fhir/DiagnosticReport/{rid}")).json()
         assert fhir["status"] == "amended" and fhir["conclusion"] == "No lesion on review."
         assert fhir["meta"]["versionId"] == "2"
-        # who: the authenticated caller (anonymous without the auth layer), never the typed "reviewer"
-        assert amended.json()["reviews"][0]["reviewer"] == "anonymous"
-        assert fhir["resultsInterpreter"] == [{"display": "anonymous", "identifier": {
-            "system": "urn:medbridge:sub", "value": "anonymous"}}]
+        # who: the authenticated caller (the tests' token is for "pytest"), never the typed "reviewer"
+        assert amended.json()["reviews"][0]["reviewer"] == "pytest"
+        assert fhir["resultsInterpreter"] == [{"display": "pytest", "identifier": {
+            "system": "urn:medbridge:sub", "value": "pytest"}}]
         provenance = (await client.get("/fhir/Provenance", params={"target": f"DiagnosticReport/{rid}"})).json()
         assert provenance["entry"][0]["resource"]["target"] == [{"reference": f"DiagnosticReport/{rid}/_history/2"}]
         assert (await client.get("/fhir/DiagnosticReport", params={"status": "preliminary"})).json()["total"] == 0
@@ -171,3 +171,15 @@ async def test_logs_carry_no_patient_data(stack, caplog: pytest.LogCaptureFixtur
                      if r.name.split(".")[0] in {"integration", "inference", "knowledge", "medbridge"})
     for uid in (str(header.StudyInstanceUID), str(header.SOPInstanceUID)):
         assert uid not in ours, f"raw UID {uid} in MedBridge's logs"
+
+
+async def test_send_demo_gets_both_reports_with_an_integration_token(stack, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    """`medbridge send-demo`'s path: a C-STORE and a FHIR transaction with an integration token, then both reports."""
+    from integration.app.demo import run_demo
+
+    code = await asyncio.to_thread(run_demo, base_url(stack), "127.0.0.1", stack.dicom.port, "MEDBRIDGE",
+                                   authorized.token("integration"), 240)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "C-STORE CT_small.dcm -> status 0x0000" in printed and "FHIR transaction -> 200" in printed
+    assert printed.count("DiagnosticReport/") >= 2 and "[preliminary]" in printed
