@@ -162,16 +162,17 @@ class Runtime:
 
         validation = ValidationWorkers(s.fhir_validation_workers)
         self.components.append(("FHIR validation workers", validation.stop))
-        services = Services(
-            s, self.store, self.health, self.notify_outbox,
-            on_study_ready=publishers["study"].wake,  # STOW-RS studies announce like C-STORE'd ones
-            fhir_validation=validation,
-        )
+        audit_forward = None
         if s.audit_syslog and s.audit_enabled:
             forwarder = SyslogForwarder(s.audit_syslog, s.audit_syslog_ca)  # refuses a malformed address
             forwarder.start()
             self.components.append(("audit syslog", forwarder.stop))
-            services.audit_forward = forwarder.forward
+            audit_forward = forwarder.forward
+        services = Services(
+            s, self.store, self.health, self.notify_outbox,
+            on_study_ready=publishers["study"].wake,  # STOW-RS studies announce like C-STORE'd ones
+            fhir_validation=validation, audit_forward=audit_forward,
+        )
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",
             access_log=False,  # URLs carry patient references
