@@ -23,20 +23,27 @@ _key: bytes | None = None
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
-    """The log-hash key under ``data_dir`` (``log-hash.key``), created (0600, exclusively) at first use."""
+    """The log-hash key under ``data_dir`` (``log-hash.key``, 0600), created at first use. Several processes
+    may start at once (listener processes, pods on one volume): the key is written whole to a file of this
+    process's own and linked into place, so whoever links first wins and nobody reads a half-written key."""
     path = data_dir / KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) < _KEY_BYTES:
-            raise RuntimeError(f"{path} is shorter than {_KEY_BYTES} bytes; delete it to make a new key") from None
-        return key
-    key = secrets.token_bytes(_KEY_BYTES)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
+    if not path.exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        draft = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(_KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            draft.unlink()
+    key = path.read_bytes()
+    if len(key) < _KEY_BYTES:
+        raise RuntimeError(f"{path} is shorter than {_KEY_BYTES} bytes; delete it to make a new key")
     return key
 
 

@@ -97,3 +97,18 @@ def test_api_error_text_gives_the_kind_of_error_not_patient_data(store: Store, t
     assert dead["error"] == "PermanentEventError"
     assert "DOE" not in job["last_error"] and "MRN-77" not in job["last_error"]
     assert "HTTP 422" in job["last_error"] and "replay" in job["last_error"]  # what to do next stays
+
+
+def test_processes_starting_together_on_a_new_data_dir_share_one_log_hash_key(tmp_path: Path) -> None:
+    """Listener processes (or pods on one volume) may make the key at the same moment, in a data dir that
+    does not exist yet: every one ends with the same whole key, and the file is the owner's alone."""
+    import multiprocessing
+
+    from integration.phi import KEY_FILE, load_or_create_key
+
+    data_dir = tmp_path / "not-yet" / "var"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        keys = pool.map(load_or_create_key, [data_dir] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert stat.S_IMODE((data_dir / KEY_FILE).stat().st_mode) == 0o600
+    assert sorted(p.name for p in data_dir.iterdir()) == [KEY_FILE]  # no draft left behind
