@@ -46,6 +46,7 @@ class DeliverySender(ABC):
         self.poll_seconds = poll_seconds
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.last_error: str | None = None
 
     @abstractmethod
@@ -61,6 +62,7 @@ class DeliverySender(ABC):
         return destination
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
@@ -74,7 +76,10 @@ class DeliverySender(ABC):
         return self._task is not None and not self._task.done()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Send what is due now. Thread-safe, as the outbox relay's and the publishers' wake: request
+        threads, DICOM threads and workers' threads call it after a write (asyncio.Event is not)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
         while True:
