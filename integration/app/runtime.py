@@ -282,6 +282,12 @@ class Runtime:
                     await result
             except Exception:  # noqa: BLE001 - keep stopping the rest
                 log.exception("stopping %s failed", name)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled ourselves
+                # aiokafka's consumer.stop() can leak its fetch task's cancellation after a broker loss
+                log.warning("stopping %s was cut short (a cancellation inside it); going on", name)
         self.components.clear()
 
 
