@@ -21,7 +21,9 @@ import httpx
 import pytest
 
 from integration.app.runtime import Runtime
+from integration.db.store import Store
 from integration.events.embedded import BrokerUnavailableError, EmbeddedBroker, _port_open
+from schemas.events import REPORT_WRITER, TOPIC_IMAGING_COMPLETED, RecordReceived
 from tests import authorized
 from tests.conftest import free_port, stack_settings
 from tests.integration.events.helpers import queue_events, until
@@ -165,8 +167,14 @@ async def test_a_broker_that_dies_is_restarted_and_health_names_it_while_down(tm
             await until(lambda: runtime.embedded is not None and runtime.embedded.alive(), timeout=40)
             await until(lambda: runtime.relay is not None and runtime.relay.last_error is None, timeout=30)
             queue_events(runtime.store, 2)  # events flow through the new broker
+            # and the running report writer consumes from it: a stray event where its input travels
+            stray = RecordReceived(patient_ref="Patient/stray", revision=1)
+            with runtime.store.session() as s:
+                Store.add_to_outbox(s, TOPIC_IMAGING_COMPLETED, stray, key=None)
             runtime.notify_outbox()
             await until(lambda: runtime.store.outbox_backlog() == 0, timeout=30)
+            await until(lambda: any(d.event_id == stray.event_id and d.consumer == REPORT_WRITER
+                                    for d in runtime.store.dead_letters()), timeout=60)
             up = await client.get("/health")
             assert up.status_code == 200, up.json()
         assert runtime.embedded.restarts >= 1
