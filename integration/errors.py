@@ -50,6 +50,12 @@ class PermanentEventError(MedBridgeError):
     """An event can never be processed (bad content); it goes to the dead-letter topic at once."""
 
 
+class TransientEventError(MedBridgeError):
+    """An event could not be processed now but will be later (a peer or a model is down, a resource is
+    exhausted): the consumer pauses and retries it, with backoff, for as long as it lasts; never
+    dead-lettered."""
+
+
 class ProtectedResourceError(MedBridgeError):
     """A plain FHIR write to a resource that changes only through its own workflow (an AI report, which
     only its review changes): HTTP 409, telling the caller where to go instead."""

@@ -31,6 +31,13 @@ CONSUMER_OF_TOPIC = {
     TOPIC_CLINICAL_COMPLETED: REPORT_WRITER,
 }
 
+# Topics published through the outbox that no consumer must process: the outbox publishes them once and
+# never republishes them. ReportIssued is a notification for outside subscribers only: the PACS export and
+# the EHR writeback a report owes are queued with the report itself (integration.delivery, in the report's
+# transaction) and retried by the delivery senders, so nothing depends on ReportIssued being consumed
+# (tests/integration/delivery/pacs/test_export_follows_the_report.py: a broker that loses it loses nothing).
+NOTIFICATION_TOPICS = (TOPIC_REPORT_ISSUED,)
+
 ALL_TOPICS = (
     TOPIC_STUDY_RECEIVED,
     TOPIC_RECORD_RECEIVED,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from integration.app.settings import Settings, get_settings
+from integration.events.supervision import rate_limit_logger
 
 log = logging.getLogger("medbridge")
 
@@ -33,6 +34,10 @@ def _configure_logging(verbose: bool) -> None:
     # psycopg warns with the server's error text (which can quote key values) when a pipeline fails while
     # another error is raised; MedBridge reports the error itself, without values
     logging.getLogger("psycopg").setLevel(logging.ERROR)
+    # a dead broker makes aiokafka log every reconnection attempt (200-250 lines a second): one per 30 s
+    import aiokafka  # noqa: F401 - its modules make their loggers at import; the filter goes on each
+
+    rate_limit_logger("aiokafka")
 
 
 def ensure_demo_model(settings: Settings) -> None:

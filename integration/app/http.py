@@ -11,6 +11,7 @@ from integration.auth import policy
 from integration.auth import web as auth
 from integration.delivery import queue
 from integration.dicom import web as dicomweb
+from integration.events import dead_letters
 from integration.fhir import api as fhir_api
 from integration.reports import api
 
@@ -50,6 +51,9 @@ def create_app(services: Services) -> FastAPI:
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
         if checks["store"]:
             details: dict[str, object] = {"dicom_exports": queue.counts(services.store, "pacs")}
+            # set aside for an administrator (GET /api/dead-letters): worth a look, not a failing check
+            waiting = dead_letters.waiting_by_topic(services.store)
+            details["dead_letters"] = {"total": sum(waiting.values()), "by_topic": waiting}
             if services.settings.upstream_urls:
                 details["writeback"] = queue.counts(services.store, "ehr")
             body["details"] = details
@@ -73,6 +77,14 @@ def create_app(services: Services) -> FastAPI:
             "# HELP medbridge_dicom_export_dead DICOM exports that need an administrator's replay\n"
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
+            + _dead_letter_metrics(dead_letters.waiting_by_topic(services.store))
         )
 
     return app
+
+
+def _dead_letter_metrics(waiting: dict[str, int]) -> str:
+    lines = ["# HELP medbridge_dead_letters Events set aside in the dead-letter store, not replayed yet, by topic",
+             "# TYPE medbridge_dead_letters gauge"]
+    lines += [f'medbridge_dead_letters{{topic="{topic}"}} {n}' for topic, n in sorted(waiting.items())]
+    return "\n".join(lines) + "\n"

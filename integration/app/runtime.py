@@ -1,9 +1,14 @@
 """The composition root: builds everything from one Settings object, starts the edges in order,
 stops them in reverse.
 
-Order: store -> broker -> topics -> outbox relay -> publishers -> workers -> DICOM listener ->
-HTTP -> viewer. The listeners start last so nothing arrives before it can be handled; on stop,
-they close first so nothing arrives while the rest shuts down.
+Order: store -> DICOM journal replay -> broker -> topics -> outbox relay -> publishers -> workers ->
+DICOM listener -> HTTP -> viewer. The listeners start last so nothing arrives before it can be
+handled; on stop, they close first so nothing arrives while the rest shuts down. The journal is
+replayed before any publisher runs, so a study a crash interrupted is announced once, whole.
+
+Every loop runs under supervision (integration.events.supervision) and the embedded broker is
+watched and restarted; /health names what is down. Child processes die with the runtime
+(integration.lifetime).
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from integration.events.consumer import ConsumerOptions
 from integration.events.embedded import EmbeddedBroker
 from integration.events.publisher import QuietPeriodPublisher, announce_record, announce_study
 from integration.events.relay import OutboxRelay
+from integration.events.supervision import Supervised, rate_limit_logger
 from integration.events.topics import ensure_topics
 from integration.fhir import storage as fhir_storage
 from integration.fhir.validation import ValidationWorkers
+from integration.lifetime import die_with_parent_of
 from integration.reports.legacy_heatmaps import adopt_heatmap_files
 from integration.reports.writer import ReportWriter
 from schemas.events import CONSUMER_OF_TOPIC
@@ -71,12 +78,20 @@ class Runtime:
         self.workers: dict[str, Any] = {}
         self.upstream: UpstreamSender | None = None
         self.senders: list[DeliverySender] = []  # one per destination kind (EHR, PACS)
+        self.publishers: dict[str, QuietPeriodPublisher] = {}
+        self.broker_watch: Supervised | None = None
 
     def notify_outbox(self) -> None:
         if self.relay:
             self.relay.wake()
         for sender in self.senders:
             sender.wake()  # a write may have queued a delivery
+
+    def _study_ready(self) -> None:
+        """The listener's "studies are due" (association threads): wakes the study publisher once it runs."""
+        publisher = self.publishers.get("study")
+        if publisher is not None:
+            publisher.wake()
 
     def _dlq_producer(self) -> Any:
         return self.relay.producer if self.relay else None
@@ -94,9 +109,18 @@ class Runtime:
         await asyncio.to_thread(fhir_storage.prepare, self.store)  # resources from before the search index
         await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
 
+        rate_limit_logger("aiokafka")  # a dead broker: one line per interval, not 200 a second
+
+        if s.dicom_enabled:
+            # built now, started last: its journal is replayed before any publisher can announce a study
+            self.dicom = DicomListener.from_settings(self.store, s, tls=dicom_tls(s), on_study_ready=self._study_ready)
+            await asyncio.to_thread(self.dicom.recover)
+
         if not self.bootstrap:
-            self.embedded = EmbeddedBroker(s.embedded_kafka_port)
-            await asyncio.to_thread(self.embedded.start)
+            self.embedded = EmbeddedBroker(s.embedded_kafka_port, pid_file=s.data_dir / "kafka-broker.pid")
+            # started on the loop's thread, not a worker thread: the broker's parent-death signal follows
+            # the thread that forked it (start waits for the port: milliseconds for tansu)
+            self.embedded.start()
             self.components.append(("embedded broker", self.embedded.stop))
             self.bootstrap = self.embedded.bootstrap_servers
             self.health["embedded_broker"] = self.embedded.alive
@@ -110,8 +134,13 @@ class Runtime:
         self.components.append(("outbox relay", self.relay.stop))
         relay = self.relay
         self.health["broker"] = lambda: relay.running() and relay.last_error is None
+        self.health["outbox_relay"] = relay.running
+        if self.embedded is not None:
+            self.broker_watch = Supervised("embedded broker watch", self._watch_broker)
+            self.broker_watch.start()
+            self.components.append(("embedded broker watch", self.broker_watch.stop))
 
-        publishers = {}
+        publishers = self.publishers
         for kind, quiet, announce in (
             ("study", s.study_quiet_seconds, announce_study),
             ("patient", s.record_quiet_seconds, announce_record),
@@ -146,10 +175,7 @@ class Runtime:
 
             await self._start_worker("clinical_worker", ClinicalWorker(self.store, s, options))
 
-        if s.dicom_enabled:
-            self.dicom = DicomListener.from_settings(
-                self.store, s, tls=dicom_tls(s), on_study_ready=publishers["study"].wake
-            )
+        if self.dicom is not None:
             await asyncio.to_thread(self.dicom.start)
             self.components.append(("DICOM listener", self.dicom.stop))
             self.health["dicom_listener"] = self.dicom.running
@@ -191,6 +217,21 @@ class Runtime:
             self._start_viewer()
         log.info("MedBridge up: HTTP http://%s:%d, broker %s", s.http_host, self.http_port, self.bootstrap)
 
+    async def _watch_broker(self) -> None:
+        """Restart the embedded broker when it dies, recreate the topics, and have the outbox republish
+        everything unprocessed (the broker kept it in memory). Runs under supervision: a restart that
+        fails raises, and the next try comes after a backoff while /health shows the broker down."""
+        assert self.embedded is not None and self.relay is not None
+        while True:
+            if not self.embedded.alive():
+                log.error("embedded broker died; restarting it")
+                self.embedded.restart()  # on the loop's thread, as at start (see start())
+                await ensure_topics(self.bootstrap)
+                self.relay.broker_restarted()
+                log.warning("embedded broker restarted (restart %d); republishing what was not processed",
+                            self.embedded.restarts)
+            await asyncio.sleep(1.0)
+
     async def _start_worker(self, name: str, worker: Any) -> None:
         await worker.start()
         self.workers[name] = worker
@@ -219,6 +260,7 @@ class Runtime:
              "--server.address", s.viewer_host,
              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent_of(os.getpid()),  # a SIGKILL of the runtime takes the viewer along
         )
         viewer = self.viewer
         self.components.append(("viewer", self._stop_viewer))
@@ -240,6 +282,12 @@ class Runtime:
                     await result
             except Exception:  # noqa: BLE001 - keep stopping the rest
                 log.exception("stopping %s failed", name)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled ourselves
+                # aiokafka's consumer.stop() can leak its fetch task's cancellation after a broker loss
+                log.warning("stopping %s was cut short (a cancellation inside it); going on", name)
         self.components.clear()
 
 

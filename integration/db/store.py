@@ -430,7 +430,9 @@ class Store:
         with self.session() as s:
             for topic, consumer in consumers_by_topic.items():
                 done = select(ProcessedEvent.event_id).where(ProcessedEvent.consumer == consumer)
-                dead = select(DeadLetter.event_id).where(DeadLetter.event_id.is_not(None))
+                # a dead letter not replayed yet: its event waits for an administrator, not for redelivery
+                dead = select(DeadLetter.event_id).where(DeadLetter.event_id.is_not(None),
+                                                         DeadLetter.replayed_at.is_(None))
                 result = s.execute(
                     update(OutboxEntry)
                     .where(
@@ -476,7 +478,7 @@ class Store:
                     ChangeTracker.kind == kind,
                     ChangeTracker.revision > ChangeTracker.published_revision,
                     ChangeTracker.last_change_at <= cutoff,
-                )
+                ).order_by(ChangeTracker.last_change_at, ChangeTracker.key)  # oldest first, deterministically
             )
             return list(rows)
 

@@ -213,6 +213,9 @@ class DeadLetter(Base):
     error: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # set by POST /api/dead-letters/{id}/replay: a letter is replayed once (its event is then owed again)
+    replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    replayed_by: Mapped[str | None] = mapped_column(String(256), default=None)  # the admin's token subject
 
 
 class DeliveryJob(Base):

@@ -19,6 +19,7 @@ from integration.db.tables import DeliveryJob, utcnow
 from integration.delivery import queue
 from integration.delivery.queue import ClaimedJob, Kind, RetryPolicy
 from integration.errors import MedBridgeError
+from integration.events.supervision import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class DeliverySender(ABC):
         self.store = store
         self.policy = policy
         self.poll_seconds = poll_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._supervised: Supervised | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_error: str | None = None
@@ -63,17 +64,16 @@ class DeliverySender(ABC):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        self._supervised = Supervised(self.name, self._run)  # restarted, with backoff, if the loop dies
+        self._supervised.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._supervised is not None:
+            await self._supervised.stop()
+            self._supervised = None
 
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._supervised is not None and self._supervised.running()
 
     def wake(self) -> None:
         """Send what is due now. Thread-safe, as the outbox relay's and the publishers' wake: request

@@ -22,8 +22,16 @@ Ack policy, per message:
   dead-letter topic and the store's ``dead_letters``, which ``GET /api/dead-letters`` lists), and
   never marked processed, so nothing pretends it was handled; the outbox does not republish
   dead-lettered events;
-- the handler or its outcome's write fails: retried up to ``max_attempts`` times with backoff, then
-  dead-lettered; a :class:`~integration.errors.PermanentEventError` is dead-lettered at once.
+- a transient failure (:func:`is_transient`: the database unreachable, a broker error, a timeout,
+  out of memory, a :class:`~integration.errors.TransientEventError`): the consumer pauses on that
+  message and retries it with capped, jittered backoff for as long as the failure lasts; nothing is
+  committed and nothing dead-lettered meanwhile. The "already processed" check and the dead-letter
+  write are inside that retry, so a database outage pauses the consumer, never kills it;
+- an error that will fail again: a :class:`~integration.errors.PermanentEventError` or a pydantic
+  ``ValidationError`` is dead-lettered at once; any other exception after ``max_attempts`` attempts.
+
+A dead-lettered event can be replayed once (``POST /api/dead-letters/{id}/replay``,
+:mod:`integration.events.dead_letters`); the "processed" mark keeps a replay exactly-once.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -40,10 +48,12 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.errors import PermanentEventError
+from integration.errors import PermanentEventError, StoreUnavailableError, TransientEventError
+from integration.events.supervision import Supervised, backoff_seconds
 from schemas.events import TOPIC_DEAD_LETTER, TOPIC_OF_EVENT, AnyEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -67,6 +77,19 @@ class Publish:
 
 
 EventHandler = Callable[[Any], Awaitable[Outcome | None]]
+
+# failures that pass: retried for as long as they last, never dead-lettered
+_TRANSIENT = (StoreUnavailableError, OperationalError, InterfaceError, KafkaError, TimeoutError, MemoryError,
+              TransientEventError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says "not now" rather than "never": the database unreachable (an OperationalError,
+    an InterfaceError, a DBAPIError whose connection was invalidated), a broker error, a timeout
+    (``asyncio.TimeoutError`` is ``TimeoutError``), out of memory, or a TransientEventError."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Outcome | None]])
 _HANDLES = "__medbridge_handles__"
 
@@ -136,6 +159,8 @@ class EventConsumer:
         max_attempts: int = 3,
         dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None,
         on_stored: Callable[[], None] = lambda: None,
+        retry_base_seconds: float = 0.5,
+        retry_cap_seconds: float = 30.0,
     ) -> None:
         if not handlers:
             raise TypeError(f"consumer {name!r} handles no event type; declare at least one with @handles")
@@ -148,8 +173,11 @@ class EventConsumer:
         self.max_attempts = max_attempts
         self._dlq_producer = dead_letter_producer
         self._on_stored = on_stored  # e.g. wakes the outbox relay, so a result event leaves at once
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_cap_seconds = retry_cap_seconds
+        self.paused_since: float | None = None  # monotonic time a transient failure paused the consumer
         self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._supervised = Supervised(f"consumer {name}", self._run)
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -165,18 +193,19 @@ class EventConsumer:
             fetch_max_wait_ms=50,
         )
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+        self._supervised.start()  # a loop that dies is restarted (integration.events.supervision)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._supervised.stop()
         if self._consumer:
             await self._consumer.stop()
 
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._supervised.running()
+
+    @property
+    def restarts(self) -> int:
+        return self._supervised.restarts
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -214,7 +243,9 @@ class EventConsumer:
         if handler is None:
             await self._dead_letter(topic, event.event_id, raw, self._not_declared(event.event_type, topic))
             return
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0  # failures that will fail again, up to max_attempts
+        paused = 0  # transient failures in a row: they do not count against max_attempts
+        while True:
             try:
                 # checked on every attempt: a duplicate that another member stored meanwhile is done
                 if await asyncio.to_thread(self.store.is_processed, self.name, event.event_id):
@@ -222,26 +253,42 @@ class EventConsumer:
                     return
                 outcome = await handler(event)
                 await asyncio.to_thread(self._store, event.event_id, outcome)
-                self._on_stored()
-                return
-            except PermanentEventError as exc:
-                await self._dead_letter(topic, event.event_id, raw, f"PermanentEventError: {exc}")
+            except (PermanentEventError, ValidationError) as exc:
+                await self._dead_letter(topic, event.event_id, raw, f"{type(exc).__name__}: {exc}")
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - ack policy: retry, then dead-letter with the error
-                log.warning(
-                    "%s: event %s failed (attempt %d/%d): %s",
-                    self.name,
-                    event.event_id,
-                    attempt,
-                    self.max_attempts,
-                    type(exc).__name__,
-                )
-                if attempt == self.max_attempts:
+            except Exception as exc:  # noqa: BLE001 - ack policy: pause on transient, retry, then dead-letter
+                if is_transient(exc):
+                    paused += 1
+                    await self._pause(event.event_id, exc, paused)
+                    continue
+                attempt += 1
+                log.warning("%s: event %s failed (attempt %d/%d): %s", self.name, event.event_id, attempt,
+                            self.max_attempts, type(exc).__name__)
+                if attempt >= self.max_attempts:
                     await self._dead_letter(topic, event.event_id, raw, f"{type(exc).__name__}: {exc}")
                     return
-                await asyncio.sleep(min(10.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+                await asyncio.sleep(backoff_seconds(attempt + 1, base=self.retry_base_seconds,
+                                                    cap=min(10.0, self.retry_cap_seconds)))
+                continue
+            self._resumed()
+            self._on_stored()
+            return
+
+    async def _pause(self, event_id: str | None, exc: BaseException, streak: int) -> None:
+        """Wait before retrying after a transient failure; logged on the first and then every 20th."""
+        if self.paused_since is None:
+            self.paused_since = time.monotonic()
+        if streak == 1 or streak % 20 == 0:
+            log.warning("%s: paused on event %s: %s (transient, try %d); retrying with backoff, nothing is "
+                        "dead-lettered", self.name, event_id or "<unparseable>", type(exc).__name__, streak)
+        await asyncio.sleep(backoff_seconds(streak, base=self.retry_base_seconds, cap=self.retry_cap_seconds))
+
+    def _resumed(self) -> None:
+        if self.paused_since is not None:
+            log.warning("%s: resumed after %.1f s paused", self.name, time.monotonic() - self.paused_since)
+            self.paused_since = None
 
     def _store(self, event_id: str, outcome: Outcome | None) -> None:
         """The handler's work and the "processed" mark, in one transaction: both or neither."""
@@ -259,8 +306,19 @@ class EventConsumer:
         )
 
     async def _dead_letter(self, topic: str, event_id: str | None, raw: bytes, error: str) -> None:
-        log.error("%s: event %s dead-lettered", self.name, event_id or "<unparseable>")
-        await asyncio.to_thread(self.store.record_dead_letter, self.name, topic, event_id, error, raw)
+        streak = 0
+        while True:  # the store may be down: the letter waits for it, the message is not committed before
+            try:
+                await asyncio.to_thread(self.store.record_dead_letter, self.name, topic, event_id, error, raw)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a dead letter is never dropped; retried until stored
+                streak += 1
+                await self._pause(event_id, exc, streak)
+        self._resumed()
+        log.error("%s: event %s dead-lettered (%s); see GET /api/dead-letters", self.name,
+                  event_id or "<unparseable>", error.split(":", 1)[0][:120])
         producer = self._dlq_producer() if self._dlq_producer else None
         if producer is not None:
             with contextlib.suppress(KafkaError):
@@ -284,6 +342,9 @@ class ConsumerOptions:
     max_attempts: int
     notify_outbox: Callable[[], None]
     dead_letter_producer: Callable[[], AIOKafkaProducer | None] | None = None
+    # the backoff of a consumer paused on a transient failure (first wait, longest wait)
+    retry_base_seconds: float = 0.5
+    retry_cap_seconds: float = 30.0
 
 
 class ConsumerWorker:
@@ -319,6 +380,8 @@ class ConsumerWorker:
             max_attempts=options.max_attempts,
             dead_letter_producer=options.dead_letter_producer,
             on_stored=self.stored,
+            retry_base_seconds=options.retry_base_seconds,
+            retry_cap_seconds=options.retry_cap_seconds,
         )
 
     async def load(self) -> None:

@@ -4,6 +4,10 @@ A study is announced once no instance has arrived for ``quiet_seconds`` (or its 
 released); a patient's record likewise once no resource arrived for it. The event goes to the
 outbox in the same transaction that marks the revision published, so nothing is announced twice
 and nothing is lost if the process dies in between.
+
+Trackers are announced oldest first, each in its own transaction: one whose announcement fails (data
+FHIR cannot hold, say) is set aside with its reason in the dead-letter store (listed by
+GET /api/dead-letters, replayable) and the others go on. The loop runs under supervision.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from sqlalchemy.orm import Session
 
 from integration.db.store import Store
 from integration.db.tables import ChangeTracker
+from integration.errors import StoreUnavailableError
+from integration.events import dead_letters
+from integration.events.supervision import Supervised
 from integration.fhir.resources import imaging_study_for, patient_for_dicom, store_resource
 from integration.phi import uid_hash
 from schemas.events import TOPIC_RECORD_RECEIVED, TOPIC_STUDY_RECEIVED, RecordReceived, StudyReceived
@@ -40,14 +47,15 @@ class QuietPeriodPublisher:
         self.announce = announce
         self.on_announced = on_announced
         self.poll_seconds = poll_seconds
-        self._task: asyncio.Task[None] | None = None
+        self.set_aside = 0  # trackers set aside since start
+        self._supervised = Supervised(f"{kind} publisher", self._run)
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"publisher-{self.kind}")
+        self._supervised.start()
 
     def wake(self) -> None:
         """Look for due trackers now (thread-safe: DICOM threads call it when an association ends)."""
@@ -55,26 +63,38 @@ class QuietPeriodPublisher:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._supervised.stop()
 
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._supervised.running()
 
     def publish_due(self) -> int:
-        """Announce every due tracker; returns how many were announced."""
+        """Announce every due tracker, oldest first; returns how many were announced. A tracker whose
+        announcement fails for itself is set aside (see the module docstring); a database outage stops
+        the round (raised), and every tracker stays due."""
         announced = 0
         for tracker in self.store.due_trackers(self.kind, self.quiet_seconds):
-            with self.store.session() as s:
-                if not Store.claim_tracker(s, tracker):
-                    continue  # it changed since we looked; it will be due again after its quiet period
-                self.announce(s, tracker)
+            try:
+                with self.store.session() as s:
+                    if not Store.claim_tracker(s, tracker):
+                        continue  # it changed since we looked; it will be due again after its quiet period
+                    self.announce(s, tracker)
+            except StoreUnavailableError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - per-item isolation: this one is set aside, the rest go on
+                self._set_aside(tracker, exc)
+                continue
             announced += 1
         if announced and self.on_announced:
             self.on_announced()
         return announced
+
+    def _set_aside(self, tracker: ChangeTracker, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: announcing {self.kind} failed: {exc}"
+        if dead_letters.set_aside_tracker(self.store, self.kind, tracker.key, tracker.revision, reason):
+            self.set_aside += 1
+            log.error("%s %s revision %d set aside: its announcement failed (%s); see GET /api/dead-letters",
+                      self.kind, uid_hash(tracker.key), tracker.revision, type(exc).__name__)
 
     async def _run(self) -> None:
         assert self._wake is not None

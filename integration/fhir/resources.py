@@ -4,6 +4,7 @@ resources MedBridge handles), reference handling, and the resources MedBridge de
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -375,6 +376,16 @@ def patient_for_dicom(s: Session, instances: list[DicomInstance]) -> str | None:
     return f"Patient/{pid}"
 
 
+def fhir_uid(uid: str) -> str:
+    """A DICOM UID as ImagingStudy's ``series.uid`` / ``instance.uid`` (FHIR type ``id``): the UID itself
+    when it is id-safe (digits and dots always are), else a deterministic stand-in made from its hash.
+    The ingest accepts UIDs FHIR refuses (``1.2.3_abc``); one such study must still get its ImagingStudy
+    and report rather than fail its announcement for ever."""
+    if is_fhir_id(uid):
+        return uid
+    return "x-" + hashlib.sha256(uid.encode()).hexdigest()[:62]
+
+
 def imaging_study_for(study_uid: str, instances: list[DicomInstance], patient_ref: str | None) -> dict[str, Any]:
     series: dict[str, list[DicomInstance]] = {}
     for inst in instances:
@@ -391,12 +402,12 @@ def imaging_study_for(study_uid: str, instances: list[DicomInstance], patient_re
         "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities],
         "series": [
             {
-                "uid": uid,
+                "uid": fhir_uid(uid),
                 "modality": {"system": DCM_SYSTEM, "code": members[0].modality or "OT"},
                 "numberOfInstances": len(members),
                 "instance": [
                     {
-                        "uid": m.sop_instance_uid,
+                        "uid": fhir_uid(m.sop_instance_uid),
                         "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{m.sop_class_uid}"},
                     }
                     for m in members

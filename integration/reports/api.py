@@ -12,11 +12,13 @@ from sqlalchemy.orm import Session
 from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, get_services
 from integration.audit import events as audit_events
+from integration.auth.web import CurrentPrincipal
 from integration.db.artifacts import ArtifactNotFoundError, get_artifact
-from integration.db.tables import AiResult, DeliveryJob
+from integration.db.tables import AiResult, DeadLetter, DeliveryJob
 from integration.delivery import queue
 from integration.delivery.plan import Destinations
 from integration.errors import InvalidResourceError, PreconditionRequiredError, ResourceNotFoundError
+from integration.events import dead_letters as letters
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
 from integration.reports.writer import apply_review
@@ -222,11 +224,31 @@ def review_report(report_id: str, review: ReviewRequest, services: ServicesDep, 
 def dead_letters(services: ServicesDep) -> list[dict[str, Any]]:
     """Events that failed repeatedly, for an administrator (payloads omitted: they may hold PHI; the error
     is its class only, since an exception's message may quote the event's patient data)."""
-    return [
-        {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id,
-         "error": error_class(d.error), "at": d.at}
-        for d in services.store.dead_letters()
-    ]
+    return [_dead_letter_summary(d) for d in services.store.dead_letters()]
+
+
+def _dead_letter_summary(d: DeadLetter) -> dict[str, Any]:
+    return {"id": d.id, "consumer": d.consumer, "topic": d.topic, "event_id": d.event_id,
+            "error": error_class(d.error), "at": d.at, "replayed_at": d.replayed_at, "replayed_by": d.replayed_by}
+
+
+@router.post("/dead-letters/{letter_id}/replay",
+             responses={404: {"description": "no such dead letter"},
+                        409: {"description": "replayed already, or its event was processed meanwhile"}})
+def replay_dead_letter(letter_id: int, services: ServicesDep, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Put a dead-lettered event back in the outbox once its cause is fixed (admin). The event keeps its
+    id, so its consumer processes it exactly once: a second replay, or a replay of an event processed
+    meanwhile, is answered 409 and changes nothing."""
+    if not 1 <= letter_id <= _MAX_ROW_ID:
+        raise HTTPException(404, f"dead letter {letter_id} is not known; list them with GET /api/dead-letters")
+    try:
+        letter = letters.replay(services.store, letter_id, principal.sub)
+    except letters.DeadLetterNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except letters.ReplayRefusedError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    services.notify_outbox()  # the relay sends it now
+    return _dead_letter_summary(letter)
 
 
 def error_class(error: str) -> str:

@@ -113,6 +113,7 @@ class DicomListener:
         self.query_retrieve = QueryRetrieveSCP(store, self.peers, ae_title=ae_title)
         self.storage_associations: StorageAssociations | None = None
         self.on_storage_association: Callable[[], None] | None = None
+        self._recovered = False
 
     @classmethod
     def from_settings(
@@ -142,13 +143,23 @@ class DicomListener:
         self.query_retrieve.add_contexts(ae)
         return ae
 
-    def start(self) -> None:
+    def recover(self) -> None:
+        """Replay the receive journal (what a crash may have lost since its last checkpoint); once,
+        however often called. The runtime calls it before any publisher starts, so a study a crash
+        interrupted is announced once, whole, rather than as revisions of what was replayed when;
+        ``start()`` calls it too, for callers that do not."""
+        if self._recovered:
+            return
         private_folder(self.storage_dir)
-        self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         self.ingest.recover()
         if self.process_index == 0:
             # journals of listener processes that will not start again (fewer processes than before)
             self.ingest.recover_others()
+        self._recovered = True
+
+    def start(self) -> None:
+        self.recover()
+        self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         ae = self._build_ae()
         self.storage_associations = StorageAssociations(self, StorageAcceptorConfig(
             contexts=ae.supported_contexts,
@@ -198,6 +209,7 @@ class DicomListener:
         if self.storage_associations is not None:
             self.storage_associations.close_all()
         self.ingest.close()
+        self._recovered = False  # the journal is closed: a later start opens (and replays) it again
 
     def running(self) -> bool:
         return self._server is not None
