@@ -142,6 +142,21 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP_PAGES}")
         cur.close()
 
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        # a durable session's connection (_make_durable) is back: the next borrower gets NORMAL again
+        if record.info.pop("durable", False) and dbapi_conn is not None:
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def _make_durable(s: Session) -> None:
+    """``synchronous=FULL`` on the session's SQLite connection until it goes back to the pool (see
+    ``_enable_sqlite_wal``'s check-in handler). Set before the transaction's first write: pysqlite begins
+    no transaction for a PRAGMA, so it applies to the commit that ends this one."""
+    conn = s.connection()
+    conn.exec_driver_sql("PRAGMA synchronous=FULL")
+    conn.connection.info["durable"] = True  # the pool entry's info, which the check-in handler reads
+
 
 def _wal_backlog(shm_fd: int) -> int | None:
     """WAL frames not yet copied into the database, read from the WAL-index header in the ``-shm`` file
@@ -373,8 +388,16 @@ class Store:
             return False
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, durable: bool = False) -> Iterator[Session]:
+        """One transaction, committed when the block ends. ``durable``: the commit survives a power cut
+        before it returns. Give it to every transaction behind an acknowledgement (a 2xx FHIR write, a
+        review decision). On SQLite the connection then runs ``synchronous=FULL`` for this transaction
+        (WAL synced at each commit); the others keep ``NORMAL`` (synced at checkpoints: a commit can be
+        lost on a power cut, never corrupted). PostgreSQL's default ``synchronous_commit=on`` is durable
+        already."""
         with _unavailable_as_store_error(), self._sessions.begin() as s:
+            if durable and self.engine.dialect.name == "sqlite":
+                _make_durable(s)
             yield s
 
     @contextmanager

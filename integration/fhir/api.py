@@ -90,7 +90,7 @@ def write_retrying(services: Services, write: Callable[[Session], T]) -> T:
     driver_error = services.store.engine.dialect.dbapi.IntegrityError  # type: ignore[union-attr]
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            with services.store.session() as s:
+            with services.store.session(durable=True) as s:
                 return write(s)
         except (IntegrityError, driver_error) as exc:
             if not _is_unique_violation(exc):
@@ -254,7 +254,7 @@ def create(resource_type: str, request: Request, services: ServicesDep, audit: C
         if not created:
             return _preferred(request, stored, 200)
     else:
-        with services.store.session() as s:
+        with services.store.session(durable=True) as s:
             stored, _ = store_resource(s, resource)
             _audit_write(audit, s, stored)
     services.notify_outbox()
@@ -418,7 +418,7 @@ def delete(resource_type: str, resource_id: str, services: ServicesDep, audit: D
     audit.about(f"{resource_type}/{resource_id}")
     if not is_fhir_id(resource_id):  # nothing is stored under it: deleted already, as an unknown id is
         return Response(status_code=204)
-    with services.store.session() as s:
+    with services.store.session(durable=True) as s:
         refuse_plain_write(s, resource_type, resource_id)
         version = delete_resource(s, resource_type, resource_id)
         if version:
