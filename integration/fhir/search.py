@@ -16,9 +16,10 @@ strings match case- and accent-insensitively from the start.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
@@ -30,8 +31,10 @@ from sqlalchemy import ColumnElement, Select, and_, false, func, insert, not_, o
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.db.tables import FhirResource, FhirResourceVersion, FhirSearchIndex
+from integration.db.tables import FhirResource, FhirResourceVersion, FhirSearchIndex, UpgradeProgress, utcnow
 from integration.errors import InvalidResourceError
+
+log = logging.getLogger(__name__)
 
 ParamType = Literal["token", "reference", "date", "string"]
 # the length of fhir_search_index.system and .value: longer values are indexed, and searched, that far
@@ -899,16 +902,29 @@ def existing_resources(s: Session, keys: Sequence[tuple[str, str]]) -> set[tuple
     return found
 
 
-def reindex_if_empty(store: Store, batch: int = 500) -> int:
-    """Index every current resource when the index is empty but resources exist (a store created before
-    the index table). Returns how many resources were indexed."""
+REINDEX_TASK = "fhir-search-reindex"
+
+
+def reindex_if_empty(store: Store, batch: int = 500,
+                     after_batch: Callable[[int], None] | None = None) -> int:
+    """Index every current resource of a store created before the index table (the index empty, resources
+    present), in batches in (resource_type, id) order. Each batch commits with its position in
+    ``upgrade_progress``, so a restart after a crash resumes after the last committed batch; a finished
+    (or needless) reindex is marked finished and never looked at again. ``after_batch(done so far)`` runs
+    after each commit (tests interrupt the reindex there). Call it under ``store.exclusive``: one process
+    reindexes. Returns how many resources this call indexed."""
     with store.session() as s:
-        if s.scalar(select(FhirSearchIndex.row_id).limit(1)) is not None:
+        progress = s.get(UpgradeProgress, REINDEX_TASK)
+        if progress is None:
+            needed = (s.scalar(select(FhirSearchIndex.row_id).limit(1)) is None
+                      and s.scalar(select(FhirResource.id).limit(1)) is not None)
+            progress = UpgradeProgress(task=REINDEX_TASK, position=["", ""], done=0,
+                                       finished_at=None if needed else utcnow())
+            s.add(progress)
+        if progress.finished_at is not None:
             return 0
-        if s.scalar(select(FhirResource.id).limit(1)) is None:
-            return 0
+        last = (str(progress.position[0]), str(progress.position[1])) if progress.position else ("", "")
     done = 0
-    last: tuple[str, str] = ("", "")
     while True:
         with store.session() as s:
             rows = s.execute(
@@ -919,13 +935,21 @@ def reindex_if_empty(store: Store, batch: int = 500) -> int:
                 .order_by(FhirResource.resource_type, FhirResource.id)
                 .limit(batch)
             ).all()
+            progress = s.get(UpgradeProgress, REINDEX_TASK, with_for_update=True)
+            assert progress is not None
             if not rows:
+                progress.finished_at = utcnow()
+                log.info("search reindex finished: %d resources", progress.done)
                 return done
             entries = [row for _, _, content in rows for row in index_rows(content)]
             if entries:
                 s.connection().execute(insert(FhirSearchIndex), entries)
-            done += len(rows)
             last = (rows[-1][0], rows[-1][1])
+            progress.position = list(last)
+            progress.done += len(rows)
+            done += len(rows)
+        if after_batch is not None:
+            after_batch(done)
 
 
 def backfill_version_times(store: Store) -> int:
