@@ -48,6 +48,7 @@ from integration.db.tables import (
     utcnow,
 )
 from integration.errors import (
+    QueryTooComplexError,
     StoreUnavailableError,
 )
 from integration.phi import uid_hash
@@ -126,7 +127,22 @@ def _unavailable_as_store_error() -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
+        if _too_complex(exc):
+            raise QueryTooComplexError(f"the database refused the statement as too large: {exc.orig}") from exc
         raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+
+# what SQLite says of a statement past its limits (SQLITE_LIMIT_EXPR_DEPTH, SQLITE_MAX_VARIABLE_NUMBER, YYSTACKDEPTH)
+_SQLITE_TOO_COMPLEX = ("expression tree is too large", "too many sql variables", "parser stack overflow")
+
+
+def _too_complex(exc: OperationalError) -> bool:
+    """Whether ``exc`` is a statement the database will refuse every time (too deep, too many values),
+    rather than the database being unavailable: SQLite's messages, PostgreSQL's class 54 (program limit
+    exceeded, such as ``stack depth limit exceeded``)."""
+    if str(getattr(exc.orig, "sqlstate", "") or "").startswith("54"):
+        return True
+    return any(m in str(exc.orig).lower() for m in _SQLITE_TOO_COMPLEX)
 
 
 def _enable_sqlite_wal(engine: Engine) -> None:

@@ -31,6 +31,7 @@ from integration.errors import (
     InvalidResourceError,
     PreconditionRequiredError,
     ProtectedResourceError,
+    QueryTooComplexError,
     ResourceGoneError,
     ResourceNotFoundError,
     ReviewRefusedError,
@@ -639,6 +640,13 @@ def install_exception_handlers(app: Any) -> None:
     @app.exception_handler(PreconditionRequiredError)
     async def _precondition(_: Request, exc: PreconditionRequiredError) -> Response:
         return outcome_response(428, [("If-Match", str(exc))], "required")
+
+    @app.exception_handler(QueryTooComplexError)
+    async def _too_complex(_: Request, exc: QueryTooComplexError) -> Response:
+        # it fails again however often it is retried: 400, never 503 transient (the database says no more)
+        return outcome_response(400, [("", "the search has more conditions than the database can evaluate; "
+                                           "send fewer repeated parameters or comma-separated values")],
+                                "too-costly")
 
     @app.exception_handler(StoreUnavailableError)
     async def _unavailable(_: Request, exc: StoreUnavailableError) -> Response:

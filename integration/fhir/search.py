@@ -214,6 +214,14 @@ SUMMARY_VALUES = ("count",)
 TOTAL_VALUES = ("none", "estimate", "accurate")
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
+# The size of a search: each value is a condition in one SQL statement. ~1,000 conditions pass SQLite's
+# expression depth (1,000) and fail every time, and 10,000 take PostgreSQL and SQLite seconds to plan, so a
+# larger search is refused (400, naming the parameter) before it reaches the database: at most
+# MAX_PARAM_VALUES comma-separated values in one parameter (ORed), MAX_SEARCH_PARAMS parameters in all
+# (repeats of one are ANDed) and MAX_SEARCH_VALUES values in all.
+MAX_PARAM_VALUES = 100
+MAX_SEARCH_PARAMS = 100
+MAX_SEARCH_VALUES = 500
 # beyond any store's size; PostgreSQL's OFFSET and SQLite's refuse more than 2**63 - 1
 MAX_OFFSET = 2**31 - 1
 
@@ -627,6 +635,24 @@ def _last_updated_cond(name: str, raw: str) -> ColumnElement[bool]:
             return col < pe
 
 
+def _check_size(name: str, raw: str, seen: dict[str, int]) -> None:
+    """Refuse the search when ``name=raw`` takes it past MAX_PARAM_VALUES, MAX_SEARCH_PARAMS or
+    MAX_SEARCH_VALUES; ``seen`` counts the values of each parameter so far."""
+    values = raw.count(",") + 1
+    if values > MAX_PARAM_VALUES:
+        raise _refuse(name, f"{name} has {values} comma-separated values; at most {MAX_PARAM_VALUES} are accepted "
+                            "in one parameter: split the search into several")
+    seen[name] = seen.get(name, 0) + values
+    seen[""] = seen.get("", 0) + 1  # parameters in all ('' is no parameter's name)
+    if seen[""] > MAX_SEARCH_PARAMS:
+        most = max((n for n in seen if n), key=lambda n: seen[n])
+        raise _refuse(most, f"the search has more than {MAX_SEARCH_PARAMS} parameters ({most} is repeated most): "
+                            "send fewer, or split the search into several")
+    if sum(v for n, v in seen.items() if n) > MAX_SEARCH_VALUES:
+        raise _refuse(name, f"the search has more than {MAX_SEARCH_VALUES} values in all (at {name}): "
+                            "split it into several searches")
+
+
 def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchQuery:
     """Parse query parameters into a SearchQuery.
 
@@ -636,10 +662,12 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
     """
     q = SearchQuery(resource_type)
     known = params_for(resource_type)
+    seen: dict[str, int] = {}
     for key, raw in items:
         if "\x00" in key or "\x00" in raw:  # no FHIR value holds one, and PostgreSQL text cannot
             raise _refuse(key.replace("\x00", ""), "a search parameter cannot contain a NUL character")
         name, _, modifier = key.partition(":")
+        _check_size(name, raw, seen)
         if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
         elif name == "_count":
