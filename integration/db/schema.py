@@ -129,7 +129,8 @@ def make_revision(engine: Engine, message: str) -> str:
     database (brought to head first), numbered after the head (``0003_<message>``); returns its path.
     Review it before committing it."""
     upgrade(engine)
-    slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40] or "change"
+    # alembic_version.version_num is VARCHAR(32): the id, "0003_" and its slug, must fit
+    slug = re.sub(r"[^a-z0-9]+", "_", message.lower())[:27].strip("_") or "change"
     number = int(head_revision().split("_", 1)[0]) + 1
     with engine.begin() as conn:
         config = alembic_config(conn)

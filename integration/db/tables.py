@@ -262,6 +262,9 @@ class UpstreamReport(Base):
     upstream_id: Mapped[str] = mapped_column(String(128))
     version_id: Mapped[str | None] = mapped_column(String(128))
     result_refs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # the fields MedBridge owns (integration.delivery.ehr.merge.OWNED) as it last sent them: on a 412, one the
+    # EHR changed since is a conflict, never overwritten. NULL: sent before the column existed (not known)
+    sent_fields: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Artifact(Base):

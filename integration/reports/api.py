@@ -329,6 +329,8 @@ def _writeback_summary(job: DeliveryJob) -> dict[str, Any]:
         "created_at": job.created_at,
         "sent_at": job.sent_at,
         "upstream_ref": job.delivered_as,
+        # a 412 that met an EHR edit of a field MedBridge owns: both versions, for the person who reconciles them
+        "conflict": (job.payload or {}).get("conflict"),
     }
 
 
