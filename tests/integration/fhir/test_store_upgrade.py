@@ -4,9 +4,12 @@ replaced or dropped."""
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.engine import Connection
 
+from integration.db import schema
+from integration.db.migrations.baseline import BASELINE_REVISION
 from integration.db.store import Store
 from integration.db.tables import FhirSearchIndex, UpgradeProgress
 from integration.fhir import search as fhir_search
@@ -14,9 +17,9 @@ from integration.fhir.storage import prepare, put_resource
 
 
 def _before_migrations(conn: Connection) -> None:
-    """No trace of the migrations (a release from before them had neither table)."""
+    """Back to the baseline, without a trace of the migrations (a release from before them had none)."""
+    command.downgrade(schema.alembic_config(conn), BASELINE_REVISION)
     conn.exec_driver_sql("DROP TABLE alembic_version")
-    conn.exec_driver_sql("DROP TABLE upgrade_progress")
 
 
 def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: Store) -> None:
