@@ -168,6 +168,15 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     """``db upgrade`` / ``db current`` on the configured database; ``db revision`` diffs integration.db.tables
     against a scratch SQLite database at head (or ``--database-url``) and writes the new migration."""
+    from integration.db import schema
+
+    try:
+        return _db(args)
+    except schema.SchemaUpgradeError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _db(args: argparse.Namespace) -> int:
     import tempfile
 
     from sqlalchemy import create_engine

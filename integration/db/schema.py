@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -25,6 +26,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from integration.db.migrations.baseline import BASELINE, BASELINE_REVISION, finish_search_index
+from integration.db.migrations.env_options import include_object
+from integration.db.tables import Base
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,10 @@ def make_revision(engine: Engine, message: str) -> str:
     database (brought to head first), numbered after the head (``0003_<message>``); returns its path.
     Review it before committing it."""
     upgrade(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"include_object": include_object, "compare_type": True})
+        if not compare_metadata(context, Base.metadata):
+            raise SchemaUpgradeError("integration/db/tables.py matches the migrations head: no migration to write")
     # alembic_version.version_num is VARCHAR(32): the id, "0003_" and its slug, must fit
     slug = re.sub(r"[^a-z0-9]+", "_", message.lower())[:27].strip("_") or "change"
     number = int(head_revision().split("_", 1)[0]) + 1
