@@ -196,8 +196,8 @@ class UpstreamConflictError(UpstreamError):
         named = ", ".join(fields)
         super().__init__(
             f"the EHR changed {named} of DiagnosticReport/{upstream_id} since MedBridge last sent it (upstream "
-            f"version {version}); nothing was overwritten. Both versions are kept with this writeback (its "
-            "payload's 'conflict'): reconcile them in the EHR, then replay it with POST /api/writebacks/{id}/replay "
+            f"version {version}); nothing was overwritten. Both versions are kept with this writeback (delivery_jobs."
+            "payload, 'conflict'): reconcile them in the EHR, then replay it with POST /api/writebacks/{id}/replay "
             "(a replay overrides only the values recorded here)",
             permanent=True, brief=f"conflict: the EHR changed {named} since the last send")
         self.conflict = {"fields": fields, "upstream_version": version, "upstream": upstream, "ours": ours}

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 
 from integration.app.runtime import Runtime
 from integration.db.store import Store
-from integration.db.tables import FhirResource
+from integration.db.tables import DeliveryJob, FhirResource
 from integration.delivery.plan import Destinations
 from integration.fhir.resources import store_resource
 from integration.reports.writer import write_report
@@ -495,11 +495,12 @@ async def test_an_ehr_edit_of_a_field_medbridge_owns_is_never_overwritten_blindl
         (job,) = jobs
         assert job["kind"] == "update" and job["attempts"] == 1
         assert "the EHR changed conclusion of DiagnosticReport/" in job["last_error"]
-        conflict = job["conflict"]
-        assert conflict["fields"] == ["conclusion"]
+        assert job["conflict"] == {"fields": ["conclusion"], "upstream_version": ehr["meta"]["versionId"]}
+        assert "Corrected" not in str(job)  # the versions' content is patient data: not in the listing
+        with rt.store.session() as s:
+            conflict = s.get(DeliveryJob, job["id"]).payload["conflict"]  # type: ignore[union-attr]
         assert conflict["upstream"]["conclusion"] == "Corrected in the EHR by Dr B."  # both versions kept
         assert conflict["ours"]["conclusion"] == created["conclusion"] and conflict["ours"]["status"] == "final"
-        assert conflict["upstream_version"] == ehr["meta"]["versionId"]
         (now,) = up.search(query)
         assert now["meta"]["versionId"] == ehr["meta"]["versionId"]  # nothing written over the edit
         assert (now["conclusion"], now["status"]) == ("Corrected in the EHR by Dr B.", "preliminary")
