@@ -13,6 +13,11 @@ class StoreUnavailableError(MedBridgeError):
     """The store (database or disk) cannot take writes right now; the caller may retry later."""
 
 
+class QueryTooComplexError(MedBridgeError):
+    """The database refused a statement as too large (SQLite's expression depth or variable count,
+    PostgreSQL's program limits): it will fail again however often it is sent (HTTP 400, not 503)."""
+
+
 class ResourceNotFoundError(MedBridgeError):
     def __init__(self, resource_type: str, resource_id: str) -> None:
         super().__init__(f"{resource_type}/{resource_id} is not known")

@@ -1,4 +1,5 @@
-"""The `medbridge` command: run, send-demo, token, users add, kb ingest, train-demo-model."""
+"""The `medbridge` command: run, send-demo, token, users add, db upgrade/current/revision, kb ingest,
+train-demo-model."""
 
 from __future__ import annotations
 
@@ -169,6 +170,51 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade`` / ``db current`` on the configured database; ``db revision`` diffs integration.db.tables
+    against a scratch SQLite database at head (or ``--database-url``) and writes the new migration."""
+    from integration.db import schema
+
+    try:
+        return _db(args)
+    except schema.SchemaUpgradeError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _db(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sqlalchemy import create_engine
+
+    from integration.db import schema
+
+    if args.db_command == "revision" and not args.database_url:
+        with tempfile.TemporaryDirectory() as scratch:
+            engine = create_engine(f"sqlite:///{scratch}/scratch.db")
+            try:
+                print(schema.make_revision(engine, args.message))
+            finally:
+                engine.dispose()
+        return 0
+    settings = get_settings()
+    if not args.database_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(args.database_url or settings.effective_database_url)
+    try:
+        if args.db_command == "revision":
+            print(schema.make_revision(engine, args.message))
+        elif args.db_command == "upgrade":
+            schema.upgrade(engine)
+            print(f"at {schema.current_revision(engine)}")
+        else:
+            current, head = schema.current_revision(engine), schema.head_revision()
+            print(f"{current or 'no revision (a new database, or one from before migrations)'}"
+                  f"{'' if current == head else f' (head is {head}: medbridge db upgrade, or start MedBridge)'}")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_models()
     parser = argparse.ArgumentParser(prog="medbridge", description=__doc__)
@@ -197,6 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--display-name", help="the name shown on reviews (default: the user name)")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add.set_defaults(func=cmd_users_add)
+    db = sub.add_parser("db", help="schema migrations (Alembic; MedBridge also upgrades at start)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, what in (("upgrade", "bring the database to this version's schema"),
+                       ("current", "print the database's schema revision")):
+        cmd = db_sub.add_parser(name, help=what)
+        cmd.add_argument("--database-url", help="default: the configured database (DATABASE_URL)")
+        cmd.set_defaults(func=cmd_db)
+    revision = db_sub.add_parser("revision", help="write a migration for a change to integration/db/tables.py")
+    revision.add_argument("-m", "--message", required=True, help="what the change is, e.g. 'add review claims'")
+    revision.add_argument("--database-url", help="diff against this database at head (default: a scratch SQLite)")
+    revision.set_defaults(func=cmd_db)
     kb = sub.add_parser("kb", help="knowledge base")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)

@@ -13,20 +13,18 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
 from sqlalchemy import (
-    Table,
     bindparam,
     create_engine,
     event,
     func,
-    inspect,
     select,
     text,
     update,
@@ -37,19 +35,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from integration.db import schema
 from integration.db.tables import (
     AiResult,
-    Base,
+    Base,  # noqa: F401 - re-exported: callers create tables from it
     ChangeTracker,
     DeadLetter,
     DicomInstance,
-    FhirSearchIndex,
     OutboxEntry,
     ProcessedEvent,
     Review,
     utcnow,
 )
 from integration.errors import (
+    QueryTooComplexError,
     StoreUnavailableError,
 )
 from integration.phi import uid_hash
@@ -128,7 +127,22 @@ def _unavailable_as_store_error() -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
+        if _too_complex(exc):
+            raise QueryTooComplexError(f"the database refused the statement as too large: {exc.orig}") from exc
         raise StoreUnavailableError(f"database unavailable: {exc.orig}") from exc
+
+
+# what SQLite says of a statement past its limits (SQLITE_LIMIT_EXPR_DEPTH, SQLITE_MAX_VARIABLE_NUMBER, YYSTACKDEPTH)
+_SQLITE_TOO_COMPLEX = ("expression tree is too large", "too many sql variables", "parser stack overflow")
+
+
+def _too_complex(exc: OperationalError) -> bool:
+    """Whether ``exc`` is a statement the database will refuse every time (too deep, too many values),
+    rather than the database being unavailable: SQLite's messages, PostgreSQL's class 54 (program limit
+    exceeded, such as ``stack depth limit exceeded``)."""
+    if str(getattr(exc.orig, "sqlstate", "") or "").startswith("54"):
+        return True
+    return any(m in str(exc.orig).lower() for m in _SQLITE_TOO_COMPLEX)
 
 
 def _enable_sqlite_wal(engine: Engine) -> None:
@@ -141,6 +155,21 @@ def _enable_sqlite_wal(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP_PAGES}")
         cur.close()
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        # a durable session's connection (_make_durable) is back: the next borrower gets NORMAL again
+        if record.info.pop("durable", False) and dbapi_conn is not None:
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def _make_durable(s: Session) -> None:
+    """``synchronous=FULL`` on the session's SQLite connection until it goes back to the pool (see
+    ``_enable_sqlite_wal``'s check-in handler). Set before the transaction's first write: pysqlite begins
+    no transaction for a PRAGMA, so it applies to the commit that ends this one."""
+    conn = s.connection()
+    conn.exec_driver_sql("PRAGMA synchronous=FULL")
+    conn.connection.info["durable"] = True  # the pool entry's info, which the check-in handler reads
 
 
 def _wal_backlog(shm_fd: int) -> int | None:
@@ -303,10 +332,10 @@ class Store:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Open the database and bring its schema to this version (integration.db.schema: Alembic, once,
+        under a lock, by the first process that starts; the others wait and find it done)."""
         try:
-            Base.metadata.create_all(self.engine)
-            self._add_missing_columns()
-            self._upgrade_search_index()
+            schema.upgrade(self.engine)
         except OperationalError as exc:
             raise StoreUnavailableError(
                 f"cannot open the database ({exc.orig}); check DATABASE_URL and that the server is running"
@@ -316,24 +345,10 @@ class Store:
             if self._lookup is None:
                 self._lookup = self.engine.raw_connection()
 
-    def _upgrade_search_index(self) -> None:
-        """The covering value index replaces the one without resource_id (databases before 2026-12-01), and
-        the index on the always-NULL ``fhir_resources.identifier`` goes; on
-        PostgreSQL, statistics on (resource_type, param, value) together. The planner otherwise multiplies
-        three independent frequencies and guesses a tenth of a common code's matches: it then sorts every
-        match instead of walking the resources newest first (see fhir_search.run_search)."""
-        for index in cast(Table, FhirSearchIndex.__table__).indexes:
-            index.create(self.engine, checkfirst=True)
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_search_value")
-            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_fhir_resources_identifier")  # before 2026-12-01
-            if self.engine.dialect.name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (12,):
-                # (MCV statistics exist from PostgreSQL 12; older servers keep the per-column estimate)
-                conn.exec_driver_sql("CREATE STATISTICS IF NOT EXISTS fhir_search_index_value_stats (mcv) "
-                                     "ON resource_type, param, value FROM fhir_search_index")
-                # a larger sample than the default 100 (more common codes of each type); 1,000 added 1-2 ms
-                # of planning to every search
-                conn.exec_driver_sql("ALTER STATISTICS fhir_search_index_value_stats SET STATISTICS 300")
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """The database-wide lock ``name`` held for a block, across processes (a one-time upgrade that
+        every process starts but one must do: see integration.db.schema.exclusive)."""
+        return schema.exclusive(self.engine, name)
 
     def stop(self) -> None:
         if self._checkpointer is not None:
@@ -346,24 +361,6 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.release()
 
-    def _add_missing_columns(self) -> None:
-        """Columns appended to a model after its table was created (nullable ones): ADD COLUMN, and
-        their indexes, so a database from an earlier version opens without a migration tool."""
-        inspector = inspect(self.engine)
-        for table in Base.metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                continue
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            missing = [c for c in table.columns if c.name not in present and c.nullable]
-            if not missing:
-                continue
-            with self.engine.begin() as conn:
-                for column in missing:
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-            for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
-
     def healthy(self) -> bool:
         try:
             with self.engine.connect() as conn:
@@ -373,8 +370,16 @@ class Store:
             return False
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, durable: bool = False) -> Iterator[Session]:
+        """One transaction, committed when the block ends. ``durable``: the commit survives a power cut
+        before it returns. Give it to every transaction behind an acknowledgement (a 2xx FHIR write, a
+        review decision). On SQLite the connection then runs ``synchronous=FULL`` for this transaction
+        (WAL synced at each commit); the others keep ``NORMAL`` (synced at checkpoints: a commit can be
+        lost on a power cut, never corrupted). PostgreSQL's default ``synchronous_commit=on`` is durable
+        already."""
         with _unavailable_as_store_error(), self._sessions.begin() as s:
+            if durable and self.engine.dialect.name == "sqlite":
+                _make_durable(s)
             yield s
 
     @contextmanager

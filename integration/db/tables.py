@@ -265,6 +265,9 @@ class UpstreamReport(Base):
     upstream_id: Mapped[str] = mapped_column(String(128))
     version_id: Mapped[str | None] = mapped_column(String(128))
     result_refs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # the fields MedBridge owns (integration.delivery.ehr.merge.OWNED) as it last sent them: on a 412, one the
+    # EHR changed since is a conflict, never overwritten. NULL: sent before the column existed (not known)
+    sent_fields: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Artifact(Base):
@@ -290,3 +293,14 @@ class LocalUser(Base):
     password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, PHC string (integration.auth.users)
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UpgradeProgress(Base):
+    """How far a one-time data upgrade got (integration.fhir.storage.prepare's search reindex): written in
+    the same transaction as each batch it upgrades, so a restart after a crash resumes after the last one."""
+
+    __tablename__ = "upgrade_progress"
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[list[str] | None] = mapped_column(JSON, default=None)  # the last key done, task-defined
+    done: Mapped[int] = mapped_column(Integer, default=0)  # items upgraded so far
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -45,7 +45,8 @@ def _shows_on_a_pacs(ai: AiResult | None) -> bool:
 def enqueue_issued(s: Session, report: dict[str, Any], details: dict[str, Any], ai: AiResult,
                    destinations: Destinations) -> None:
     """Queue the deliveries of a newly written report. A report rewritten before it was sent (a
-    redelivered result) refreshes its queued EHR transaction instead of adding a delivery."""
+    redelivered result) refreshes its queued EHR transaction instead of adding a delivery; one rewritten
+    after its create was sent gets an update (``rewritten``) when what the EHR would hold changed."""
     for upstream in destinations.ehr:
         bundle = report_transaction(s, report, details)
         existing = queue.issued_job(s, "ehr", upstream, report["id"])
@@ -53,11 +54,28 @@ def enqueue_issued(s: Session, report: dict[str, Any], details: dict[str, Any], 
             queue.enqueue(s, "ehr", upstream, report["id"], "issued", bundle)
         elif existing.state != "sent":
             existing.payload = bundle
+        elif _changed_since_queued(s, upstream, report["id"], bundle["entry"][0]["resource"]):
+            queue.enqueue(s, "ehr", upstream, report["id"], "rewritten", review_update(s, report))
     if not _shows_on_a_pacs(ai):
         return
     for ae_title in destinations.pacs:
         if queue.issued_job(s, "pacs", ae_title, report["id"]) is None:
             queue.enqueue(s, "pacs", ae_title, report["id"], "issued")
+
+
+# what a rewrite may change without the EHR's copy changing: the time it was written, and the references
+# to the Observations (urn:uuid in a transaction, the EHR's ids in an update)
+_UNSENT = ("issued", "result")
+
+
+def _changed_since_queued(s: Session, upstream: str, report_id: str, body: dict[str, Any]) -> bool:
+    """Whether ``body`` (the report as the EHR would hold it) differs from the last one queued for it."""
+    last = queue.last_job(s, "ehr", upstream, report_id)
+    if last is None:
+        return True
+    queued = last.payload["report"] if "report" in last.payload else last.payload["entry"][0]["resource"]
+    return ({k: v for k, v in body.items() if k not in _UNSENT}
+            != {k: v for k, v in queued.items() if k not in _UNSENT})
 
 
 def enqueue_reviewed(s: Session, report: dict[str, Any], review: Review, ai: AiResult,

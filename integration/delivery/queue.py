@@ -27,7 +27,7 @@ from integration.db.tables import DeliveryJob, utcnow
 
 Kind = Literal["ehr", "pacs"]
 State = Literal["pending", "sent", "dead"]
-What = Literal["issued", "reviewed"]
+What = Literal["issued", "reviewed", "rewritten"]  # rewritten: a report changed after its create was sent
 STATES: tuple[State, ...] = ("pending", "sent", "dead")
 
 
@@ -109,6 +109,15 @@ def issued_job(s: Session, kind: Kind, destination: str, report_id: str) -> Deli
 
 
 # sending ----------------------------------------------------------------------------------------
+def last_job(s: Session, kind: Kind, destination: str, report_id: str) -> DeliveryJob | None:
+    """The latest job queued for the report to ``destination`` (any state)."""
+    return s.scalars(
+        select(DeliveryJob).where(DeliveryJob.kind == kind, DeliveryJob.destination == destination,
+                                  DeliveryJob.report_id == report_id)
+        .order_by(DeliveryJob.id.desc())
+    ).first()
+
+
 def _due(kind: Kind, now: datetime) -> Any:
     """Pending jobs of ``kind`` whose time has come and that no earlier unsent job of the same report
     and destination holds back."""
@@ -186,6 +195,15 @@ def record_failure(
         else:
             row.next_attempt_at = now + timedelta(seconds=policy.delay(row.attempts))
         return row
+
+
+def record_conflict(store: Store, job: ClaimedJob, conflict: dict[str, Any]) -> None:
+    """Keep ``conflict`` (both versions of what could not be written) in the claimed job's payload, for
+    the administrator who reconciles them, and for the replay that then overrides what was recorded."""
+    with store.session() as s:
+        row = _held(s, job)
+        if row is not None:
+            row.payload = {**row.payload, "conflict": conflict}
 
 
 # administration ---------------------------------------------------------------------------------

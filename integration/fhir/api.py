@@ -31,6 +31,7 @@ from integration.errors import (
     InvalidResourceError,
     PreconditionRequiredError,
     ProtectedResourceError,
+    QueryTooComplexError,
     ResourceGoneError,
     ResourceNotFoundError,
     ReviewRefusedError,
@@ -90,7 +91,7 @@ def write_retrying(services: Services, write: Callable[[Session], T]) -> T:
     driver_error = services.store.engine.dialect.dbapi.IntegrityError  # type: ignore[union-attr]
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            with services.store.session() as s:
+            with services.store.session(durable=True) as s:
                 return write(s)
         except (IntegrityError, driver_error) as exc:
             if not _is_unique_violation(exc):
@@ -254,7 +255,7 @@ def create(resource_type: str, request: Request, services: ServicesDep, audit: C
         if not created:
             return _preferred(request, stored, 200)
     else:
-        with services.store.session() as s:
+        with services.store.session(durable=True) as s:
             stored, _ = store_resource(s, resource)
             _audit_write(audit, s, stored)
     services.notify_outbox()
@@ -418,7 +419,7 @@ def delete(resource_type: str, resource_id: str, services: ServicesDep, audit: D
     audit.about(f"{resource_type}/{resource_id}")
     if not is_fhir_id(resource_id):  # nothing is stored under it: deleted already, as an unknown id is
         return Response(status_code=204)
-    with services.store.session() as s:
+    with services.store.session(durable=True) as s:
         refuse_plain_write(s, resource_type, resource_id)
         version = delete_resource(s, resource_type, resource_id)
         if version:
@@ -639,6 +640,13 @@ def install_exception_handlers(app: Any) -> None:
     @app.exception_handler(PreconditionRequiredError)
     async def _precondition(_: Request, exc: PreconditionRequiredError) -> Response:
         return outcome_response(428, [("If-Match", str(exc))], "required")
+
+    @app.exception_handler(QueryTooComplexError)
+    async def _too_complex(_: Request, exc: QueryTooComplexError) -> Response:
+        # it fails again however often it is retried: 400, never 503 transient (the database says no more)
+        return outcome_response(400, [("", "the search has more conditions than the database can evaluate; "
+                                           "send fewer repeated parameters or comma-separated values")],
+                                "too-costly")
 
     @app.exception_handler(StoreUnavailableError)
     async def _unavailable(_: Request, exc: StoreUnavailableError) -> Response:

@@ -16,9 +16,10 @@ strings match case- and accent-insensitively from the start.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
@@ -30,8 +31,10 @@ from sqlalchemy import ColumnElement, Select, and_, false, func, insert, not_, o
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.db.tables import FhirResource, FhirResourceVersion, FhirSearchIndex
+from integration.db.tables import FhirResource, FhirResourceVersion, FhirSearchIndex, UpgradeProgress, utcnow
 from integration.errors import InvalidResourceError
+
+log = logging.getLogger(__name__)
 
 ParamType = Literal["token", "reference", "date", "string"]
 # the length of fhir_search_index.system and .value: longer values are indexed, and searched, that far
@@ -211,6 +214,14 @@ SUMMARY_VALUES = ("count",)
 TOTAL_VALUES = ("none", "estimate", "accurate")
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
+# The size of a search: each value is a condition in one SQL statement. ~1,000 conditions pass SQLite's
+# expression depth (1,000) and fail every time, and 10,000 take PostgreSQL and SQLite seconds to plan, so a
+# larger search is refused (400, naming the parameter) before it reaches the database: at most
+# MAX_PARAM_VALUES comma-separated values in one parameter (ORed), MAX_SEARCH_PARAMS parameters in all
+# (repeats of one are ANDed) and MAX_SEARCH_VALUES values in all.
+MAX_PARAM_VALUES = 100
+MAX_SEARCH_PARAMS = 100
+MAX_SEARCH_VALUES = 500
 # beyond any store's size; PostgreSQL's OFFSET and SQLite's refuse more than 2**63 - 1
 MAX_OFFSET = 2**31 - 1
 
@@ -624,6 +635,24 @@ def _last_updated_cond(name: str, raw: str) -> ColumnElement[bool]:
             return col < pe
 
 
+def _check_size(name: str, raw: str, seen: dict[str, int]) -> None:
+    """Refuse the search when ``name=raw`` takes it past MAX_PARAM_VALUES, MAX_SEARCH_PARAMS or
+    MAX_SEARCH_VALUES; ``seen`` counts the values of each parameter so far."""
+    values = raw.count(",") + 1
+    if values > MAX_PARAM_VALUES:
+        raise _refuse(name, f"{name} has {values} comma-separated values; at most {MAX_PARAM_VALUES} are accepted "
+                            "in one parameter: split the search into several")
+    seen[name] = seen.get(name, 0) + values
+    seen[""] = seen.get("", 0) + 1  # parameters in all ('' is no parameter's name)
+    if seen[""] > MAX_SEARCH_PARAMS:
+        most = max((n for n in seen if n), key=lambda n: seen[n])
+        raise _refuse(most, f"the search has more than {MAX_SEARCH_PARAMS} parameters ({most} is repeated most): "
+                            "send fewer, or split the search into several")
+    if sum(v for n, v in seen.items() if n) > MAX_SEARCH_VALUES:
+        raise _refuse(name, f"the search has more than {MAX_SEARCH_VALUES} values in all (at {name}): "
+                            "split it into several searches")
+
+
 def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchQuery:
     """Parse query parameters into a SearchQuery.
 
@@ -633,10 +662,12 @@ def parse_search(resource_type: str, items: Sequence[tuple[str, str]], *, strict
     """
     q = SearchQuery(resource_type)
     known = params_for(resource_type)
+    seen: dict[str, int] = {}
     for key, raw in items:
         if "\x00" in key or "\x00" in raw:  # no FHIR value holds one, and PostgreSQL text cannot
             raise _refuse(key.replace("\x00", ""), "a search parameter cannot contain a NUL character")
         name, _, modifier = key.partition(":")
+        _check_size(name, raw, seen)
         if modifier:  # no modifier is implemented (:exact, :missing, :iterate, ...): say so, never half-apply
             q.ignored.append((key, f"the modifier ':{modifier}' is not supported"))
         elif name == "_count":
@@ -899,16 +930,29 @@ def existing_resources(s: Session, keys: Sequence[tuple[str, str]]) -> set[tuple
     return found
 
 
-def reindex_if_empty(store: Store, batch: int = 500) -> int:
-    """Index every current resource when the index is empty but resources exist (a store created before
-    the index table). Returns how many resources were indexed."""
+REINDEX_TASK = "fhir-search-reindex"
+
+
+def reindex_if_empty(store: Store, batch: int = 500,
+                     after_batch: Callable[[int], None] | None = None) -> int:
+    """Index every current resource of a store created before the index table (the index empty, resources
+    present), in batches in (resource_type, id) order. Each batch commits with its position in
+    ``upgrade_progress``, so a restart after a crash resumes after the last committed batch; a finished
+    (or needless) reindex is marked finished and never looked at again. ``after_batch(done so far)`` runs
+    after each commit (tests interrupt the reindex there). Call it under ``store.exclusive``: one process
+    reindexes. Returns how many resources this call indexed."""
     with store.session() as s:
-        if s.scalar(select(FhirSearchIndex.row_id).limit(1)) is not None:
+        progress = s.get(UpgradeProgress, REINDEX_TASK)
+        if progress is None:
+            needed = (s.scalar(select(FhirSearchIndex.row_id).limit(1)) is None
+                      and s.scalar(select(FhirResource.id).limit(1)) is not None)
+            progress = UpgradeProgress(task=REINDEX_TASK, position=["", ""], done=0,
+                                       finished_at=None if needed else utcnow())
+            s.add(progress)
+        if progress.finished_at is not None:
             return 0
-        if s.scalar(select(FhirResource.id).limit(1)) is None:
-            return 0
+        last = (str(progress.position[0]), str(progress.position[1])) if progress.position else ("", "")
     done = 0
-    last: tuple[str, str] = ("", "")
     while True:
         with store.session() as s:
             rows = s.execute(
@@ -919,13 +963,21 @@ def reindex_if_empty(store: Store, batch: int = 500) -> int:
                 .order_by(FhirResource.resource_type, FhirResource.id)
                 .limit(batch)
             ).all()
+            progress = s.get(UpgradeProgress, REINDEX_TASK, with_for_update=True)
+            assert progress is not None
             if not rows:
+                progress.finished_at = utcnow()
+                log.info("search reindex finished: %d resources", progress.done)
                 return done
             entries = [row for _, _, content in rows for row in index_rows(content)]
             if entries:
                 s.connection().execute(insert(FhirSearchIndex), entries)
-            done += len(rows)
             last = (rows[-1][0], rows[-1][1])
+            progress.position = list(last)
+            progress.done += len(rows)
+            done += len(rows)
+        if after_batch is not None:
+            after_batch(done)
 
 
 def backfill_version_times(store: Store) -> int:

@@ -43,8 +43,9 @@ def prepare(store: Store) -> None:
     """Bring a started store's FHIR data up to this version: version timestamps of rows written before the
     column existed, and the search index of resources stored before it existed (each a no-op once done).
     The composition root calls it after ``Store.start``."""
-    backfill_version_times(store)
-    reindex_if_empty(store)
+    with store.exclusive("fhir-prepare"):  # every process calls it at start; one does the work
+        backfill_version_times(store)
+        reindex_if_empty(store)
 
 
 def _advisory_key(key: str) -> int:

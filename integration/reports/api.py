@@ -351,7 +351,16 @@ def _writeback_summary(job: DeliveryJob) -> dict[str, Any]:
         "created_at": job.created_at,
         "sent_at": job.sent_at,
         "upstream_ref": job.delivered_as,
+        # a 412 that met an EHR edit of a field MedBridge owns: which fields, and the EHR's version. Both versions'
+        # content stays in the job's payload, not here: it is patient data, as the upstream's error text is
+        "conflict": _conflict_summary((job.payload or {}).get("conflict")),
     }
+
+
+def _conflict_summary(conflict: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not conflict:
+        return None
+    return {"fields": conflict.get("fields"), "upstream_version": conflict.get("upstream_version")}
 
 
 @router.get("/writebacks", tags=["writeback"])

@@ -285,7 +285,7 @@ def apply_review(
     follow-ups: the status change for each EHR, a new SR and SC version for each PACS export peer
     (integration.delivery.plan). All in the same transaction."""
     review_rules.check_request(review)
-    with store.session() as s:
+    with store.session(durable=True) as s:  # the decision is acknowledged when this commits
         # reviews of one report take turns from the read to the commit: the second of two decisions on the
         # same version then reads the first's version and is refused, instead of overwriting it
         serialize_conditional(s, [f"review:{report_id}"])

@@ -6,8 +6,11 @@ change itself (integration.delivery.plan, payloads from integration.delivery.ehr
 order per report and upstream:
 
 - an issued report goes as its FHIR ``transaction`` Bundle;
-- a reviewer action goes as a ``PUT`` of the upstream report with ``If-Match`` on the version the
-  last send returned (one GET and one retry on 412).
+- a reviewer action, or a report rewritten after its create was sent, goes as a ``PUT`` of the
+  upstream report with ``If-Match`` on the version the last send returned. On 412 the sender reads the
+  EHR's version and merges only the fields MedBridge owns onto it (integration.delivery.ehr.merge); if
+  the EHR changed one of those since MedBridge last sent it, the job is dead with both versions kept
+  in its payload, never overwritten.
 
 Failures: connection errors, timeouts, 408/409/412/429 and 5xx are retried with exponential backoff
 and jitter; any other 4xx, or ``MEDBRIDGE_UPSTREAM_MAX_ATTEMPTS`` attempts, makes the job dead: an
@@ -34,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from integration.app.settings import Settings
 from integration.db.store import Store
 from integration.db.tables import UpstreamReport
+from integration.delivery import queue
+from integration.delivery.ehr import merge
 from integration.delivery.queue import ClaimedJob, RetryPolicy
 from integration.delivery.sender import DeliveryError, DeliverySender
 from integration.errors import MedBridgeError
@@ -179,6 +184,23 @@ class SendResult:
     upstream_id: str
     version_id: str | None
     result_refs: list[str] | None = None
+    sent_fields: dict[str, Any] | None = None  # what MedBridge owns, as this send wrote it (merge.owned_fields)
+
+
+class UpstreamConflictError(UpstreamError):
+    """The EHR changed fields MedBridge owns since MedBridge last sent them: nothing is overwritten, the
+    writeback is dead with both versions (``upstream``, ``ours``) for a person to reconcile."""
+
+    def __init__(self, upstream_id: str, fields: list[str], version: str | None, upstream: dict[str, Any],
+                 ours: dict[str, Any]) -> None:
+        named = ", ".join(fields)
+        super().__init__(
+            f"the EHR changed {named} of DiagnosticReport/{upstream_id} since MedBridge last sent it (upstream "
+            f"version {version}); nothing was overwritten. Both versions are kept with this writeback (delivery_jobs."
+            "payload, 'conflict'): reconcile them in the EHR, then replay it with POST /api/writebacks/{id}/replay "
+            "(a replay overrides only the values recorded here)",
+            permanent=True, brief=f"conflict: the EHR changed {named} since the last send")
+        self.conflict = {"fields": fields, "upstream_version": version, "upstream": upstream, "ours": ours}
 
 
 def _version_of(resp_headers: httpx.Headers | dict[str, str], resource: dict[str, Any] | None,
@@ -279,27 +301,40 @@ class UpstreamClient:
         refs = [r["reference"] for r in res.get("result") or [] if r.get("reference")]
         return SendResult(res["id"], (res.get("meta") or {}).get("versionId"), refs)
 
-    async def current_version(self, upstream_id: str) -> str | None:
+    async def read_report(self, upstream_id: str) -> tuple[dict[str, Any], str | None]:
+        """The EHR's current version of the report and its version id."""
         resp = await self.request("GET", f"DiagnosticReport/{upstream_id}")
         _check(resp, "read")
-        return _version_of(resp.headers, resp.json())
+        try:
+            current = resp.json()
+        except ValueError as exc:
+            raise UpstreamError("read answered with no FHIR JSON", permanent=False) from exc
+        return current, _version_of(resp.headers, current)
 
-    async def update_report(self, upstream_id: str, version: str | None, body: dict[str, Any]) -> SendResult:
+    async def update_report(self, upstream_id: str, version: str | None, body: dict[str, Any],
+                            last_sent: dict[str, Any] | None,
+                            acknowledged: dict[str, Any] | None = None) -> SendResult:
+        """PUT ``body`` with If-Match ``version``. On 412 (the EHR holds a newer version) read it, merge
+        MedBridge's owned fields onto it and PUT that with its version (integration.delivery.ehr.merge),
+        unless the EHR changed an owned field since ``last_sent``: UpstreamConflictError, nothing written.
+        A second 412 (another edit meanwhile) is retried later, from the start."""
         resource = {**body, "id": upstream_id}
-        for attempt in (1, 2):
+        headers = {"If-Match": f'W/"{version}"'} if version else {}
+        resp = await self.request("PUT", f"DiagnosticReport/{upstream_id}", json=resource, headers=headers)
+        if resp.status_code == 412:
+            current, version = await self.read_report(upstream_id)
+            clashes = merge.conflicting_fields(current, last_sent, resource, acknowledged)
+            if clashes:
+                raise UpstreamConflictError(upstream_id, clashes, version, current, resource)
+            resource = {**merge.merged(current, resource), "id": upstream_id}
             headers = {"If-Match": f'W/"{version}"'} if version else {}
             resp = await self.request("PUT", f"DiagnosticReport/{upstream_id}", json=resource, headers=headers)
-            if resp.status_code == 412 and attempt == 1:
-                # someone changed it upstream since our last send: the reviewer's action still applies
-                version = await self.current_version(upstream_id)
-                continue
-            _check(resp, "update")
-            try:
-                payload = resp.json()
-            except ValueError:
-                payload = None
-            return SendResult(upstream_id, _version_of(resp.headers, payload))
-        raise AssertionError("unreachable")
+        _check(resp, "update")
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = None
+        return SendResult(upstream_id, _version_of(resp.headers, payload), sent_fields=merge.owned_fields(resource))
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -351,8 +386,17 @@ class UpstreamSender(DeliverySender):
         if job.what == "issued":
             n_obs = sum(1 for e in job.payload["entry"] if e["resource"]["resourceType"] == "Observation")
             result = await client.send_transaction(job.payload, n_obs)
+            report = dict(job.payload["entry"][0]["resource"])
+            report.pop("result", None)  # urn:uuid references; the EHR's own ids are in result_refs
+            if result.result_refs:
+                report["result"] = [{"reference": r} for r in result.result_refs]
+            result.sent_fields = merge.owned_fields(report)
         else:
-            result = await self._update(client, job)
+            try:
+                result = await self._update(client, job)
+            except UpstreamConflictError as exc:
+                await asyncio.to_thread(queue.record_conflict, self.store, job, exc.conflict)
+                raise
         await asyncio.to_thread(self._remember, job, result)
         return f"DiagnosticReport/{result.upstream_id}"
 
@@ -368,7 +412,10 @@ class UpstreamSender(DeliverySender):
         body = dict(job.payload["report"])
         if known.result_refs:
             body["result"] = [{"reference": r} for r in known.result_refs]
-        return await client.update_report(known.upstream_id, known.version_id, body)
+        # a replay after a recorded conflict: the values the person saw there may be overridden
+        recorded = job.payload.get("conflict")
+        acknowledged = merge.owned_fields(recorded["upstream"]) if recorded else None
+        return await client.update_report(known.upstream_id, known.version_id, body, known.sent_fields, acknowledged)
 
     def _known(self, upstream: str, report_id: str) -> UpstreamReport | None:
         with self.store.session() as s:
@@ -385,3 +432,5 @@ class UpstreamSender(DeliverySender):
             row.upstream_id, row.version_id = result.upstream_id, result.version_id
             if result.result_refs is not None:
                 row.result_refs = result.result_refs
+            if result.sent_fields is not None:
+                row.sent_fields = result.sent_fields

@@ -3,11 +3,23 @@ replaced or dropped."""
 
 from __future__ import annotations
 
-from sqlalchemy import inspect
+import pytest
+from alembic import command
+from sqlalchemy import delete, func, inspect, select
+from sqlalchemy.engine import Connection
 
+from integration.db import schema
+from integration.db.migrations.baseline import BASELINE_REVISION
 from integration.db.store import Store
+from integration.db.tables import FhirSearchIndex, UpgradeProgress
 from integration.fhir import search as fhir_search
 from integration.fhir.storage import prepare, put_resource
+
+
+def _before_migrations(conn: Connection) -> None:
+    """Back to the baseline, without a trace of the migrations (a release from before them had none)."""
+    command.downgrade(schema.alembic_config(conn), BASELINE_REVISION)
+    conn.exec_driver_sql("DROP TABLE alembic_version")
 
 
 def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: Store) -> None:
@@ -16,6 +28,7 @@ def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: S
                                "identifier": [{"system": "urn:mrn", "value": "u-1"}]})
         put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "male"})
     with store.engine.begin() as conn:  # what a database from the previous release looks like
+        _before_migrations(conn)
         conn.exec_driver_sql("DROP TABLE fhir_search_index")
         conn.exec_driver_sql("DROP INDEX ix_fhir_versions_type_updated")
         conn.exec_driver_sql("ALTER TABLE fhir_resource_versions DROP COLUMN last_updated")
@@ -43,6 +56,7 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
         put_resource(s, {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": "urn:mrn",
                                                                                         "value": "u-1"}]})
     with store.engine.begin() as conn:  # the value index as the 2026-11 release created it
+        _before_migrations(conn)
         conn.exec_driver_sql("DROP INDEX ix_fhir_search_value_id")
         conn.exec_driver_sql("CREATE INDEX ix_fhir_search_value ON fhir_search_index "
                              "(resource_type, param, value, system) WHERE value IS NOT NULL")
@@ -73,3 +87,38 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
         again.stop()
     finally:
         upgraded.stop()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_the_search_reindex_resumes_where_a_crash_stopped_it(store: Store) -> None:
+    with store.session() as s:
+        for i in range(23):
+            put_resource(s, {"resourceType": "Patient", "id": f"p-{i:02}", "gender": "female",
+                             "identifier": [{"system": "urn:mrn", "value": f"u-{i}"}]})
+        expected = s.scalar(select(func.count()).select_from(FhirSearchIndex))
+        # a store from before the index: resources, no index rows, no reindex begun
+        s.execute(delete(FhirSearchIndex))
+        s.execute(delete(UpgradeProgress))
+
+    def crash_after_two_batches(done: int) -> None:
+        if done >= 10:
+            raise _Crash(f"killed after {done} resources")
+
+    with pytest.raises(_Crash):
+        fhir_search.reindex_if_empty(store, batch=5, after_batch=crash_after_two_batches)
+    with store.session() as s:
+        progress = s.get(UpgradeProgress, fhir_search.REINDEX_TASK)
+        assert progress is not None and (progress.done, progress.finished_at) == (10, None)
+        assert progress.position == ["Patient", "p-09"]
+        assert 0 < (s.scalar(select(func.count()).select_from(FhirSearchIndex)) or 0) < expected
+
+    assert fhir_search.reindex_if_empty(store, batch=5) == 13  # the restart: the rest, not the first ten again
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(FhirSearchIndex)) == expected  # no row twice
+        assert s.get(UpgradeProgress, fhir_search.REINDEX_TASK).finished_at is not None  # type: ignore[union-attr]
+    query = fhir_search.parse_search("Patient", [("identifier", "urn:mrn|u-22")], strict=True)
+    assert [r["id"] for r in fhir_search.run_search(store, query).matches] == ["p-22"]
+    assert fhir_search.reindex_if_empty(store) == 0  # finished: never again

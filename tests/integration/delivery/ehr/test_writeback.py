@@ -23,6 +23,7 @@ from pydicom.data import get_testdata_file
 
 from integration.app.runtime import Runtime
 from integration.db.store import Store
+from integration.db.tables import DeliveryJob, FhirResource
 from integration.delivery.plan import Destinations
 from integration.fhir.resources import store_resource
 from integration.reports.writer import write_report
@@ -184,9 +185,9 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
     assert final["resultsInterpreter"] == [{"display": "pytest", "identifier": {
         "system": "urn:medbridge:sub", "value": "pytest"}}]
 
-    # someone edits the report in the EHR: MedBridge's recorded version is stale, so its next PUT
-    # gets 412; it reads the current version and applies the reviewer's amendment once more
-    edited = {**final, "conclusion": "edited in the EHR"}
+    # someone edits the report in the EHR (a field the EHR owns): MedBridge's recorded version is stale, so
+    # its next PUT gets 412; it reads the current version and merges the reviewer's amendment onto it
+    edited = {**final, "performer": [{"display": "Radiology, edited in the EHR"}]}
     edited.pop("meta")
     resp = httpx.put(f"{up.base}/DiagnosticReport/{final['id']}", json=edited, timeout=10,
                      headers={"If-Match": f'W/"{final["meta"]["versionId"]}"'})
@@ -198,6 +199,8 @@ async def test_reviewer_actions_reach_upstream_as_updates_with_if_match(
         assert resp.status_code == 200, resp.text
     amended = await eventually(status_is("amended"), what="status amended upstream")
     assert amended["conclusion"] == "Amended: no lesion."
+    assert amended["performer"] == [{"display": "Radiology, edited in the EHR"}]  # the EHR's edit stays
+    assert amended["result"] == created["result"]
     assert len(up.search(query)) == 1
     async with api(rt) as client:
         jobs = (await client.get("/api/writebacks")).json()
@@ -453,3 +456,101 @@ def test_a_model_impression_with_control_characters_still_makes_a_valid_report()
     report, _details = clinical_report(event)
     assert report["conclusion"] == "Elevated blood pressure [1].\tSee\nnotes."
     validate_resource(report, "DiagnosticReport")
+
+
+def _edit_upstream(up: Any, report: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """What a clinician does in the EHR: a PUT of the report with ``changes``, on its current version."""
+    edited = {k: v for k, v in report.items() if k != "meta"} | changes
+    resp = httpx.put(f"{up.base}/DiagnosticReport/{report['id']}", json=edited, timeout=10,
+                     headers={"If-Match": f'W/"{report["meta"]["versionId"]}"'})
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_an_ehr_edit_of_a_field_medbridge_owns_is_never_overwritten_blindly(
+    engine: str, request: pytest.FixtureRequest, upstream_fhir, medbridge
+) -> None:
+    up = upstream_fhir()
+    database = request.getfixturevalue("postgres_url") if engine == "postgresql" else ""
+    rt = await medbridge(up.base, database_url=database)
+    report_id = await issue(rt, imaging_event(seed_patient(rt.store, "MRN-0412")))
+    query = f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}"
+    (created,) = await eventually(lambda: up.search(query), what="the report upstream")
+    ehr = _edit_upstream(up, created, conclusion="Corrected in the EHR by Dr B.")
+
+    async with api(rt) as client:
+        resp = await client.post(f"/api/reports/{report_id}/review", json={"action": "final"},
+                                 headers={"If-Match": 'W/"1"'})
+        assert resp.status_code == 200, resp.text
+
+        async def dead() -> list[dict[str, Any]]:
+            return (await client.get("/api/writebacks", params={"state": "dead"})).json()
+
+        for _ in range(300):
+            jobs = await dead()
+            if jobs:
+                break
+            await asyncio.sleep(0.2)
+        (job,) = jobs
+        assert job["kind"] == "update" and job["attempts"] == 1
+        assert "the EHR changed conclusion of DiagnosticReport/" in job["last_error"]
+        assert job["conflict"] == {"fields": ["conclusion"], "upstream_version": ehr["meta"]["versionId"]}
+        assert "Corrected" not in str(job)  # the versions' content is patient data: not in the listing
+        with rt.store.session() as s:
+            conflict = s.get(DeliveryJob, job["id"]).payload["conflict"]  # type: ignore[union-attr]
+        assert conflict["upstream"]["conclusion"] == "Corrected in the EHR by Dr B."  # both versions kept
+        assert conflict["ours"]["conclusion"] == created["conclusion"] and conflict["ours"]["status"] == "final"
+        (now,) = up.search(query)
+        assert now["meta"]["versionId"] == ehr["meta"]["versionId"]  # nothing written over the edit
+        assert (now["conclusion"], now["status"]) == ("Corrected in the EHR by Dr B.", "preliminary")
+
+        # the administrator reconciles (here: MedBridge's conclusion is to stand) and replays: the values
+        # recorded in the conflict are overridden, the rest of the EHR's version kept
+        resp = await client.post(f"/api/writebacks/{job['id']}/replay")
+        assert resp.status_code == 200, resp.text
+
+    def final() -> dict[str, Any] | None:
+        rows = up.search(query)
+        return rows[0] if rows and rows[0]["status"] == "final" else None
+
+    landed = await eventually(final, what="the replayed update upstream")
+    assert landed["conclusion"] == created["conclusion"] and landed["result"] == created["result"]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_a_report_rewritten_after_its_create_was_sent_is_sent_again(
+    engine: str, request: pytest.FixtureRequest, upstream_fhir, medbridge
+) -> None:
+    up = upstream_fhir()
+    database = request.getfixturevalue("postgres_url") if engine == "postgresql" else ""
+    rt = await medbridge(up.base, database_url=database)
+    event = imaging_event(seed_patient(rt.store, "MRN-0413"))
+    report_id = await issue(rt, event)
+    query = f"DiagnosticReport?identifier={REPORT_SYSTEM}|{report_id}"
+    (created,) = await eventually(lambda: up.search(query), what="the report upstream")
+    assert "synthetic round lesion" in created["conclusion"].lower()
+    await eventually(lambda: _sent_count(rt.store) == 1, what="the create marked sent")
+    _edit_upstream(up, created, performer=[{"display": "Radiology, edited in the EHR"}])
+
+    # the same result again (a replayed event: the same report id) with no finding above the threshold
+    low = [f.model_copy(update={"probabilities": {"synthetic_round_lesion": 0.05}}) for f in event.findings]
+    assert await issue(rt, event.model_copy(update={"findings": low})) == report_id
+    with rt.store.session() as s:
+        rewritten = s.get(FhirResource, ("DiagnosticReport", report_id))
+        assert rewritten is not None and rewritten.content["conclusion"] != created["conclusion"]
+        expected = rewritten.content["conclusion"]
+
+    def resent() -> dict[str, Any] | None:
+        rows = up.search(query)
+        return rows[0] if len(rows) == 1 and rows[0]["conclusion"] == expected else None
+
+    landed = await eventually(resent, what="the rewritten report upstream")
+    assert landed["id"] == created["id"] and landed["result"] == created["result"]
+    assert landed["performer"] == [{"display": "Radiology, edited in the EHR"}]  # merged onto the EHR's edit
+    async with api(rt) as client:
+        jobs = (await client.get("/api/writebacks")).json()
+    assert sorted((j["kind"], j["state"]) for j in jobs) == [("create", "sent"), ("update", "sent")]
+    assert await issue(rt, event.model_copy(update={"findings": low})) == report_id  # the same again: nothing new
+    async with api(rt) as client:
+        assert len((await client.get("/api/writebacks")).json()) == 2
