@@ -53,6 +53,9 @@ def create_app(services: Services) -> FastAPI:
             if services.settings.upstream_urls:
                 details["writeback"] = queue.counts(services.store, "ehr")
             body["details"] = details
+        if services.health_details:
+            body.setdefault("details", {}).update(  # type: ignore[union-attr]
+                {name: detail() for name, detail in services.health_details.items()})
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(auth.metrics_access)])
@@ -73,6 +76,6 @@ def create_app(services: Services) -> FastAPI:
             "# HELP medbridge_dicom_export_dead DICOM exports that need an administrator's replay\n"
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
-        )
+        ) + "".join(text() for text in services.metrics_text)
 
     return app

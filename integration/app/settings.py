@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
     max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # a connection that sends no A-ASSOCIATE-RQ within this many seconds is closed (it never counts
+    # against MEDBRIDGE_MAX_ASSOCIATIONS); associations per caller address; connections waiting to
+    # associate, in all (past it, or past the per-address cap, the oldest waiting one is closed)
+    dicom_associate_timeout: float = Field(5.0, gt=0, alias="MEDBRIDGE_DICOM_ASSOCIATE_TIMEOUT")
+    dicom_max_connections_per_address: int = Field(16, ge=1, alias="MEDBRIDGE_DICOM_MAX_CONNECTIONS_PER_ADDRESS")
+    dicom_max_pending_connections: int = Field(128, ge=1, alias="MEDBRIDGE_DICOM_MAX_PENDING_CONNECTIONS")
     # Receive journal (integration/dicom_journal.py): a C-STORE is durable after one sync into it;
     # 0 writes each instance durably on its own (two syncs). Instances above 1/8 of it bypass it.
     dicom_journal_bytes: int = Field(64 * 1024**2, ge=0, alias="MEDBRIDGE_DICOM_JOURNAL_BYTES")

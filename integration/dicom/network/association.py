@@ -40,6 +40,8 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import RequestHandler
 
+from integration.dicom.network import admission
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
@@ -72,7 +74,11 @@ class StoreService(Protocol):
     """What the listener provides to a storage association (``DicomListener`` implements it)."""
 
     def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
-        """None to accept, or the A-ASSOCIATE-RJ (result, source, reason)."""
+        """None to accept (a slot of the association limit is taken: ``admission_ended`` gives it
+        back), or the A-ASSOCIATE-RJ (result, source, reason)."""
+
+    def admission_ended(self, address: str) -> None:
+        """An association ``admission`` accepted has ended."""
 
     def store_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str,
                        data_set: bytes, *, association: int, defer_row: bool = False) -> tuple[int, str | None]:
@@ -92,14 +98,14 @@ class StoreService(Protocol):
 @dataclass(frozen=True)
 class StorageAcceptorConfig:
     """How the fast path accepts: contexts it negotiates, PDU size it advertises (0 = no limit),
-    the idle timeout, the abstract syntaxes that must go to pynetdicom (query/retrieve), the
-    association limit (both paths together) and the implementation it names in the A-ASSOCIATE-AC."""
+    the idle timeout, the abstract syntaxes that must go to pynetdicom (query/retrieve) and the
+    implementation it names in the A-ASSOCIATE-AC (the association limits are the listener's
+    ``admission``, for both paths together)."""
 
     contexts: list[PresentationContext]
     max_pdu_bytes: int
     network_timeout: float | None
     pynetdicom_only: frozenset[str]
-    max_associations: int
     implementation_class_uid: str
     implementation_version_name: str
 
@@ -148,14 +154,11 @@ class StorageAssociations:
             except OSError:
                 pass
 
-    def serve(self, sock: socket.socket, address: str, rq_length: int, primitive: A_ASSOCIATE,
-              pynetdicom_active: int) -> None:
+    def serve(self, sock: socket.socket, address: str, rq_length: int, primitive: A_ASSOCIATE) -> None:
         """Accept or reject the (peeked) request, then serve the association until it ends."""
         _recv_exact(sock, rq_length)  # the A-ASSOCIATE-RQ, already decoded from the peek
         calling, called = str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
         reject = self.service.admission(calling, called, address)
-        if reject is None and self.active() + pynetdicom_active >= self.config.max_associations:
-            reject = REJECT_TOO_MANY
         if reject is not None:
             sock.sendall(_associate_rj(*reject))
             return
@@ -170,6 +173,7 @@ class StorageAssociations:
         finally:
             with self._lock:
                 self._open.pop(id(association), None)
+            self.service.admission_ended(address)
             self.service.association_ended(id(association))
 
 
@@ -414,29 +418,43 @@ def _echo_response(message_id: int) -> bytes:
     ])
 
 
-def peek_associate_request(sock: socket.socket, timeout: float | None) -> tuple[int, A_ASSOCIATE_RQ] | None:
+HAND_OVER = "hand_over"  # not ours to judge: pynetdicom reads the request (an A-ASSOCIATE-RQ too large to peek)
+
+
+def peek_associate_request(sock: socket.socket, timeout: float | None) -> tuple[int, A_ASSOCIATE_RQ] | str:
     """The first PDU, if it is an A-ASSOCIATE-RQ pynetdicom can decode, without consuming it:
-    (its length in bytes, the PDU). None leaves the connection to pynetdicom as it came."""
+    (its length in bytes, the PDU). Otherwise why not: ``admission.NO_REQUEST`` (nothing complete
+    within ``timeout``), ``CLOSED_SILENT``, ``MALFORMED`` or :data:`HAND_OVER`."""
     sock.settimeout(timeout)
     try:
         header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if not header:
+            return admission.CLOSED_SILENT
         if len(header) < 6 or header[0] != 0x01:
-            return None
+            return admission.MALFORMED
         length = 6 + _PDU_HEADER.unpack(header)[1]
         if length > _MAX_ASSOCIATE_RQ:
-            return None
+            return HAND_OVER
         raw = sock.recv(length, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(raw) < length:
-            return None
+    except TimeoutError:
+        return admission.NO_REQUEST
+    except OSError:
+        return admission.CLOSED_SILENT
+    if len(raw) < length:
+        return admission.MALFORMED  # closed mid-request
+    try:
         pdu = A_ASSOCIATE_RQ()
         pdu.decode(raw)
-        return length, pdu
-    except (OSError, ValueError, struct.error, TypeError, AttributeError, IndexError, KeyError):
-        return None  # pynetdicom reads it again and answers as the protocol says
+        pdu.to_primitive()
+    except Exception:  # noqa: BLE001 - whatever pynetdicom's decoder raises on peer bytes, they are not a request
+        return admission.MALFORMED
+    return length, pdu
 
 
-def storage_request_handler(associations: StorageAssociations, pynetdicom_active: Callable[[], int]) -> Any:
-    """A pynetdicom request handler class that serves storage associations itself (see module doc)."""
+def storage_request_handler(associations: StorageAssociations, gate: admission.ConnectionGate) -> Any:
+    """A pynetdicom request handler class that serves storage associations itself (see module doc),
+    and admits connections through ``gate`` first: one that sends no A-ASSOCIATE-RQ in time, or
+    bytes that are not one, is closed here, before pynetdicom holds an association for it."""
 
     class StorageRequestHandler(RequestHandler):
         def handle(self) -> None:
@@ -445,18 +463,38 @@ def storage_request_handler(associations: StorageAssociations, pynetdicom_active
                 return super().handle()  # TLS: pynetdicom's own path (peeking needs the plain socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             blocking = sock.gettimeout()
-            peeked = peek_associate_request(sock, self.ae.acse_timeout)
-            if peeked is None or not associations.can_serve(request := peeked[1].to_primitive()):
+            address = str(self.client_address[0])
+            gate.arrive(sock, address)
+            try:
+                peeked = peek_associate_request(sock, gate.limits.associate_timeout)
+            finally:
+                counted = gate.settle(sock)
+            if peeked == HAND_OVER:
                 sock.settimeout(blocking)
                 return super().handle()
+            if not isinstance(peeked, str) and not associations.can_serve(request := peeked[1].to_primitive()):
+                sock.settimeout(blocking)
+                return super().handle()  # pynetdicom's association thread owns the socket from here
             try:
-                associations.serve(sock, self.client_address[0], peeked[0], request, pynetdicom_active())
+                if isinstance(peeked, str):
+                    self._refuse(sock, peeked, address, counted)
+                    return None
+                associations.serve(sock, address, peeked[0], request)
             except (AssociationAborted, OSError) as exc:
-                log.info("storage association from %s failed (%s)", self.client_address[0], type(exc).__name__)
+                log.info("storage association from %s failed (%s)", address, type(exc).__name__)
             finally:
                 try:
                     sock.close()
                 except OSError:
                     pass
+            return None
+
+        @staticmethod
+        def _refuse(sock: socket.socket, reason: str, address: str, counted: bool) -> None:
+            if counted:  # one the gate closed to make room is counted already
+                gate.refused(reason, address)
+            if reason == admission.MALFORMED:
+                # PS3.8 9.2 (Sta2, AA-1): A-ABORT from the service provider, unexpected PDU
+                sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, ABORT_UNEXPECTED_PDU)))
 
     return StorageRequestHandler
