@@ -160,6 +160,9 @@ class Runtime:
             listener = self.dicom
             self.health["dicom_listener_unsaturated"] = lambda: not listener.saturated()
             self.health_details["dicom_listener"] = listener.gate.status
+            # false while instances are refused: a journal sync failed, or rows wait for the database
+            self.health["dicom_ingest"] = lambda: listener.ingest.failure() is None
+            self.health_details["dicom_ingest"] = lambda: {"failure": listener.ingest.failure()}
             self.metrics_text.append(listener.metrics_text)
             if s.dicom_processes > 1:
                 more = ListenerProcesses(s, s.dicom_processes, self.dicom.port)

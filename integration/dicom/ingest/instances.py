@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,7 +31,7 @@ from pynetdicom.dsutils import decode
 from integration.datadir import open_private, private_folder
 from integration.db.store import Store
 from integration.db.tables import utcnow
-from integration.dicom.ingest.journal import JournalRecord, ReceiveJournal
+from integration.dicom.ingest.journal import JournalInUseError, JournalRecord, ReceiveJournal
 from integration.dicom.ingest.scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.dicom.query import INT32_LIMIT, STORABLE_UID
 from integration.errors import StoreUnavailableError
@@ -292,6 +293,14 @@ class InstanceIngest:
         journal keeps those instances)."""
         return self.rows.write_pending() if self.rows is not None else True
 
+    def failure(self) -> str | None:
+        """Why instances are refused now (0xA700), or None: a journal sync failed, or rows of
+        instances already answered wait for the database or the storage folder."""
+        reason = self.journal.failure() if self.journal is not None else None
+        if reason is None and self.rows is not None and self.rows.failing:
+            reason = "rows of received instances wait for the database or the storage folder"
+        return reason
+
     def close(self) -> None:
         """Write the pending rows, checkpoint the journal (unless rows could not be written: the next
         start replays it) and close it."""
@@ -301,7 +310,10 @@ class InstanceIngest:
         flushed = self.flush_rows()
         self.rows.close()
         if flushed:
-            self.journal.checkpoint()
+            try:
+                self.journal.checkpoint()
+            except OSError:
+                log.error("the receive journal keeps its records for the next start (its checkpoint failed)")
         else:
             log.error("rows of received instances could not be written; the receive journal keeps them "
                       "for the next start")
@@ -323,6 +335,9 @@ class InstanceIngest:
         for other in self.journal.siblings():
             try:
                 restored += self._replay(other)
+            except JournalInUseError:
+                # a listener process still running (another MedBridge on this folder): it is its own
+                log.warning("receive journal %s is open in another process; not replayed here", other.path.name)
             finally:
                 other.close()
         return restored
@@ -364,8 +379,10 @@ class InstanceIngest:
                               "MEDBRIDGE_MIN_FREE_BYTES (see the error above); the journal keeps it: fix that and "
                               "start again")
             return outcome.stored
-        # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
-        if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
+        # a duplicate (kept first) has a record too: only bytes of the row's size are the row's; the
+        # file is restored unless it holds exactly the journaled bytes (same size and CRC-32: a file
+        # the crash left with the right size but stale blocks is not the acknowledged instance)
+        if row.path == str(final) and row.size == len(part10) and not _holds(final, part10):
             tmp = final.with_name(f".{final.name}.restore")
             _write(tmp, part10)
             os.replace(tmp, final)
@@ -613,9 +630,12 @@ class _RowWriter:
         log.info("duplicate instance %s: the first is kept", uid_hash(row["sop_instance_uid"]))
 
 
-def _holds(path: Path, size: int) -> bool:
+def _holds(path: Path, data: bytes) -> bool:
+    """True when the file at ``path`` holds ``data`` (size, then CRC-32 of its content)."""
     try:
-        return path.stat().st_size == size
+        if path.stat().st_size != len(data):
+            return False
+        return zlib.crc32(path.read_bytes()) == zlib.crc32(data)
     except OSError:
         return False
 

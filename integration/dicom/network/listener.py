@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from integration.app.settings import DicomPeer, Settings
 from integration.datadir import private_folder
 from integration.db.store import Store
-from integration.dicom.ingest.instances import STATUS_SUCCESS, InstanceIngest
+from integration.dicom.ingest.instances import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceIngest
 from integration.dicom.ingest.journal import ReceiveJournal
 from integration.dicom.network.admission import CALLER_REFUSED, AdmissionLimits, ConnectionGate
 from integration.dicom.network.admission import metrics_text as admission_metrics_text
@@ -52,6 +52,9 @@ pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 STATUS_DUPLICATE_WARNING = 0xB000
 DUPLICATE_COMMENT = "Duplicate SOP Instance UID: the instance already held was kept"
+# Error Comments (64 characters at most) for 0xA700: the sender keeps the instance and retries later
+INGEST_STOPPED_COMMENT = "Receiver storage failing (see its /health); retry later"
+OUT_OF_RESOURCES_COMMENT = "Receiver out of resources (disk or database); retry later"
 
 # Written into the files MedBridge stores, as the implementation that wrote them (PS3.7 D.3.3.2)
 MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
@@ -340,6 +343,9 @@ class DicomListener:
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
             if outcome.status == STATUS_SUCCESS and outcome.study_instance_uid:
                 self._studies_by_assoc[association].add(outcome.study_instance_uid)
+        if outcome.status == STATUS_OUT_OF_RESOURCES:
+            failure = self.ingest.failure()
+            return outcome.status, INGEST_STOPPED_COMMENT if failure else OUT_OF_RESOURCES_COMMENT
         if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
             return outcome.status, None
         if not outcome.stored and self.duplicate_status == "warning":
