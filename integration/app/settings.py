@@ -48,7 +48,11 @@ class Settings(BaseSettings):
     dicom_tls_client_ca: Path | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_CLIENT_CA")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
-    max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # the largest PDU the listener takes (what it advertises); a P-DATA-TF is held whole while read
+    max_pdu_bytes: int = Field(4 * 1024**2, ge=0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # the largest instance taken (C-STORE answers 0xA700 above it, STOW-RS 413), as sent and, for the
+    # deflated transfer syntax, inflated
+    dicom_max_instance_bytes: int = Field(1024**3, ge=1, alias="MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES")
     # a connection that sends no A-ASSOCIATE-RQ within this many seconds is closed (it never counts
     # against MEDBRIDGE_MAX_ASSOCIATIONS); associations per caller address; connections waiting to
     # associate, in all (past it, or past the per-address cap, the oldest waiting one is closed)

@@ -43,6 +43,7 @@ from integration.app.services import Services, body_within, get_services
 from integration.audit import events as audit_events
 from integration.db.tables import DicomInstance
 from integration.dicom.ingest.instances import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
+from integration.dicom.ingest.limits import InstanceTooLargeError, check_part10
 from integration.dicom.query import ATTRIBUTES, Query, QueryEngine, QueryError, keyword_of, tag_of
 from integration.dicom.render import (
     RENDERED_FORMATS,
@@ -169,7 +170,15 @@ def _stow_item(sop_class: str | None, sop: str | None, url: str | None = None, r
 def _store_parts(services: Services, parts: list[tuple[dict[str, str], bytes]], study: str | None,
                  base: str) -> tuple[list[dict], list[dict], set[str]]:
     s = services.settings
-    ingest = InstanceIngest(services.store, s.dicom_dir, min_free_bytes=s.min_free_bytes)
+    ingest = InstanceIngest(services.store, s.dicom_dir, min_free_bytes=s.min_free_bytes,
+                            max_instance_bytes=s.dicom_max_instance_bytes)
+    for _, data in parts:
+        try:
+            check_part10(data, s.dicom_max_instance_bytes)  # before anything is stored, or inflated
+        except InstanceTooLargeError as exc:
+            log.warning("STOW-RS refused: %s", exc)
+            raise HTTPException(413, f"{exc}; send it over DICOM (C-STORE) if the limit is meant, or ask the "
+                                     "administrator to raise it") from None
     s.dicom_dir.mkdir(parents=True, exist_ok=True)
     stored: list[dict] = []
     failed: list[dict] = []
@@ -470,10 +479,22 @@ def _multipart(parts: Iterator[tuple[bytes, str]], part_type: str) -> StreamingR
 
 def _retrieve(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
     syntax = _wanted_syntax(request)
-    if syntax is not None:  # transcode (or refuse) before the 200 is sent
-        payloads = [_instance_bytes(r, syntax) for r in rows]
+    if syntax is not None:
+        # the first is transcoded (or refused: 406) before the 200 is sent, the others one at a time
+        # as the body streams: a study's transcoded instances together need not fit in memory
+        first = _instance_bytes(rows[0], syntax)
+
+        def transcoded() -> Iterator[tuple[bytes, str]]:
+            yield first
+            for row in rows[1:]:
+                try:
+                    yield _instance_bytes(row, syntax)
+                except HTTPException:
+                    log.error("WADO-RS retrieve cut short: an instance cannot be transcoded")
+                    return
+
         parts: Iterator[tuple[bytes, str]] = (
-            (data, f"application/dicom; transfer-syntax={ts}") for data, ts in payloads)
+            (data, f"application/dicom; transfer-syntax={ts}") for data, ts in transcoded())
     else:
         parts = ((Path(r.path).read_bytes(), f"application/dicom; transfer-syntax={r.transfer_syntax_uid}")
                  for r in rows)
@@ -528,7 +549,12 @@ def instance_metadata(study: str, series: str, instance: str, request: Request, 
     return _metadata(request, services, _rows(services, study, series, instance))
 
 
+MAX_FRAME_LIST = 1000  # frame numbers one request may name (each costs a decode or a copy)
+
+
 def _frame_numbers(value: str) -> list[int]:
+    if value.count(",") >= MAX_FRAME_LIST:
+        raise HTTPException(400, f"a frame list names at most {MAX_FRAME_LIST} frames; ask in several requests")
     try:
         numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -610,14 +636,29 @@ def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -
 
 def _rendered_instances(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
     """Every frame of every image of a study or series, rendered, as multipart/related; objects without
-    pixel data (SR, RT plans, ...) have no rendering here and are left out."""
+    pixel data (SR, RT plans, ...) have no rendering here and are left out. Streamed a frame at a
+    time (a study's frames together would not fit in memory); the first is rendered before the 200
+    is sent, so a request that cannot succeed gets a status. A later frame that fails ends the body
+    early (logged), as a connection cut would."""
     images = _images(rows, "to render")
     media_type, rendering = _rendered_media_type(request), _rendering(request)
-    # rendered before the 200 is sent, so a failure is a status, not a truncated body
-    parts = [(image, media_type) for r in images
-             for image in _render(r, list(range(1, _frame_total(r) + 1)), media_type, rendering)]
-    log.info("WADO-RS: %d rendered frames", len(parts))
-    return _multipart(iter(parts), media_type)
+    first = _render(images[0], [1], media_type, rendering)[0]
+
+    def parts() -> Iterator[tuple[bytes, str]]:
+        yield first, media_type
+        count = 1
+        try:
+            for index, row in enumerate(images):
+                ds = dcmread(row.path)
+                for number in range(2 if index == 0 else 1, _frame_total(row) + 1):
+                    yield render(ds, number, media_type=media_type, rendering=rendering), media_type
+                    count += 1
+        except (PixelError, RenderingParameterError, OSError) as exc:
+            log.error("WADO-RS rendered retrieve cut short after %d frames: %s", count, type(exc).__name__)
+            return
+        log.info("WADO-RS: %d rendered frames", count)
+
+    return _multipart(parts(), media_type)
 
 
 def _images(rows: list[DicomInstance], purpose: str) -> list[DicomInstance]:

@@ -32,6 +32,7 @@ from integration.datadir import open_private, private_folder
 from integration.db.store import Store
 from integration.db.tables import utcnow
 from integration.dicom.ingest.journal import JournalInUseError, JournalRecord, ReceiveJournal
+from integration.dicom.ingest.limits import TOO_LARGE_COMMENT, InstanceTooLargeError, inflate_within
 from integration.dicom.ingest.scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.dicom.query import INT32_LIMIT, STORABLE_UID
 from integration.errors import StoreUnavailableError
@@ -44,6 +45,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, read-only folder, store down: the sender should retry later
 STATUS_CANNOT_UNDERSTAND = 0xC210  # the data set could not be parsed (truncated, malformed)
 STATUS_IDENTIFIER_MISSING = 0xC211  # parsed, but a required UID is missing or disagrees with the command
+# MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES' default: larger than any single-frame image and most multi-frame
+# ones (a 2,000-slice 512x512 CT is 1 GB), small enough that a few at once fit in a server's memory
+DEFAULT_MAX_INSTANCE_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class IngestOutcome:
@@ -51,15 +55,19 @@ class IngestOutcome:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     stored: bool = False  # False for a duplicate (first kept) and for every failure
+    comment: str | None = None  # an Error Comment for the sender, where the status alone does not say why
 
 
 class InstanceIngest:
     """Checks, writes and records instances under ``storage_dir``; thread-safe."""
 
     def __init__(
-        self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0, journal: ReceiveJournal | None = None
+        self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0, journal: ReceiveJournal | None = None,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         self.store = store
+        # the largest data set taken, as sent and (deflated ones) inflated: 0xA700 above it
+        self.max_instance_bytes = max_instance_bytes
         self.storage_dir = storage_dir
         self.min_free_bytes = min_free_bytes
         # with a journal, an instance is durable once journaled and its file is written without syncs
@@ -118,6 +126,9 @@ class InstanceIngest:
         a C-STORE here, runs while the scanner works. Where it cannot be journaled (no journal, too
         large, rows waiting for the database) its row is committed before the answer instead.
         """
+        if len(data_set) > self.max_instance_bytes:
+            log.warning("instance refused: %d bytes, above MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES", len(data_set))
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment=TOO_LARGE_COMMENT)
         record = self._journal_unread(part10) if defer_row else None
         try:
             outcome = self._ingest_data_set(data_set, _syntax_uid(transfer_syntax), part10, expected_sop_uid, record)
@@ -137,7 +148,14 @@ class InstanceIngest:
             return self.ingest_facts(facts, part10, transfer_syntax=str(syntax), expected_sop_uid=expected_sop_uid,
                                      record=record)
         try:
-            ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            if syntax.is_deflated:
+                # inflated here within the limit (pydicom would inflate whatever it is given), then read
+                ds = decode(BytesIO(inflate_within(data_set, self.max_instance_bytes)), False, True, False)
+            else:
+                ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, False)
+        except InstanceTooLargeError as exc:
+            log.warning("instance refused: %s", exc)
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment=TOO_LARGE_COMMENT)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)

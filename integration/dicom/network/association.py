@@ -40,6 +40,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import RequestHandler
 
+from integration.dicom.ingest.limits import TOO_LARGE_COMMENT
 from integration.dicom.network import admission
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
 NO_DATA_SET = 0x0101
 STATUS_PROCESSING_FAILURE = 0xC211  # what pynetdicom answers when its handler raises
+STATUS_OUT_OF_RESOURCES = 0xA700
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, reason)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -108,6 +110,7 @@ class StorageAcceptorConfig:
     pynetdicom_only: frozenset[str]
     implementation_class_uid: str
     implementation_version_name: str
+    max_instance_bytes: int = 1 << 30  # a data set above it is read and dropped, and answered 0xA700
 
 
 class AssociationAborted(Exception):
@@ -193,6 +196,8 @@ class _Association:
         self.sock.settimeout(self.owner.config.network_timeout)
         command = bytearray()
         data: list[bytes] = []
+        data_bytes = 0  # of the data set being received, kept or not
+        limit = self.owner.config.max_instance_bytes
         command_done: dict[int, Any] | None = None
         context_id = 0
         try:
@@ -220,11 +225,19 @@ class _Association:
                     else:
                         if command_done is None or pdv_context != context_id:
                             raise ProtocolError("a data set fragment with no command before it", ABORT_UNEXPECTED_PDU)
-                        data.append(fragment)
+                        data_bytes += len(fragment)
+                        if data_bytes <= limit:
+                            data.append(fragment)
+                        else:
+                            data.clear()  # over the limit: the rest is read and dropped, never held
                         if header & 0x02:
-                            self._dispatch(context_id, command_done, b"".join(data))
+                            if data_bytes > limit:
+                                self._refuse_too_large(context_id, command_done, data_bytes)
+                            else:
+                                self._dispatch(context_id, command_done, b"".join(data))
                             command_done = None
                             data.clear()
+                            data_bytes = 0
         except ProtocolError as exc:
             log.warning("storage association from %s aborted: %s", self.calling_ae, exc)  # no data set content
             self._abort(exc.reason)
@@ -276,6 +289,16 @@ class _Association:
             return  # nothing of ours is cancellable: C-STORE answers before the next request is read
         else:
             raise ProtocolError(f"DIMSE command 0x{field or 0:04X} on a storage association", ABORT_UNEXPECTED_PDU)
+
+    def _refuse_too_large(self, context_id: int, command: dict[int, Any], size: int) -> None:
+        """A C-STORE whose data set passed MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES: 0xA700, with a comment."""
+        if command.get(0x0100) != C_STORE_RQ:
+            raise ProtocolError("a data set with a command that takes none", ABORT_UNEXPECTED_PDU)
+        log.warning("C-STORE from %s refused: a data set of %d bytes or more, above "
+                    "MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES", self.calling_ae, size)
+        response = _store_response(str(command.get(0x0002, "")), str(command.get(0x1000, "")),
+                                   int(command.get(0x0110, 0)), STATUS_OUT_OF_RESOURCES, TOO_LARGE_COMMENT)
+        self._send_command(context_id, response)
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         """The command set as PDVs within the peer's maximum PDU length."""
@@ -330,6 +353,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 _PREALLOCATE = 1 << 20
+_MAX_OTHER_PDU = 1 << 16
 
 
 def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
@@ -338,6 +362,8 @@ def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
     pdu_type, length = _PDU_HEADER.unpack(_recv_exact(sock, 6))
     if max_length and pdu_type == 0x04 and length > max_length:
         raise ProtocolError(f"P-DATA-TF of {length} bytes, {max_length} advertised")
+    if pdu_type != 0x04 and length > _MAX_OTHER_PDU:
+        raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes")  # A-RELEASE and A-ABORT hold 4
     return pdu_type, _recv_exact(sock, length)
 
 

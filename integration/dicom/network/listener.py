@@ -27,7 +27,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from integration.app.settings import DicomPeer, Settings
 from integration.datadir import private_folder
 from integration.db.store import Store
-from integration.dicom.ingest.instances import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceIngest
+from integration.dicom.ingest.instances import (
+    DEFAULT_MAX_INSTANCE_BYTES,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceIngest,
+)
 from integration.dicom.ingest.journal import ReceiveJournal
 from integration.dicom.network.admission import CALLER_REFUSED, AdmissionLimits, ConnectionGate
 from integration.dicom.network.admission import metrics_text as admission_metrics_text
@@ -75,7 +80,7 @@ class DicomListener:
         study_quiet_seconds: float,
         min_free_bytes: int = 0,
         max_associations: int = 32,
-        max_pdu_bytes: int = 0,
+        max_pdu_bytes: int = 4 << 20,
         peers: list[DicomPeer] | None = None,
         allow_any_caller: bool | None = None,
         duplicate_status: str = "warning",
@@ -83,6 +88,7 @@ class DicomListener:
         tls_port: int | None = None,
         on_study_ready: Any = None,
         journal_bytes: int = 16 << 20,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
         process_index: int = 0,
         share_port: bool = False,
         associate_timeout: float = 5.0,
@@ -102,7 +108,8 @@ class DicomListener:
         self.process_index = process_index
         # several listener processes on one port (SO_REUSEPORT): the kernel spreads the associations
         self.share_port = share_port
-        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal)
+        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal,
+                                     max_instance_bytes=max_instance_bytes)
         self.max_associations = max_associations
         # connections before their A-ASSOCIATE-RQ, and the association limits of both paths
         self.gate = ConnectionGate(AdmissionLimits(
@@ -143,7 +150,7 @@ class DicomListener:
             peers=s.dicom_peers, allow_any_caller=s.dicom_allow_any_caller, duplicate_status=s.dicom_duplicate_status,
             tls=tls, tls_port=s.dicom_tls_port if tls is not None else None, on_study_ready=on_study_ready,
             process_index=process_index, share_port=s.dicom_processes > 1,
-            associate_timeout=s.dicom_associate_timeout,
+            associate_timeout=s.dicom_associate_timeout, max_instance_bytes=s.dicom_max_instance_bytes,
             max_connections_per_address=s.dicom_max_connections_per_address,
             max_pending_connections=s.dicom_max_pending_connections,
         )
@@ -151,7 +158,7 @@ class DicomListener:
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
-        ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
+        ae.maximum_pdu_size = self.max_pdu_bytes  # what one P-DATA-TF may hold (read whole); 0: no limit
         # Callers that name another AE get A-ASSOCIATE-RJ; unknown callers too (see _handle_requested)
         ae.require_called_aet = not (self.allow_any_caller or self.local_callers_only)
         ae.add_supported_context(Verification)
@@ -174,6 +181,7 @@ class DicomListener:
             max_pdu_bytes=self.max_pdu_bytes,
             network_timeout=ae.network_timeout,
             pynetdicom_only=self.query_retrieve.sop_classes(),
+            max_instance_bytes=self.ingest.max_instance_bytes,
             implementation_class_uid=MEDBRIDGE_IMPLEMENTATION_UID,
             implementation_version_name=MEDBRIDGE_IMPLEMENTATION_VERSION,
         ), on_accept=self.on_storage_association)
@@ -343,6 +351,8 @@ class DicomListener:
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
             if outcome.status == STATUS_SUCCESS and outcome.study_instance_uid:
                 self._studies_by_assoc[association].add(outcome.study_instance_uid)
+        if outcome.comment:
+            return outcome.status, outcome.comment
         if outcome.status == STATUS_OUT_OF_RESOURCES:
             failure = self.ingest.failure()
             return outcome.status, INGEST_STOPPED_COMMENT if failure else OUT_OF_RESOURCES_COMMENT
