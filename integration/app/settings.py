@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")
     http_port: int = Field(8000, alias="MEDBRIDGE_HTTP_PORT")
     max_request_bytes: int = Field(20 * 1024 * 1024, alias="MEDBRIDGE_MAX_REQUEST_BYTES")
-    # a STOW-RS request is held in memory while its parts are stored: larger ones are refused (413)
+    # the largest STOW-RS request (413 above it); spooled to disk under the DICOM folder, read a part at a time
     stow_max_bytes: int = Field(1024 * 1024 * 1024, ge=1, alias="MEDBRIDGE_STOW_MAX_BYTES")
     # QIDO-RS answers at most this many matches (a Warning says when there are more: page with offset)
     qido_max_results: int = Field(1000, ge=1, alias="MEDBRIDGE_QIDO_MAX_RESULTS")

@@ -235,6 +235,9 @@ def test_deflate_bombs_and_a_huge_frame_header_do_not_raise_peak_rss(tmp_path: P
                 "Accept": 'multipart/related; type="image/png"'})
             assert study_rendered.status_code == 406
             assert huge.Rows == 60000
+            many = ",".join(["1"] * 1001)
+            frames = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{many}")
+            assert frames.status_code == 400 and "at most 1000 frames" in frames.text
             after_render = hwm_mib()
         figures = {"baseline_mib": round(baseline), "c_store_bomb_delta_mib": round(after_c_store - baseline),
                    "stow_bomb_delta_mib": round(after_stow - baseline),
