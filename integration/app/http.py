@@ -48,14 +48,14 @@ def create_app(services: Services) -> FastAPI:
         checks["store"] = services.store.healthy()
         ok = all(checks.values())
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
+        details: dict[str, object] = {}
         if checks["store"]:
-            details: dict[str, object] = {"dicom_exports": queue.counts(services.store, "pacs")}
+            details["dicom_exports"] = queue.counts(services.store, "pacs")
             if services.settings.upstream_urls:
                 details["writeback"] = queue.counts(services.store, "ehr")
+        details.update({name: detail() for name, detail in services.health_details.items()})
+        if details:
             body["details"] = details
-        if services.health_details:
-            body.setdefault("details", {}).update(  # type: ignore[union-attr]
-                {name: detail() for name, detail in services.health_details.items()})
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(auth.metrics_access)])

@@ -180,7 +180,7 @@ async def _spool_body(request: Request, max_bytes: int, folder: Path) -> BinaryI
     if declared.isdigit() and int(declared) > max_bytes:
         return None
     private_folder(folder)
-    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, dir=folder)
+    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, mode="w+b", dir=str(folder))
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
