@@ -80,7 +80,7 @@ class DicomListener:
         study_quiet_seconds: float,
         min_free_bytes: int = 0,
         max_associations: int = 32,
-        max_pdu_bytes: int = 4 << 20,
+        max_pdu_bytes: int = 64 << 10,
         peers: list[DicomPeer] | None = None,
         allow_any_caller: bool | None = None,
         duplicate_status: str = "warning",
