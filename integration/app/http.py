@@ -49,13 +49,16 @@ def create_app(services: Services) -> FastAPI:
         checks["store"] = services.store.healthy()
         ok = all(checks.values())
         body: dict[str, object] = {"status": "ok" if ok else "degraded", "checks": checks}
+        details: dict[str, object] = {}
         if checks["store"]:
-            details: dict[str, object] = {"dicom_exports": queue.counts(services.store, "pacs")}
+            details["dicom_exports"] = queue.counts(services.store, "pacs")
             # set aside for an administrator (GET /api/dead-letters): worth a look, not a failing check
             waiting = dead_letters.waiting_by_topic(services.store)
             details["dead_letters"] = {"total": sum(waiting.values()), "by_topic": waiting}
             if services.settings.upstream_urls:
                 details["writeback"] = queue.counts(services.store, "ehr")
+        details.update({name: detail() for name, detail in services.health_details.items()})
+        if details:
             body["details"] = details
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -78,7 +81,7 @@ def create_app(services: Services) -> FastAPI:
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
             + _dead_letter_metrics(dead_letters.waiting_by_topic(services.store))
-        )
+        ) + "".join(text() for text in services.metrics_text)
 
     return app
 

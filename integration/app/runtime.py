@@ -75,6 +75,8 @@ class Runtime:
         self.viewer: subprocess.Popen[bytes] | None = None
         self.components: list[tuple[str, Callable[[], Awaitable[None] | None]]] = []  # stop callbacks
         self.health: dict[str, Callable[[], bool]] = {}
+        self.health_details: dict[str, Callable[[], object]] = {}  # shown by /health beside the checks
+        self.metrics_text: list[Callable[[], str]] = []  # more /metrics lines
         self.workers: dict[str, Any] = {}
         self.upstream: UpstreamSender | None = None
         self.senders: list[DeliverySender] = []  # one per destination kind (EHR, PACS)
@@ -180,6 +182,14 @@ class Runtime:
             self.components.append(("DICOM listener", self.dicom.stop))
             self.health["dicom_listener"] = self.dicom.running
             self.health["disk_space"] = self.dicom.has_free_space
+            # saturated (every association slot taken, or a limit refused a sender in the last seconds)
+            # is shown, not failed: a liveness probe must not restart a listener for being busy
+            listener = self.dicom
+            self.health_details["dicom_listener"] = listener.gate.status
+            # false while instances are refused: a journal sync failed, or rows wait for the database
+            self.health["dicom_ingest"] = lambda: listener.ingest.failure() is None
+            self.health_details["dicom_ingest"] = lambda: {"failure": listener.ingest.failure()}
+            self.metrics_text.append(listener.metrics_text)
             if s.dicom_processes > 1:
                 more = ListenerProcesses(s, s.dicom_processes, self.dicom.port)
                 await asyncio.to_thread(more.start)
@@ -198,6 +208,7 @@ class Runtime:
             s, self.store, self.health, self.notify_outbox,
             on_study_ready=publishers["study"].wake,  # STOW-RS studies announce like C-STORE'd ones
             fhir_validation=validation, audit_forward=audit_forward,
+            health_details=self.health_details, metrics_text=self.metrics_text,
         )
         config = uvicorn.Config(
             create_app(services), host=s.http_host, port=s.http_port, log_level="warning", lifespan="off",

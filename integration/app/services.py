@@ -27,6 +27,10 @@ class Services:
     fhir_validation: ValidationWorkers | None = None
     # a copy of each committed AuditEvent for an audit repository (integration.audit.syslog), if configured
     audit_forward: Callable[[dict[str, Any]], None] | None = None
+    # named details /health shows beside the checks (the DICOM listener's admission, ...)
+    health_details: dict[str, Callable[[], object]] = field(default_factory=dict)
+    # more Prometheus text for /metrics (counters the edges keep)
+    metrics_text: list[Callable[[], str]] = field(default_factory=list)
 
 
 async def body_within(request: Request, max_bytes: int) -> bytes | None:

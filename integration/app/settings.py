@@ -48,7 +48,19 @@ class Settings(BaseSettings):
     dicom_tls_client_ca: Path | None = Field(None, alias="MEDBRIDGE_DICOM_TLS_CLIENT_CA")
     min_free_bytes: int = Field(1024**3, alias="MEDBRIDGE_MIN_FREE_BYTES")
     max_associations: int = Field(32, alias="MEDBRIDGE_MAX_ASSOCIATIONS")
-    max_pdu_bytes: int = Field(0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # the largest PDU the listener takes (what it advertises; 0: no limit); a P-DATA-TF is held whole
+    # while read. 64 KiB: dcmtk senders slow down with the advertised size (4 MiB halved the C-STORE
+    # bench with storescu as the sender), and larger PDUs save little once the fast path reads them
+    max_pdu_bytes: int = Field(64 * 1024, ge=0, alias="MEDBRIDGE_MAX_PDU_BYTES")
+    # the largest instance taken (C-STORE answers 0xA700 above it, STOW-RS 413), as sent and, for the
+    # deflated transfer syntax, inflated
+    dicom_max_instance_bytes: int = Field(1024**3, ge=1, alias="MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES")
+    # a connection that sends no A-ASSOCIATE-RQ within this many seconds is closed (it never counts
+    # against MEDBRIDGE_MAX_ASSOCIATIONS); associations per caller address; connections waiting to
+    # associate, in all (past it, or past the per-address cap, the oldest waiting one is closed)
+    dicom_associate_timeout: float = Field(5.0, gt=0, alias="MEDBRIDGE_DICOM_ASSOCIATE_TIMEOUT")
+    dicom_max_connections_per_address: int = Field(16, ge=1, alias="MEDBRIDGE_DICOM_MAX_CONNECTIONS_PER_ADDRESS")
+    dicom_max_pending_connections: int = Field(128, ge=1, alias="MEDBRIDGE_DICOM_MAX_PENDING_CONNECTIONS")
     # Receive journal (integration/dicom_journal.py): a C-STORE is durable after one sync into it;
     # 0 writes each instance durably on its own (two syncs). Instances above 1/8 of it bypass it.
     dicom_journal_bytes: int = Field(64 * 1024**2, ge=0, alias="MEDBRIDGE_DICOM_JOURNAL_BYTES")
@@ -61,7 +73,7 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")
     http_port: int = Field(8000, alias="MEDBRIDGE_HTTP_PORT")
     max_request_bytes: int = Field(20 * 1024 * 1024, alias="MEDBRIDGE_MAX_REQUEST_BYTES")
-    # a STOW-RS request is held in memory while its parts are stored: larger ones are refused (413)
+    # the largest STOW-RS request (413 above it); spooled to disk under the DICOM folder, read a part at a time
     stow_max_bytes: int = Field(1024 * 1024 * 1024, ge=1, alias="MEDBRIDGE_STOW_MAX_BYTES")
     # QIDO-RS answers at most this many matches (a Warning says when there are more: page with offset)
     qido_max_results: int = Field(1000, ge=1, alias="MEDBRIDGE_QIDO_MAX_RESULTS")

@@ -44,6 +44,32 @@ class PixelError(ValueError):
     """The instance has no (usable) pixel data for the request."""
 
 
+class FrameTooLargeError(PixelError):
+    """A frame whose header promises more pixels than MedBridge decodes (checked before decoding)."""
+
+
+# Decoding a frame holds it as an array, and rendering it a float copy or two: a header saying
+# 60,000 x 60,000 would ask for gigabytes. 2**26 samples (8192 x 8192 grey, a mammogram is ~21 M)
+# bounds one rendered frame to ~0.5 GiB at the worst step; larger frames are served as stored.
+MAX_DECODED_SAMPLES = 1 << 26
+
+
+def check_decodable(ds: Dataset) -> None:
+    """Refuse (:class:`FrameTooLargeError`) a frame of more than :data:`MAX_DECODED_SAMPLES`, from
+    Rows x Columns x Samples per Pixel alone, before any pixel is decoded."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise PixelError("the image has no usable Rows, Columns or Samples per Pixel") from None
+    if rows < 1 or columns < 1 or samples < 1:
+        raise PixelError("the image has no usable Rows, Columns or Samples per Pixel")
+    if rows * columns * samples > MAX_DECODED_SAMPLES:
+        raise FrameTooLargeError(
+            f"a frame of {rows} x {columns} x {samples} samples is larger than this server decodes "
+            f"({MAX_DECODED_SAMPLES} samples); retrieve the instance or its frames as stored instead")
+
+
 def frame_count(ds: Dataset) -> int:
     if "PixelData" not in ds:
         raise PixelError("the instance has no pixel data (it is not an image)")
@@ -68,6 +94,7 @@ def frames(ds: Dataset, numbers: list[int], *, decode: bool = False) -> list[tup
         all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return [(all_frames[n - 1], media_type) for n in numbers]
     if syntax.is_encapsulated or syntax.is_deflated or not syntax.is_little_endian:
+        check_decodable(ds)
         try:
             return [(pixel_array(ds, index=n - 1, raw=True).tobytes(), "application/octet-stream") for n in numbers]
         except Exception as exc:  # noqa: BLE001 - any decoder failure means this frame cannot be served
@@ -81,7 +108,7 @@ def frames(ds: Dataset, numbers: list[int], *, decode: bool = False) -> list[tup
 
 
 def _to_uint8(arr: np.ndarray[Any, Any], *, robust: bool) -> np.ndarray[Any, Any]:
-    data = arr.astype(np.float64, copy=False)
+    data = arr.astype(np.float32, copy=False)  # 8-bit output needs no more precision: half float64's memory
     finite = data[np.isfinite(data)]
     if finite.size == 0:
         return np.zeros(data.shape, dtype=np.uint8)
@@ -90,7 +117,8 @@ def _to_uint8(arr: np.ndarray[Any, Any], *, robust: bool) -> np.ndarray[Any, Any
         lo, hi = finite.min(), finite.max()
     if hi <= lo:
         return np.zeros(data.shape, dtype=np.uint8)
-    return (np.clip((data - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    lo, hi = np.float32(lo), np.float32(hi)  # a float64 scalar would make every step below float64
+    return (np.clip((data - lo) / (hi - lo), 0.0, 1.0) * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
 
 
 RENDERED_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
@@ -208,10 +236,12 @@ def render(
     """Frame ``number`` (1-based) of ``ds`` as ``image/png``, ``image/jpeg`` or ``image/gif`` bytes."""
     rendering = rendering or Rendering()
     _check(ds, [number])
+    check_decodable(ds)
     try:
         arr = pixel_array(ds, index=number - 1 if frame_count(ds) > 1 else None, as_rgb=True)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the frame cannot be rendered
         raise PixelError(f"the pixel data cannot be decoded ({type(exc).__name__})") from exc
+    arr = _subsample_for(arr, rendering)
     if arr.ndim == 3 and arr.shape[-1] == 3:
         # colour: the window applies to grey values only (PS3.18 8.3.5.1.4 speaks of grayscale)
         image = Image.fromarray(_to_uint8(arr, robust=False) if arr.dtype != np.uint8 else arr, mode="RGB")
@@ -228,6 +258,17 @@ def render(
     out = io.BytesIO()
     image.save(out, format=RENDERED_FORMATS.get(media_type, "JPEG"), quality=rendering.quality)
     return out.getvalue()
+
+
+def _subsample_for(arr: np.ndarray[Any, Any], rendering: Rendering) -> np.ndarray[Any, Any]:
+    """A view of every k-th pixel when the viewport is k (or more) times smaller than the whole
+    image: windowing then copies the subsampled pixels, not the full frame (the resize to the
+    viewport smooths what the stride skipped). A source region needs full-resolution coordinates."""
+    if rendering.viewport is None or rendering.region is not None:
+        return arr
+    vw, vh = rendering.viewport
+    step = int(min(arr.shape[0] / vh, arr.shape[1] / vw) // 2)  # keep twice the viewport's pixels
+    return arr[::step, ::step] if step > 1 else arr
 
 
 def apply_window(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:

@@ -23,11 +23,12 @@ import io
 import json
 import logging
 import re
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from email.message import Message
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
@@ -39,10 +40,12 @@ from python_multipart.multipart import MultipartParser
 
 from integration.app.auditing import request_audit
 from integration.app.identity import ActorDep
-from integration.app.services import Services, body_within, get_services
+from integration.app.services import Services, get_services
 from integration.audit import events as audit_events
+from integration.datadir import private_folder
 from integration.db.tables import DicomInstance
 from integration.dicom.ingest.instances import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, InstanceIngest
+from integration.dicom.ingest.limits import InstanceTooLargeError, check_part10
 from integration.dicom.query import ATTRIBUTES, Query, QueryEngine, QueryError, keyword_of, tag_of
 from integration.dicom.render import (
     RENDERED_FORMATS,
@@ -125,6 +128,17 @@ def _content_type(value: str) -> Message:
 
 def split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
     """The parts of a multipart body: (lower-cased headers, content)."""
+    return list(iter_multipart(io.BytesIO(body), boundary))
+
+
+_SPOOL_IN_MEMORY = 8 << 20  # a STOW-RS body up to this size stays in memory; a larger one goes to disk
+_READ_CHUNK = 1 << 20
+
+
+def iter_multipart(source: BinaryIO, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart body read from ``source`` a chunk at a time, each yielded once it
+    ends: memory holds the part being read and one chunk, never the whole body. Raises
+    ``MultipartParseError`` (while iterating) for a body that is not multipart with ``boundary``."""
     parts: list[tuple[dict[str, str], bytes]] = []
     state: dict[str, Any] = {}
 
@@ -151,9 +165,52 @@ def split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], by
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
     })
-    parser.write(body)
+    while chunk := source.read(_READ_CHUNK):
+        parser.write(chunk)
+        yield from parts
+        parts.clear()
     parser.finalize()
-    return parts
+    yield from parts
+
+
+async def _spool_body(request: Request, max_bytes: int, folder: Path) -> BinaryIO | None:
+    """The request body in a spooled file (in memory up to a few MiB, then a private temporary file
+    in ``folder``, gone once closed), or None as soon as it is known to exceed ``max_bytes``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        return None
+    private_folder(folder)
+    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, mode="w+b", dir=str(folder))
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            spool.close()
+            return None
+        spool.write(chunk)
+    spool.seek(0)
+    return spool  # type: ignore[return-value]
+
+
+def _check_parts(source: BinaryIO, boundary: str, max_instance_bytes: int) -> int:
+    """How many parts the body holds, once each is known to be within the instance limit (413
+    otherwise, before anything is stored) and the body to be multipart (400 otherwise)."""
+    count = 0
+    try:
+        for _, data in iter_multipart(source, boundary):
+            count += 1
+            check_part10(data, max_instance_bytes)  # measured, never inflated, when deflated
+    except InstanceTooLargeError as exc:
+        log.warning("STOW-RS refused: %s", exc)
+        raise HTTPException(413, f"{exc}; send it over DICOM (C-STORE) if the limit is meant, or ask the "
+                                 "administrator to raise it") from None
+    except MultipartParseError:
+        log.warning("STOW-RS refused: the body is not multipart/related with its declared boundary")
+        raise HTTPException(400, "the body is not a multipart/related body with the boundary its Content-Type "
+                                 "declares: each part starts with --boundary, then its headers, an empty line "
+                                 "and one DICOM Part 10 file; the body ends with --boundary--") from None
+    source.seek(0)
+    return count
 
 
 def _stow_item(sop_class: str | None, sop: str | None, url: str | None = None, reason: int | None = None) -> dict:
@@ -166,10 +223,11 @@ def _stow_item(sop_class: str | None, sop: str | None, url: str | None = None, r
     return item
 
 
-def _store_parts(services: Services, parts: list[tuple[dict[str, str], bytes]], study: str | None,
+def _store_parts(services: Services, parts: Iterable[tuple[dict[str, str], bytes]], study: str | None,
                  base: str) -> tuple[list[dict], list[dict], set[str]]:
     s = services.settings
-    ingest = InstanceIngest(services.store, s.dicom_dir, min_free_bytes=s.min_free_bytes)
+    ingest = InstanceIngest(services.store, s.dicom_dir, min_free_bytes=s.min_free_bytes,
+                            max_instance_bytes=s.dicom_max_instance_bytes)
     s.dicom_dir.mkdir(parents=True, exist_ok=True)
     stored: list[dict] = []
     failed: list[dict] = []
@@ -215,21 +273,20 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
         raise HTTPException(415, 'STOW-RS takes Content-Type: multipart/related; type="application/dicom"; '
                                  "boundary=... with one DICOM Part 10 file per part")
     max_bytes = services.settings.stow_max_bytes
-    body = await body_within(request, max_bytes)
+    # spooled to disk past a few MiB, then read a part at a time: twice (limits, then storage)
+    body = await _spool_body(request, max_bytes, services.settings.dicom_dir / ".stow")
     if body is None:
         raise HTTPException(413, f"the STOW-RS request exceeds MEDBRIDGE_STOW_MAX_BYTES ({max_bytes} bytes); "
                                  "send the instances in several requests")
-    try:
-        parts = split_multipart(body, boundary)
-    except MultipartParseError:
-        log.warning("STOW-RS refused: the body is not multipart/related with its declared boundary")
-        raise HTTPException(400, "the body is not a multipart/related body with the boundary its Content-Type "
-                                 "declares: each part starts with --boundary, then its headers, an empty line "
-                                 "and one DICOM Part 10 file; the body ends with --boundary--") from None
-    if not parts:
-        raise HTTPException(400, "the multipart body holds no parts; send one application/dicom part per instance")
     base = _base(request)
-    stored, failed, studies = await asyncio.to_thread(_store_parts, services, parts, study, base)
+    try:
+        if not await asyncio.to_thread(_check_parts, body, boundary, services.settings.dicom_max_instance_bytes):
+            raise HTTPException(400, "the multipart body holds no parts; send one application/dicom part per "
+                                     "instance")
+        stored, failed, studies = await asyncio.to_thread(
+            _store_parts, services, iter_multipart(body, boundary), study, base)
+    finally:
+        body.close()
     if studies:
         try:
             services.store.expedite("study", sorted(studies), services.settings.study_quiet_seconds)
@@ -470,10 +527,22 @@ def _multipart(parts: Iterator[tuple[bytes, str]], part_type: str) -> StreamingR
 
 def _retrieve(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
     syntax = _wanted_syntax(request)
-    if syntax is not None:  # transcode (or refuse) before the 200 is sent
-        payloads = [_instance_bytes(r, syntax) for r in rows]
+    if syntax is not None:
+        # the first is transcoded (or refused: 406) before the 200 is sent, the others one at a time
+        # as the body streams: a study's transcoded instances together need not fit in memory
+        first = _instance_bytes(rows[0], syntax)
+
+        def transcoded() -> Iterator[tuple[bytes, str]]:
+            yield first
+            for row in rows[1:]:
+                try:
+                    yield _instance_bytes(row, syntax)
+                except HTTPException:
+                    log.error("WADO-RS retrieve cut short: an instance cannot be transcoded")
+                    return
+
         parts: Iterator[tuple[bytes, str]] = (
-            (data, f"application/dicom; transfer-syntax={ts}") for data, ts in payloads)
+            (data, f"application/dicom; transfer-syntax={ts}") for data, ts in transcoded())
     else:
         parts = ((Path(r.path).read_bytes(), f"application/dicom; transfer-syntax={r.transfer_syntax_uid}")
                  for r in rows)
@@ -528,7 +597,12 @@ def instance_metadata(study: str, series: str, instance: str, request: Request, 
     return _metadata(request, services, _rows(services, study, series, instance))
 
 
+MAX_FRAME_LIST = 1000  # frame numbers one request may name (each costs a decode or a copy)
+
+
 def _frame_numbers(value: str) -> list[int]:
+    if value.count(",") >= MAX_FRAME_LIST:
+        raise HTTPException(400, f"a frame list names at most {MAX_FRAME_LIST} frames; ask in several requests")
     try:
         numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -610,14 +684,29 @@ def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -
 
 def _rendered_instances(request: Request, rows: list[DicomInstance]) -> StreamingResponse:
     """Every frame of every image of a study or series, rendered, as multipart/related; objects without
-    pixel data (SR, RT plans, ...) have no rendering here and are left out."""
+    pixel data (SR, RT plans, ...) have no rendering here and are left out. Streamed a frame at a
+    time (a study's frames together would not fit in memory); the first is rendered before the 200
+    is sent, so a request that cannot succeed gets a status. A later frame that fails ends the body
+    early (logged), as a connection cut would."""
     images = _images(rows, "to render")
     media_type, rendering = _rendered_media_type(request), _rendering(request)
-    # rendered before the 200 is sent, so a failure is a status, not a truncated body
-    parts = [(image, media_type) for r in images
-             for image in _render(r, list(range(1, _frame_total(r) + 1)), media_type, rendering)]
-    log.info("WADO-RS: %d rendered frames", len(parts))
-    return _multipart(iter(parts), media_type)
+    first = _render(images[0], [1], media_type, rendering)[0]
+
+    def parts() -> Iterator[tuple[bytes, str]]:
+        yield first, media_type
+        count = 1
+        try:
+            for index, row in enumerate(images):
+                ds = dcmread(row.path)
+                for number in range(2 if index == 0 else 1, _frame_total(row) + 1):
+                    yield render(ds, number, media_type=media_type, rendering=rendering), media_type
+                    count += 1
+        except (PixelError, RenderingParameterError, OSError) as exc:
+            log.error("WADO-RS rendered retrieve cut short after %d frames: %s", count, type(exc).__name__)
+            return
+        log.info("WADO-RS: %d rendered frames", count)
+
+    return _multipart(parts(), media_type)
 
 
 def _images(rows: list[DicomInstance], purpose: str) -> list[DicomInstance]:

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,7 +31,8 @@ from pynetdicom.dsutils import decode
 from integration.datadir import open_private, private_folder
 from integration.db.store import Store
 from integration.db.tables import utcnow
-from integration.dicom.ingest.journal import JournalRecord, ReceiveJournal
+from integration.dicom.ingest.journal import JournalInUseError, JournalRecord, ReceiveJournal
+from integration.dicom.ingest.limits import TOO_LARGE_COMMENT, InstanceTooLargeError, inflate_within
 from integration.dicom.ingest.scan import InstanceFacts, facts_from_dataset, scan_facts
 from integration.dicom.query import INT32_LIMIT, STORABLE_UID
 from integration.errors import StoreUnavailableError
@@ -43,6 +45,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, read-only folder, store down: the sender should retry later
 STATUS_CANNOT_UNDERSTAND = 0xC210  # the data set could not be parsed (truncated, malformed)
 STATUS_IDENTIFIER_MISSING = 0xC211  # parsed, but a required UID is missing or disagrees with the command
+# MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES' default: larger than any single-frame image and most multi-frame
+# ones (a 2,000-slice 512x512 CT is 1 GB), small enough that a few at once fit in a server's memory
+DEFAULT_MAX_INSTANCE_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class IngestOutcome:
@@ -50,15 +55,19 @@ class IngestOutcome:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     stored: bool = False  # False for a duplicate (first kept) and for every failure
+    comment: str | None = None  # an Error Comment for the sender, where the status alone does not say why
 
 
 class InstanceIngest:
     """Checks, writes and records instances under ``storage_dir``; thread-safe."""
 
     def __init__(
-        self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0, journal: ReceiveJournal | None = None
+        self, store: Store, storage_dir: Path, *, min_free_bytes: int = 0, journal: ReceiveJournal | None = None,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         self.store = store
+        # the largest data set taken, as sent and (deflated ones) inflated: 0xA700 above it
+        self.max_instance_bytes = max_instance_bytes
         self.storage_dir = storage_dir
         self.min_free_bytes = min_free_bytes
         # with a journal, an instance is durable once journaled and its file is written without syncs
@@ -117,6 +126,9 @@ class InstanceIngest:
         a C-STORE here, runs while the scanner works. Where it cannot be journaled (no journal, too
         large, rows waiting for the database) its row is committed before the answer instead.
         """
+        if len(data_set) > self.max_instance_bytes:
+            log.warning("instance refused: %d bytes, above MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES", len(data_set))
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment=TOO_LARGE_COMMENT)
         record = self._journal_unread(part10) if defer_row else None
         try:
             outcome = self._ingest_data_set(data_set, _syntax_uid(transfer_syntax), part10, expected_sop_uid, record)
@@ -136,7 +148,14 @@ class InstanceIngest:
             return self.ingest_facts(facts, part10, transfer_syntax=str(syntax), expected_sop_uid=expected_sop_uid,
                                      record=record)
         try:
-            ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            if syntax.is_deflated:
+                # inflated here within the limit (pydicom would inflate whatever it is given), then read
+                ds = decode(BytesIO(inflate_within(data_set, self.max_instance_bytes)), False, True, False)
+            else:
+                ds = decode(BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian, False)
+        except InstanceTooLargeError as exc:
+            log.warning("instance refused: %s", exc)
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment=TOO_LARGE_COMMENT)
         except Exception as exc:  # noqa: BLE001 - any parse failure of peer bytes means "cannot understand"
             log.warning("instance refused: data set cannot be parsed (%s)", type(exc).__name__)
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND)
@@ -292,6 +311,14 @@ class InstanceIngest:
         journal keeps those instances)."""
         return self.rows.write_pending() if self.rows is not None else True
 
+    def failure(self) -> str | None:
+        """Why instances are refused now (0xA700), or None: a journal sync failed, or rows of
+        instances already answered wait for the database or the storage folder."""
+        reason = self.journal.failure() if self.journal is not None else None
+        if reason is None and self.rows is not None and self.rows.failing:
+            reason = "rows of received instances wait for the database or the storage folder"
+        return reason
+
     def close(self) -> None:
         """Write the pending rows, checkpoint the journal (unless rows could not be written: the next
         start replays it) and close it."""
@@ -301,7 +328,10 @@ class InstanceIngest:
         flushed = self.flush_rows()
         self.rows.close()
         if flushed:
-            self.journal.checkpoint()
+            try:
+                self.journal.checkpoint()
+            except OSError:
+                log.error("the receive journal keeps its records for the next start (its checkpoint failed)")
         else:
             log.error("rows of received instances could not be written; the receive journal keeps them "
                       "for the next start")
@@ -323,6 +353,9 @@ class InstanceIngest:
         for other in self.journal.siblings():
             try:
                 restored += self._replay(other)
+            except JournalInUseError:
+                # a listener process still running (another MedBridge on this folder): it is its own
+                log.warning("receive journal %s is open in another process; not replayed here", other.path.name)
             finally:
                 other.close()
         return restored
@@ -364,8 +397,10 @@ class InstanceIngest:
                               "MEDBRIDGE_MIN_FREE_BYTES (see the error above); the journal keeps it: fix that and "
                               "start again")
             return outcome.stored
-        # a duplicate (kept first) has a record too: only bytes of the row's size are the row's
-        if row.path == str(final) and row.size == len(part10) and not _holds(final, row.size):
+        # a duplicate (kept first) has a record too: only bytes of the row's size are the row's; the
+        # file is restored unless it holds exactly the journaled bytes (same size and CRC-32: a file
+        # the crash left with the right size but stale blocks is not the acknowledged instance)
+        if row.path == str(final) and row.size == len(part10) and not _holds(final, part10):
             tmp = final.with_name(f".{final.name}.restore")
             _write(tmp, part10)
             os.replace(tmp, final)
@@ -613,9 +648,12 @@ class _RowWriter:
         log.info("duplicate instance %s: the first is kept", uid_hash(row["sop_instance_uid"]))
 
 
-def _holds(path: Path, size: int) -> bool:
+def _holds(path: Path, data: bytes) -> bool:
+    """True when the file at ``path`` holds ``data`` (size, then CRC-32 of its content)."""
     try:
-        return path.stat().st_size == size
+        if path.stat().st_size != len(data):
+            return False
+        return zlib.crc32(path.read_bytes()) == zlib.crc32(data)
     except OSError:
         return False
 

@@ -16,14 +16,25 @@ the sync it does covers them all.
 Layout: one segment file of ``segment_bytes``, zero-filled once when created. A 64-byte header holds
 the magic and the segment's generation; records follow: magic, generation, payload length, CRC-32,
 name length, the file's path relative to the storage folder, and the Part 10 bytes. Replay reads
-records of the current generation until the first that does not check out (the torn tail of a
-crash, or an older generation's leftovers), so a recycled segment is never zeroed again.
+records of the current generation until the first header that does not check out (an older
+generation's leftovers, or zeros), so a recycled segment is never zeroed again. A record whose
+payload fails its CRC is skipped, not the end: it is the torn tail of a crash (never acknowledged)
+or a damaged block, and the records after it are still good.
+
+One process writes a journal: it holds an exclusive ``flock`` on the file while open, so a second
+listener process or a second MedBridge on the same volume gets an error naming the file instead of
+appending to (or replaying, then recycling) records that are not its own. A failed sync, of a record
+or of a checkpoint, keeps every record and is reported by :meth:`ReceiveJournal.failure` (a failed
+checkpoint until one succeeds; a failed record sync until a restart: after a failed ``fdatasync``
+nothing written since can be trusted, so ingest stays refused until a restart replays the journal).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -34,6 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from integration.datadir import private_folder
+from integration.phi import uid_hash
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,10 @@ _ZERO_CHUNK = 1 << 20
 class ReceiveJournal:
     """The journal in ``folder``; ``open()`` before use, ``close()`` after. Thread-safe."""
 
-    def __init__(self, folder: Path, segment_bytes: int = 64 << 20, *, name: str = "receive") -> None:
+    def __init__(self, folder: Path, segment_bytes: int = 64 << 20, *, name: str = "receive",
+                 syncfs: Callable[[int], int] | None | bool = True) -> None:
+        """``syncfs``: how a checkpoint syncs the file system (``True``: Linux ``syncfs(2)`` where
+        there is one, else ``os.sync``; a callable returning 0, or -1 with errno set, as syncfs does)."""
         self.folder = folder
         self.segment_bytes = segment_bytes
         self.path = folder / f"{name}.journal"  # one writer process per journal file
@@ -70,7 +85,9 @@ class ReceiveJournal:
         self._syncer: threading.Thread | None = None
         self._drained = threading.Condition()  # guards _in_flight: records whose files are not placed yet
         self._in_flight = 0
-        self._syncfs = _linux_syncfs()
+        self._syncfs = _linux_syncfs() if syncfs is True else (syncfs or None)
+        self._checkpoint_error: str | None = None
+        self.skipped = 0  # records a replay skipped (payload failing its CRC)
         # settles records whose rows are still to be written (True once none is left); see _recycle
         self.before_recycle: Callable[[], bool] | None = None
 
@@ -88,9 +105,20 @@ class ReceiveJournal:
         """Open (creating and zero-filling on first use) and yield the records a previous run left
         unchecked, oldest first, as (relative path, Part 10 bytes). The caller restores them, then
         calls :meth:`checkpoint`."""
+        if self._fd >= 0:
+            self.close()  # opened again (replayed once more): one descriptor, one lock
         private_folder(self.folder)
-        existing = self.path.stat().st_size if self.path.exists() else 0
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalInUseError(
+                f"the receive journal {self.path} is open in another process (another DICOM listener process, "
+                "or another MedBridge on the same data folder); give each MedBridge its own MEDBRIDGE_DATA_DIR, "
+                "or stop the other one first") from None
+        existing = os.fstat(fd).st_size
+        self._fd = fd
         self._stopping = False
         self._syncer = threading.Thread(target=self._run_syncer, args=(self._fd,), name="ReceiveJournalSync",
                                         daemon=True)
@@ -112,6 +140,13 @@ class ReceiveJournal:
         self._generation = generation
         return self._records(generation)
 
+    def failure(self) -> str | None:
+        """Why the journal cannot take instances now (a sync failed), or None."""
+        with self._sync_state:
+            if self._sync_error is not None:
+                return f"receive journal sync failed ({self._sync_error}); restart MedBridge to replay the journal"
+        return self._checkpoint_error
+
     def close(self) -> None:
         if self._syncer is not None:
             with self._sync_state:
@@ -120,7 +155,7 @@ class ReceiveJournal:
             self._syncer.join()
             self._syncer = None
         if self._fd >= 0:
-            os.close(self._fd)
+            os.close(self._fd)  # and with it the flock
             self._fd = -1
 
     @contextmanager
@@ -152,6 +187,8 @@ class ReceiveJournal:
         name = relative_path.encode("utf-8")
         size = _RECORD_HEADER.size + len(name) + len(payload)
         with self._lock:
+            if self._sync_error is not None:
+                raise OSError(f"the receive journal could not be synced ({self._sync_error}); restart MedBridge")
             if self._offset + size > self._file_bytes:
                 self._recycle()
             header = _RECORD_HEADER.pack(_RECORD_MAGIC, self._generation, len(payload), zlib.crc32(payload), len(name))
@@ -229,7 +266,14 @@ class ReceiveJournal:
                         self._drained.acquire()
                 if self._in_flight:
                     self._drained.wait(0.01)  # records of instances being placed right now
-        self._sync_file_system()
+        try:
+            self._sync_file_system()
+        except OSError as exc:
+            # the files these records cover may not be on disk: keep the records (the generation stays)
+            self._checkpoint_error = f"receive journal checkpoint sync failed ({exc}); its records are kept"
+            log.error("%s", self._checkpoint_error)
+            raise
+        self._checkpoint_error = None
         if self._file_bytes != self.segment_bytes:
             os.ftruncate(self._fd, min(self._file_bytes, self.segment_bytes))
             self._zero_fill(min(self._file_bytes, self.segment_bytes))
@@ -243,8 +287,13 @@ class ReceiveJournal:
         self._offset = _HEADER_BYTES
 
     def _sync_file_system(self) -> None:
-        if self._syncfs is None or self._syncfs(self._fd) != 0:
+        """syncfs(2), whose failure (EIO, ENOSPC on write-back) is an error: os.sync() reports none."""
+        if self._syncfs is None:
             os.sync()
+            return
+        if self._syncfs(self._fd) != 0:
+            code = ctypes.get_errno() or errno.EIO
+            raise OSError(code, f"syncfs: {os.strerror(code)}")
 
     def _zero_fill(self, start: int) -> None:
         """Zeros from ``start`` to the segment size. Written blocks, not fallocate's unwritten
@@ -263,13 +312,25 @@ class ReceiveJournal:
             if magic != _RECORD_MAGIC or gen != generation:
                 break
             start = offset + _RECORD_HEADER.size
+            end = start + name_length + length
+            if end > self._file_bytes:
+                break  # a header no record of this size could have: not ours
             body = os.pread(self._fd, name_length + length, start)
             payload = body[name_length:]
+            offset = end
             if len(payload) != length or zlib.crc32(payload) != crc:
-                break  # the torn tail of a crash: never acknowledged
+                # a torn tail (never acknowledged) or a damaged block: this record is lost, the next ones are not
+                self.skipped += 1
+                log.warning("receive journal %s: the record at offset %d fails its CRC and is skipped (name %s)",
+                          self.path.name, start - _RECORD_HEADER.size,
+                          uid_hash(body[:name_length].decode("utf-8", "replace")))
+                continue
             yield body[:name_length].decode("utf-8"), payload
-            offset = start + name_length + length
         self._offset = offset
+
+
+class JournalInUseError(RuntimeError):
+    """Another process holds the journal file (its flock)."""
 
 
 class JournalRecord:

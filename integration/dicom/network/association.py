@@ -40,6 +40,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import RequestHandler
 
+from integration.dicom.ingest.limits import TOO_LARGE_COMMENT
+from integration.dicom.network import admission
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
@@ -49,6 +52,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
 NO_DATA_SET = 0x0101
 STATUS_PROCESSING_FAILURE = 0xC211  # what pynetdicom answers when its handler raises
+STATUS_OUT_OF_RESOURCES = 0xA700
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, reason)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -72,7 +76,11 @@ class StoreService(Protocol):
     """What the listener provides to a storage association (``DicomListener`` implements it)."""
 
     def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
-        """None to accept, or the A-ASSOCIATE-RJ (result, source, reason)."""
+        """None to accept (a slot of the association limit is taken: ``admission_ended`` gives it
+        back), or the A-ASSOCIATE-RJ (result, source, reason)."""
+
+    def admission_ended(self, address: str) -> None:
+        """An association ``admission`` accepted has ended."""
 
     def store_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str,
                        data_set: bytes, *, association: int, defer_row: bool = False) -> tuple[int, str | None]:
@@ -92,16 +100,17 @@ class StoreService(Protocol):
 @dataclass(frozen=True)
 class StorageAcceptorConfig:
     """How the fast path accepts: contexts it negotiates, PDU size it advertises (0 = no limit),
-    the idle timeout, the abstract syntaxes that must go to pynetdicom (query/retrieve), the
-    association limit (both paths together) and the implementation it names in the A-ASSOCIATE-AC."""
+    the idle timeout, the abstract syntaxes that must go to pynetdicom (query/retrieve) and the
+    implementation it names in the A-ASSOCIATE-AC (the association limits are the listener's
+    ``admission``, for both paths together)."""
 
     contexts: list[PresentationContext]
     max_pdu_bytes: int
     network_timeout: float | None
     pynetdicom_only: frozenset[str]
-    max_associations: int
     implementation_class_uid: str
     implementation_version_name: str
+    max_instance_bytes: int = 1 << 30  # a data set above it is read and dropped, and answered 0xA700
 
 
 class AssociationAborted(Exception):
@@ -148,14 +157,11 @@ class StorageAssociations:
             except OSError:
                 pass
 
-    def serve(self, sock: socket.socket, address: str, rq_length: int, primitive: A_ASSOCIATE,
-              pynetdicom_active: int) -> None:
+    def serve(self, sock: socket.socket, address: str, rq_length: int, primitive: A_ASSOCIATE) -> None:
         """Accept or reject the (peeked) request, then serve the association until it ends."""
         _recv_exact(sock, rq_length)  # the A-ASSOCIATE-RQ, already decoded from the peek
         calling, called = str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
         reject = self.service.admission(calling, called, address)
-        if reject is None and self.active() + pynetdicom_active >= self.config.max_associations:
-            reject = REJECT_TOO_MANY
         if reject is not None:
             sock.sendall(_associate_rj(*reject))
             return
@@ -170,6 +176,7 @@ class StorageAssociations:
         finally:
             with self._lock:
                 self._open.pop(id(association), None)
+            self.service.admission_ended(address)
             self.service.association_ended(id(association))
 
 
@@ -189,6 +196,8 @@ class _Association:
         self.sock.settimeout(self.owner.config.network_timeout)
         command = bytearray()
         data: list[bytes] = []
+        data_bytes = 0  # of the data set being received, kept or not
+        limit = self.owner.config.max_instance_bytes
         command_done: dict[int, Any] | None = None
         context_id = 0
         try:
@@ -216,11 +225,19 @@ class _Association:
                     else:
                         if command_done is None or pdv_context != context_id:
                             raise ProtocolError("a data set fragment with no command before it", ABORT_UNEXPECTED_PDU)
-                        data.append(fragment)
+                        data_bytes += len(fragment)
+                        if data_bytes <= limit:
+                            data.append(fragment)
+                        else:
+                            data.clear()  # over the limit: the rest is read and dropped, never held
                         if header & 0x02:
-                            self._dispatch(context_id, command_done, b"".join(data))
+                            if data_bytes > limit:
+                                self._refuse_too_large(context_id, command_done, data_bytes)
+                            else:
+                                self._dispatch(context_id, command_done, b"".join(data))
                             command_done = None
                             data.clear()
+                            data_bytes = 0
         except ProtocolError as exc:
             log.warning("storage association from %s aborted: %s", self.calling_ae, exc)  # no data set content
             self._abort(exc.reason)
@@ -272,6 +289,16 @@ class _Association:
             return  # nothing of ours is cancellable: C-STORE answers before the next request is read
         else:
             raise ProtocolError(f"DIMSE command 0x{field or 0:04X} on a storage association", ABORT_UNEXPECTED_PDU)
+
+    def _refuse_too_large(self, context_id: int, command: dict[int, Any], size: int) -> None:
+        """A C-STORE whose data set passed MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES: 0xA700, with a comment."""
+        if command.get(0x0100) != C_STORE_RQ:
+            raise ProtocolError("a data set with a command that takes none", ABORT_UNEXPECTED_PDU)
+        log.warning("C-STORE from %s refused: a data set of %d bytes or more, above "
+                    "MEDBRIDGE_DICOM_MAX_INSTANCE_BYTES", self.calling_ae, size)
+        response = _store_response(str(command.get(0x0002, "")), str(command.get(0x1000, "")),
+                                   int(command.get(0x0110, 0)), STATUS_OUT_OF_RESOURCES, TOO_LARGE_COMMENT)
+        self._send_command(context_id, response)
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         """The command set as PDVs within the peer's maximum PDU length."""
@@ -326,6 +353,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 _PREALLOCATE = 1 << 20
+_MAX_OTHER_PDU = 1 << 16
 
 
 def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
@@ -334,6 +362,8 @@ def _read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytes]:
     pdu_type, length = _PDU_HEADER.unpack(_recv_exact(sock, 6))
     if max_length and pdu_type == 0x04 and length > max_length:
         raise ProtocolError(f"P-DATA-TF of {length} bytes, {max_length} advertised")
+    if pdu_type != 0x04 and length > _MAX_OTHER_PDU:
+        raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes")  # A-RELEASE and A-ABORT hold 4
     return pdu_type, _recv_exact(sock, length)
 
 
@@ -414,29 +444,43 @@ def _echo_response(message_id: int) -> bytes:
     ])
 
 
-def peek_associate_request(sock: socket.socket, timeout: float | None) -> tuple[int, A_ASSOCIATE_RQ] | None:
+HAND_OVER = "hand_over"  # not ours to judge: pynetdicom reads the request (an A-ASSOCIATE-RQ too large to peek)
+
+
+def peek_associate_request(sock: socket.socket, timeout: float | None) -> tuple[int, A_ASSOCIATE_RQ] | str:
     """The first PDU, if it is an A-ASSOCIATE-RQ pynetdicom can decode, without consuming it:
-    (its length in bytes, the PDU). None leaves the connection to pynetdicom as it came."""
+    (its length in bytes, the PDU). Otherwise why not: ``admission.NO_REQUEST`` (nothing complete
+    within ``timeout``), ``CLOSED_SILENT``, ``MALFORMED`` or :data:`HAND_OVER`."""
     sock.settimeout(timeout)
     try:
         header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if not header:
+            return admission.CLOSED_SILENT
         if len(header) < 6 or header[0] != 0x01:
-            return None
+            return admission.MALFORMED
         length = 6 + _PDU_HEADER.unpack(header)[1]
         if length > _MAX_ASSOCIATE_RQ:
-            return None
+            return HAND_OVER
         raw = sock.recv(length, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(raw) < length:
-            return None
+    except TimeoutError:
+        return admission.NO_REQUEST
+    except OSError:
+        return admission.CLOSED_SILENT
+    if len(raw) < length:
+        return admission.MALFORMED  # closed mid-request
+    try:
         pdu = A_ASSOCIATE_RQ()
         pdu.decode(raw)
-        return length, pdu
-    except (OSError, ValueError, struct.error, TypeError, AttributeError, IndexError, KeyError):
-        return None  # pynetdicom reads it again and answers as the protocol says
+        pdu.to_primitive()
+    except Exception:  # noqa: BLE001 - whatever pynetdicom's decoder raises on peer bytes, they are not a request
+        return admission.MALFORMED
+    return length, pdu
 
 
-def storage_request_handler(associations: StorageAssociations, pynetdicom_active: Callable[[], int]) -> Any:
-    """A pynetdicom request handler class that serves storage associations itself (see module doc)."""
+def storage_request_handler(associations: StorageAssociations, gate: admission.ConnectionGate) -> Any:
+    """A pynetdicom request handler class that serves storage associations itself (see module doc),
+    and admits connections through ``gate`` first: one that sends no A-ASSOCIATE-RQ in time, or
+    bytes that are not one, is closed here, before pynetdicom holds an association for it."""
 
     class StorageRequestHandler(RequestHandler):
         def handle(self) -> None:
@@ -445,18 +489,38 @@ def storage_request_handler(associations: StorageAssociations, pynetdicom_active
                 return super().handle()  # TLS: pynetdicom's own path (peeking needs the plain socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             blocking = sock.gettimeout()
-            peeked = peek_associate_request(sock, self.ae.acse_timeout)
-            if peeked is None or not associations.can_serve(request := peeked[1].to_primitive()):
+            address = str(self.client_address[0])
+            gate.arrive(sock, address)
+            try:
+                peeked = peek_associate_request(sock, gate.limits.associate_timeout)
+            finally:
+                counted = gate.settle(sock)
+            if peeked == HAND_OVER:
                 sock.settimeout(blocking)
                 return super().handle()
+            if not isinstance(peeked, str) and not associations.can_serve(request := peeked[1].to_primitive()):
+                sock.settimeout(blocking)
+                return super().handle()  # pynetdicom's association thread owns the socket from here
             try:
-                associations.serve(sock, self.client_address[0], peeked[0], request, pynetdicom_active())
+                if isinstance(peeked, str):
+                    self._refuse(sock, peeked, address, counted)
+                    return None
+                associations.serve(sock, address, peeked[0], request)
             except (AssociationAborted, OSError) as exc:
-                log.info("storage association from %s failed (%s)", self.client_address[0], type(exc).__name__)
+                log.info("storage association from %s failed (%s)", address, type(exc).__name__)
             finally:
                 try:
                     sock.close()
                 except OSError:
                     pass
+            return None
+
+        @staticmethod
+        def _refuse(sock: socket.socket, reason: str, address: str, counted: bool) -> None:
+            if counted:  # one the gate closed to make room is counted already
+                gate.refused(reason, address)
+            if reason == admission.MALFORMED:
+                # PS3.8 9.2 (Sta2, AA-1): A-ABORT from the service provider, unexpected PDU
+                sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, ABORT_UNEXPECTED_PDU)))
 
     return StorageRequestHandler

@@ -27,15 +27,24 @@ from pynetdicom.transport import ThreadedAssociationServer
 from integration.app.settings import DicomPeer, Settings
 from integration.datadir import private_folder
 from integration.db.store import Store
-from integration.dicom.ingest.instances import STATUS_SUCCESS, InstanceIngest
+from integration.dicom.ingest.instances import (
+    DEFAULT_MAX_INSTANCE_BYTES,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceIngest,
+)
 from integration.dicom.ingest.journal import ReceiveJournal
+from integration.dicom.network.admission import CALLER_REFUSED, AdmissionLimits, ConnectionGate
+from integration.dicom.network.admission import metrics_text as admission_metrics_text
 from integration.dicom.network.association import (
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
+    REJECT_TOO_MANY,
     StorageAcceptorConfig,
     StorageAssociations,
     storage_request_handler,
 )
+from integration.dicom.network.logs import install_log_hygiene
 from integration.dicom.network.query_retrieve import QueryRetrieveSCP
 from integration.errors import StoreUnavailableError
 
@@ -48,6 +57,9 @@ pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 STATUS_DUPLICATE_WARNING = 0xB000
 DUPLICATE_COMMENT = "Duplicate SOP Instance UID: the instance already held was kept"
+# Error Comments (64 characters at most) for 0xA700: the sender keeps the instance and retries later
+INGEST_STOPPED_COMMENT = "Receiver storage failing (see its /health); retry later"
+OUT_OF_RESOURCES_COMMENT = "Receiver out of resources (disk or database); retry later"
 
 # Written into the files MedBridge stores, as the implementation that wrote them (PS3.7 D.3.3.2)
 MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
@@ -68,7 +80,7 @@ class DicomListener:
         study_quiet_seconds: float,
         min_free_bytes: int = 0,
         max_associations: int = 32,
-        max_pdu_bytes: int = 0,
+        max_pdu_bytes: int = 64 << 10,
         peers: list[DicomPeer] | None = None,
         allow_any_caller: bool | None = None,
         duplicate_status: str = "warning",
@@ -76,8 +88,12 @@ class DicomListener:
         tls_port: int | None = None,
         on_study_ready: Any = None,
         journal_bytes: int = 16 << 20,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
         process_index: int = 0,
         share_port: bool = False,
+        associate_timeout: float = 5.0,
+        max_connections_per_address: int = 16,
+        max_pending_connections: int = 128,
     ) -> None:
         self.store = store
         self.storage_dir = storage_dir
@@ -92,8 +108,14 @@ class DicomListener:
         self.process_index = process_index
         # several listener processes on one port (SO_REUSEPORT): the kernel spreads the associations
         self.share_port = share_port
-        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal)
+        self.ingest = InstanceIngest(store, storage_dir, min_free_bytes=min_free_bytes, journal=journal,
+                                     max_instance_bytes=max_instance_bytes)
         self.max_associations = max_associations
+        # connections before their A-ASSOCIATE-RQ, and the association limits of both paths
+        self.gate = ConnectionGate(AdmissionLimits(
+            associate_timeout=associate_timeout, max_associations=max_associations,
+            max_per_address=max_connections_per_address, max_pending=max_pending_connections))
+        self._admitted: dict[int, tuple[Any, str]] = {}  # pynetdicom's associations holding a slot
         self.max_pdu_bytes = max_pdu_bytes
         self.peers = peers or []
         # Unset, and no peers configured (the embedded default): callers on this machine only, as Orthanc's
@@ -129,12 +151,15 @@ class DicomListener:
             peers=s.dicom_peers, allow_any_caller=s.dicom_allow_any_caller, duplicate_status=s.dicom_duplicate_status,
             tls=tls, tls_port=s.dicom_tls_port if tls is not None else None, on_study_ready=on_study_ready,
             process_index=process_index, share_port=s.dicom_processes > 1,
+            associate_timeout=s.dicom_associate_timeout, max_instance_bytes=s.dicom_max_instance_bytes,
+            max_connections_per_address=s.dicom_max_connections_per_address,
+            max_pending_connections=s.dicom_max_pending_connections,
         )
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
-        ae.maximum_pdu_size = self.max_pdu_bytes  # 0: no limit, so fewer PDUs per instance
+        ae.maximum_pdu_size = self.max_pdu_bytes  # what one P-DATA-TF may hold (read whole); 0: no limit
         # Callers that name another AE get A-ASSOCIATE-RJ; unknown callers too (see _handle_requested)
         ae.require_called_aet = not (self.allow_any_caller or self.local_callers_only)
         ae.add_supported_context(Verification)
@@ -158,6 +183,7 @@ class DicomListener:
         self._recovered = True
 
     def start(self) -> None:
+        install_log_hygiene()  # before the first peer can make pynetdicom log what it sent
         self.recover()
         self._peer_addresses = {p.ae_title: _addresses_of(p.host) for p in self.peers}
         ae = self._build_ae()
@@ -166,7 +192,7 @@ class DicomListener:
             max_pdu_bytes=self.max_pdu_bytes,
             network_timeout=ae.network_timeout,
             pynetdicom_only=self.query_retrieve.sop_classes(),
-            max_associations=self.max_associations,
+            max_instance_bytes=self.ingest.max_instance_bytes,
             implementation_class_uid=MEDBRIDGE_IMPLEMENTATION_UID,
             implementation_version_name=MEDBRIDGE_IMPLEMENTATION_VERSION,
         ), on_accept=self.on_storage_association)
@@ -177,14 +203,16 @@ class DicomListener:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_assoc_end),
             (evt.EVT_ABORTED, self._handle_assoc_end),
+            (evt.EVT_REJECTED, self._handle_assoc_gone),
+            (evt.EVT_CONN_CLOSE, self._handle_assoc_gone),
             *self.query_retrieve.handlers(),
         ]
         # Storage-only associations are served by dicom_association on the accepting thread; the
         # others (query/retrieve, user identity, ...) by pynetdicom, behind the same port
         self._server = ae.make_server(
             (self.host, self.port), evt_handlers=handlers,
-            server_class=_SharedPortServer if self.share_port else ThreadedAssociationServer,
-            request_handler=storage_request_handler(self.storage_associations, lambda: len(ae.active_associations)),
+            server_class=_SharedPortServer if self.share_port else _Server,
+            request_handler=storage_request_handler(self.storage_associations, self.gate),
         )
         ae._servers.append(self._server)  # as start_server(block=False) does, so shutdown() finds it
         threading.Thread(target=self._server.serve_forever, name="DicomListener", daemon=True).start()
@@ -229,17 +257,52 @@ class DicomListener:
         """pynetdicom's path: A-ASSOCIATE-RJ for callers :meth:`admission` refuses."""
         requestor = event.assoc.requestor
         calling = str(requestor.primitive.calling_ae_title).strip()
+        self._forget_dead_associations()
         reject = self.admission(calling, str(requestor.primitive.called_ae_title).strip(), requestor.address)
         if reject is not None:
             event.assoc.acse.send_reject(*reject)
             event.assoc.is_rejected = True
             event.assoc.kill()
+            return
+        with self._lock:
+            self._admitted[id(event.assoc)] = (event.assoc, requestor.address)
+
+    def _handle_assoc_gone(self, event: evt.Event) -> None:
+        """pynetdicom's path: rejected (after admission, by pynetdicom itself) or disconnected."""
+        with self._lock:
+            admitted = self._admitted.pop(id(event.assoc), None)
+        if admitted is not None:
+            self.gate.leave(admitted[1])
+
+    def _forget_dead_associations(self) -> None:
+        """Slots of pynetdicom associations whose thread ended without an event we saw."""
+        with self._lock:
+            dead = [key for key, (assoc, _) in self._admitted.items() if not assoc.is_alive()]
+            gone = [self._admitted.pop(key)[1] for key in dead]
+        for address in gone:
+            self.gate.leave(address)
 
     def admission(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
-        """None when the caller may associate, else the A-ASSOCIATE-RJ (permanent, calling AE not
-        recognised; called AE not recognised). Both association paths ask it. A peer is known by its
-        AE title and the address it calls from, so a stolen AE title used from another host is
-        refused too."""
+        """None when the caller may associate (it holds a slot until :meth:`admission_ended`), else
+        the A-ASSOCIATE-RJ: permanent, calling AE not recognised; called AE not recognised; or
+        transient, local limit exceeded (``MEDBRIDGE_MAX_ASSOCIATIONS``, or
+        ``MEDBRIDGE_DICOM_MAX_CONNECTIONS_PER_ADDRESS`` from one address). Both association paths
+        ask it. A peer is known by its AE title and the address it calls from, so a stolen AE title
+        used from another host is refused too."""
+        reject = self._caller_check(calling_ae, called_ae, address)
+        if reject is not None:
+            self.gate.refused(CALLER_REFUSED, address)
+            return reject
+        reason = self.gate.admit(address)
+        if reason is not None:
+            self.gate.refused(reason, address)
+            return REJECT_TOO_MANY
+        return None
+
+    def admission_ended(self, address: str) -> None:
+        self.gate.leave(address)
+
+    def _caller_check(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
         if self.allow_any_caller or (self.local_callers_only and _is_loopback(address)):
             return None
         if self.local_callers_only:
@@ -253,6 +316,14 @@ class DicomListener:
         # AE titles and addresses name machines, not patients
         log.warning("association from unknown caller %s at %s rejected", calling_ae, address)
         return REJECT_CALLING_AE
+
+    def metrics_text(self) -> str:
+        """Prometheus lines of this listener's refusals (``medbridge_dicom_rejections_total``)."""
+        return admission_metrics_text(self.gate.rejections())
+
+    def saturated(self) -> bool:
+        """True while every association slot is taken, or a limit refused a caller in the last seconds."""
+        return self.gate.saturated()
 
     @staticmethod
     def _handle_echo(event: evt.Event) -> int:
@@ -292,6 +363,11 @@ class DicomListener:
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
             if outcome.status == STATUS_SUCCESS and outcome.study_instance_uid:
                 self._studies_by_assoc[association].add(outcome.study_instance_uid)
+        if outcome.comment:
+            return outcome.status, outcome.comment
+        if outcome.status == STATUS_OUT_OF_RESOURCES:
+            failure = self.ingest.failure()
+            return outcome.status, INGEST_STOPPED_COMMENT if failure else OUT_OF_RESOURCES_COMMENT
         if outcome.status != STATUS_SUCCESS or not outcome.study_instance_uid:
             return outcome.status, None
         if not outcome.stored and self.duplicate_status == "warning":
@@ -301,6 +377,7 @@ class DicomListener:
         return STATUS_SUCCESS, None
 
     def _handle_assoc_end(self, event: evt.Event) -> None:
+        self._handle_assoc_gone(event)
         self.association_ended(id(event.assoc))
 
     def answered(self, association: int) -> None:
@@ -340,7 +417,12 @@ class DicomListener:
                      tally["stored"], tally["duplicate"], tally["refused"], tally["studies"])
 
 
-class _SharedPortServer(ThreadedAssociationServer):
+class _Server(ThreadedAssociationServer):
+    # socketserver's default backlog of 5 drops connections of a burst before they are accepted
+    request_queue_size = 128
+
+
+class _SharedPortServer(_Server):
     """A pynetdicom server whose port MedBridge's other listener processes bind too (SO_REUSEPORT)."""
 
     def server_bind(self) -> None:

@@ -129,3 +129,37 @@ def _alive(pid: int) -> bool:
     # a zombie counts as gone: it no longer runs (its parent, killed, cannot reap it; init will)
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().split(") ")[1][0] != "Z"
+
+
+def test_a_killed_listener_process_is_started_again_and_serves(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
+                        dicom_processes=2, dicom_journal_bytes=1 << 20, study_quiet_seconds=60,
+                        database_url=f"sqlite:///{tmp_path / 'store.db'}")
+    store = Store(settings.effective_database_url)
+    store.start()
+    main = DicomListener.from_settings(store, settings)
+    main.start()
+    more = ListenerProcesses(settings, 2, main.port)
+    more.start()
+    try:
+        first = more._processes[0].pid
+        assert more.alive()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while more.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not more.alive(), "/health is red while a listener process is down"
+        deadline = time.monotonic() + 60
+        while not (more.alive() and more.restarts == 1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert more.alive() and more._processes[0].pid != first, "started again"
+        # the new process takes its share of associations again
+        before = more.accepted[1]
+        shares = make_shares(tmp_path, associations=12, per_association=1)
+        send_in_parallel(main.port, shares)
+        assert count_rows(store) == 12
+        assert more.accepted[1] > before, "the kernel hands the restarted process associations"
+    finally:
+        more.stop()
+        main.stop()
+        store.stop()
