@@ -19,7 +19,6 @@ from integration.delivery.plan import Destinations
 from integration.errors import InvalidResourceError, PreconditionRequiredError, ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
-from integration.reports import quality, worklist
 from integration.reports.writer import apply_review
 from schemas.api import (
     DeliveryRecord,
@@ -34,9 +33,6 @@ from schemas.events import ARTIFACT_ID_PATTERN, EvidencePassage
 
 router = APIRouter(prefix="/api", tags=["query"])
 ServicesDep = Annotated[Services, Depends(get_services)]
-# the reviewer's workstation: worklist, claims, quality metrics and feedback (same /api policy)
-router.include_router(worklist.router)
-router.include_router(quality.router)
 
 
 def _summary(report: dict[str, Any], ai: AiResult) -> ReportSummary:

@@ -23,7 +23,7 @@ from integration.db.tables import AiResult, FhirResourceVersion, Review, Worklis
 from integration.reports.index import index_missing
 from schemas.worklist import QualityGroup, QualityRates, QualityReport
 
-router = APIRouter(tags=["review"])
+router = APIRouter(prefix="/api", tags=["review"])
 ServicesDep = Annotated[Services, Depends(get_services)]
 FEEDBACK_LIMIT = 10_000
 

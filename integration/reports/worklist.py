@@ -26,7 +26,7 @@ from integration.identity import Actor
 from integration.reports.index import PRIORITY_NAMES, index_missing
 from schemas.worklist import Claim, StudyReport, WorklistItem, WorklistPage, WorklistSort
 
-router = APIRouter()
+router = APIRouter(prefix="/api")
 ServicesDep = Annotated[Services, Depends(get_services)]
 _REPORT_STATUSES = allowed_codes("DiagnosticReport", "status")
 
