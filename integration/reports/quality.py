@@ -18,7 +18,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from integration.app.auditing import RequestAudit, audited
 from integration.app.services import Services, get_services
+from integration.audit import events as audit_events
 from integration.db.tables import AiResult, FhirResourceVersion, Review, WorklistEntry
 from integration.reports.index import index_missing
 from schemas.worklist import QualityGroup, QualityRates, QualityReport
@@ -143,12 +145,14 @@ def feedback_lines(s: Session, since: datetime | None, limit: int) -> Iterator[s
 
 
 @router.get("/feedback", responses={200: {"content": {"application/x-ndjson": {}}}})
-def feedback(services: ServicesDep,
+def feedback(services: ServicesDep, audit: Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)],
              since: Annotated[datetime | None, Query(description="decisions made after this time")] = None,
              limit: Annotated[int, Query(ge=1, le=FEEDBACK_LIMIT)] = FEEDBACK_LIMIT) -> StreamingResponse:
     """Each decision since ``since`` (oldest first) as one JSON object per line: the decision, the model's
     output, the reviewer's final text, the reason, the model and version, the modality. Page on with the
     last line's ``at`` as the next ``since``."""
+    # the export carries the reports' conclusions: who took it is on the trail
+    audit.add(audit_events.query_entity(f"since={since.isoformat() if since else ''}", "review feedback export"))
     index_missing(services.store)
     with services.store.read_session() as s:
         lines = list(feedback_lines(s, since, limit))

@@ -17,8 +17,10 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from integration.app.auditing import RequestAudit, audited
 from integration.app.identity import ActorDep
 from integration.app.services import Services, get_services
+from integration.audit import events as audit_events
 from integration.db.tables import FhirResource, ReviewClaim, WorklistEntry, utcnow
 from integration.errors import ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
@@ -145,6 +147,7 @@ def _statuses(status: str | None) -> tuple[str, ...]:
 def worklist(
     services: ServicesDep,
     actor: ActorDep,
+    audit: Annotated[RequestAudit, audited(audit_events.FHIR_SEARCH)],
     status: Annotated[str | None, Query(description="comma-separated DiagnosticReport statuses")] = None,
     kind: Annotated[str | None, Query(pattern="^(imaging|clinical)$")] = None,
     modality: Annotated[str | None, Query(max_length=16)] = None,
@@ -163,6 +166,7 @@ def worklist(
     total and the counts per status."""
     filters = WorklistFilters(_statuses(status), kind, modality, model, finding, min_probability, patient,
                               issued_from, issued_to)
+    audit.add(audit_events.query_entity(f"status={status or ''}&sort={sort}&offset={offset}", "reviewer worklist"))
     index_missing(services.store)
     with services.store.read_session() as s:
         return worklist_page(s, filters, sort, offset, limit, actor)
