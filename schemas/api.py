@@ -53,6 +53,8 @@ class ReportDetail(ReportSummary):
     instances: list[InstanceResult] = Field(default_factory=list)
     evidence: list[EvidencePassage] = Field(default_factory=list)
     reviews: list[ReviewRecord] = Field(default_factory=list)
+    input_refs: list[str] = Field(default_factory=list,
+                                  description="the FHIR records a clinical model read (its patient context)")
     fhir: dict = Field(default_factory=dict, description="The DiagnosticReport as FHIR R4 JSON")
 
 
