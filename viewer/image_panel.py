@@ -56,7 +56,7 @@ def probability_plot(images: list[dict[str, Any]]) -> None:
         st.text("The model scored no image of this series.")
         return
     chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
-        x=alt.X("image:Q", title="image in series"), y=alt.Y("probability:Q", scale=alt.Scale(domain=[0, 1])),
+        x=alt.X("image:O", title="image in series"), y=alt.Y("probability:Q", scale=alt.Scale(domain=[0, 1])),
         color="finding:N", tooltip=["image", "finding", alt.Tooltip("probability", format=".2f")])
     st.altair_chart(chart)
 

@@ -64,8 +64,13 @@ def show(api: Api, reports: list[tuple[dict[str, Any], str]]) -> None:
                               format_func=lambda r: f"{r[:8]} ({by_id[r][0]['status']})")
     else:
         chosen = default
-    detail, etag = by_id[chosen]
-    st.text(f"Report {detail['id']} · status {detail['status']} · version {etag}")
+    detail, current = by_id[chosen]
+    # the version the reviewer was shown (by the run before this one): Streamlit reads the report again on
+    # the run a click starts, and a decision must name what the reviewer saw, not what is there now
+    seen_key = f"seen:{chosen}"
+    etag = st.session_state.get(seen_key, current)
+    st.session_state[seen_key] = current
+    st.text(f"Report {detail['id']} · status {detail['status']} · version {current}")
     st.text("Conclusion:")
     st.text(detail.get("conclusion") or "—")
     if detail["reviews"]:

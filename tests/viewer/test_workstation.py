@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Locator, Page, async_playwright, expect
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -106,8 +106,13 @@ async def go_to(page: Page, name: str) -> None:
     await page.locator('[data-testid="stSidebar"]').get_by_text(name, exact=True).click()
 
 
+def open_buttons(page: Page) -> Locator:
+    """The worklist's Open buttons (not the drop-downs' open arrows)."""
+    return page.locator('[data-testid="stButton"]').get_by_role("button", name="Open", exact=True)
+
+
 async def open_first(page: Page) -> None:
-    await page.get_by_role("button", name="Open", exact=True).first.click()
+    await open_buttons(page).first.click()
     await page.get_by_text("Sign-off").wait_for(timeout=60_000)
 
 
@@ -152,26 +157,26 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
         await wait_http(f"{url}/_stcore/health")
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            ada = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            ada = await browser.new_page(viewport={"width": 1400, "height": 2000})
             await log_in(ada, url, "dr-ada")
-            await ada.get_by_role("button", name="Open", exact=True).first.wait_for(timeout=30_000)
+            await open_buttons(ada).first.wait_for(timeout=30_000)
             await shots.take(ada, "worklist")
             # the imaging studies (the stack may also write clinical reports for these patients meanwhile)
             await ada.locator('[data-testid="stSelectbox"]').filter(has_text="Kind").click()
             await ada.get_by_role("option", name="imaging", exact=True).click()
-            await expect(ada.get_by_role("button", name="Open", exact=True)).to_have_count(4, timeout=30_000)
+            await expect(open_buttons(ada)).to_have_count(4, timeout=30_000)
 
             # filter: the patient of the four-image study
             await ada.get_by_label("Patient identifier").fill("WS-SCROLL")
             await ada.get_by_label("Patient identifier").press("Enter")
-            await expect(ada.get_by_role("button", name="Open", exact=True)).to_have_count(1, timeout=30_000)
+            await expect(open_buttons(ada)).to_have_count(1, timeout=30_000)
             await shots.take(ada, "worklist-filtered")
 
             # open it: the highest-scoring image first, with the heatmap beside the original
             await open_first(ada)
             await ada.get_by_text("Heatmap overlay at 60%").wait_for(timeout=60_000)
             assert await ada.get_by_text("in review by you").count() + await ada.get_by_text("You hold").count() >= 1
-            first = await ada.get_by_text("Original, image").inner_text()
+            first = await ada.get_by_text("Original, image").first.inner_text()
             assert "of 4" in first
             await shots.take(ada, "review-heatmap")
 
@@ -199,7 +204,8 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
             await shots.take(ada, "review-heatmap-hidden")
 
             # approve with the keyboard alone
-            await ada.locator("body").press("Escape")
+            # (focus off the toggle first: Streamlit ignores shortcuts while a form control has the focus)
+            await ada.evaluate("document.activeElement && document.activeElement.blur()")
             await ada.keyboard.press("a")
             await outcome(ada, "Recorded: report is now final")
             await shots.take(ada, "approved-by-keyboard")
@@ -208,20 +214,20 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
             await go_to(ada, "Worklist")
             await ada.get_by_label("Patient identifier").fill("")
             await ada.get_by_label("Patient identifier").press("Enter")
-            await expect(ada.get_by_role("button", name="Open", exact=True)).to_have_count(3, timeout=30_000)
+            await expect(open_buttons(ada)).to_have_count(3, timeout=30_000)
             await open_first(ada)
-            await ada.get_by_role("button", name="Reject", exact=True).click()
+            await ada.get_by_role("button", name="Reject").click()
             await outcome(ada, "Refused:")
             await shots.take(ada, "reject-without-reason-refused")
-            await ada.get_by_text("Choose a reason").click()
+            await ada.locator('[data-testid="stSelectbox"]').filter(has_text="Rejection reason").click()
             await ada.get_by_role("option", name="Missed finding").click()
-            await ada.get_by_role("button", name="Reject", exact=True).click()
+            await ada.get_by_role("button", name="Reject").click()
             await outcome(ada, "Recorded: report is now entered-in-error")
             await shots.take(ada, "rejected-with-reason")
 
             # the next: amend, the change shown before it is sent
             await go_to(ada, "Worklist")
-            await expect(ada.get_by_role("button", name="Open", exact=True)).to_have_count(2, timeout=30_000)
+            await expect(open_buttons(ada)).to_have_count(2, timeout=30_000)
             await open_first(ada)
             await ada.get_by_text("Amend the conclusion").click()
             await ada.get_by_label("Amended conclusion").fill("No lesion on review; calcification.")
@@ -233,17 +239,17 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
 
             # two reviewers on the last study: Ada claims it, Bob sees the claim; his stale decision is refused
             await go_to(ada, "Worklist")
-            await expect(ada.get_by_role("button", name="Open", exact=True)).to_have_count(1, timeout=30_000)
+            await expect(open_buttons(ada)).to_have_count(1, timeout=30_000)
             await open_first(ada)
-            bob = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            bob = await browser.new_page(viewport={"width": 1400, "height": 2000})
             await log_in(bob, url, "dr-bob")
             await bob.get_by_text("in review by dr-ada").wait_for(timeout=30_000)
             await open_first(bob)
             await bob.get_by_text("In review by someone else").wait_for(timeout=30_000)
             await shots.take(bob, "second-reviewer-sees-claim")
-            await ada.get_by_role("button", name="Approve", exact=True).click()
+            await ada.get_by_role("button", name="Approve").click()
             await outcome(ada, "Recorded: report is now final")
-            await bob.get_by_role("button", name="Approve", exact=True).click()
+            await bob.get_by_role("button", name="Approve").click()
             await outcome(bob, "someone reviewed this report meanwhile")
             await shots.take(bob, "stale-decision-refused")
 
