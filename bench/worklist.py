@@ -113,6 +113,10 @@ def main() -> None:
     settings = Settings(data_dir=tmp, database_url=url, viewer_enabled=False, audit_enabled=True)  # type: ignore[call-arg]
     seconds = generate(store, args.reports)
     print(f"store: {store.engine.dialect.name}; {args.reports} reports generated in {seconds:.1f} s")
+    # planner statistics and (PostgreSQL) the visibility map, as autovacuum leaves them after a bulk load
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+            "VACUUM ANALYZE" if store.engine.dialect.name == "postgresql" else "ANALYZE")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(Services(settings, store)), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off"))
