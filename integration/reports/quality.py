@@ -86,17 +86,17 @@ def quality_report(s: Session, start: datetime | None, end: datetime | None) -> 
     waits = [(_aware(r.at) - _aware(e.issued_at)).total_seconds() for r, e in decisions
              if e is not None and first.get(r.report_id) == _aware(r.at)]
     p50, p90 = percentile(waits, 0.5), percentile(waits, 0.9)
-    return QualityReport(
-        from_=start, to=end,
-        time_to_sign_p50_seconds=None if p50 is None else round(p50, 3),
-        time_to_sign_p90_seconds=None if p90 is None else round(p90, 3),
-        overall=rates(r.action for r, _ in decisions),
-        rejection_reasons=dict(Counter(r.reason or "unspecified" for r, _ in decisions
+    return QualityReport.model_validate({
+        "from": start, "to": end,
+        "time_to_sign_p50_seconds": None if p50 is None else round(p50, 3),
+        "time_to_sign_p90_seconds": None if p90 is None else round(p90, 3),
+        "overall": rates(r.action for r, _ in decisions),
+        "rejection_reasons": dict(Counter(r.reason or "unspecified" for r, _ in decisions
                                        if r.action == "entered-in-error")),
-        by_model=_grouped([(f"{(e.model_name if e else None) or 'unknown'} {(e.model_version if e else None) or ''}"
+        "by_model": _grouped([(f"{(e.model_name if e else None) or 'unknown'} {(e.model_version if e else None) or ''}"
                             .strip(), r.action) for r, e in decisions]),
-        by_modality=_grouped([((e.modality or e.kind) if e else "unknown", r.action) for r, e in decisions]),
-    )
+        "by_modality": _grouped([((e.modality or e.kind) if e else "unknown", r.action) for r, e in decisions]),
+    })
 
 
 @router.get("/quality", response_model=QualityReport, response_model_by_alias=True)

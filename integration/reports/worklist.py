@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy import Select, and_, func, or_, select
@@ -79,7 +79,10 @@ _ORDER = {
 }
 
 
-def _joined(query: Select[Any]) -> Select[Any]:
+_Query = TypeVar("_Query", bound=Select)  # type: ignore[type-arg]  # any row shape
+
+
+def _joined(query: _Query) -> _Query:
     return query.select_from(WorklistEntry).join(FhirResource, and_(FhirResource.resource_type == "DiagnosticReport",
                                                                     FhirResource.id == WorklistEntry.report_id))
 
@@ -107,8 +110,10 @@ def worklist_page(s: Session, filters: WorklistFilters, sort: WorklistSort, offs
     now = utcnow()
     rows = s.execute(_joined(select(WorklistEntry, FhirResource.status)).where(*filters.conditions())
                      .order_by(*_ORDER[sort], WorklistEntry.report_id).offset(offset).limit(limit)).all()
-    counts = dict(s.execute(_joined(select(FhirResource.status, func.count()))
-                            .where(*filters.conditions(with_status=False)).group_by(FhirResource.status)).all())
+    counts: dict[str, int] = {
+        str(status): int(n) for status, n in s.execute(
+            _joined(select(FhirResource.status, func.count()))
+            .where(*filters.conditions(with_status=False)).group_by(FhirResource.status)).all()}
     total = sum(n for status, n in counts.items() if not filters.status or status in filters.status)
     keys = [e.study_key for e, _ in rows]
     siblings: dict[str, list[StudyReport]] = {}
@@ -117,11 +122,11 @@ def worklist_page(s: Session, filters: WorklistFilters, sort: WorklistSort, offs
                                    .where(WorklistEntry.study_key.in_(keys))
                                    .order_by(WorklistEntry.issued_at, WorklistEntry.latest)).all():
             siblings.setdefault(e.study_key, []).append(
-                StudyReport(id=e.report_id, status=status, issued=_aware(e.issued_at)))
+                StudyReport(id=e.report_id, status=status or "unknown", issued=_aware(e.issued_at)))
     claims = _claims(s, [e.report_id for e, _ in rows], now)
     items = [
         WorklistItem(
-            report_id=e.report_id, kind=e.kind, status=status,
+            report_id=e.report_id, kind=e.kind, status=status or "unknown",  # type: ignore[arg-type]  # imaging|clinical
             study_instance_uid=e.study_key if e.kind == "imaging" else None,
             subject=e.patient_ref, patient_id=e.patient_id, modality=e.modality, model_name=e.model_name,
             model_version=e.model_version, top_finding=e.top_finding, top_probability=e.top_probability,
