@@ -13,7 +13,7 @@ from schemas.events import EvidencePassage
 ReportKind = Literal["imaging", "clinical"]
 ReviewAction = Literal["final", "amended", "entered-in-error"]
 # why a reviewer rejects (entered-in-error) an AI report; "other" needs a comment saying what
-RejectionReason = Literal["wrong-finding", "wrong-patient", "image-quality", "model-error", "other"]
+RejectionReason = Literal["wrong-finding", "missed-finding", "poor-image-quality", "not-applicable", "other"]
 REJECTION_REASONS: tuple[str, ...] = get_args(RejectionReason)
 
 
@@ -40,7 +40,8 @@ class ReviewRecord(BaseModel):
     action: ReviewAction
     reviewer: str = Field(description="The reviewer's display name (from the authenticated identity)")
     reviewer_sub: str | None = Field(None, description="The authenticated subject (token sub) who decided")
-    reason: RejectionReason | None = None
+    # a string: decisions recorded before the value set changed keep their older codes
+    reason: str | None = None
     comment: str | None = None
     report_version: int | None = Field(None, description="The report version this decision made")
     at: datetime
@@ -52,6 +53,8 @@ class ReportDetail(ReportSummary):
     instances: list[InstanceResult] = Field(default_factory=list)
     evidence: list[EvidencePassage] = Field(default_factory=list)
     reviews: list[ReviewRecord] = Field(default_factory=list)
+    input_refs: list[str] = Field(default_factory=list,
+                                  description="the FHIR records a clinical model read (its patient context)")
     fhir: dict = Field(default_factory=dict, description="The DiagnosticReport as FHIR R4 JSON")
 
 

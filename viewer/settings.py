@@ -19,6 +19,12 @@ class ViewerSettings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     # how long one API call may take (MEDBRIDGE_VIEWER_TIMEOUT_SECONDS)
     viewer_timeout_seconds: float = Field(default=30.0, gt=0)
+    # a full DICOMweb viewer (OHIF) for reading beyond the review page (MEDBRIDGE_FULL_VIEWER_URL), with
+    # {study} where the StudyInstanceUID goes, e.g. http://ohif.example/viewer?StudyInstanceUIDs={study};
+    # empty: no link. The viewer must be configured with MedBridge's /dicomweb as its data source.
+    full_viewer_url: str = ""
+    # worklist entries per page (MEDBRIDGE_WORKLIST_PAGE_SIZE)
+    worklist_page_size: int = Field(default=20, ge=5, le=200)
 
     @field_validator("api_url")
     @classmethod

@@ -13,7 +13,7 @@ from integration.delivery import queue
 from integration.dicom import web as dicomweb
 from integration.events import dead_letters
 from integration.fhir import api as fhir_api
-from integration.reports import api
+from integration.reports import api, quality, worklist
 
 
 def create_app(services: Services) -> FastAPI:
@@ -40,6 +40,9 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(fhir_api.router, dependencies=[
         Depends(auth.authorize(policy.fhir_requirement)), Depends(auth.fhir_json_only)])
     app.include_router(api.router, dependencies=[Depends(auth.authorize(policy.api_requirement))])
+    # the reviewer's workstation (worklist, claims, quality, feedback): /api, under the same policy
+    for workstation in (worklist.router, quality.router):
+        app.include_router(workstation, dependencies=[Depends(auth.authorize(policy.api_requirement))])
     app.include_router(dicomweb.router, dependencies=[Depends(auth.authorize(policy.dicomweb_requirement))])
     app.include_router(auth.router)
 

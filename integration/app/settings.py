@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     viewer_host: str = Field("127.0.0.1", alias="MEDBRIDGE_VIEWER_HOST")
     viewer_port: int = Field(8501, alias="MEDBRIDGE_VIEWER_PORT")
     viewer_enabled: bool = Field(True, alias="MEDBRIDGE_VIEWER")
+    # how long a reviewer's claim on a report (POST /api/reports/{id}/claim) holds it for them
+    review_claim_seconds: int = Field(300, ge=10, le=86400, alias="MEDBRIDGE_REVIEW_CLAIM_SECONDS")
 
     # Broker: empty means "start the embedded tansu broker"
     kafka_bootstrap_servers: str = Field("", alias="KAFKA_BOOTSTRAP_SERVERS")

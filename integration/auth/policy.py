@@ -98,13 +98,17 @@ def dicomweb_requirement(method: str, route_path: str, params: dict[str, Any]) -
 _API_ADMIN_PREFIXES = ("/api/dead-letters", "/api/dicom-exports", "/api/writebacks", "/api/deliveries")
 
 
+# the lists (worklist, quality metrics, feedback export) are searches over DiagnosticReports
+_API_SEARCHES = ("/api/reports", "/api/worklist", "/api/quality", "/api/feedback")
+
+
 def api_requirement(method: str, route_path: str, params: dict[str, Any]) -> Requirement:
     """/api: the worklist and report reads need DiagnosticReport read scopes, a review the reviewer role,
     the operational lists and replays the admin role."""
     if route_path.startswith(_API_ADMIN_PREFIXES):
         return ADMIN
-    if route_path == "/api/reports/{report_id}/review":
+    if route_path in ("/api/reports/{report_id}/review", "/api/reports/{report_id}/claim"):
         return Requirement(scope=REVIEW_SCOPE)
     if method == "GET":
-        return Requirement("DiagnosticReport", "s" if route_path == "/api/reports" else "r")
+        return Requirement("DiagnosticReport", "s" if route_path in _API_SEARCHES else "r")
     return ADMIN

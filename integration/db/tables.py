@@ -204,6 +204,51 @@ class Review(Base):
     report_version: Mapped[int | None] = mapped_column(Integer)  # the report version the decision made
 
 
+class WorklistEntry(Base):
+    """What the reviewer's worklist filters and sorts on, one row per AI report (integration.reports.index
+    fills it beside the report). ``study_key`` groups a study's revisions (the study UID; the patient for
+    a clinical report); the ``latest`` row of a study stands for it and carries the study's aggregates
+    (highest probability, images). The status is read live from the report (fhir_resources)."""
+
+    __tablename__ = "worklist_entries"
+    __table_args__ = (
+        Index("ix_worklist_latest_issued", "latest", "issued_at"),
+        Index("ix_worklist_latest_probability", "latest", "top_probability"),
+        Index("ix_worklist_latest_priority", "latest", "priority", "issued_at"),
+        Index("ix_worklist_study", "study_key"),
+        Index("ix_worklist_filters", "latest", "kind", "modality", "model_name"),
+        Index("ix_worklist_finding", "latest", "top_finding", "top_probability"),
+        Index("ix_worklist_patient", "patient_ref"),
+        Index("ix_worklist_patient_id", "patient_id"),
+    )
+    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_key: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    latest: Mapped[bool] = mapped_column(Boolean, default=True)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    modality: Mapped[str | None] = mapped_column(String(16), default=None)
+    patient_ref: Mapped[str | None] = mapped_column(String(128), default=None)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)  # DICOM PatientID
+    model_name: Mapped[str | None] = mapped_column(String(128), default=None)
+    model_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    top_finding: Mapped[str | None] = mapped_column(String(128), default=None)
+    top_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    # 0 stat, 1 asap, 2 urgent, 3 routine (ServiceRequest.priority), 4 none known
+    priority: Mapped[int] = mapped_column(Integer, default=4)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReviewClaim(Base):
+    """A reviewer working on a report: others see "in review by <reviewer>" until ``expires_at``."""
+
+    __tablename__ = "review_claims"
+    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reviewer_sub: Mapped[str] = mapped_column(String(256))
+    reviewer: Mapped[str] = mapped_column(String(200))  # display name
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

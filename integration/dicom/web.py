@@ -56,6 +56,7 @@ from integration.dicom.render import (
     render,
     rendering_from_query,
 )
+from integration.dicom.rendered_cache import RenderedCache, etag_of
 from integration.errors import StoreUnavailableError
 from integration.phi import uid_hash
 
@@ -669,6 +670,31 @@ def _asks_multipart(request: Request) -> bool:
     return any(params.get_content_type() == "multipart/related" for _, params in _accepted(request))
 
 
+def _rendered_cache(request: Request) -> RenderedCache:
+    """The app's cache of rendered frames (made on first use: one per app, not per process)."""
+    cache = getattr(request.app.state, "rendered_cache", None)
+    if cache is None:
+        cache = request.app.state.rendered_cache = RenderedCache()
+    return cache  # type: ignore[no-any-return]
+
+
+def _one_rendered(request: Request, row: DicomInstance, number: int, media_type: str,
+                  rendering: Rendering) -> Response:
+    """One frame rendered, from the cache when it was rendered before; with an ETag (a scroll back is a
+    304 when the browser kept it) and private caching (the image is of a patient)."""
+    key = (row.sop_instance_uid, row.size, number, media_type, rendering)
+    etag = etag_of(key)
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if etag in (request.headers.get("if-none-match") or ""):
+        return Response(status_code=304, headers=headers)
+    cache = _rendered_cache(request)
+    image = cache.get(key)
+    if image is None:
+        image = _render(row, [number], media_type, rendering)[0]
+        cache.put(key, image)
+    return Response(image, media_type=media_type, headers=headers)
+
+
 def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -> Response:
     """Frames rendered as multipart/related of images when the Accept header asks for it; else one
     frame as the image itself (a single-frame media type holds one frame)."""
@@ -677,7 +703,7 @@ def _rendered_frames(request: Request, row: DicomInstance, numbers: list[int]) -
         if len(numbers) > 1:
             raise HTTPException(406, f'several frames are served as multipart/related; type="{media_type}": '
                                      "ask for that, or for one frame")
-        return Response(_render(row, numbers, media_type, rendering)[0], media_type=media_type)
+        return _one_rendered(request, row, numbers[0], media_type, rendering)
     images = _render(row, numbers, media_type, rendering)
     return _multipart(((image, media_type) for image in images), media_type)
 
@@ -734,7 +760,7 @@ def _thumbnail(request: Request, row: DicomInstance, number: int = 1) -> Respons
     """PS3.18 10.4.1.1.4: one small rendered image; 128 x 128 at most unless a viewport says otherwise."""
     media_type = _rendered_media_type(request)
     rendering = _rendering(request, viewport=THUMBNAIL_VIEWPORT)
-    return Response(_render(row, [number], media_type, rendering)[0], media_type=media_type)
+    return _one_rendered(request, row, number, media_type, rendering)
 
 
 @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")

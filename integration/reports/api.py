@@ -88,6 +88,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
             for i in ai.details.get("instances", [])
         ],
         evidence=[EvidencePassage(**e) for e in ai.details.get("evidence", [])],
+        input_refs=[str(r) for r in ai.details.get("input_refs", [])],
         reviews=[
             ReviewRecord.model_validate(r, from_attributes=True)
             for r in services.store.reviews_for(report_id)

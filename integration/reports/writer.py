@@ -35,6 +35,7 @@ from integration.fhir.resources import (
 from integration.fhir.storage import serialize_conditional
 from integration.identity import Actor
 from integration.reports import review as review_rules
+from integration.reports.index import index_report
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
@@ -209,6 +210,8 @@ def _store_report(
     row.subject_ref = (report.get("subject") or {}).get("reference")
     row.study_instance_uid = study_uid
     row.details = details
+    s.flush()
+    index_report(s, report, row)  # the worklist's row, in the report's transaction
     issued = ReportIssued(report_id=report["id"], source_event_id=event.event_id, patient_ref=row.subject_ref)
     Store.add_to_outbox(s, TOPIC_REPORT_ISSUED, issued, key=report["id"])
     enqueue_issued(s, report, details, row, destinations)  # same transaction: no delivery can be lost

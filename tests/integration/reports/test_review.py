@@ -107,7 +107,7 @@ def test_every_transition_from_a_status_is_allowed_or_refused_with_an_outcome_na
 
 def test_a_rejected_report_stays_rejected(api: httpx.Client, store: Store) -> None:
     rid = add_ai_report(store)
-    assert decide(api, rid, "entered-in-error", reason="wrong-patient").status_code == 200
+    assert decide(api, rid, "entered-in-error", reason="missed-finding").status_code == 200
     for action in ("final", "amended", "entered-in-error"):
         r = decide(api, rid, action)
         assert r.status_code == 409 and "entered-in-error" in r.json()["issue"][0]["diagnostics"]
@@ -142,7 +142,7 @@ def test_two_reviewers_on_the_same_version_one_wins_the_other_gets_412(
             barrier.wait()
             answers.append(client.post(
                 f"/api/reports/{rid}/review", headers={"If-Match": etag, "x-test-sub": sub},
-                json={"action": action, **({"reason": "model-error"} if action == "entered-in-error" else {})}))
+                json={"action": action, **({"reason": "not-applicable"} if action == "entered-in-error" else {})}))
 
     threads = [threading.Thread(target=reviewer, args=a) for a in (("final", "u-a"), ("entered-in-error", "u-b"))]
     for t in threads:

@@ -1,0 +1,133 @@
+"""Image review through DICOMweb: the study's series (thumbnails), a slider and keys to scroll, window/level
+presets per modality or a free window, zoom, the model's heatmap over the image (on/off, opacity, colour
+bar) beside the original, and the probability of each finding per image as a plot. The image the model
+scored highest is the one shown first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from viewer import imaging
+from viewer.client import Api
+from viewer.settings import ViewerSettings
+
+SOP, SERIES, NUMBER, MODALITY = "00080018", "0020000E", "00200013", "00080060"
+
+
+def _value(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+def study_images(api: Api, study: str, results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The study's images per series, in instance-number order, each with the model's result if any."""
+    series: dict[str, list[dict[str, Any]]] = {}
+    for item in api.instances(study):
+        sop = _value(item, SOP)
+        if _value(item, MODALITY) in ("SR", "KO", "PR"):
+            continue
+        series.setdefault(_value(item, SERIES), []).append(
+            {"sop": sop, "series": _value(item, SERIES), "number": _value(item, NUMBER) or 0,
+             "modality": _value(item, MODALITY), "result": results.get(sop)})
+    for images in series.values():
+        images.sort(key=lambda i: (int(i["number"]), i["sop"]))
+    return series
+
+
+def _top_score(image: dict[str, Any]) -> float:
+    result = image["result"]
+    return max(result["probabilities"].values(), default=0.0) if result else -1.0
+
+
+def step(key: str, delta: int, count: int) -> None:
+    """Key/button callback: the next or previous image of the series."""
+    st.session_state[key] = max(1, min(count, int(st.session_state.get(key, 1)) + delta))
+
+
+def probability_plot(images: list[dict[str, Any]]) -> None:
+    rows = [{"image": n, "finding": f, "probability": p}
+            for n, image in enumerate(images, start=1) if image["result"]
+            for f, p in image["result"]["probabilities"].items()]
+    if not rows:
+        st.text("The model scored no image of this series.")
+        return
+    chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
+        x=alt.X("image:O", title="image in series"), y=alt.Y("probability:Q", scale=alt.Scale(domain=[0, 1])),
+        color="finding:N", tooltip=["image", "finding", alt.Tooltip("probability", format=".2f")])
+    st.altair_chart(chart)
+
+
+def show(api: Api, settings: ViewerSettings, reports: list[dict[str, Any]]) -> None:
+    latest = reports[-1]
+    study = latest.get("study_instance_uid")
+    if not study:
+        st.warning("This report names no study: there are no images to review.")
+        return
+    results = {i["sop_instance_uid"]: i for d in reports for i in d["instances"]}
+    by_series = study_images(api, study, results)
+    if not by_series:
+        st.warning("The study's images are not in MedBridge's store (DICOMweb finds none).")
+        return
+    rid = latest["id"]
+    series_key = f"series:{rid}"
+    if series_key not in st.session_state:  # the image the model scored highest, first
+        best = max((i for images in by_series.values() for i in images), key=_top_score)
+        st.session_state[series_key] = best["series"]
+        st.session_state[f"img:{rid}:{best['series']}"] = by_series[best["series"]].index(best) + 1
+    if settings.full_viewer_url:
+        st.link_button("Open in full viewer", settings.full_viewer_url.replace("{study}", study))
+
+    st.subheader("Series")
+    thumbs = st.columns(min(len(by_series), 6))
+    for column, (uid, images) in zip(thumbs, by_series.items(), strict=False):
+        column.image(api.thumbnail(study, uid), caption=f"{len(images)} image(s) …{uid[-8:]}")
+    labels = {uid: f"Series …{uid[-12:]} ({len(images)} images)" for uid, images in by_series.items()}
+    series = st.selectbox("Series", list(by_series), format_func=labels.__getitem__, key=series_key)
+    images = by_series[series]
+    slider_key = f"img:{rid}:{series}"
+    st.session_state.setdefault(slider_key, 1)
+    keys = st.columns([1, 1, 6])
+    keys[0].button("Previous image", shortcut="K", on_click=step, args=(slider_key, -1, len(images)), help="K")
+    keys[1].button("Next image", shortcut="J", on_click=step, args=(slider_key, 1, len(images)), help="J")
+    if len(images) > 1:
+        number = keys[2].slider("Image", 1, len(images), key=slider_key)
+    else:
+        number = 1
+    image = images[number - 1]
+
+    presets = imaging.presets_for(image["modality"])
+    controls = st.columns([3, 2, 2])
+    preset = controls[0].radio("Window / level", [*presets, "Custom"], horizontal=True, key=f"wl:{rid}")
+    window = None
+    if preset == "Custom":
+        center = controls[0].slider("Window center", -1200, 3000, 40, 10, key=f"wc:{rid}")
+        width = controls[0].slider("Window width", 1, 4000, 400, 10, key=f"ww:{rid}")
+        window = imaging.window_param(center, width)
+    elif presets[preset] is not None:
+        window = imaging.window_param(*presets[preset])  # type: ignore[misc]
+    factor = controls[1].slider("Zoom", 1.0, 4.0, 1.0, 0.25, key=f"zoom:{rid}")
+    heatmap_id = (image["result"] or {}).get("heatmap_artifact_id")
+    overlay_on = controls[2].toggle("Heatmap", value=True, key=f"heat:{rid}", disabled=not heatmap_id)
+    opacity = controls[2].slider("Heatmap opacity", 0, 100, 60, 5, key=f"opacity:{rid}", disabled=not heatmap_id)
+
+    frame = api.rendered(study, image["series"], image["sop"], window=window, viewport="512,512")
+    left, right = st.columns(2)
+    left.image(imaging.zoom(frame, factor), caption=f"Original, image {number} of {len(images)}")
+    with right:
+        if heatmap_id and overlay_on:
+            blended = imaging.blend(frame, api.artifact(heatmap_id), opacity / 100)
+            st.image(imaging.zoom(blended, factor), caption=f"Heatmap overlay at {opacity}%")
+            st.image(imaging.colour_bar(), caption="Model attention: low → high")
+        elif heatmap_id:
+            st.info("Heatmap hidden (toggle it on to compare).")
+        else:
+            st.info("The model produced no heatmap for this image.")
+    if image["result"]:
+        st.text("Probabilities for this image: " + ", ".join(
+            f"{f} {p:.2f}" for f, p in image["result"]["probabilities"].items()))
+    st.subheader("Probability per image")
+    probability_plot(images)
