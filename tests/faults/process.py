@@ -116,7 +116,8 @@ class MedbridgeProcess:
             for child in children_of(todo.pop()):
                 found.append(child)
                 todo.append(child)
-        self.seen.update({pid: command_line(pid) for pid in found if pid not in self.seen})
+        # refreshed while they are its descendants: one seen between fork and exec showed its parent's command line
+        self.seen.update({pid: command_line(pid) for pid in found})
         return found
 
     def broker_pid(self) -> int:
