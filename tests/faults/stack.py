@@ -46,7 +46,7 @@ class Durations:
                        settle=600, studies=12, instances=5, bundles=12)
         return cls(database_down=float(os.environ.get("MEDBRIDGE_FAULTS_DB_DOWN_S", 30)),
                    upstream_down=float(os.environ.get("MEDBRIDGE_FAULTS_UPSTREAM_DOWN_S", 20)),
-                   pacs_down=20, disk_full=10, barrage=15, settle=120, studies=4, instances=3, bundles=5)
+                   pacs_down=20, disk_full=10, barrage=15, settle=60, studies=4, instances=3, bundles=5)
 
 
 def quick_environment(tmp: Path, *, imaging_model: Path, llm_model: Path, database_url: str,

@@ -4,6 +4,10 @@ times or twice. Every count is expected to be zero.
 
 Run alone with ``pytest -m faults``; ``bench/faults.py`` runs the full-length variants. The
 runtime's log is in each test's tmp dir (``medbridge.log``); a failure prints its tail.
+
+Needs root: the full-disk fault mounts a tmpfs (it skips, saying so, where it cannot) and the private
+PostgreSQL cluster runs as the ``postgres`` user (``runuser``). Outage lengths in CI:
+MEDBRIDGE_FAULTS_DB_DOWN_S (30) and MEDBRIDGE_FAULTS_UPSTREAM_DOWN_S (20).
 """
 
 from __future__ import annotations
