@@ -30,8 +30,8 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
-    head = ["fault", "fault s", "acked inst/res/rev"] + [c[1] for c in COLUMNS] + ["recovery s", "peak RSS MiB",
-                                                                                   "run s", "notes"]
+    head = ["fault", "fault s", "acked inst/res/rev"] + [c[1] for c in COLUMNS]
+    head += ["DICOM refusals", "recovery s", "peak RSS MiB", "run s", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acked = r["counts"]["detail"].get("acknowledged", {})
@@ -39,7 +39,9 @@ def table(rows: list[dict]) -> str:
         cells = [r["fault"], str(r["fault_seconds"]),
                  f"{acked.get('instances', 0)}/{acked.get('resources', 0)}/{acked.get('reviews', 0)}"]
         cells += [str(r["counts"][key]) for key, _ in COLUMNS]
-        cells += ["not all" if r["recovery_seconds"] is None else str(r["recovery_seconds"]),
+        refusals = r["counts"]["detail"].get("dicom_refusals", {})
+        cells += [", ".join(f"{n}× {why}" for why, n in refusals.items()) or "0",
+                  "not all" if r["recovery_seconds"] is None else str(r["recovery_seconds"]),
                   str(r["peak_rss_mib"]), str(r["seconds"]), json.dumps(notes)[:160].replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
