@@ -32,6 +32,7 @@ from integration.app.settings import DicomPeer
 from integration.db.store import Store
 from integration.dicom.network.listener import DicomListener
 from tests.conftest import free_port
+from tests.integration.db.before_migrations import as_before_migrations
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # CompressedSamples^CT1, StudyDate 20040119, CT
 MR_SMALL = get_testdata_file("MR_small.dcm")  # CompressedSamples^MR1, StudyDate 20040826, MR
@@ -342,7 +343,8 @@ def test_logs_carry_no_patient_data(listener: DicomListener, tmp_path: Path, cap
 
 
 def test_a_database_from_before_the_query_index_opens_and_gains_its_columns(store: Store, tmp_path: Path) -> None:
-    with store.engine.begin() as conn:
+    with store.engine.begin() as conn:  # what a database from a release before the query index looks like
+        as_before_migrations(conn)
         conn.execute(text("ALTER TABLE dicom_instances DROP COLUMN study_description"))
         conn.execute(text("ALTER TABLE dicom_instances DROP COLUMN dicom_json"))
     store.stop()

@@ -4,22 +4,13 @@ replaced or dropped."""
 from __future__ import annotations
 
 import pytest
-from alembic import command
 from sqlalchemy import delete, func, inspect, select
-from sqlalchemy.engine import Connection
 
-from integration.db import schema
-from integration.db.migrations.baseline import BASELINE_REVISION
 from integration.db.store import Store
 from integration.db.tables import FhirSearchIndex, UpgradeProgress
 from integration.fhir import search as fhir_search
 from integration.fhir.storage import prepare, put_resource
-
-
-def _before_migrations(conn: Connection) -> None:
-    """Back to the baseline, without a trace of the migrations (a release from before them had none)."""
-    command.downgrade(schema.alembic_config(conn), BASELINE_REVISION)
-    conn.exec_driver_sql("DROP TABLE alembic_version")
+from tests.integration.db.before_migrations import as_before_migrations
 
 
 def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: Store) -> None:
@@ -28,7 +19,7 @@ def test_a_store_from_before_the_index_is_upgraded_and_indexed_at_start(store: S
                                "identifier": [{"system": "urn:mrn", "value": "u-1"}]})
         put_resource(s, {"resourceType": "Patient", "id": "old-2", "gender": "male"})
     with store.engine.begin() as conn:  # what a database from the previous release looks like
-        _before_migrations(conn)
+        as_before_migrations(conn)
         conn.exec_driver_sql("DROP TABLE fhir_search_index")
         conn.exec_driver_sql("DROP INDEX ix_fhir_versions_type_updated")
         conn.exec_driver_sql("ALTER TABLE fhir_resource_versions DROP COLUMN last_updated")
@@ -56,7 +47,7 @@ def test_the_value_index_of_an_older_store_becomes_the_covering_one_at_start(sto
         put_resource(s, {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": "urn:mrn",
                                                                                         "value": "u-1"}]})
     with store.engine.begin() as conn:  # the value index as the 2026-11 release created it
-        _before_migrations(conn)
+        as_before_migrations(conn)
         conn.exec_driver_sql("DROP INDEX ix_fhir_search_value_id")
         conn.exec_driver_sql("CREATE INDEX ix_fhir_search_value ON fhir_search_index "
                              "(resource_type, param, value, system) WHERE value IS NOT NULL")
