@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     dicom_export_backoff_seconds: float = Field(5.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_BACKOFF_SECONDS")
     dicom_export_max_backoff_seconds: float = Field(600.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_MAX_BACKOFF_SECONDS")
     dicom_export_timeout_seconds: float = Field(30.0, gt=0, alias="MEDBRIDGE_DICOM_EXPORT_TIMEOUT_SECONDS")
+    # a failing export dies only after max_attempts AND this long (a PACS down for a day delays, not loses)
+    dicom_export_retry_for_seconds: float = Field(86400.0, ge=0, alias="MEDBRIDGE_DICOM_EXPORT_RETRY_FOR_SECONDS")
 
     # Writeback to the upstream EHR (FHIR R4): empty URL means no writeback; comma-separate several
     upstream_fhir_url: str = Field("", alias="MEDBRIDGE_UPSTREAM_FHIR_URL")
@@ -173,6 +175,8 @@ class Settings(BaseSettings):
     )
     upstream_timeout_seconds: float = Field(10.0, alias="MEDBRIDGE_UPSTREAM_TIMEOUT_SECONDS")
     upstream_max_attempts: int = Field(20, alias="MEDBRIDGE_UPSTREAM_MAX_ATTEMPTS")
+    # a failing writeback dies only after max_attempts AND this long (an EHR down for hours delays, not loses)
+    upstream_retry_for_seconds: float = Field(86400.0, ge=0, alias="MEDBRIDGE_UPSTREAM_RETRY_FOR_SECONDS")
     upstream_backoff_base_seconds: float = Field(1.0, alias="MEDBRIDGE_UPSTREAM_BACKOFF_BASE_SECONDS")
     upstream_backoff_max_seconds: float = Field(300.0, alias="MEDBRIDGE_UPSTREAM_BACKOFF_MAX_SECONDS")
     upstream_poll_seconds: float = Field(1.0, alias="MEDBRIDGE_UPSTREAM_POLL_SECONDS")

@@ -43,12 +43,15 @@ class JobNotDeadError(ValueError):
 class RetryPolicy:
     """How a kind of delivery is retried: ``backoff_seconds`` after the first failure, doubled after
     each further one with +-25 % jitter (so many jobs failing together do not retry together), at
-    most ``max_backoff_seconds``; dead after ``max_attempts``. ``lease_seconds`` must outlast one send."""
+    most ``max_backoff_seconds``; dead after ``max_attempts`` once the job is also ``retry_for_seconds``
+    old, so a destination down for hours (an EHR's maintenance window) delays deliveries without
+    killing them. ``lease_seconds`` must outlast one send."""
 
     max_attempts: int
     backoff_seconds: float
     max_backoff_seconds: float
     lease_seconds: float
+    retry_for_seconds: float = 0.0
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
@@ -190,7 +193,8 @@ def record_failure(
         row.attempts += 1
         row.last_error = error[:2000]
         row.updated_at = now
-        if permanent or row.attempts >= policy.max_attempts:
+        retried_long_enough = now - aware(row.created_at) >= timedelta(seconds=policy.retry_for_seconds)
+        if permanent or (row.attempts >= policy.max_attempts and retried_long_enough):
             row.state = "dead"
         else:
             row.next_attempt_at = now + timedelta(seconds=policy.delay(row.attempts))

@@ -35,6 +35,7 @@ class Counts:
     pacs_missing: int = 0  # SRs (issued or reviewed) not in Orthanc
     pacs_extra: int = 0  # SRs in Orthanc beyond one per report version (a report twice)
     server_errors: int = 0  # 5xx answers to the traffic
+    log_lines_with_raw_uids: int = 0  # runtime log lines naming a study or instance UID in the clear
     detail: dict[str, Any] = field(default_factory=dict)
 
     def nonzero(self) -> dict[str, int]:

@@ -342,7 +342,8 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.upstream_max_attempts,
                        backoff_seconds=settings.upstream_backoff_base_seconds,
                        max_backoff_seconds=settings.upstream_backoff_max_seconds,
-                       lease_seconds=settings.upstream_timeout_seconds * 4 + 30)
+                       lease_seconds=settings.upstream_timeout_seconds * 4 + 30,
+                       retry_for_seconds=settings.upstream_retry_for_seconds)
 
 
 class UpstreamSender(DeliverySender):

@@ -51,6 +51,7 @@ def export_peers(peers: list[DicomPeer]) -> list[DicomPeer]:
 class ExportPolicy:
     calling_ae: str
     max_attempts: int = 8
+    retry_for_seconds: float = 0.0
     backoff_seconds: float = 5.0
     max_backoff_seconds: float = 600.0
     timeout_seconds: float = 30.0
@@ -61,13 +62,14 @@ class ExportPolicy:
         return cls(calling_ae=settings.dicom_ae_title, max_attempts=settings.dicom_export_max_attempts,
                    backoff_seconds=settings.dicom_export_backoff_seconds,
                    max_backoff_seconds=settings.dicom_export_max_backoff_seconds,
-                   timeout_seconds=settings.dicom_export_timeout_seconds)
+                   timeout_seconds=settings.dicom_export_timeout_seconds,
+                   retry_for_seconds=settings.dicom_export_retry_for_seconds)
 
     @property
     def retry(self) -> RetryPolicy:
         # the lease outlasts an association with its C-STOREs, each up to the timeout
         return RetryPolicy(self.max_attempts, self.backoff_seconds, self.max_backoff_seconds,
-                           lease_seconds=self.timeout_seconds * 4 + 60)
+                           lease_seconds=self.timeout_seconds * 4 + 60, retry_for_seconds=self.retry_for_seconds)
 
 
 def review_outcome(store: Store, report_id: str, review_id: int) -> ReviewOutcome:

@@ -198,3 +198,17 @@ def test_a_database_from_before_the_delivery_queue_still_starts_and_takes_review
             assert s.execute(text("SELECT state FROM dicom_exports")).scalars().all() == ["dead"]
     finally:
         store.stop()
+
+
+def test_a_job_failing_for_less_than_its_retry_window_stays_pending_past_max_attempts(store: Store) -> None:
+    """A destination down for hours (an EHR's maintenance window) delays a delivery; it does not kill it."""
+    patient = queue.RetryPolicy(max_attempts=2, backoff_seconds=0, max_backoff_seconds=0, lease_seconds=60,
+                                retry_for_seconds=3600)
+    job_id = add(store, "ehr", "https://ehr.example/fhir", "r-window")
+    for _ in range(5):  # more than max_attempts, all within the hour
+        (job,) = queue.claim_due(store, "ehr", lease_seconds=60)
+        assert queue.record_failure(store, job, "503 from the EHR", patient).state == "pending"
+    with store.session() as s:  # the hour has passed
+        s.get(DeliveryJob, job_id).created_at = queue.utcnow() - timedelta(seconds=3601)  # type: ignore[union-attr]
+    (job,) = queue.claim_due(store, "ehr", lease_seconds=60)
+    assert queue.record_failure(store, job, "503 from the EHR", patient).state == "dead"

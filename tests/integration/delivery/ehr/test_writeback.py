@@ -408,7 +408,7 @@ async def test_a_writeback_that_keeps_failing_goes_dead_after_max_attempts(
     up = upstream_fhir()
     proxy = fault_proxy(up.port)
     proxy.set_mode("503")
-    rt = await medbridge(proxy.base, upstream_max_attempts=3)
+    rt = await medbridge(proxy.base, upstream_max_attempts=3, upstream_retry_for_seconds=0)
     report_id = await issue(rt, imaging_event(None, 9))
     async with api(rt) as client:
         for _ in range(300):

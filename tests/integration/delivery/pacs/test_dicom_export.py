@@ -386,7 +386,7 @@ async def test_outage_ends_dead_and_a_replay_delivers_exactly_once(export_stack:
     orthanc = orthanc_factory()  # not started yet: its DICOM port is closed
     runtime = await export_stack(
         [DicomPeer(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, export=True)],
-        dicom_export_max_attempts=3,
+        dicom_export_max_attempts=3, dicom_export_retry_for_seconds=0,
     )
     src = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
     await storescu(runtime.dicom.port, CT_SMALL)
