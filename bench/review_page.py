@@ -76,9 +76,16 @@ def _heat(n: int) -> tuple[bytes, bytes]:
     return _png(Image.fromarray(layer, mode="L")), _png(Image.fromarray(overlay, mode="RGB"))
 
 
+def _ct_path() -> str:
+    path = get_testdata_file("693_UNCR.dcm", download=False)
+    if not isinstance(path, str):
+        raise SystemExit("pydicom's test file 693_UNCR.dcm is missing: install pydicom-data (pip install pydicom-data)")
+    return path
+
+
 def send_study(port: int) -> tuple[str, str, list[str]]:
     """20 instances of one new study by C-STORE; its study and series UIDs and the SOP UIDs in order."""
-    template = dcmread(get_testdata_file("693_UNCR.dcm"))
+    template = dcmread(_ct_path())
     study, series = generate_uid(), generate_uid()
     ae = AE(ae_title="BENCH_SCU")
     ae.add_requested_context(template.SOPClassUID, template.file_meta.TransferSyntaxUID)
@@ -87,7 +94,7 @@ def send_study(port: int) -> tuple[str, str, list[str]]:
     sops = []
     try:
         for n in range(1, IMAGES + 1):
-            ds = dcmread(get_testdata_file("693_UNCR.dcm"))
+            ds = dcmread(_ct_path())
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, n
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             assert assoc.send_c_store(ds).Status == 0x0000
