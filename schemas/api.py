@@ -34,6 +34,9 @@ class InstanceResult(BaseModel):
     probabilities: dict[str, float]
     has_heatmap: bool
     heatmap_artifact_id: str | None = Field(None, description="the overlay PNG, at GET /api/artifacts/{id}")
+    heatmap_layer_artifact_id: str | None = Field(
+        None, description="the heatmap alone (8-bit grey PNG of its intensity at the image's geometry, to colour "
+                          "and blend over a rendered frame), at GET /api/artifacts/{id}; absent on older results")
 
 
 class ReviewRecord(BaseModel):

@@ -98,6 +98,11 @@ class InstanceFinding(BaseModel):
     series_instance_uid: str
     probabilities: dict[str, float]
     heatmap_artifact_id: ArtifactId | None = Field(None, description="the overlay PNG, in the artifact store")
+    # Optional and additive, so no version bump: events written before it parse (no layer: the viewer shows the
+    # overlay), and a reader that predates it ignores it (extra fields are ignored here).
+    heatmap_layer_artifact_id: ArtifactId | None = Field(
+        None, description="the heatmap alone: an 8-bit grey PNG of the Grad-CAM intensity at the image's geometry, "
+                          "in the artifact store")
 
 
 class ImagingInferenceCompleted(_Event):

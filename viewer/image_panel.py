@@ -61,6 +61,15 @@ def probability_plot(images: list[dict[str, Any]]) -> None:
     st.altair_chart(chart)
 
 
+def heatmap_over(api: Api, frame: bytes, result: dict[str, Any], opacity: float) -> bytes:
+    """The frame with the model's heatmap at ``opacity``: its layer alone when the result has one (coloured and
+    blended here, over the reviewer's window), else the model's pre-blended overlay (results from before it)."""
+    layer_id: str | None = result.get("heatmap_layer_artifact_id")
+    if layer_id:
+        return imaging.overlay_layer(frame, api.artifact(layer_id), opacity)
+    return imaging.blend(frame, api.artifact(str(result["heatmap_artifact_id"])), opacity)
+
+
 def show(api: Api, settings: ViewerSettings, reports: list[dict[str, Any]]) -> None:
     latest = reports[-1]
     study = latest.get("study_instance_uid")
@@ -110,19 +119,20 @@ def show(api: Api, settings: ViewerSettings, reports: list[dict[str, Any]]) -> N
     elif presets[preset] is not None:
         window = imaging.window_param(*presets[preset])  # type: ignore[misc]
     factor = controls[1].slider("Zoom", 1.0, 4.0, 1.0, 0.25, key=f"zoom:{rid}")
-    heatmap_id = (image["result"] or {}).get("heatmap_artifact_id")
-    overlay_on = controls[2].toggle("Heatmap", value=True, key=f"heat:{rid}", disabled=not heatmap_id)
-    opacity = controls[2].slider("Heatmap opacity", 0, 100, 60, 5, key=f"opacity:{rid}", disabled=not heatmap_id)
+    result = image["result"] or {}
+    has_heat = bool(result.get("heatmap_layer_artifact_id") or result.get("heatmap_artifact_id"))
+    overlay_on = controls[2].toggle("Heatmap", value=True, key=f"heat:{rid}", disabled=not has_heat)
+    opacity = controls[2].slider("Heatmap opacity", 0, 100, 60, 5, key=f"opacity:{rid}", disabled=not has_heat)
 
     frame = api.rendered(study, image["series"], image["sop"], window=window, viewport="512,512")
     left, right = st.columns(2)
     left.image(imaging.zoom(frame, factor), caption=f"Original, image {number} of {len(images)}")
     with right:
-        if heatmap_id and overlay_on:
-            blended = imaging.blend(frame, api.artifact(heatmap_id), opacity / 100)
+        if has_heat and overlay_on:
+            blended = heatmap_over(api, frame, result, opacity / 100)
             st.image(imaging.zoom(blended, factor), caption=f"Heatmap overlay at {opacity}%")
             st.image(imaging.colour_bar(), caption="Model attention: low → high")
-        elif heatmap_id:
+        elif has_heat:
             st.info("Heatmap hidden (toggle it on to compare).")
         else:
             st.info("The model produced no heatmap for this image.")

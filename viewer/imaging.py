@@ -1,9 +1,12 @@
 """Pure image work for the review page (no Streamlit): window/level presets, the heatmap overlay at an
 opacity, its colour bar, zoom. The API renders the frames (DICOMweb ``/rendered``); this only composes.
 
-The heatmap artifact MedBridge stores is the model's Grad-CAM (jet colour map) already blended over the
-image it scored, so "opacity" fades between the frame as rendered here (with the reviewer's window) and
-the model's overlay: 0 shows the image alone, 1 the model's overlay alone.
+The imaging worker stores the heatmap twice: as a layer alone (the Grad-CAM intensity, 8-bit grey, at the
+image's geometry) and as an overlay already blended over the image it scored. With the layer,
+:func:`overlay_layer` colours it with the colour bar's map and lays it over the frame as rendered here (the
+reviewer's window) at the chosen opacity: 0 shows the frame unchanged, 1 the coloured heat wherever there is
+heat, the frame where there is none. Results from before the layer have only the overlay: :func:`blend` fades
+between the frame and that picture.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def window_param(center: float, width: float) -> str:
     return f"{center:g},{max(width, 1.0):g},linear"
 
 
+# heat below this (of the peak) is transparent, above it the layer is fully at the chosen opacity: the
+# image stays readable around the hot spot instead of under a blue wash (the jet map's low end)
+HEAT_FLOOR = 0.2
+
+
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
@@ -52,6 +60,26 @@ def blend(frame_png: bytes, overlay_png: bytes, opacity: float) -> bytes:
     return _png(Image.blend(frame, overlay, max(0.0, min(1.0, opacity))))
 
 
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats as uint8 RGB through the heatmap's colour map (the one :func:`colour_bar` shows)."""
+    flat = np.clip(values, 0.0, 1.0).ravel()
+    rgb = np.stack([np.interp(flat, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)], axis=-1)
+    return (rgb.reshape(*values.shape, 3) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay_layer(frame_png: bytes, layer_png: bytes, opacity: float) -> bytes:
+    """The frame with the heatmap layer (grey intensity PNG) coloured and laid over it at ``opacity``
+    (0..1), at the frame's size. The layer is resized to the frame: both have the image's aspect ratio, so
+    it lies on the frame whatever viewport the frame was rendered for."""
+    frame = _rgb(frame_png)
+    layer = Image.open(io.BytesIO(layer_png)).convert("L").resize(frame.size, Image.Resampling.BILINEAR)
+    heat = np.asarray(layer, dtype=np.float32) / 255.0
+    alpha = max(0.0, min(1.0, opacity)) * np.clip(heat / HEAT_FLOOR, 0.0, 1.0)[..., None]
+    base = np.asarray(frame, dtype=np.float32)
+    out = base * (1.0 - alpha) + colour_map(heat).astype(np.float32) * alpha
+    return _png(Image.fromarray((out + 0.5).astype(np.uint8), mode="RGB"))
+
+
 def zoom(png: bytes, factor: float) -> bytes:
     """The centre 1/``factor`` of the picture, scaled back to its size (factor 1: unchanged)."""
     if factor <= 1.0:
@@ -65,7 +93,5 @@ def zoom(png: bytes, factor: float) -> bytes:
 
 def colour_bar(width: int = 256, height: int = 18) -> bytes:
     """The heatmap's colour map from low (left) to high (right) attention."""
-    values = np.linspace(0.0, 1.0, width)
-    rgb = np.stack([np.interp(values, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)], axis=-1)
-    row = (rgb * 255 + 0.5).astype(np.uint8)
+    row = colour_map(np.linspace(0.0, 1.0, width))
     return _png(Image.fromarray(np.repeat(row[None, :, :], height, axis=0), mode="RGB"))

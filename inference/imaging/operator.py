@@ -35,6 +35,10 @@ __all__ = ["ImagingResult", "LesionDetector"]
 
 _DISPLAY_MAX = 512
 _DISPLAY_MIN = 256
+# The heatmap layer is stored at the image's own geometry (Rows x Columns, what /rendered returns without a
+# viewport) so that it lies on the rendered frame pixel for pixel; beyond this longest side it is scaled down,
+# aspect kept: the Grad-CAM behind it is model-input coarse, and a mammogram-sized layer would only cost bytes.
+_LAYER_MAX = 2048
 # Anchors of the "jet" colour map: value -> (r, g, b).
 _JET = np.array(
     [
@@ -57,6 +61,10 @@ class ImagingResult:
         heatmap_png: the Grad-CAM heatmap, colour-mapped, as PNG bytes at display size
             (the image's aspect ratio, longer side between 256 and 512 pixels).
         overlay_png: the grayscale image with the heatmap blended on top, PNG, same size.
+        heatmap_layer_png: the Grad-CAM intensity alone, single-channel 8-bit PNG (0 = no attention,
+            255 = the peak), the letterbox undone: at the image's geometry (its longer side scaled down to
+            2048 when larger, aspect kept), so it lies on a rendered frame of the image pixel for pixel
+            once resized to the frame's size. A viewer colour-maps and blends it over any window/level.
         heatmap: the Grad-CAM as 2D float32 in [0, 1] at model input size (letterboxed like
             the model input; the padding is 0).
     """
@@ -65,6 +73,7 @@ class ImagingResult:
     heatmap_png: bytes = field(repr=False)
     overlay_png: bytes = field(repr=False)
     heatmap: np.ndarray = field(repr=False)
+    heatmap_layer_png: bytes = field(repr=False)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +92,19 @@ def _png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+def _grey_png(values: np.ndarray) -> bytes:
+    """[0, 1] floats as a single-channel 8-bit PNG."""
+    grey = (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def _layer_size(height: int, width: int) -> tuple[int, int]:
+    scale = min(1.0, _LAYER_MAX / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _display_size(height: int, width: int) -> tuple[int, int]:
@@ -135,10 +157,12 @@ class LesionDetector:
         peak = float(heat.max())
         heat = (heat / peak if peak > 1e-12 else np.zeros_like(heat)).astype(np.float32)
 
+        unboxed = heat[top : top + box_h, left : left + box_w]
         display_h, display_w = _display_size(*image.shape)
-        display_heat = np.clip(
-            resize_image(heat[top : top + box_h, left : left + box_w], display_h, display_w), 0.0, 1.0
-        )
+        display_heat = np.clip(resize_image(unboxed, display_h, display_w), 0.0, 1.0)
+        layer = np.maximum(resize_image(unboxed, *_layer_size(*image.shape)), 0.0)
+        # resampling rounds the peak off: scale back so that 255 is still the model's peak attention
+        layer = layer / float(layer.max()) if layer.max() > 1e-12 else layer
         display_gray = np.clip(resize_image(image, display_h, display_w), 0.0, 1.0)
         colour = _colour_map(display_heat)
         alpha = (0.6 * display_heat)[..., None]
@@ -152,6 +176,7 @@ class LesionDetector:
             heatmap_png=_png(colour),
             overlay_png=_png(overlay),
             heatmap=heat,
+            heatmap_layer_png=_grey_png(layer),
         )
 
     def run_dataset(self, ds: pydicom.Dataset) -> ImagingResult:

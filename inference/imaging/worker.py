@@ -1,7 +1,8 @@
 """The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
 
 A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
-stored instances, runs the detector off the event loop, stores each heatmap overlay PNG in the
+stored instances, runs the detector off the event loop, stores each heatmap overlay PNG and the heatmap
+layer alone (grey, at the image's geometry, for a viewer to colour and blend over its own window) in the
 artifact store (the database, so the report writer needs no access to this host's files) and hands the
 result event, which names the overlays by artifact id, back to the consumer base, which writes it to the
 outbox in the transaction that records the StudyReceived event as processed.
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def store_overlay(store: Store, png: bytes) -> str:
-    """Store one overlay PNG in the artifact store; its artifact id.
+    """Store one overlay (or heatmap layer) PNG in the artifact store; its artifact id.
 
     Each in its own transaction, as soon as it is made, so a study of hundreds of images is not held in
     memory. Committed before the result event (``ConsumerWorker.finish``): an event never names an
@@ -68,6 +69,7 @@ def infer_study(store: Store, detector: LesionDetector, event: StudyReceived) ->
                 series_instance_uid=inst.series_instance_uid,
                 probabilities=result.probabilities,
                 heatmap_artifact_id=store_overlay(store, result.overlay_png),
+                heatmap_layer_artifact_id=store_overlay(store, result.heatmap_layer_png),
             )
         )
     return ImagingInferenceCompleted(

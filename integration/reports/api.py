@@ -84,6 +84,7 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
                 probabilities=i["probabilities"],
                 has_heatmap=bool(i.get("heatmap_artifact_id")),
                 heatmap_artifact_id=i.get("heatmap_artifact_id"),
+                heatmap_layer_artifact_id=i.get("heatmap_layer_artifact_id"),
             )
             for i in ai.details.get("instances", [])
         ],
@@ -170,7 +171,7 @@ def artifact_content(
                                           description="sha256 of the bytes, 64 lowercase hex digits")],
     services: ServicesDep,
 ) -> Response:
-    """A stored artifact (a heatmap overlay), by the id a report's instances name, with its media type:
+    """A stored artifact (a heatmap overlay or layer), by the id a report's instances name, with its media type:
     404 when the store holds no artifact with that id, 422 when the id is not 64 lowercase hex digits."""
     return _artifact_response(services, artifact_id)
 

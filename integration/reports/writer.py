@@ -136,17 +136,20 @@ def imaging_report(
     return report, details
 
 
+_HEATMAP_FIELDS = ("heatmap_artifact_id", "heatmap_layer_artifact_id")  # the overlay, and the layer alone
+
+
 def without_unknown_heatmaps(store: Store, event: ImagingInferenceCompleted) -> ImagingInferenceCompleted:
-    """The event with every heatmap artifact id the store does not hold removed (logged), so that the
-    report and its stored details name only artifacts that can be served. The imaging worker commits its
-    artifacts before its event; an unknown id comes from elsewhere (a crafted or foreign event)."""
-    named = {f.heatmap_artifact_id for f in event.findings if f.heatmap_artifact_id}
+    """The event with every heatmap artifact id (overlay or layer) the store does not hold removed (logged),
+    so that the report and its stored details name only artifacts that can be served. The imaging worker
+    commits its artifacts before its event; an unknown id comes from elsewhere (a crafted or foreign event)."""
+    named = {getattr(f, name) for f in event.findings for name in _HEATMAP_FIELDS if getattr(f, name)}
     missing = named - stored_artifact_ids(store, named)
     if not missing:
         return event
     log.warning("event %s names %d heatmap artifact(s) the store does not hold; its report goes without them",
                 event.event_id, len(missing))
-    findings = [f.model_copy(update={"heatmap_artifact_id": None}) if f.heatmap_artifact_id in missing else f
+    findings = [f.model_copy(update={name: None for name in _HEATMAP_FIELDS if getattr(f, name) in missing})
                 for f in event.findings]
     return event.model_copy(update={"findings": findings})
 

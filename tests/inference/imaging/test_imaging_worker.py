@@ -1,24 +1,30 @@
 """The imaging worker over a real listener and store: a grown study's images are each inferred once, and
 its heatmaps travel by artifact id: a report writer in another process, with its own data folder and only
-the database in common, embeds them."""
+the database in common, embeds them; the heatmap layer it stores lies on the frame DICOMweb renders, its heat
+on the lesion, and the API names and serves it."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from pydicom import dcmread
+import numpy as np
+from PIL import Image
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
 from inference.imaging.operator import LesionDetector
+from inference.imaging.pixels import dataset_to_image
+from inference.imaging.train import insert_synthetic_lesion
 from inference.imaging.worker import infer_study
 from integration.db.artifacts import get_artifact
 from integration.db.store import Store
@@ -26,9 +32,10 @@ from integration.db.tables import AiResult, OutboxEntry
 from integration.dicom.network.listener import DicomListener
 from integration.events.publisher import QuietPeriodPublisher, announce_study
 from integration.fhir.storage import get_resource
-from integration.reports.writer import imaging_report
+from integration.reports.writer import imaging_report, write_report
 from schemas.events import ImagingInferenceCompleted, StudyReceived
-from tests.conftest import REPO
+from tests import authorized
+from tests.conftest import REPO, serve_app, stack_settings
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
@@ -165,3 +172,59 @@ def test_a_report_writer_in_another_process_with_another_data_folder_embeds_the_
     assert [i["heatmap_artifact_id"] for i in details["instances"]] == [heatmap_id]
     assert "heatmap_path" not in json.dumps(details)
 
+
+
+def _lesioned_ct(center: tuple[int, int], radius: float) -> Dataset:
+    """A held-out CT of the demo model (pydicom's 693_UNCR), cropped to 384 rows x 512 columns (not square, so
+    the model letterboxes it) with a bright synthetic lesion at ``center``; stored as 12-bit grey, no window."""
+    ds = dcmread(get_testdata_file("693_UNCR.dcm"))
+    image = dataset_to_image(ds)[64:448, :]
+    image = insert_synthetic_lesion(image, center, radius, 0.55, np.random.default_rng(7))
+    ds.PixelData = (image * 4095.0).round().astype(np.uint16).tobytes()
+    ds.Rows, ds.Columns = image.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    for keyword in ("WindowCenter", "WindowWidth", "SmallestImagePixelValue", "LargestImagePixelValue"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def test_the_heatmap_layer_lies_on_the_rendered_frame_with_its_heat_on_the_lesion_and_the_api_serves_it(
+    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+) -> None:
+    center, radius = (172, 179), 46.0  # (row, column) in the 384 x 512 image
+    ds = _lesioned_ct(center, radius)
+    publisher = QuietPeriodPublisher(store, "study", 60, announce_study)
+    _send(listener.port, ds)
+    assert publisher.publish_due() == 1
+    (announced,) = _announced(store)
+    result = infer_study(store, detector, announced)
+    assert result is not None
+    (finding,) = result.findings
+    assert finding.heatmap_layer_artifact_id is not None
+    assert finding.heatmap_layer_artifact_id != finding.heatmap_artifact_id
+    report_id = write_report(store, result)
+
+    with serve_app(stack_settings(tmp_path), store) as port, authorized.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=30
+    ) as api:
+        (instance,) = api.get(f"/api/reports/{report_id}").json()["instances"]
+        assert instance["heatmap_layer_artifact_id"] == finding.heatmap_layer_artifact_id
+        served = api.get(f"/api/artifacts/{instance['heatmap_layer_artifact_id']}")
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+        frame = api.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+                        f"{ds.SOPInstanceUID}/rendered", headers={"Accept": "image/png"})
+        assert frame.status_code == 200
+
+    layer_png, frame_png = Image.open(io.BytesIO(served.content)), Image.open(io.BytesIO(frame.content))
+    # the layer is the frame's geometry pixel for pixel: no letterbox left to undo
+    assert layer_png.mode == "L" and layer_png.size == frame_png.size == (512, 384)
+    layer = np.asarray(layer_png, dtype=np.float32)
+    peak = np.unravel_index(int(np.argmax(layer)), layer.shape)
+    assert np.hypot(peak[0] - center[0], peak[1] - center[1]) <= 0.2 * 512, (peak, center)
+    rows, cols = np.ogrid[:384, :512]
+    on_lesion = np.hypot(rows - center[0], cols - center[1]) <= radius
+    assert layer[on_lesion].mean() > 2 * layer[~on_lesion].mean()

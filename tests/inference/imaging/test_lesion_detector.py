@@ -91,6 +91,28 @@ def test_result_pngs_are_colour_images_at_display_size(detector: LesionDetector)
     assert 0.0 <= float(result.heatmap.min()) and float(result.heatmap.max()) <= 1.0
 
 
+def test_the_heatmap_layer_is_grey_at_the_images_geometry_with_its_hot_spot_on_the_lesion(
+    detector: LesionDetector,
+) -> None:
+    """The layer alone undoes the letterbox: square or not, it has the image's shape and its heat lies where
+    the lesion is in the image (a viewer lays it on the rendered frame without knowing the model's input)."""
+    base = _held_out_image()
+    for image in (base, base[64:448, :], base[:, 96:416]):  # square, wide, tall
+        h, w = image.shape
+        center = (int(0.45 * h), int(0.35 * w))
+        radius = 0.09 * max(h, w)
+        lesioned = insert_synthetic_lesion(image, center, radius, 0.55, np.random.default_rng(7))
+        png = Image.open(io.BytesIO(detector.run(lesioned).heatmap_layer_png))
+        assert png.format == "PNG" and png.mode == "L" and png.size == (w, h)
+        layer = np.asarray(png, dtype=np.float32)
+        assert layer.max() == 255  # the peak is full heat
+        peak = np.unravel_index(int(np.argmax(layer)), layer.shape)
+        assert np.hypot(peak[0] - center[0], peak[1] - center[1]) <= 0.2 * max(h, w), (image.shape, peak, center)
+        rows, cols = np.ogrid[:h, :w]
+        on_lesion = np.hypot(rows - center[0], cols - center[1]) <= radius
+        assert layer[on_lesion].mean() > 2 * layer[~on_lesion].mean(), image.shape
+
+
 def test_run_dataset_reads_compressed_dicom(detector: LesionDetector) -> None:
     path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False)
     result = detector.run_dataset(pydicom.dcmread(path))

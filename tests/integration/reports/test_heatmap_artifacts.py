@@ -37,13 +37,15 @@ def _stored(store: Store, png: bytes) -> str:
         return put_artifact(s, png, "image/png")
 
 
-def _result(*findings: tuple[float, str | None]) -> ImagingInferenceCompleted:
-    """An imaging result with one finding per (probability, heatmap artifact id)."""
+def _result(*findings: tuple[float, str | None], layers: tuple[str | None, ...] = ()) -> ImagingInferenceCompleted:
+    """An imaging result with one finding per (probability, heatmap artifact id), the n-th with heatmap layer
+    ``layers[n]`` when given."""
     return ImagingInferenceCompleted(
         source_event_id="study-event", study_instance_uid="1.2.3", revision=1, patient_ref=None,
         imaging_study_ref=None, model_name="demo-lesion-densenet", model_version="0.1.0",
         findings=[InstanceFinding(sop_instance_uid=f"1.2.3.{n}", series_instance_uid="1.2.3.9",
-                                  probabilities={"synthetic_round_lesion": p}, heatmap_artifact_id=aid)
+                                  probabilities={"synthetic_round_lesion": p}, heatmap_artifact_id=aid,
+                                  heatmap_layer_artifact_id=layers[n] if n < len(layers) else None)
                   for n, (p, aid) in enumerate(findings)],
     )
 
@@ -135,6 +137,36 @@ def test_the_viewers_heatmap_route_serves_the_reports_artifact(api: httpx.Client
     assert image.status_code == 200 and image.content == png and image.headers["content-type"] == "image/png"
     without = api.get(f"/api/reports/{report_id}/image.png", params={"sop_instance_uid": "1.2.3.1"})
     assert without.status_code == 404 and without.json()["detail"] == "this report has no image"
+
+
+def _grey_png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_api_names_each_images_heatmap_layer_and_serves_it(api: httpx.Client, store: Store) -> None:
+    overlay, layer = _png((255, 0, 0)), _grey_png(200)
+    overlay_id, layer_id = _stored(store, overlay), _stored(store, layer)
+    unknown = artifact_id(_grey_png(7))  # named by the event, never stored: the report goes without it
+    report_id = write_report(store, _result((0.9, overlay_id), (0.5, overlay_id), (0.1, None),
+                                            layers=(layer_id, unknown)))
+    detail = api.get(f"/api/reports/{report_id}").json()
+    assert [(i["heatmap_artifact_id"], i["heatmap_layer_artifact_id"]) for i in detail["instances"]] == [
+        (overlay_id, layer_id), (overlay_id, None), (None, None)]
+    served = api.get(f"/api/artifacts/{layer_id}")
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(served.content)).mode == "L" and served.content == layer
+
+
+def test_an_event_from_before_the_layer_still_parses_and_its_report_keeps_the_overlay(store: Store) -> None:
+    overlay_id = _stored(store, _png((0, 255, 0)))
+    payload = json.loads(_result((0.8, overlay_id)).model_dump_json())
+    payload["findings"][0].pop("heatmap_layer_artifact_id")  # as a worker before the layer wrote it
+    event = parse_event(json.dumps(payload))
+    report_id = write_report(store, event)
+    (instance,) = _details(store, report_id)["instances"]
+    assert instance["heatmap_artifact_id"] == overlay_id and instance["heatmap_layer_artifact_id"] is None
 
 
 # results from before artifacts --------------------------------------------------------------------
