@@ -112,6 +112,9 @@ class Runtime:
         await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
 
         rate_limit_logger("aiokafka")  # a dead broker: one line per interval, not 200 a second
+        # the loops that retry through an outage say so once per interval, not once per round
+        for loop_logger in ("integration.events.publisher", "integration.events.relay", "integration.delivery.sender"):
+            rate_limit_logger(loop_logger, min_level=logging.WARNING)
 
         if s.dicom_enabled:
             # built now, started last: its journal is replayed before any publisher can announce a study

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from integration.db.store import Store
 from integration.db.tables import DeliveryJob, utcnow
 from integration.delivery import queue
 from integration.delivery.queue import ClaimedJob, Kind, RetryPolicy
-from integration.errors import MedBridgeError
-from integration.events.supervision import Supervised
+from integration.errors import MedBridgeError, StoreUnavailableError
+from integration.events.supervision import Supervised, backoff_seconds
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,26 @@ class DeliverySender(ABC):
                 await asyncio.to_thread(self._failed, job, error)
                 down.add(job.destination)
                 continue
-            if await asyncio.to_thread(queue.record_success, self.store, job, delivered_as):
+            if await self._until_recorded(lambda j=job, d=delivered_as: queue.record_success(self.store, j, d)):
                 sent += 1
                 self.last_error = None
                 log.info("%s: delivery %d (%s report %s) sent to %s", self.name, job.id, job.what, job.report_id,
                          self.label(job.destination))
         return sent
+
+    async def _until_recorded(self, record: Callable[[], bool]) -> bool:
+        """Record a delivery that happened, retrying while the database is away. Given up, the job would
+        be sent again when its lease ends (minutes) and hold back the report's later jobs meanwhile."""
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(record)
+            except StoreUnavailableError:
+                attempt += 1
+                if attempt == 1:
+                    log.warning("%s: a delivery went out but the database is unavailable; recording it when "
+                                "it is back", self.name)
+                await asyncio.sleep(backoff_seconds(attempt, base=0.5, cap=10.0))
 
     def _release(self, job: ClaimedJob) -> None:
         with self.store.session() as s:

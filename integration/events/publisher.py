@@ -101,6 +101,8 @@ class QuietPeriodPublisher:
         while True:
             try:
                 await asyncio.to_thread(self.publish_due)
+            except StoreUnavailableError:  # an outage, not a bug: one line (rate-limited), no traceback
+                log.warning("%s publisher: the database is unavailable; retrying", self.kind)
             except Exception:  # noqa: BLE001 - keep publishing; the tracker stays due and is retried
                 log.exception("%s publisher failed; retrying", self.kind)
             with contextlib.suppress(TimeoutError):

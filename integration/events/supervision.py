@@ -101,14 +101,18 @@ class RepeatedMessageFilter(logging.Filter):
     attempt (200-250 lines a second, measured), which buries everything else in the log.
     """
 
-    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 min_level: int = logging.NOTSET) -> None:
         super().__init__()
         self.interval = interval
+        self.min_level = min_level  # records below it always pass (a loop's INFO lines say what it did)
         self.clock = clock
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last let through, suppressed)
         self._lock = threading.Lock()  # aiokafka logs from the loop; other libraries from threads
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level:
+            return True
         key = (record.name, record.levelno, str(record.msg))  # the format, not its arguments: one peer, one key
         now = self.clock()
         with self._lock:
@@ -125,12 +129,12 @@ class RepeatedMessageFilter(logging.Filter):
         return True
 
 
-def rate_limit_logger(name: str, interval: float = 30.0) -> RepeatedMessageFilter:
+def rate_limit_logger(name: str, interval: float = 30.0, min_level: int = logging.NOTSET) -> RepeatedMessageFilter:
     """Install a :class:`RepeatedMessageFilter` on logger ``name`` and on the loggers below it that
     exist (a filter on a logger does not see its children's records); returns it. Call it after
     importing the library (its modules make their loggers at import); a logger already filtered keeps
     its filter."""
-    flt = RepeatedMessageFilter(interval)
+    flt = RepeatedMessageFilter(interval, min_level=min_level)
     for logger_name in [name, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(name + "."))]:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, RepeatedMessageFilter) for f in logger.filters):  # installed once

@@ -71,3 +71,16 @@ def test_identical_messages_pass_once_per_interval_with_a_count_of_the_rest() ->
     later = record("Unable connect to node with id %s: %s", 1, "refused")
     assert flt.filter(later) is True
     assert "(and 249 more like it in the last 30 s)" in later.getMessage()
+
+
+def test_below_its_minimum_level_every_record_passes() -> None:
+    """On the retry loops' loggers only warnings are held back: each INFO line says what was delivered."""
+    flt = RepeatedMessageFilter(interval=30.0, clock=lambda: 0.0, min_level=logging.WARNING)
+
+    def record(level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("integration.delivery.sender", level, __file__, 1, msg, args, None)
+
+    assert all(flt.filter(record(logging.INFO, "delivery %d sent", i)) for i in range(10))
+    outage = [flt.filter(record(logging.ERROR, "a sending round failed (%s)", "StoreUnavailableError"))
+              for _ in range(10)]
+    assert outage.count(True) == 1
