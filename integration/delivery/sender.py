@@ -14,6 +14,7 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TypeVar
 
 from integration.db.store import Store
 from integration.db.tables import DeliveryJob, utcnow
@@ -22,6 +23,7 @@ from integration.delivery.queue import ClaimedJob, Kind, RetryPolicy
 from integration.errors import MedBridgeError, StoreUnavailableError
 from integration.events.supervision import Supervised, backoff_seconds
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
@@ -99,22 +101,29 @@ class DeliverySender(ABC):
         jobs = await asyncio.to_thread(queue.claim_due, self.store, self.kind, self.policy.lease_seconds)
         down: set[str] = set()
         sent = 0
+        store_down = False
         for job in jobs:
-            if job.destination in down:
-                # leased by this round: hand it back at once rather than when the lease ends
-                await asyncio.to_thread(self._release, job)
+            if store_down or job.destination in down:
+                # leased by this round: hand it back at once rather than when the lease ends (minutes)
+                await self._until_recorded(lambda j=job: self._release(j))
                 continue
             try:
                 delivered_as = await self.deliver(job)
+            except StoreUnavailableError:
+                # our database went away, not the destination: no attempt counted; the job and the rest
+                # of the round go back to the queue once the database is back
+                store_down = True
+                await self._until_recorded(lambda j=job: self._release(j))
+                continue
             except DeliveryError as exc:
-                await asyncio.to_thread(self._failed, job, exc)
+                await self._until_recorded(lambda j=job, e=exc: self._failed(j, e))
                 if not exc.permanent:
                     down.add(job.destination)
                 continue
             except Exception as exc:  # noqa: BLE001 - counted as a failed attempt, never lost
                 # neither the message nor the traceback is kept: either may quote patient data
                 error = DeliveryError(f"{type(exc).__name__} while delivering; please report it", permanent=False)
-                await asyncio.to_thread(self._failed, job, error)
+                await self._until_recorded(lambda j=job, e=error: self._failed(j, e))
                 down.add(job.destination)
                 continue
             if await self._until_recorded(lambda j=job, d=delivered_as: queue.record_success(self.store, j, d)):
@@ -124,9 +133,10 @@ class DeliverySender(ABC):
                          self.label(job.destination))
         return sent
 
-    async def _until_recorded(self, record: Callable[[], bool]) -> bool:
-        """Record a delivery that happened, retrying while the database is away. Given up, the job would
-        be sent again when its lease ends (minutes) and hold back the report's later jobs meanwhile."""
+    async def _until_recorded(self, record: Callable[[], _T]) -> _T:
+        """Record what became of a leased job (sent, failed, handed back), retrying while the database is
+        away. Given up, the job would wait for its lease to end (minutes), holding back the report's later
+        jobs, and one that went out would be sent again."""
         attempt = 0
         while True:
             try:
@@ -134,8 +144,8 @@ class DeliverySender(ABC):
             except StoreUnavailableError:
                 attempt += 1
                 if attempt == 1:
-                    log.warning("%s: a delivery went out but the database is unavailable; recording it when "
-                                "it is back", self.name)
+                    log.warning("%s: the database is unavailable; recording a delivery's outcome when it is back",
+                                self.name)
                 await asyncio.sleep(backoff_seconds(attempt, base=0.5, cap=10.0))
 
     def _release(self, job: ClaimedJob) -> None:
