@@ -26,6 +26,7 @@ COLUMNS = [
     ("studies_without_one_report", "studies ≠1 report"), ("records_without_one_report", "records ≠1 report"),
     ("reviews_missing", "reviews lost"), ("upstream_missing", "EHR 0×"), ("upstream_twice", "EHR 2×"),
     ("pacs_missing", "PACS 0×"), ("pacs_extra", "PACS 2×"), ("server_errors", "5xx"),
+    ("log_lines_with_raw_uids", "UIDs in log"),
 ]
 
 

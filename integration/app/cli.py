@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from integration.app.settings import Settings, get_settings
@@ -37,6 +38,10 @@ def _configure_logging(verbose: bool) -> None:
     # psycopg warns with the server's error text (which can quote key values) when a pipeline fails while
     # another error is raised; MedBridge reports the error itself, without values
     logging.getLogger("psycopg").setLevel(logging.ERROR)
+    # pydicom warns about a malformed value by quoting it ("Invalid value for VR UI: '<the UID>'"), as a
+    # log record and as a Python warning: the value is the data set's, so neither may reach the log
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
     # a dead broker makes aiokafka log every reconnection attempt (200-250 lines a second): one per 30 s
     import aiokafka  # noqa: F401 - its modules make their loggers at import; the filter goes on each
 

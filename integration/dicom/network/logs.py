@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 _LIBRARIES = ("pynetdicom", "pydicom")
 # 8+ two-digit hex groups ("01 00 00 00 ..."), a bytes literal, or escaped bytes
@@ -48,6 +49,10 @@ _FILTER = PeerBytesFilter()
 def install_log_hygiene() -> None:
     """Attach the filter to every pynetdicom and pydicom logger that exists (they are made when
     their modules are imported, so call this after importing pynetdicom; calling again is harmless)."""
+    # pydicom quotes a malformed value ("Invalid value for VR UI: '<the UID>'") as a warning: the value
+    # is the data set's; the listener processes have no `medbridge` command line to set this for them
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, logging.getLogger("pydicom").level))
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
     names = [name for name in list(logging.root.manager.loggerDict)
              if name.split(".")[0] in _LIBRARIES]
     for name in (*_LIBRARIES, *names):
