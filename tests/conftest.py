@@ -36,6 +36,20 @@ def _pynetdicom_requests_wait_for_their_reactor() -> None:
     adapt_requests()
 
 
+@pytest.fixture(autouse=True)
+def _log_rate_limits_start_afresh() -> None:
+    """A runtime started by an earlier test installs rate-limiting filters on loggers (process-wide): what
+    they saw then must not hold back a line a later test waits for."""
+    import logging
+
+    from integration.events.supervision import RepeatedMessageFilter
+
+    for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for flt in getattr(logger, "filters", ()):
+            if isinstance(flt, RepeatedMessageFilter):
+                flt.forget()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _test_issuer_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded-issuer signing key for every server of the session (``stack_settings`` points them

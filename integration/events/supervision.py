@@ -110,6 +110,11 @@ class RepeatedMessageFilter(logging.Filter):
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last let through, suppressed)
         self._lock = threading.Lock()  # aiokafka logs from the loop; other libraries from threads
 
+    def forget(self) -> None:
+        """Start afresh, as if nothing had been let through yet."""
+        with self._lock:
+            self._seen.clear()
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.min_level:
             return True

@@ -20,6 +20,7 @@ the share to the request thread: a worker only ever makes validation faster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -121,7 +122,9 @@ class _Worker:
             self.process.kill()
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
-                stream.close()  # stdin's EOF ends the worker's loop
+                # stdin's EOF ends the worker's loop; closing flushes, which a dead worker's pipe refuses
+                with contextlib.suppress(OSError):
+                    stream.close()
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:

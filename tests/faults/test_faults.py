@@ -121,13 +121,17 @@ def fill(folder: Path) -> Path:
     """Writes zeros into ``folder`` until the file system refuses (ENOSPC); the filler's path."""
     filler = folder / "filler"
     chunk = b"\0" * (1024 * 1024)
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass
+    # unbuffered: a buffered file's close flushes what did not fit and raises ENOSPC itself
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            try:
+                if os.write(fd, chunk) == 0:
+                    break
+            except OSError:  # ENOSPC: the disk is full
+                break
+    finally:
+        os.close(fd)
     return filler
 
 
