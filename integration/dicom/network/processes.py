@@ -30,6 +30,7 @@ from typing import Any
 from integration import phi
 from integration.app.settings import Settings
 from integration.datadir import keep_private
+from integration.events.supervision import backoff_seconds
 from integration.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class ListenerProcesses:
                     continue
                 index = slot + 1
                 quick_deaths[index] = quick_deaths[index] + 1 if time.monotonic() - born[index] < 60 else 1
-                delay = min(RESTART_MAX_SECONDS, RESTART_BASE_SECONDS * 2 ** (quick_deaths[index] - 1))
+                delay = backoff_seconds(quick_deaths[index], base=RESTART_BASE_SECONDS, cap=RESTART_MAX_SECONDS)
                 log.error("DICOM listener process %d died (exit code %s); starting it again in %.0f s",
                           index, process.exitcode, delay)
                 self._restarting.add(index)
