@@ -164,6 +164,7 @@ class StorageAssociations:
         reject = self.service.admission(calling, called, address)
         if reject is not None:
             sock.sendall(_associate_rj(*reject))
+            _await_peer_close(sock)
             return
         association = _Association(self, sock, primitive, calling)
         with self._lock:
@@ -330,6 +331,19 @@ def _acceptor_user_information(config: StorageAcceptorConfig) -> list[Any]:
 
 def _associate_rj(result: int, source: int, reason: int) -> bytes:
     return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, reason))
+
+
+def _await_peer_close(sock: socket.socket, artim_seconds: float = 2.0) -> None:
+    """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, state Sta13): wait
+    for that, up to an ARTIM timeout, rather than closing first. A requestor that finds the
+    connection gone before it has handled the rejection reports an abort, not a rejection, and a
+    transient rejection is what tells it to try again later."""
+    try:
+        sock.settimeout(artim_seconds)
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
