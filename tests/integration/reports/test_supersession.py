@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from integration.db.store import Store
+from integration.delivery import queue
+from integration.delivery.plan import NO_DESTINATIONS, Destinations
 from integration.reports.supersession import FOLLOWS_SIGNED_URL, REPLACES_URL, SUPERSEDED_BY_URL
 from integration.reports.writer import write_report
 from schemas.events import ClinicalInferenceCompleted
@@ -22,13 +24,13 @@ from tests.conftest import serve_app, stack_settings
 PATIENT = "Patient/p-supersede"
 
 
-def draft(store: Store, revision: int, patient: str = PATIENT) -> str:
+def draft(store: Store, revision: int, patient: str = PATIENT, destinations: Destinations = NO_DESTINATIONS) -> str:
     """The clinical report of the patient's record revision ``revision``, as the clinical worker's result
     event makes the report writer write it; its id."""
     event = ClinicalInferenceCompleted(source_event_id=f"record-{revision}", patient_ref=patient, revision=revision,
                                        model_name="tiny", impression=f"Impression of revision {revision}.",
                                        evidence=[])
-    return write_report(store, event)
+    return write_report(store, event, destinations)
 
 
 @pytest.fixture
@@ -98,3 +100,15 @@ def test_a_late_older_draft_is_stored_cancelled_and_never_becomes_current(store:
     assert item["report_id"] == third
     other = draft(store, 1, patient="Patient/someone-else")  # another patient's drafts are not touched
     assert report(api, other)["status"] == "preliminary"
+
+
+def test_an_ehr_that_holds_the_draft_is_sent_its_cancellation(store: Store) -> None:
+    ehr = Destinations(ehr=("http://ehr.example/fhir",))
+    first = draft(store, 1, destinations=ehr)
+    with store.session() as s:  # the EHR has the draft: its create was sent
+        queue.issued_job(s, "ehr", ehr.ehr[0], first).state = "sent"
+    draft(store, 2, destinations=ehr)
+    with store.session() as s:
+        job = queue.last_job(s, "ehr", ehr.ehr[0], first)
+        assert job is not None and job.what == "rewritten" and job.state != "sent"
+        assert job.payload["report"]["status"] == "cancelled"
