@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,7 +67,11 @@ class Settings(BaseSettings):
     # DICOM listener processes sharing the port (integration/dicom_processes.py): one per core for
     # parallel associations; 1 keeps the listener in the main process only
     dicom_processes: int = Field(1, ge=1, le=64, alias="MEDBRIDGE_DICOM_PROCESSES")
-    record_quiet_seconds: float = Field(2.0, alias="MEDBRIDGE_RECORD_QUIET_SECONDS")
+    # the clinical-report debounce: a patient's record is announced (a clinical report drafted) once no
+    # write that changes the impression (integration.fhir.clinical_change) arrived for this long; the
+    # tracker is a table row, so a restart inside the window loses nothing. The older name still works.
+    record_quiet_seconds: float = Field(30.0, gt=0, validation_alias=AliasChoices(
+        "MEDBRIDGE_CLINICAL_DEBOUNCE_SECONDS", "MEDBRIDGE_RECORD_QUIET_SECONDS", "record_quiet_seconds"))
 
     # HTTP edge
     http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")

@@ -78,12 +78,12 @@ def build_patient_context(store: Store, patient_ref: str, today: date | None = N
         item = _observation(obs)
         if item:
             observations.append(item)
-    for med in search_resources(store, "MedicationRequest", subject_ref=patient_ref, limit=50)[0]:
-        display, code, system = _concept_text(med.get("medicationCodeableConcept"))
-        if display:
-            medications.append(
-                CodedItem(display=display, code=code, system=system, ref=f"MedicationRequest/{med['id']}")
-            )
+    # what is ordered and what the patient reports taking: both are medications the impression weighs
+    for med_type in ("MedicationRequest", "MedicationStatement"):
+        for med in search_resources(store, med_type, subject_ref=patient_ref, limit=50)[0]:
+            display, code, system = _concept_text(med.get("medicationCodeableConcept"))
+            if display:
+                medications.append(CodedItem(display=display, code=code, system=system, ref=f"{med_type}/{med['id']}"))
     return PatientContext(
         patient_ref=patient_ref,
         age_years=age,

@@ -16,12 +16,13 @@ import pydicom
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.db.tables import DicomInstance, FhirResource, FhirSearchIndex, stable_id
+from integration.db.tables import DicomInstance, FhirResource, FhirResourceVersion, FhirSearchIndex, stable_id
 from integration.errors import InvalidResourceError
+from integration.fhir.clinical_change import IMPRESSION_TYPES, changes_impression
 from integration.fhir.storage import put_resource, put_resources
 
 DICOM_PATIENT_ID_SYSTEM = "urn:medbridge:dicom:patient-id"
@@ -33,19 +34,6 @@ AI_ASSERTED = {
     "display": "Artificial Intelligence asserted",
 }
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
-
-# Resources whose arrival means "this patient's clinical picture changed"
-CLINICAL_TYPES = {
-    "Patient",
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "MedicationStatement",
-    "AllergyIntolerance",
-    "Procedure",
-    "Encounter",
-    "DocumentReference",
-}
 
 # Required bindings fhir.resources does not enforce (it accepts Observation.status = "not-a-status").
 # code elements: the allowed codes (R4 value sets; element path -> codes, lists are checked item by item)
@@ -289,10 +277,34 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _version_key(stored: dict[str, Any]) -> tuple[str, str, int]:
+    """The (type, id, version) of the version ``stored`` was written over."""
+    return stored["resourceType"], stored["id"], int(stored["meta"]["versionId"]) - 1
+
+
+def _previous_contents(s: Session, stored: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The versions the ``stored`` updates were written over, by ``_version_key`` (one query); a deleted
+    version is left out: writing over it is a create as far as the impression goes."""
+    keys = [_version_key(r) for r in stored]
+    if not keys:
+        return {}
+    v = FhirResourceVersion
+    rows = s.execute(select(v.resource_type, v.id, v.version_id, v.content).where(
+        tuple_(v.resource_type, v.id, v.version_id).in_(keys), v.deleted.is_(False))).all()
+    return {(rtype, rid, version): content for rtype, rid, version, content in rows}
+
+
+def _previous_content(s: Session, stored: dict[str, Any]) -> dict[str, Any] | None:
+    if stored["resourceType"] not in IMPRESSION_TYPES:
+        return None  # changes_impression reads no other type
+    return _previous_contents(s, [stored]).get(_version_key(stored))
+
+
 def store_resource(
     s: Session, resource: dict[str, Any], *, if_match: int | None = None, track: bool = True
 ) -> tuple[dict[str, Any], bool]:
-    """Store a validated resource and mark its patient's record as changed (for clinical types)."""
+    """Store a validated resource and mark its patient's record as changed when the write changes what a
+    clinical impression is drafted from (integration.fhir.clinical_change)."""
     subject = subject_of(resource)
     stored, created = put_resource(
         s,
@@ -301,7 +313,7 @@ def store_resource(
         subject_ref=subject,
         identifier=None,  # identifiers are matched through fhir_search_index (see integration.fhir.search)
     )
-    if track and subject and resource["resourceType"] in CLINICAL_TYPES:
+    if track and subject and changes_impression(None if created else _previous_content(s, stored), stored):
         Store.touch(s, "patient", subject)
     return stored, created
 
@@ -313,8 +325,11 @@ def store_resources(s: Session, resources: list[dict[str, Any]], *, fresh: list[
     done (see ``fhir.storage.put_resources`` for both)."""
     subjects = [subject_of(r) for r in resources]
     results = put_resources(s, resources, subjects, fresh=fresh, meanwhile=meanwhile)
-    pairs = zip(resources, subjects, strict=True)
-    changed = {subj for r, subj in pairs if subj and r["resourceType"] in CLINICAL_TYPES}
+    updated = [stored for (stored, created), subj in zip(results, subjects, strict=True)
+               if subj and not created and stored["resourceType"] in IMPRESSION_TYPES]
+    before = _previous_contents(s, updated)
+    changed = {subj for (stored, _), subj in zip(results, subjects, strict=True)
+               if subj and changes_impression(before.get(_version_key(stored)), stored)}
     for subject in sorted(changed):  # once per patient: one change, however many resources it touched
         Store.touch(s, "patient", subject)
     return results

@@ -113,9 +113,15 @@ def _promote_latest(s: Session, study_key: str) -> None:
     count (the worklist shows one entry per study)."""
     rows = s.scalars(select(WorklistEntry).where(WorklistEntry.study_key == study_key)).all()
     own = [s.get(AiResult, r.report_id) for r in rows]
+    # a superseded draft (integration.reports.supersession) never stands for the study, even when a late
+    # redelivery stored it last
+    superseded = set(s.scalars(select(FhirResource.id).where(
+        FhirResource.resource_type == "DiagnosticReport", FhirResource.status == "cancelled",
+        FhirResource.id.in_([r.report_id for r in rows]))))
     # issued has whole seconds: two revisions in one second are told apart by when their result was stored
     newest = max(zip(rows, own, strict=True),
-                 key=lambda ra: (_aware(ra[0].issued_at), _aware(ra[1].created_at) if ra[1] else _EPOCH))[0]
+                 key=lambda ra: (ra[0].report_id not in superseded, _aware(ra[0].issued_at),
+                                 _aware(ra[1].created_at) if ra[1] else _EPOCH))[0]
     s.execute(update(WorklistEntry).where(WorklistEntry.study_key == study_key).values(latest=False))
     newest.latest = True
     best = max(((top_of(a.details or {}), a) for a in own if a is not None),

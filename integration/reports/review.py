@@ -6,6 +6,7 @@ State machine (DiagnosticReport.status)::
     final       ──▶ amended | entered-in-error
     amended     ──▶ amended | entered-in-error
     entered-in-error: final (nothing leaves it; a rejected report is not revived, a new one is made)
+    cancelled: final (a clinical draft a newer one superseded: integration.reports.supersession)
 
 A decision names the version it was made on (``If-Match``): on another version it is refused (412), so
 two reviewers cannot overwrite each other. A rejection needs a coded reason (schemas.api.RejectionReason).
@@ -32,6 +33,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "amended": frozenset({"amended", "entered-in-error"}),
     "entered-in-error": frozenset(),
 }
+# a draft a newer one superseded (integration.reports.supersession), which the writer, not a reviewer,
+# puts there: nothing leaves it either (the newer draft is the one to review)
+SUPERSEDED = "cancelled"
 
 REASON_SYSTEM = "urn:medbridge:review-reason"
 _DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -57,6 +61,10 @@ def check_transition(current: str, action: str) -> None:
     allowed = TRANSITIONS.get(current, frozenset())
     if action in allowed:
         return
+    if current == SUPERSEDED:
+        raise ReviewRefusedError(
+            "the report is cancelled: a newer draft for this patient superseded it (its superseded-by extension "
+            "names it); review that one", current)
     if not allowed:
         raise ReviewRefusedError(
             f"the report is {current}: no review decision can change it (a rejected report stays rejected)",

@@ -36,6 +36,7 @@ from integration.fhir.storage import serialize_conditional
 from integration.identity import Actor
 from integration.reports import review as review_rules
 from integration.reports.index import index_report
+from integration.reports.supersession import supersede_earlier_drafts
 from schemas.api import ReviewRequest
 from schemas.events import (
     REPORT_WRITER,
@@ -190,6 +191,7 @@ def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], 
         "model_version": None,
         "evidence": [p.model_dump() for p in event.evidence],
         "input_refs": event.input_refs,
+        "revision": event.revision,  # which draft of the patient's is newer (integration.reports.supersession)
     }
     return report, details
 
@@ -203,6 +205,8 @@ def _store_report(
     study_uid: str | None,
     destinations: Destinations,
 ) -> None:
+    if isinstance(event, ClinicalInferenceCompleted):  # one current draft per patient
+        report = supersede_earlier_drafts(s, report, event.revision, destinations)
     validate_resource(report)
     store_resource(s, report, track=False)
     row = s.get(AiResult, report["id"])
