@@ -91,14 +91,20 @@ def _finding_observations(
     return out
 
 
+def _made_by_medbridge(observation: dict[str, Any]) -> bool:
+    return (AI_ASSERTED in (observation.get("meta") or {}).get("security", [])
+            and any(i.get("system") == OBSERVATION_SYSTEM for i in observation.get("identifier") or []))
+
+
 def _result_observations(s: Session, report: dict[str, Any], subject: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The Observations the local report lists in ``result`` (a segmentation's volumes), reshaped for the
-    upstream server: no local id, references by identifier."""
+    """The AI Observations the local report lists in ``result`` (a segmentation's volumes), reshaped for the
+    upstream server: no local id, references by identifier. A clinical report's ``result`` names the patient's
+    own Observations it used: those are the EHR's already, and are not sent back."""
     out = []
     for ref in report.get("result") or []:
         rtype, _, rid = str(ref.get("reference") or "").partition("/")
         row = s.get(FhirResource, (rtype, rid)) if rtype == "Observation" else None
-        if row is None:
+        if row is None or not _made_by_medbridge(row.content):
             continue
         obs = {k: v for k, v in row.content.items() if k not in ("id", "meta", "subject", "derivedFrom")}
         obs["meta"] = {"security": [AI_ASSERTED]}

@@ -16,9 +16,10 @@ from integration.db.tables import AiResult
 from integration.delivery import queue
 from integration.delivery.plan import Destinations
 from integration.errors import PermanentEventError
+from integration.fhir.resources import store_resource, validate_resource
 from integration.fhir.storage import get_resource
 from integration.reports.writer import write_report
-from schemas.events import ImagingInferenceCompleted, SegmentationFinding
+from schemas.events import ClinicalInferenceCompleted, ImagingInferenceCompleted, SegmentationFinding
 from tests.inference.imaging.ct_series import ct_series, liver_and_lesion, stored_instance, voxel_ml
 
 UPSTREAM = "http://ehr.example.org/fhir"
@@ -79,3 +80,22 @@ def test_an_event_naming_a_seg_the_store_does_not_hold_is_refused(store: Store, 
     forged = finding.model_copy(update={"seg_artifact_id": "0" * 64})
     with pytest.raises(PermanentEventError, match="SEG artifact"):
         write_report(store, result_with(forged, study_uid))
+
+
+def test_a_clinical_reports_input_observations_are_not_sent_upstream_as_results(store: Store) -> None:
+    # a clinical report's result names the patient's own Observations it read: the EHR has them already
+    observation = {"resourceType": "Observation", "id": "hb", "status": "final", "code": {"text": "Haemoglobin"},
+                   "subject": {"reference": "Patient/p1"},
+                   "identifier": [{"system": "urn:hospital:lab", "value": "hb-1"}]}
+    with store.session() as s:
+        store_resource(s, validate_resource(observation))
+    event = ClinicalInferenceCompleted(source_event_id=str(uuid.uuid4()), patient_ref="Patient/p1", revision=1,
+                                       model_name="llm", impression="Anaemia.", evidence=[],
+                                       input_refs=["Observation/hb"])
+    report_id = write_report(store, event, Destinations(ehr=(UPSTREAM,)))
+    assert get_resource(store, "DiagnosticReport", report_id)["result"] == [{"reference": "Observation/hb"}]
+    with store.session() as s:
+        upstream = queue.issued_job(s, "ehr", UPSTREAM, report_id)
+        assert upstream is not None
+        kinds = [e["resource"]["resourceType"] for e in upstream.payload["entry"]]
+    assert "Observation" not in kinds
