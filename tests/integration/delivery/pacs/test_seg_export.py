@@ -9,23 +9,27 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import pydicom
+import pytest
 from pydicom.sr.codedict import codes
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
-from inference.imaging.segmentation import record_segmentation
+from inference.imaging.segmentation import build_seg, measure_segments, record_segmentation, seg_file_bytes
 from integration.app.runtime import Runtime
-from integration.delivery.pacs.export import export_uid
+from integration.db.artifacts import artifact_id
+from integration.db.tables import AiResult
+from integration.delivery.pacs.export import ExportBuildError, ReviewOutcome, build_export, export_uid
 from integration.delivery.plan import Destinations
 from integration.reports.writer import write_report
 from schemas.events import ImagingInferenceCompleted, InstanceFinding
 from tests import authorized
 from tests.inference.imaging.ct_series import ct_series, liver_and_lesion, stored_instance
-from tests.integration.delivery.pacs.test_dicom_export import base_url, poll
+from tests.integration.delivery.pacs.test_dicom_export import artifacts, base_url, poll
 from tests.integration.delivery.pacs.test_export_follows_the_report import settings_for
 
 
@@ -89,3 +93,28 @@ async def test_the_pacs_export_sends_the_seg_beside_the_sr(tmp_path: Path, ortha
     evidence = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
                 for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
     assert segmentation.sop_instance_uid in evidence
+
+
+def test_a_reviewed_results_sr_still_carries_the_seg_and_a_lost_seg_is_a_build_error(tmp_path: Path) -> None:
+    series = ct_series(tmp_path, slices=3)
+    output = liver_and_lesion(series)
+    seg = build_seg(output, series, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid())
+    data = seg_file_bytes(seg)
+    segments = measure_segments(output, series)
+    ai = AiResult(report_id="report-seg", kind="imaging", source_event_id="e-1",
+                  study_instance_uid=str(series[0].StudyInstanceUID),
+                  details={"model_name": output.model_name, "model_version": output.model_version, "instances": [],
+                           "segmentations": [{"seg_artifact_id": artifact_id(data),
+                                              "sop_instance_uid": str(seg.SOPInstanceUID),
+                                              "model_name": output.model_name, "model_version": output.model_version,
+                                              "segments": [s.model_dump(mode="json") for s in segments]}]})
+    review = ReviewOutcome(number=1, action="final", reviewer="Dr Seg", at=datetime(2026, 1, 2, tzinfo=UTC))
+    objects = build_export(ai, [stored_instance(ds) for ds in series], artifacts(data), review)
+
+    assert [ds.Modality for ds in objects.datasets] == ["SEG", "SR"]  # the SEG first: the SR points at it
+    assert objects.sr.VerificationFlag == "VERIFIED"
+    sent_seg = objects.datasets[0]
+    assert sent_seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # stored deflated, sent plain
+    assert sent_seg.SOPInstanceUID == seg.SOPInstanceUID and int(sent_seg.NumberOfFrames) == 3
+    with pytest.raises(ExportBuildError, match="SEG is not in the artifact store"):
+        build_export(ai, [stored_instance(ds) for ds in series], artifacts(), review)
