@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from integration.db.tables import DicomInstance
 
-CT_SMALL = get_testdata_file("CT_small.dcm")
+CT_SMALL = str(get_testdata_file("CT_small.dcm"))
 SLICE_STEP_MM = 2.5  # CT_small says Slice Thickness 5 mm: the volume must come from the positions
 
 
@@ -35,7 +35,7 @@ def ct_series(folder: Path, slices: int = 4) -> list[Dataset]:
     source = pydicom.dcmread(CT_SMALL)
     series_uid = generate_uid()
     x, y, z = (float(v) for v in source.ImagePositionPatient)
-    out = []
+    out: list[Dataset] = []
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(slices):
         ds = copy.deepcopy(source)

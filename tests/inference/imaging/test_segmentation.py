@@ -52,6 +52,7 @@ def test_the_seg_reads_back_with_pydicom_and_highdicom_as_built(tmp_path: Path) 
         codes.SCT.AnatomicalStructure, codes.SCT.Liver)
     assert (lesion.segmented_property_category, lesion.segmented_property_type) == (
         codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)
+    assert liver.algorithm_identification is not None
     algorithm = liver.algorithm_identification[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (output.model_name, output.model_version)
     # the masks come back where the label map put them, segment numbers 1 and 2 for label values 1 and 4
