@@ -105,6 +105,42 @@ class InstanceFinding(BaseModel):
                           "in the artifact store")
 
 
+class CodedConcept(BaseModel):
+    """A code from a terminology (SNOMED CT for body structures), as DICOM and FHIR both name it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    system: str = Field(description="the FHIR system URI, e.g. http://snomed.info/sct")
+    code: str
+    display: str
+
+
+class SegmentMeasurement(BaseModel):
+    """One segment of a segmentation: what it is and how large."""
+
+    model_config = ConfigDict(frozen=True)
+
+    segment_number: int = Field(ge=1, description="the segment's number in the DICOM SEG")
+    label: str = Field(description="the model's name for the label, e.g. 'liver'")
+    body_site: CodedConcept = Field(description="the segmented structure (the SEG's property type)")
+    voxel_count: int = Field(ge=0)
+    volume_ml: float = Field(ge=0, description="voxel count x voxel volume, in millilitres")
+
+
+class SegmentationFinding(BaseModel):
+    """A segmentation model's result on one series: the DICOM SEG (in the artifact store) and its segments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seg_artifact_id: ArtifactId = Field(description="the DICOM SEG (Part 10, application/dicom), in the store")
+    series_instance_uid: str = Field(description="the SEG's own series")
+    sop_instance_uid: str = Field(description="the SEG's own SOP Instance UID")
+    source_series_instance_uid: str
+    model_name: str
+    model_version: str
+    segments: list[SegmentMeasurement]
+
+
 class ImagingInferenceCompleted(_Event):
     event_type: Literal["ImagingInferenceCompleted"] = "ImagingInferenceCompleted"
     # 2: findings name their heatmap by artifact id (1 named a file path). Version 1 events still parse,
@@ -123,6 +159,8 @@ class ImagingInferenceCompleted(_Event):
     skipped_sop_instance_uids: list[str] = Field(default_factory=list)
     # image instances of the study that earlier revisions' results covered (not inferred again)
     earlier_images: int = 0
+    # segmentation models' results (DICOM SEG + volumes). Optional and additive: events without it still parse.
+    segmentations: list[SegmentationFinding] = Field(default_factory=list)
 
 
 class EvidencePassage(BaseModel):

@@ -4,7 +4,8 @@ Called inside the report writer's and the review's own transaction, so a report 
 owes downstream commit together: nothing depends on an event the broker may lose.
 
 - An issued report: one ``ehr`` job per upstream EHR (the FHIR transaction), and, for an imaging
-  report that analysed at least one image, one ``pacs`` job per export peer (the SR and SC).
+  report that analysed at least one image or holds a segmentation, one ``pacs`` job per export peer
+  (the SR, SC and SEGs).
 - A review: one ``ehr`` job per upstream (the status change) and, for the same imaging reports, one
   ``pacs`` job per export peer (a new SR and SC version that says final, amended or entered in error).
 """
@@ -38,8 +39,10 @@ NO_DESTINATIONS = Destinations()  # nothing configured downstream (tests, demo r
 
 
 def _shows_on_a_pacs(ai: AiResult | None) -> bool:
-    # a result without an analysed image has nothing to show the PACS
-    return ai is not None and ai.kind == "imaging" and bool((ai.details or {}).get("instances"))
+    # a result without an analysed image or a segmentation (a SEG) has nothing to show the PACS
+    details = (ai.details or {}) if ai is not None else {}
+    return (ai is not None and ai.kind == "imaging"
+            and bool(details.get("instances") or details.get("segmentations")))
 
 
 def enqueue_issued(s: Session, report: dict[str, Any], details: dict[str, Any], ai: AiResult,

@@ -36,6 +36,7 @@ from integration.fhir.storage import serialize_conditional
 from integration.identity import Actor
 from integration.reports import review as review_rules
 from integration.reports.index import index_report
+from integration.reports.segmentation import check_segs_stored, segment_observations, segmentation_lines
 from integration.reports.supersession import supersede_earlier_drafts
 from schemas.api import ReviewRequest
 from schemas.events import (
@@ -105,9 +106,9 @@ def imaging_report(
     if event.earlier_images:
         lines.append(f"The images received since this study's previous report; its {_images(event.earlier_images)} "
                      "received before are in the earlier report(s).")
-    if not findings:
+    if not findings and not event.segmentations:
         lines.append("No image in this study could be analysed.")
-    else:
+    elif findings:
         for name in findings[0].probabilities:
             positives = [f for f in findings if f.probabilities.get(name, 0.0) >= threshold]
             top = max(f.probabilities.get(name, 0.0) for f in findings)
@@ -117,6 +118,7 @@ def imaging_report(
                 lines.append(f"{label}: {found} (highest probability {top:.2f}).")
             else:
                 lines.append(f"{label}: not detected in {_images(len(findings))} (highest probability {top:.2f}).")
+    lines.extend(segmentation_lines(event))
     if event.skipped_instances:
         lines.append(f"{event.skipped_instances} instance(s) could not be decoded and were not analysed.")
     report["conclusion"] = fhir_string(" ".join(lines))
@@ -134,6 +136,8 @@ def imaging_report(
         "instances": [f.model_dump() for f in findings],
         "skipped_instances": event.skipped_instances,
     }
+    if event.segmentations:  # what the PACS export sends the SEGs and the SR's volumes from
+        details["segmentations"] = [f.model_dump(mode="json") for f in event.segmentations]
     return report, details
 
 
@@ -204,9 +208,12 @@ def _store_report(
     event: MedBridgeEvent,
     study_uid: str | None,
     destinations: Destinations,
+    resources: Sequence[dict[str, Any]] = (),
 ) -> None:
     if isinstance(event, ClinicalInferenceCompleted):  # one current draft per patient
         report = supersede_earlier_drafts(s, report, event.revision, destinations)
+    for resource in resources:  # the report's results, before the report that references them
+        store_resource(s, validate_resource(resource), track=False)  # AI results: not a record change
     validate_resource(report)
     store_resource(s, report, track=False)
     row = s.get(AiResult, report["id"])
@@ -238,6 +245,7 @@ class ReportRecord:
     event: ResultEvent
     study_uid: str | None
     destinations: Destinations = NO_DESTINATIONS
+    resources: tuple[dict[str, Any], ...] = ()  # written with the report: its result Observations
 
     @property
     def report_id(self) -> str:
@@ -248,7 +256,8 @@ class ReportRecord:
         export peer: integration.delivery.plan); a report that is not valid FHIR is a PermanentEventError
         (building it again gives the same report)."""
         try:
-            _store_report(s, self.report, self.details, self.kind, self.event, self.study_uid, self.destinations)
+            _store_report(s, self.report, self.details, self.kind, self.event, self.study_uid, self.destinations,
+                          self.resources)
         except InvalidResourceError as exc:
             raise PermanentEventError(f"generated report is not valid FHIR: {exc}") from exc
         log.info("report %s written (%s) for event %s", self.report_id, self.kind, self.event.event_id)
@@ -257,8 +266,13 @@ class ReportRecord:
 def imaging_record(store: Store, event: ImagingInferenceCompleted,
                    destinations: Destinations = NO_DESTINATIONS) -> ReportRecord:
     event = without_unknown_heatmaps(store, event)
+    check_segs_stored(store, event)
     report, details = imaging_report(event, heatmap_png=top_heatmap(store, event))
-    return ReportRecord(report, details, "imaging", event, event.study_instance_uid, destinations)
+    observations = segment_observations(report, event)
+    if observations:
+        report["result"] = [{"reference": f"Observation/{o['id']}"} for o in observations]
+    return ReportRecord(report, details, "imaging", event, event.study_instance_uid, destinations,
+                        resources=tuple(observations))
 
 
 def clinical_record(store: Store, event: ClinicalInferenceCompleted,

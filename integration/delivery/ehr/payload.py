@@ -91,6 +91,32 @@ def _finding_observations(
     return out
 
 
+def _made_by_medbridge(observation: dict[str, Any]) -> bool:
+    return (AI_ASSERTED in (observation.get("meta") or {}).get("security", [])
+            and any(i.get("system") == OBSERVATION_SYSTEM for i in observation.get("identifier") or []))
+
+
+def _result_observations(s: Session, report: dict[str, Any], subject: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The AI Observations the local report lists in ``result`` (a segmentation's volumes), reshaped for the
+    upstream server: no local id, references by identifier. A clinical report's ``result`` names the patient's
+    own Observations it used: those are the EHR's already, and are not sent back."""
+    out = []
+    for ref in report.get("result") or []:
+        rtype, _, rid = str(ref.get("reference") or "").partition("/")
+        row = s.get(FhirResource, (rtype, rid)) if rtype == "Observation" else None
+        if row is None or not _made_by_medbridge(row.content):
+            continue
+        obs = {k: v for k, v in row.content.items() if k not in ("id", "meta", "subject", "derivedFrom")}
+        obs["meta"] = {"security": [AI_ASSERTED]}
+        if subject:
+            obs["subject"] = subject
+        derived = [_logical_reference(s, r.get("reference")) for r in row.content.get("derivedFrom") or []]
+        if any(derived):
+            obs["derivedFrom"] = [r for r in derived if r]
+        out.append(obs)
+    return out
+
+
 def _device(name: str, version: str, kind: str) -> dict[str, Any]:
     return {
         "resourceType": "Device",
@@ -125,7 +151,8 @@ def report_transaction(s: Session, report: dict[str, Any], details: dict[str, An
     model = _device(details.get("model_name") or "unknown model", details.get("model_version") or "unversioned",
                     "AI model")
     medbridge = _device("MedBridge", MEDBRIDGE_VERSION, "integration software")
-    observations = _finding_observations(report_id, report, details, body.get("subject"))
+    observations = (_finding_observations(report_id, report, details, body.get("subject"))
+                    + _result_observations(s, report, body.get("subject")))
     dr_entry = _entry(body, _ident_query(body))
     obs_entries = [_entry(o, _ident_query(o)) for o in observations]
     model_entry = _entry(model, _ident_query(model))

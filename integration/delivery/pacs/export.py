@@ -1,5 +1,10 @@
 """DICOM export of AI results: a Comprehensive SR of the findings and a Secondary Capture of the
-heatmap overlay, built with highdicom, sent to a PACS by C-STORE (we are the SCU).
+heatmap overlay, built with highdicom, and the DICOM SEG of each segmentation, sent to a PACS by C-STORE
+(we are the SCU).
+
+The SEG is built by the imaging worker (inference.imaging.segmentation) and kept in the artifact store; it
+is sent as stored, with every version of the SR (which names its segments' volumes and references it), so
+a PACS that holds the SR holds the SEG it points at.
 
 Both objects go into the source study (same Study Instance UID, patient and study modules copied
 from the source images by highdicom), each in a new series. Their Series and SOP Instance UIDs
@@ -34,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     ComprehensiveSRStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
@@ -68,6 +74,8 @@ OUTCOME_STATEMENTS = {
     "entered-in-error": "Reviewed by a clinician: the AI result is entered in error and must not be used.",
 }
 DEMO_MODEL_NOTE = "AI-generated from a demonstration model, not for clinical use."
+SEGMENTATION = hd.sr.CodedConcept("113076", "DCM", "Segmentation")
+MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 
 
 class ExportBuildError(Exception):
@@ -118,14 +126,16 @@ def previous_sr(report_id: str, review: ReviewOutcome, study_uid: str) -> Datase
 
 @dataclass(frozen=True)
 class ExportObjects:
-    """What one report exports: the SR and, when a heatmap exists, the SC; with their UIDs."""
+    """What one report exports: the SR, the SC when a heatmap exists, the SEG of each segmentation."""
 
     sr: Dataset
     sc: Dataset | None
+    segs: tuple[Dataset, ...] = ()
 
     @property
     def datasets(self) -> list[Dataset]:
-        return [self.sr] if self.sc is None else [self.sc, self.sr]
+        """In sending order: the objects the SR references first, the SR last."""
+        return [*([] if self.sc is None else [self.sc]), *self.segs, self.sr]
 
 
 def export_uid(report_id: str, part: str) -> str:
@@ -201,6 +211,49 @@ def build_secondary_capture(report_id: str, source: Dataset, png: bytes,
     return sc
 
 
+def seg_dataset(data: bytes) -> Dataset:
+    """A stored SEG (Part 10 bytes, deflated or not) as a dataset to send: decoded in memory, it is sent
+    in whichever uncompressed transfer syntax the peer accepts."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def segmentation_items(details: dict[str, Any], segs: dict[str, Dataset]) -> list[hd.sr.ContentItem]:
+    """One Segmentation container per stored SEG: the model, and per segment the structure, its volume
+    (mL) and a reference to the segment in the SEG."""
+    items: list[hd.sr.ContentItem] = []
+    for found in details.get("segmentations") or []:
+        seg = segs.get(found["sop_instance_uid"])
+        if seg is None:
+            continue
+        group = hd.sr.ContainerContentItem(name=SEGMENTATION, relationship_type="CONTAINS")
+        children: list[hd.sr.ContentItem] = [
+            hd.sr.TextContentItem(ALGORITHM_NAME, str(found["model_name"])[:64], "HAS OBS CONTEXT"),
+            hd.sr.TextContentItem(ALGORITHM_VERSION, str(found["model_version"])[:64], "HAS OBS CONTEXT"),
+        ]
+        for segment in found["segments"]:
+            site = segment["body_site"]
+            children.append(hd.sr.CodeContentItem(
+                codes.DCM.Finding, hd.sr.CodedConcept(site["code"], _scheme(site["system"]), site["display"]),
+                "CONTAINS"))
+            children.append(hd.sr.NumContentItem(codes.SCT.Volume, float(segment["volume_ml"]), MILLILITRE,
+                                                 relationship_type="CONTAINS"))
+            children.append(hd.sr.ImageContentItem(
+                codes.DCM.Segmentation, seg.SOPClassUID, seg.SOPInstanceUID,
+                referenced_segment_numbers=int(segment["segment_number"]), relationship_type="INFERRED FROM"))
+        group.ContentSequence = hd.sr.ContentSequence(children)
+        items.append(group)
+    return items
+
+
+def _scheme(system: str) -> str:
+    """The DICOM coding scheme of a FHIR system (the SEG's codes are SNOMED CT or DCM)."""
+    return {"http://snomed.info/sct": "SCT", "http://dicom.nema.org/resources/ontology/DCM": "DCM"}.get(
+        system, MEDBRIDGE_SCHEME)
+
+
 def build_sr(
     report_id: str,
     details: dict[str, Any],
@@ -208,11 +261,14 @@ def build_sr(
     sc: Dataset | None,
     threshold: float = 0.5,
     review: ReviewOutcome | None = None,
+    segs: dict[str, Dataset] | None = None,
 ) -> Dataset:
-    """A Comprehensive SR: algorithm name/version, the preliminary statement, and per analysed
-    image one Findings container (finding code, probability, source image reference). With
+    """A Comprehensive SR: algorithm name/version, the preliminary statement, per analysed
+    image one Findings container (finding code, probability, source image reference), and per
+    segmentation (``segs``: the SEGs by SOP Instance UID) one Segmentation container. With
     ``review``: final and verified by the reviewer, with the review's outcome instead of the
     preliminary statement."""
+    segs = segs or {}
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id=None)
     items: list[hd.sr.ContentItem] = [
         hd.sr.TextContentItem(ALGORITHM_NAME, str(details.get("model_name") or "unknown"), "HAS OBS CONTEXT"),
@@ -243,8 +299,9 @@ def build_sr(
         )
         group.ContentSequence = hd.sr.ContentSequence(children)
         items.append(group)
+    items.extend(segmentation_items(details, segs))
     if len(items) == header_items:
-        raise ExportBuildError(f"report {report_id} has no analysed image whose source is on disk")
+        raise ExportBuildError(f"report {report_id} has no analysed image whose source is on disk, nor a SEG")
     if sc is not None:
         items.append(
             hd.sr.ImageContentItem(
@@ -253,8 +310,8 @@ def build_sr(
             )
         )
     root.ContentSequence = hd.sr.ContentSequence(items)
-    evidence = list(sources.values()) + ([sc] if sc is not None else [])
-    study_uid = next(iter(sources.values())).StudyInstanceUID
+    evidence = list(sources.values()) + ([sc] if sc is not None else []) + list(segs.values())
+    study_uid = evidence[0].StudyInstanceUID
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=root,
@@ -312,9 +369,11 @@ def build_export(
     ``read_artifact`` gives the bytes of an artifact by id (the store's, raising ArtifactNotFoundError).
     With ``review``, the version that carries that review's decision.
 
-    Raises ExportBuildError when none of the analysed images is still on disk. A heatmap the artifact
-    store does not hold leaves the SC out, as a result without a heatmap does.
+    Raises ExportBuildError when none of the analysed images is still on disk and there is no SEG, or a
+    SEG the result names is not in the artifact store. A heatmap the artifact store does not hold leaves
+    the SC out, as a result without a heatmap does.
     """
+    segs = stored_segs(ai, read_artifact)
     paths = {i.sop_instance_uid: i.path for i in instances}
     findings = [f for f in ai.details.get("instances", []) if f["sop_instance_uid"] in paths]
     sources: dict[str, Dataset] = {}
@@ -322,7 +381,7 @@ def build_export(
         path = paths[f["sop_instance_uid"]]
         if Path(path).is_file():
             sources[f["sop_instance_uid"]] = _headers(path)
-    if not sources:
+    if not sources and not segs:
         raise ExportBuildError(f"report {ai.report_id}: none of the analysed images is stored any more")
     # the heatmap of the highest-probability image, as the FHIR report's presentedForm
     ranked = sorted(
@@ -330,13 +389,25 @@ def build_export(
         key=lambda f: max(f["probabilities"].values(), default=0.0),
         reverse=True,
     )
-    top = ranked[0]
     sc = None
-    png = _heatmap(top.get("heatmap_artifact_id"), read_artifact)
+    png = _heatmap(ranked[0].get("heatmap_artifact_id"), read_artifact) if ranked else None
     if png is not None:
-        sc = build_secondary_capture(ai.report_id, sources[top["sop_instance_uid"]], png, review)
-    sr = build_sr(ai.report_id, ai.details, sources, sc, review=review)
-    return ExportObjects(sr=sr, sc=sc)
+        sc = build_secondary_capture(ai.report_id, sources[ranked[0]["sop_instance_uid"]], png, review)
+    sr = build_sr(ai.report_id, ai.details, sources, sc, review=review, segs=segs)
+    return ExportObjects(sr=sr, sc=sc, segs=tuple(segs.values()))
+
+
+def stored_segs(ai: AiResult, read_artifact: Callable[[str], bytes]) -> dict[str, Dataset]:
+    """The SEG of each segmentation of the result, by SOP Instance UID. A SEG missing from the artifact
+    store is an ExportBuildError: unlike a heatmap it is the result itself, and an SR without it would
+    point at nothing."""
+    segs: dict[str, Dataset] = {}
+    for found in (ai.details or {}).get("segmentations") or []:
+        try:
+            segs[found["sop_instance_uid"]] = seg_dataset(read_artifact(found["seg_artifact_id"]))
+        except ArtifactNotFoundError as exc:
+            raise ExportBuildError(f"report {ai.report_id}: its SEG is not in the artifact store") from exc
+    return segs
 
 
 def _heatmap(artifact_id: str | None, read_artifact: Callable[[str], bytes]) -> bytes | None:
