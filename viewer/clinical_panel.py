@@ -53,8 +53,8 @@ def sentence_marks(report: dict[str, Any]) -> list[str]:
             lines.append(f"✓ supported by [{cited}]: {text}")
         else:
             why = str((parts.get("reason") or [""])[0])
-            why = why.removeprefix(UNSUPPORTED_MARK).strip(" ()") or why
-            lines.append(f"⚠ {UNSUPPORTED_MARK.upper()} ({why}): {text}")
+            why = why.removeprefix(UNSUPPORTED_MARK).strip(" ()")
+            lines.append(f"⚠ {UNSUPPORTED_MARK.upper()}" + (f" ({why})" if why else "") + f": {text}")
     return lines
 
 
