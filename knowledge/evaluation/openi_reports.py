@@ -7,6 +7,7 @@ dependencies the evaluation does not need.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import tarfile
@@ -52,11 +53,16 @@ def _clean(text: str | None) -> str:
     return " ".join(re.sub(r"\bX{2,}\b", " ", text or "").split())
 
 
-def load_reports(archive: Path | None = None) -> list[OpenIReport]:
+def load_reports(archive: Path | None = None) -> tuple[OpenIReport, ...]:
     """Every report with both findings and an impression, ordered by report number (a fixed order)."""
+    return _load(archive or reports_archive())
+
+
+@functools.lru_cache(maxsize=2)  # parsing 3,955 XML files takes seconds; the archive never changes
+def _load(archive: Path) -> tuple[OpenIReport, ...]:
     out: list[OpenIReport] = []
     try:
-        with tarfile.open(archive or reports_archive(), "r:gz") as tar:
+        with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 if not member.isfile() or not member.name.endswith(".xml"):
                     continue
@@ -73,4 +79,4 @@ def load_reports(archive: Path | None = None) -> list[OpenIReport]:
                                        impression=impression, mesh=mesh))
     except (OSError, tarfile.TarError, ET.ParseError) as exc:
         raise OpenIError(f"cannot read the Open-i reports: {exc}") from exc
-    return sorted(out, key=lambda r: r.report_id)
+    return tuple(sorted(out, key=lambda r: r.report_id))

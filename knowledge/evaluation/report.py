@@ -45,7 +45,8 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
     if options.kb_limit is not None:
         kb_reports = kb_reports[: options.kb_limit]
     answer, share = drafting.most_common_impression(kb_reports)
-    progress(f"{len(reports)} Open-i reports: {len(subset)} to draft, {len(kb_reports)} as the knowledge base")
+    progress(f"{len(reports)} Open-i reports: {len(subset)} to draft, {len(kb_reports)} as the knowledge base, "
+             f"{time.perf_counter() - started:.0f} s")
 
     sections: list[str] = []
     # ---- Retrieval section: knowledge.evaluation.retrieval (retrieval_recall_at_k) adds its rows here ----
@@ -54,8 +55,9 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
 
     embedder = SentenceEmbedder()
     index = drafting.KnowledgeIndex(kb_reports, embedder)
-    progress(f"knowledge base embedded ({len(kb_reports)} reports)")
+    progress(f"knowledge base embedded ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
     llm = load_text_generator(options.llm_model, options.models_dir, "cpu", num_threads=options.threads)
+    progress(f"{llm.model_name} loaded, {time.perf_counter() - started:.0f} s")
     rows = [
         drafting.baseline_row(subset, answer),
         drafting.draft_row(
