@@ -385,11 +385,20 @@ class ClinicalImpressionOperator:
         output, grounding = self.grounder.ground(
             draft, [_passage_line(p) for p in prepared.passages], hit_limit=hit_limit
         )
-        cited = parse_citations(output, len(prepared.passages)) if output else set()
         logger.debug(
             "grounding: %d/%d sentences supported, %d citations removed, truncated=%s",
             grounding.supported_count, len(grounding.sentences), grounding.citations_removed, grounding.truncated,
         )
+        if not draft:
+            impression = EMPTY_OUTPUT_TEXT
+        elif grounding.supported_count == 0:
+            # Invented text must not read as an impression; the sentences stay in ``grounding``, marked.
+            impression = no_supported_sentence_text(grounding)
+        else:
+            impression = output
+        # Passages count as cited only when the text presented cites them: an unsupported draft is not presented.
+        presented = bool(draft) and grounding.supported_count > 0
+        cited = parse_citations(output, len(prepared.passages)) if presented else set()
         evidence = [
             EvidencePassage(
                 passage_id=p.id,
@@ -402,19 +411,12 @@ class ClinicalImpressionOperator:
             )
             for i, p in enumerate(prepared.passages, 1)
         ]
-        if not draft:
-            impression = EMPTY_OUTPUT_TEXT
-        elif grounding.supported_count == 0:
-            # Invented text must not read as an impression; the sentences stay in ``grounding``, marked.
-            impression = no_supported_sentence_text(grounding)
-        else:
-            impression = output
         return ClinicalImpression(
             impression=impression,
             evidence=evidence,
             model_name=self.llm.model_name,
             conclusion_codes=self._conclusion_codes(ctx, evidence),
-            generated=bool(draft) and grounding.supported_count > 0,
+            generated=presented,
             prompt_tokens=prepared.prompt_tokens,
             passages_dropped=prepared.passages_dropped,
             grounding=grounding if draft else None,
