@@ -44,3 +44,46 @@ class PatientContext(BaseModel):
     def input_refs(self) -> list[str]:
         items = [*self.conditions, *self.observations, *self.medications]
         return [i.ref for i in items if i.ref]
+
+
+class GroundedSentence(BaseModel):
+    """One sentence of a drafted impression and whether the passages it cites support it.
+
+    ``cited`` are the 1-based numbers of the passages given to the model that the sentence cites (numbers
+    that pointed at no passage are already removed from ``text``). ``similarity`` is the best embedding
+    cosine between the sentence and a cited passage (or one of its sentences); ``overlap`` the share of the
+    sentence's content words found in the cited passages. ``reason`` says why it is unsupported ("" if not).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    cited: list[int] = Field(default_factory=list)
+    supported: bool
+    similarity: float = 0.0
+    overlap: float = 0.0
+    reason: str = ""
+
+
+class ImpressionGrounding(BaseModel):
+    """What the grounding check did to a drafted impression and found in it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sentences: list[GroundedSentence] = Field(default_factory=list)
+    citations_kept: int = Field(0, description="[n] numbers that point at a passage the model was given")
+    citations_removed: int = Field(0, description="[n] numbers that pointed at no passage given, removed")
+    truncated: bool = Field(False, description="the draft hit the token limit and its cut sentence was dropped")
+
+    @property
+    def supported_count(self) -> int:
+        return sum(1 for s in self.sentences if s.supported)
+
+
+# How a DiagnosticReport carries the grounding (docs/grounding.md): one complex extension per impression
+# sentence (sub-extensions text, supported, cited*, similarity, overlap, reason) and one summary extension
+# (citationsKept, citationsRemoved, truncated). R4 DiagnosticReport has no ``note``; extensions keep the
+# marks machine-readable beside the human-readable ``conclusion``.
+SENTENCE_SUPPORT_EXTENSION = "https://medbridge.invalid/fhir/StructureDefinition/impression-sentence-support"
+GROUNDING_SUMMARY_EXTENSION = "https://medbridge.invalid/fhir/StructureDefinition/impression-grounding"
+UNSUPPORTED_MARK = "not supported by the cited evidence"

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from schemas.clinical import ImpressionGrounding
+
 TOPIC_STUDY_RECEIVED = "medbridge.study.received.v1"
 TOPIC_RECORD_RECEIVED = "medbridge.record.received.v1"
 TOPIC_IMAGING_COMPLETED = "medbridge.imaging.completed.v1"
@@ -186,6 +188,9 @@ class ClinicalInferenceCompleted(_Event):
     input_refs: list[str] = Field(default_factory=list, description="FHIR references the impression used")
     conclusion_codes: list[tuple[str, str]] = Field(
         default_factory=list, description="ICD-10-CM (code, display) pairs supported by cited evidence"
+    )
+    grounding: ImpressionGrounding | None = Field(
+        None, description="per-sentence support of the impression by its cited passages (None: not checked)"
     )
 
 

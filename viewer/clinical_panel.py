@@ -1,5 +1,6 @@
 """The clinical review: the patient's context as the model saw it (the records it read), the impression
-with each [n] linked to its passage, the passages it cited apart from those it was given but did not cite.
+with each [n] linked to its passage, each drafted sentence with its grounding mark (plain ``st.text``), the
+passages it cited apart from those it was given but did not cite.
 
 Everything here comes from a model or from FHIR records, so it is shown as text: plain ``st.text``, or
 HTML built from escaped text (only the [n] links are markup MedBridge writes)."""
@@ -12,6 +13,7 @@ from typing import Any
 
 import streamlit as st
 
+from schemas.clinical import GROUNDING_SUMMARY_EXTENSION, SENTENCE_SUPPORT_EXTENSION, UNSUPPORTED_MARK
 from viewer.client import Api, ApiError
 
 _CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -27,6 +29,49 @@ def linked_impression(text: str, passages: int) -> str:
         last = match.end()
     out.append(html.escape(text[last:]))
     return '<div style="white-space: pre-wrap">' + "".join(out) + "</div>"
+
+
+def _parts(extension: dict[str, Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for part in extension.get("extension", []):
+        value = next((v for k, v in part.items() if k.startswith("value")), None)
+        out.setdefault(str(part.get("url")), []).append(value)
+    return out
+
+
+def sentence_marks(report: dict[str, Any]) -> list[str]:
+    """One plain-text line per drafted sentence of a clinical report, from its grounding extensions:
+    "supported [1, 2]: ..." or "NOT SUPPORTED BY THE CITED EVIDENCE (why): ...". Empty when unchecked."""
+    lines = []
+    for ext in report.get("extension", []):
+        if ext.get("url") != SENTENCE_SUPPORT_EXTENSION:
+            continue
+        parts = _parts(ext)
+        text = str((parts.get("text") or [""])[0])
+        cited = ", ".join(str(n) for n in parts.get("cited", []))
+        if (parts.get("supported") or [False])[0]:
+            lines.append(f"✓ supported by [{cited}]: {text}")
+        else:
+            why = str((parts.get("reason") or [""])[0])
+            why = why.removeprefix(UNSUPPORTED_MARK).strip(" ()")
+            lines.append(f"⚠ {UNSUPPORTED_MARK.upper()}" + (f" ({why})" if why else "") + f": {text}")
+    return lines
+
+
+def grounding_summary(report: dict[str, Any]) -> str | None:
+    """What grounding changed in the draft, as one plain line; None when the report was not checked."""
+    ext = next((e for e in report.get("extension", []) if e.get("url") == GROUNDING_SUMMARY_EXTENSION), None)
+    if ext is None:
+        return None
+    parts = _parts(ext)
+    removed = int((parts.get("citationsRemoved") or [0])[0] or 0)
+    truncated = bool((parts.get("truncated") or [False])[0])
+    notes = []
+    if removed:
+        notes.append(f"{removed} citation(s) of passages the model was never given were removed")
+    if truncated:
+        notes.append("the draft hit its length limit; its unfinished last sentence was dropped")
+    return "; ".join(notes) + "." if notes else None
 
 
 def _coded(concept: dict[str, Any] | None) -> str:
@@ -66,6 +111,16 @@ def show(api: Api, detail: dict[str, Any]) -> None:
     passages = detail.get("evidence", [])
     st.subheader("Impression")
     st.html(linked_impression(detail.get("conclusion") or "", len(passages)))
+    report = detail.get("fhir") or {}
+    marks = sentence_marks(report)
+    if marks:
+        # Model text: plain st.text only, never Markdown or HTML.
+        st.subheader("Sentence by sentence: support by the cited passages")
+        for line in marks:
+            st.text(line)
+        summary = grounding_summary(report)
+        if summary:
+            st.text(summary)
     cited = [(n, p) for n, p in enumerate(passages, start=1) if p["cited"]]
     uncited = [(n, p) for n, p in enumerate(passages, start=1) if not p["cited"]]
     st.subheader(f"Cited passages ({len(cited)})")

@@ -9,14 +9,15 @@ which passages the output cites. It touches no files, Kafka or database; the cal
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inference.clinical.grounding import GroundingChecker, no_supported_sentence_text, parse_citations
+from knowledge.embedding import SentenceEmbedder
 from knowledge.llm import ChatMessage, TextGenerator
 from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, RetrievedPassage, icd10cm_passage_id
-from schemas.clinical import CodedItem, ObservationItem, PatientContext
+from schemas.clinical import CodedItem, ImpressionGrounding, ObservationItem, PatientContext
 from schemas.events import EvidencePassage
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,13 @@ PROMPT_MARGIN_TOKENS = 16
 MIN_PASSAGE_TOKENS = 24
 # Cap per section so one patient with hundreds of observations cannot crowd out the evidence.
 MAX_ITEMS_PER_SECTION = 20
+# The answer may grow to this multiple of max_new_tokens where the prompt leaves room: 4 of 5 drafts
+# stopped mid-sentence at 160 tokens (issue 18), and the room is there once the passages are fitted.
+RAISED_LIMIT_FACTOR = 2
+# Decoding then re-encoding an answer can differ by a token or two from what was generated.
+LIMIT_SLACK_TOKENS = 2
 
 _NORMAL_INTERPRETATIONS = {"n", "normal", "within normal limits", "wnl", "negative", "neg"}
-_CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|-|–)\s*\d+)*)\s*\]")
 
 
 class ClinicalOperatorError(Exception):
@@ -71,7 +76,9 @@ class ClinicalImpression(BaseModel):
     ``cited=True`` for those its output cites. ``conclusion_codes`` are ICD-10-CM (code, display)
     pairs taken from cited ICD passages or, when none is cited, from retrieved ICD passages whose
     code equals one of the patient's coded conditions; never invented. ``generated`` is False when
-    no model text backs ``impression`` (empty output, or nothing to assess).
+    no model text backs ``impression`` (empty output, nothing to assess, or no drafted sentence
+    supported by its citations). ``grounding`` holds the draft's sentences and their support; the
+    impression text is the draft with invalid citations removed and a cut last sentence trimmed.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -83,6 +90,7 @@ class ClinicalImpression(BaseModel):
     generated: bool = True
     prompt_tokens: int = 0
     passages_dropped: int = 0
+    grounding: ImpressionGrounding | None = None
 
 
 class PreparedPrompt(BaseModel):
@@ -94,24 +102,6 @@ class PreparedPrompt(BaseModel):
     passages: list[RetrievedPassage]
     prompt_tokens: int
     passages_dropped: int
-
-
-def parse_citations(text: str, n_passages: int) -> set[int]:
-    """1-based passage numbers cited in ``text``: ``[1]``, ``[2,3]``, ``[1][2]``, ``[2-4]``.
-
-    Numbers outside 1..``n_passages`` are ignored (a model may cite passages it never saw).
-    """
-    cited: set[int] = set()
-    for match in _CITATION.finditer(text):
-        for part in re.split(r"\s*[,;]\s*", match.group(1)):
-            bounds = re.split(r"\s*[-–]\s*", part)
-            if len(bounds) == 2:
-                lo, hi = int(bounds[0]), int(bounds[1])
-                numbers: Iterable[int] = range(lo, hi + 1) if 0 < hi - lo < 50 else ()
-            else:
-                numbers = [int(bounds[0])]
-            cited.update(n for n in numbers if 1 <= n <= n_passages)
-    return cited
 
 
 def _is_abnormal(obs: ObservationItem) -> bool | None:
@@ -223,13 +213,24 @@ class ClinicalImpressionOperator:
         kb: an opened, populated knowledge base.
         llm: a loaded text generator.
         k: maximum passages retrieved and offered to the model (fewer when the context is small).
-        max_new_tokens: length limit of the impression.
+        max_new_tokens: length limit of the impression, raised up to ``RAISED_LIMIT_FACTOR`` times
+            where the fitted prompt leaves room.
+        grounder: the support check of each drafted sentence; default MiniLM from the knowledge base's
+            own embedding folder.
 
     ``run`` is blocking (retrieval + generation, seconds on CPU); async callers should use
     ``asyncio.to_thread`` with at most one run in flight per operator.
     """
 
-    def __init__(self, kb: KnowledgeBase, llm: TextGenerator, *, k: int = 6, max_new_tokens: int = 160) -> None:
+    def __init__(
+        self,
+        kb: KnowledgeBase,
+        llm: TextGenerator,
+        *,
+        k: int = 6,
+        max_new_tokens: int = 160,
+        grounder: GroundingChecker | None = None,
+    ) -> None:
         if k < 1 or max_new_tokens < 1:
             raise ValueError("k and max_new_tokens must be >= 1")
         if max_new_tokens + PROMPT_MARGIN_TOKENS >= llm.context_length:
@@ -241,6 +242,7 @@ class ClinicalImpressionOperator:
         self.llm = llm
         self.k = k
         self.max_new_tokens = max_new_tokens
+        self.grounder = grounder or GroundingChecker(SentenceEmbedder(kb.embedding_model))
 
     @property
     def prompt_budget(self) -> int:
@@ -344,6 +346,12 @@ class ClinicalImpressionOperator:
             cut = self.llm.truncate_to_tokens(only.text, room).rstrip() + " ..."
             kept[0] = only.model_copy(update={"text": cut})
 
+    def generation_limit(self, prepared: PreparedPrompt) -> int:
+        """New tokens for this prompt: ``max_new_tokens`` raised up to ``RAISED_LIMIT_FACTOR`` times where the
+        context has room beside the fitted prompt, so fewer answers are cut mid-sentence."""
+        room = self.llm.context_length - prepared.prompt_tokens - PROMPT_MARGIN_TOKENS
+        return max(self.max_new_tokens, min(self.max_new_tokens * RAISED_LIMIT_FACTOR, room))
+
     def prepare(self, ctx: PatientContext) -> PreparedPrompt:
         """Retrieve and fit: the exact prompt ``run`` would send, without generating."""
         return self.fit_passages(ctx, self.retrieve(ctx))
@@ -371,8 +379,26 @@ class ClinicalImpressionOperator:
             prepared.passages_dropped,
             prepared.prompt_tokens,
         )
-        output = self.llm.generate(prepared.messages, self.max_new_tokens).strip()
-        cited = parse_citations(output, len(prepared.passages)) if output else set()
+        limit = self.generation_limit(prepared)
+        draft = self.llm.generate(prepared.messages, limit).strip()
+        hit_limit = bool(draft) and self.llm.count_tokens(draft) >= limit - LIMIT_SLACK_TOKENS
+        output, grounding = self.grounder.ground(
+            draft, [_passage_line(p) for p in prepared.passages], hit_limit=hit_limit
+        )
+        logger.debug(
+            "grounding: %d/%d sentences supported, %d citations removed, truncated=%s",
+            grounding.supported_count, len(grounding.sentences), grounding.citations_removed, grounding.truncated,
+        )
+        if not draft:
+            impression = EMPTY_OUTPUT_TEXT
+        elif grounding.supported_count == 0:
+            # Invented text must not read as an impression; the sentences stay in ``grounding``, marked.
+            impression = no_supported_sentence_text(grounding)
+        else:
+            impression = output
+        # Passages count as cited only when the text presented cites them: an unsupported draft is not presented.
+        presented = bool(draft) and grounding.supported_count > 0
+        cited = parse_citations(output, len(prepared.passages)) if presented else set()
         evidence = [
             EvidencePassage(
                 passage_id=p.id,
@@ -386,13 +412,14 @@ class ClinicalImpressionOperator:
             for i, p in enumerate(prepared.passages, 1)
         ]
         return ClinicalImpression(
-            impression=output or EMPTY_OUTPUT_TEXT,
+            impression=impression,
             evidence=evidence,
             model_name=self.llm.model_name,
             conclusion_codes=self._conclusion_codes(ctx, evidence),
-            generated=bool(output),
+            generated=presented,
             prompt_tokens=prepared.prompt_tokens,
             passages_dropped=prepared.passages_dropped,
+            grounding=grounding if draft else None,
         )
 
     @staticmethod

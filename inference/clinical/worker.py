@@ -79,6 +79,7 @@ class ClinicalWorker(ConsumerWorker):
             evidence=result.evidence,
             input_refs=ctx.input_refs(),
             conclusion_codes=list(result.conclusion_codes),
+            grounding=result.grounding,
         )
 
     @handles(RecordReceived)

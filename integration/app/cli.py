@@ -1,5 +1,5 @@
 """The `medbridge` command: run, send-demo, token, users add, db upgrade/current/revision, kb ingest,
-train-demo-model."""
+train-demo-model, eval."""
 
 from __future__ import annotations
 
@@ -222,6 +222,28 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Offline quality measurements on the Open-i reports: prints the Markdown table; ``--output`` also writes it."""
+    from knowledge.evaluation.openi_reports import OpenIError
+    from knowledge.evaluation.report import EvalOptions, run_evaluation
+    from knowledge.llm import LLMError
+
+    settings = get_settings()
+    options = EvalOptions(
+        limit=args.limit, k=args.k, max_new_tokens=args.max_new_tokens, kb_limit=args.kb_limit,
+        llm_model=settings.llm_model, models_dir=Path(args.models_dir) if args.models_dir else settings.models_dir,
+        threads=args.threads,
+    )
+    try:
+        markdown = run_evaluation(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (OpenIError, LLMError) as exc:
+        raise SystemExit(f"medbridge eval: {exc}") from None
+    print(markdown)
+    if args.output:
+        Path(args.output).write_text(markdown, encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_models()
     parser = argparse.ArgumentParser(prog="medbridge", description=__doc__)
@@ -268,6 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--output", help="weights file (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
     train.add_argument("--quick", action="store_true", help="a short run, for tests")
     train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="measure drafting and citation quality offline (Open-i reports)")
+    ev.add_argument("--limit", type=int, default=40, help="reports of the fixed 200-report subset (200: all)")
+    ev.add_argument("--k", type=int, default=3, help="passages (similar reports) given to the model")
+    ev.add_argument("--max-new-tokens", type=int, default=40, help="length limit of each drafted impression")
+    ev.add_argument("--kb-limit", type=int, help="keep only this many knowledge-base reports (quick runs)")
+    ev.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    ev.add_argument("--models-dir", help="where the demo LLM is converted (default: the settings' models folder)")
+    ev.add_argument("--output", help="also write the Markdown to this file")
+    ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     return int(args.func(args) or 0)

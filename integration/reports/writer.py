@@ -39,6 +39,12 @@ from integration.reports.index import index_report
 from integration.reports.segmentation import check_segs_stored, segment_observations, segmentation_lines
 from integration.reports.supersession import supersede_earlier_drafts
 from schemas.api import ReviewRequest
+from schemas.clinical import (
+    GROUNDING_SUMMARY_EXTENSION,
+    SENTENCE_SUPPORT_EXTENSION,
+    UNSUPPORTED_MARK,
+    ImpressionGrounding,
+)
 from schemas.events import (
     REPORT_WRITER,
     TOPIC_REPORT_ISSUED,
@@ -167,6 +173,37 @@ def top_heatmap(store: Store, event: ImagingInferenceCompleted) -> bytes | None:
     return get_artifact(store, ranked[0].heatmap_artifact_id).data
 
 
+def grounding_extensions(grounding: ImpressionGrounding) -> list[dict[str, Any]]:
+    """The grounding as DiagnosticReport extensions: one per impression sentence, then a summary."""
+    out: list[dict[str, Any]] = []
+    for sentence in grounding.sentences:
+        parts: list[dict[str, Any]] = [
+            {"url": "text", "valueString": fhir_string(sentence.text)},
+            {"url": "supported", "valueBoolean": sentence.supported},
+            *({"url": "cited", "valueInteger": n} for n in sentence.cited),
+            {"url": "similarity", "valueDecimal": sentence.similarity},
+            {"url": "overlap", "valueDecimal": sentence.overlap},
+        ]
+        if sentence.reason:
+            parts.append({"url": "reason", "valueString": sentence.reason})
+        out.append({"url": SENTENCE_SUPPORT_EXTENSION, "extension": parts})
+    out.append({"url": GROUNDING_SUMMARY_EXTENSION, "extension": [
+        {"url": "citationsKept", "valueInteger": grounding.citations_kept},
+        {"url": "citationsRemoved", "valueInteger": grounding.citations_removed},
+        {"url": "truncated", "valueBoolean": grounding.truncated},
+    ]})
+    return out
+
+
+def marked_impression(event: ClinicalInferenceCompleted) -> str:
+    """The impression as the report's conclusion: each unsupported sentence followed by a plain-text mark.
+    A draft with no supported sentence was already replaced by a plain statement (the operator's)."""
+    grounding = event.grounding
+    if grounding is None or grounding.supported_count == 0:
+        return event.impression.strip()
+    return " ".join(s.text if s.supported else f"{s.text} ({UNSUPPORTED_MARK})" for s in grounding.sentences)
+
+
 def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], dict[str, Any]]:
     report_id = stable_id("clinical-report", event.patient_ref, str(event.revision))
     report = _base_report(
@@ -181,7 +218,9 @@ def clinical_report(event: ClinicalInferenceCompleted) -> tuple[dict[str, Any], 
     if observations:
         report["result"] = [{"reference": r} for r in observations]
     sources = [f"[{i}] {p.title} ({p.source})" for i, p in enumerate(event.evidence, start=1) if p.cited]
-    conclusion = event.impression.strip()
+    conclusion = marked_impression(event)
+    if event.grounding is not None:
+        report["extension"] = grounding_extensions(event.grounding)
     if sources:
         conclusion += "\n\nCited sources: " + "; ".join(sources)
     report["conclusion"] = fhir_string(conclusion)  # a model's text: it may hold control characters

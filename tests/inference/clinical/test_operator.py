@@ -146,8 +146,14 @@ def test_demo_model_end_to_end(small_kb: KnowledgeBase, llm_cache_dir: Path, dia
     # One thread: the test box has 2 cores shared with other processes, where two OpenMP threads
     # slow generation tenfold.
     llm = load_text_generator(None, llm_cache_dir, device="cpu", num_threads=1)
-    result = ClinicalImpressionOperator(small_kb, llm, k=4, max_new_tokens=64).run(diabetes_ctx)
-    assert result.generated and result.impression.strip()
+    result = ClinicalImpressionOperator(small_kb, llm, k=4, max_new_tokens=32).run(diabetes_ctx)
+    # The 135M demo model often cites nothing: its draft is then stated plainly as unsupported, never
+    # passed off as an impression; every sentence it drafted is kept, marked, in the grounding.
+    assert result.grounding is not None and result.grounding.sentences
+    if result.grounding.supported_count:
+        assert result.generated and result.impression.strip()
+    else:
+        assert not result.generated and result.impression.startswith("No impression:")
     assert result.model_name == "SmolLM2-135M-Instruct"
     assert result.prompt_tokens + 64 <= llm.context_length
     assert result.evidence[0].passage_id == "icd10cm:E11.9"  # the patient's own coded condition

@@ -1,0 +1,77 @@
+"""``medbridge eval``: every offline measurement, run in one process and written as one Markdown section.
+
+Sections: retrieval (rows added by ``knowledge.evaluation.retrieval``), then impression drafting and
+citations (``knowledge.evaluation.drafting``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from inference.clinical.grounding import GroundingChecker
+from knowledge.embedding import SentenceEmbedder
+from knowledge.evaluation import drafting
+from knowledge.evaluation.openi_reports import load_reports
+from knowledge.llm import load_text_generator
+
+log = logging.getLogger(__name__)
+
+
+class EvalOptions(BaseModel):
+    """What ``medbridge eval`` runs. ``limit``: reports of the fixed drafting subset (200 = all of it);
+    ``kb_limit``: knowledge-base reports kept (None = all, about 3,200; fewer for a quick run)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: int = 40
+    k: int = 3
+    max_new_tokens: int = 40
+    kb_limit: int | None = None
+    llm_model: Path | None = None
+    models_dir: Path
+    threads: int | None = 1
+
+
+def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.info) -> str:
+    """Run every measurement and return the Markdown (headings, tables, the command's options)."""
+    started = time.perf_counter()
+    reports = load_reports()
+    subset, kb_reports = drafting.split_subset(reports, options.limit)
+    if options.kb_limit is not None:
+        kb_reports = kb_reports[: options.kb_limit]
+    answer, share = drafting.most_common_impression(kb_reports)
+    progress(f"{len(reports)} Open-i reports: {len(subset)} to draft, {len(kb_reports)} as the knowledge base, "
+             f"{time.perf_counter() - started:.0f} s")
+
+    sections: list[str] = []
+    # ---- Retrieval section: knowledge.evaluation.retrieval (retrieval_recall_at_k) adds its rows here ----
+    # sections.append(retrieval_section(reports, ...))
+    # ---- end of the retrieval section ----
+
+    embedder = SentenceEmbedder()
+    index = drafting.KnowledgeIndex(kb_reports, embedder)
+    progress(f"knowledge base embedded ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
+    llm = load_text_generator(options.llm_model, options.models_dir, "cpu", num_threads=options.threads)
+    progress(f"{llm.model_name} loaded, {time.perf_counter() - started:.0f} s")
+    rows = [
+        drafting.baseline_row(subset, answer),
+        drafting.draft_row(
+            subset, index, llm, GroundingChecker(embedder), k=options.k, max_new_tokens=options.max_new_tokens,
+            progress=lambda i, n: progress(f"drafted {i}/{n}") if i % 10 == 0 or i == n else None,
+        ),
+        drafting.ceiling_row(subset),
+    ]
+    sections.append(
+        "### Impression drafting and citations (Open-i)\n\n"
+        f"{len(subset)} reports of the fixed subset (FINDINGS in, IMPRESSION out), {len(kb_reports)} other "
+        f"reports as the knowledge base; the baseline's answer is {share:.1%} of the knowledge base's "
+        "impressions.\n\n" + drafting.drafting_table(rows)
+    )
+    command = (f"medbridge eval --limit {options.limit} --k {options.k} --max-new-tokens {options.max_new_tokens}"
+               + (f" --kb-limit {options.kb_limit}" if options.kb_limit is not None else ""))
+    return "\n\n".join([*sections, f"`{command}`: {time.perf_counter() - started:.0f} s in all."]) + "\n"
