@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)
     train = sub.add_parser("train-demo-model", help="train the demo imaging CNN")
-    train.add_argument("--output", help="MONAI bundle folder to write (default: MEDBRIDGE_IMAGING_MODEL or the demo bundle in var/models)")
+    train.add_argument("--output", help="bundle folder to write (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
     train.add_argument("--quick", action="store_true", help="a short run, for tests")
     train.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
