@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
@@ -75,7 +75,9 @@ class StudyAnalysis:
 
 
 @dataclass
-class _Instance:
+class SeriesMember:
+    """One image instance of a series, its header read (no pixels yet)."""
+
     sop_instance_uid: str
     series_instance_uid: str
     path: str
@@ -93,7 +95,7 @@ class _Candidate:
     path: str
 
 
-def _series_info(members: Sequence[_Instance]) -> SeriesInfo:
+def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
     first = members[0].header
     frames = int(first.get("NumberOfFrames", 1) or 1)
     return SeriesInfo(
@@ -105,7 +107,7 @@ def _series_info(members: Sequence[_Instance]) -> SeriesInfo:
     )
 
 
-class _StudyRun:
+class StudyRun:
     """One study's inference: what each model said about each image, and what could not be read."""
 
     def __init__(self, explain_top: int) -> None:
@@ -117,7 +119,7 @@ class _StudyRun:
         self.segmentations: list[SegmentationOutput] = []
         self.explain_top = explain_top
 
-    def record(self, op: BundleOperator, inst: _Instance, probabilities: dict[str, float], path: str) -> None:
+    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str) -> None:
         self.models[op.model_name] = op.model_version
         merged = self.probabilities.setdefault(inst.sop_instance_uid, {})
         for name, value in probabilities.items():
@@ -128,7 +130,7 @@ class _StudyRun:
             self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
                                               op, best, path))
 
-    def classify_series(self, members: Sequence[_Instance], operators: Sequence[BundleOperator]) -> None:
+    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time."""
         size = min(op.batch_size for op in operators)
         for start in range(0, len(members), size):
@@ -148,7 +150,7 @@ class _StudyRun:
                 for inst, probabilities in zip(chunk, op.classify_inputs(inputs[id(op)]), strict=True):
                     self.record(op, inst, probabilities, inst.path)
 
-    def volume_series(self, members: Sequence[_Instance], operators: Sequence[BundleOperator]) -> None:
+    def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Segmentation and 3D bundles on the series assembled into a volume."""
         try:
             volume = assemble_volume([pydicom.dcmread(inst.path) for inst in members])
@@ -166,8 +168,8 @@ class _StudyRun:
             middle = next(m for m in members if m.sop_instance_uid == centre)
             self.record(op, middle, probabilities, middle.path)
 
-    def explanations(self, store: Store) -> dict[str, tuple[str, str]]:
-        """Overlay and layer artifact ids for the top images of each explaining model."""
+    def explanations(self, put: Callable[[bytes], str]) -> dict[str, tuple[str, str]]:
+        """Overlay and layer ids (as ``put`` stores each PNG) for the top images of each explaining model."""
         chosen: dict[str, tuple[str, str]] = {}
         for op_id in {id(c.operator) for c in self.candidates}:
             ranked = sorted((c for c in self.candidates if id(c.operator) == op_id), key=lambda c: -c.score)
@@ -178,12 +180,11 @@ class _StudyRun:
                     explanation = c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx)
                 except (*_DECODE_ERRORS, ValueError):
                     continue
-                chosen[c.sop_instance_uid] = (store_overlay(store, explanation.overlay_png),
-                                              store_overlay(store, explanation.heatmap_layer_png))
+                chosen[c.sop_instance_uid] = (put(explanation.overlay_png), put(explanation.heatmap_layer_png))
         return chosen
 
 
-def _read_headers(store: Store, event: StudyReceived) -> tuple[list[_Instance], list[str], int]:
+def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember], list[str], int]:
     images = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
     # None: an instance stored before announcements recorded their revision, inferred as before
     instances = [i for i in images if i.announced_revision in (event.revision, None)]
@@ -196,7 +197,7 @@ def _read_headers(store: Store, event: StudyReceived) -> tuple[list[_Instance], 
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             unreadable.append(inst.sop_instance_uid)
             continue
-        read.append(_Instance(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path), header))
+        read.append(SeriesMember(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path), header))
     return read, unreadable, earlier
 
 
@@ -209,9 +210,9 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
         log.info("study %s revision %d brought no image instance; nothing to infer",
                  uid_hash(event.study_instance_uid), event.revision)
         return None
-    run = _StudyRun(explain_top)
+    run = StudyRun(explain_top)
     run.skipped.extend(unreadable)
-    series: dict[str, list[_Instance]] = {}
+    series: dict[str, list[SeriesMember]] = {}
     for inst in instances:
         series.setdefault(inst.series_instance_uid, []).append(inst)
     for members in series.values():
@@ -226,7 +227,7 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
             run.classify_series(members, per_image)
         if per_volume:
             run.volume_series(members, per_volume)
-    heatmaps = run.explanations(store)
+    heatmaps = run.explanations(lambda png: store_overlay(store, png))
     findings = [
         InstanceFinding(
             sop_instance_uid=sop,
