@@ -2,7 +2,7 @@
 
 Compared in the same run against a baseline made of what the path cannot avoid:
   (a) the same `storescu` C-STORE into dcmtk's `storescp` (a native DICOM store), and
-  (b) the bare CNN inference (LesionDetector.run_dataset) on the same image, in process.
+  (b) the bare CNN inference (BundleOperator.run_dataset) on the same image, in process.
 The ratio MedBridge / (a + b) is the pipeline's overhead factor: storage, store, outbox,
 Kafka hops, report writing and FHIR validation. Run: `make bench` or
 `.venv/bin/python bench/e2e_latency.py --n 20`.
@@ -80,9 +80,10 @@ def baseline_storescp(variants: list[tuple[Path, str]], workdir: Path) -> list[f
 
 
 def baseline_inference(weights: Path, variants: list[tuple[Path, str]]) -> list[float]:
-    from inference.imaging.operator import LesionDetector
+    from inference.imaging.bundle import load_bundle
+    from inference.imaging.operator import BundleOperator
 
-    detector = LesionDetector(weights, "cpu")
+    detector = BundleOperator(load_bundle(weights, "cpu"))
     detector.run_dataset(dcmread(variants[0][0]))  # warm-up, as the worker is warm
     times = []
     for path, _ in variants:
@@ -153,7 +154,7 @@ def main() -> None:
         if weights is None:
             from inference.imaging.train import train_demo_model
 
-            weights = workdir / "demo.pt"
+            weights = workdir / "demo-bundle"
             train_demo_model(weights, quick=True, log=lambda _m: None)
         variants = make_variants(workdir, args.n)
         store_times = baseline_storescp(variants, workdir)

@@ -133,10 +133,10 @@ async def kafka() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 def imaging_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Weights of the demo CNN from a quick run of the project's own training script."""
+    """The demo CNN's MONAI bundle folder from a quick run of the project's own training script."""
     from inference.imaging.train import train_demo_model
 
-    path = tmp_path_factory.mktemp("models") / "demo.pt"
+    path = tmp_path_factory.mktemp("models") / "demo-bundle"
     train_demo_model(path, quick=True, log=lambda _m: None)
     return path
 

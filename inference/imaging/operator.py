@@ -1,37 +1,42 @@
-"""The imaging inference operator: one image in, finding probabilities and a Grad-CAM out.
+"""The imaging inference operator for one MONAI bundle: images in, findings, explanation maps or a label map out.
 
 Contract:
 
-* :class:`LesionDetector` loads the weights once in its constructor
-  (:class:`~inference.imaging.model.ModelNotFoundError` when the file is missing,
-  :class:`~inference.imaging.model.ModelFileError` when it is not a model of ours).
-* :meth:`LesionDetector.run` is pure: it takes a 2D image with values in [0, 1] (as made by
-  :func:`~inference.imaging.pixels.dataset_to_image`), touches no files, and returns an
-  :class:`ImagingResult`. It raises ``ValueError`` for anything that is not a finite 2D image.
-  Calls are serialised by a lock, so it is safe to call from ``asyncio.to_thread`` or any
-  worker thread.
-* The model detects **synthetic round lesions only**; it is a demonstration, not for
-  clinical use (see ``LesionDetector.intended_use``).
+* :class:`BundleOperator` wraps an :class:`~inference.imaging.bundle.ImagingBundle` loaded once at start-up.
+* :meth:`BundleOperator.classify` scores a batch of 2D images (values in [0, 1] as made by
+  :func:`~inference.imaging.pixels.dataset_to_image`, or modality values for a bundle that asks for them) in
+  one forward pass per ``batch_size`` images; on CUDA under autocast (mixed precision).
+* :meth:`BundleOperator.explain` makes the Grad-CAM (``monai.visualize``) of one image and renders it: meant
+  for the few images someone will look at (the worker explains the top of a study), not for every image.
+* :meth:`BundleOperator.run` is both for one image (:class:`ImagingResult`).
+* :meth:`BundleOperator.segment` turns a :class:`~inference.imaging.volume.Volume` into a
+  :class:`~inference.imaging.outputs.SegmentationOutput` (3D bundles get the volume; 2D ones each slice).
+* All are pure (no files, no Kafka) and raise ``ValueError`` for an input that is not a finite image. Calls
+  are serialised by a lock (Grad-CAM keeps activations in hooks on the shared network), so they are safe
+  from ``asyncio.to_thread`` or any worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import torch
+import torch.nn.functional as F
 from monai.visualize import GradCAM
 from PIL import Image
 
-from inference.imaging.model import GRADCAM_TARGET_LAYER, load_weights, resolve_device
-from inference.imaging.pixels import dataset_to_image, letterbox_box, resize_for_model, resize_image
+from inference.imaging.bundle import ImagingBundle
+from inference.imaging.outputs import SegmentationOutput
+from inference.imaging.pixels import dataset_to_image, letterbox_box, normalise_volume, resize_image
+from inference.imaging.volume import Volume
 
-__all__ = ["ImagingResult", "LesionDetector"]
+__all__ = ["BundleOperator", "Explanation", "ImagingResult"]
 
 _DISPLAY_MAX = 512
 _DISPLAY_MIN = 256
@@ -53,21 +58,26 @@ _JET = np.array(
 
 
 @dataclass(frozen=True)
-class ImagingResult:
-    """What the detector saw.
+class Explanation:
+    """Where the model looked in one image.
 
     Attributes:
-        probabilities: finding name -> probability in [0, 1].
-        heatmap_png: the Grad-CAM heatmap, colour-mapped, as PNG bytes at display size
-            (the image's aspect ratio, longer side between 256 and 512 pixels).
-        overlay_png: the grayscale image with the heatmap blended on top, PNG, same size.
-        heatmap_layer_png: the Grad-CAM intensity alone, single-channel 8-bit PNG (0 = no attention,
-            255 = the peak), the letterbox undone: at the image's geometry (its longer side scaled down to
-            2048 when larger, aspect kept), so it lies on a rendered frame of the image pixel for pixel
-            once resized to the frame's size. A viewer colour-maps and blends it over any window/level.
-        heatmap: the Grad-CAM as 2D float32 in [0, 1] at model input size (letterboxed like
-            the model input; the padding is 0).
+        heatmap: the Grad-CAM as 2D float32 in [0, 1] at model input size (letterboxed like the input).
+        heatmap_png: the heatmap colour-mapped, PNG at display size (aspect kept, longer side 256-512).
+        overlay_png: the grey image with the heatmap blended on top, PNG, same size.
+        heatmap_layer_png: the intensity alone, 8-bit grey PNG at the image's geometry (longer side at most
+            2048), so a viewer lays it on a rendered frame pixel for pixel over its own window.
     """
+
+    heatmap: np.ndarray = field(repr=False)
+    heatmap_png: bytes = field(repr=False)
+    overlay_png: bytes = field(repr=False)
+    heatmap_layer_png: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ImagingResult:
+    """One image scored and explained: ``probabilities`` (finding -> [0, 1]) and the :class:`Explanation` parts."""
 
     probabilities: dict[str, float]
     heatmap_png: bytes = field(repr=False)
@@ -88,17 +98,10 @@ def _colour_map(values: np.ndarray) -> np.ndarray:
     return (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def _png(array: np.ndarray, mode: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
-
-
-def _grey_png(values: np.ndarray) -> bytes:
-    """[0, 1] floats as a single-channel 8-bit PNG."""
-    grey = (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buffer, format="PNG", optimize=False)
+    # compress_level 1: these are regenerated on demand and fetched once; zlib's default costs 3x the time
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -114,74 +117,203 @@ def _display_size(height: int, width: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-class LesionDetector:
-    """Detects synthetic round lesions in a 2D image and explains where with Grad-CAM."""
+def _checked(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"expected a non-empty 2D image, got shape {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError("the image contains NaN or infinite values")
+    return image.astype(np.float32, copy=False)
 
-    def __init__(self, weights_path: Path, device: str = "auto") -> None:
-        self._device = resolve_device(device)
-        self._model, meta = load_weights(Path(weights_path), str(self._device))
-        self.meta: dict[str, Any] = meta
-        self.model_name: str = str(meta["name"])
-        self.model_version: str = str(meta["version"])
-        self.findings: tuple[str, ...] = tuple(meta["findings"])
-        self.input_size: int = int(meta["input_size"])
-        self.intended_use: str = str(meta.get("intended_use", ""))
-        self._cam = GradCAM(nn_module=self._model, target_layers=GRADCAM_TARGET_LAYER, postprocessing=_identity)
-        # GradCAM keeps activations and gradients in shared hooks, so one image at a time.
+
+class BundleOperator:
+    """Runs one loaded bundle; see the module docstring for the contract."""
+
+    def __init__(self, bundle: ImagingBundle, batch_size: int = 32) -> None:
+        self.bundle = bundle
+        self.model_name = bundle.name
+        self.model_version = bundle.version
+        self.findings = bundle.findings
+        self.intended_use = bundle.intended_use
+        self.batch_size = max(1, batch_size)
+        self._device = bundle.device
+        self._network = bundle.network
+        # GradCAM hooks the network: made once, used only by explain()
+        self._cam = (GradCAM(nn_module=self._network, target_layers=bundle.explain_layer,
+                             postprocessing=_identity)
+                     if bundle.explain_method == "gradcam" and bundle.explain_layer else None)
         self._lock = threading.Lock()
 
-    def run(self, image: np.ndarray) -> ImagingResult:
-        """Score one 2D image in [0, 1]; see the module docstring for the contract."""
-        image = np.asarray(image)
-        if image.ndim != 2 or min(image.shape) < 1:
-            raise ValueError(f"expected a non-empty 2D image, got shape {image.shape}")
-        if not np.all(np.isfinite(image)):
-            raise ValueError("the image contains NaN or infinite values")
-        image = np.clip(image.astype(np.float32), 0.0, 1.0)
-        size = self.input_size
-        model_input = resize_for_model(image, size)
-        tensor = torch.from_numpy(model_input)[None, None].to(self._device)
+    @property
+    def explains(self) -> bool:
+        return self._cam is not None
 
-        with self._lock:
-            with torch.no_grad():
-                logits = self._model.eval()(tensor)
-            with torch.enable_grad():
-                cam = self._cam(tensor, class_idx=0)
-        probabilities = torch.sigmoid(logits.float()).cpu().numpy().ravel()
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self._device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
 
-        heat = cam.detach().float().cpu().numpy().reshape(size, size)
-        top, left, box_h, box_w = letterbox_box(image.shape[0], image.shape[1], size)
+    def model_input(self, image: np.ndarray) -> torch.Tensor:
+        """One 2D image as the network's input ``[C, H, W]``, through the bundle's preprocessing."""
+        image = _checked(image)
+        if not self.bundle.modality_pixels:
+            image = np.clip(image, 0.0, 1.0)
+        channels = np.repeat(image[None], self.bundle.in_channels, axis=0)
+        if self.bundle.preprocessing is not None:
+            out = self.bundle.preprocessing({"image": channels})["image"]
+            return torch.as_tensor(out, dtype=torch.float32)
+        shape = self.bundle.spatial_shape
+        tensor = torch.from_numpy(np.ascontiguousarray(channels))
+        if all(side > 0 for side in shape) and tuple(tensor.shape[1:]) != shape:
+            tensor = F.interpolate(tensor[None], size=shape, mode="bilinear", align_corners=False)[0]
+        return tensor
+
+    def _probabilities(self, logits: torch.Tensor) -> list[dict[str, float]]:
+        results = []
+        for row in logits.float().cpu():
+            if self.bundle.postprocessing is not None:
+                row = torch.as_tensor(self.bundle.postprocessing({"pred": row})["pred"])
+            elif self.bundle.activation == "sigmoid":
+                row = torch.sigmoid(row)
+            elif self.bundle.activation == "softmax":
+                row = torch.softmax(row, dim=0)
+            values = row.reshape(-1).tolist()
+            results.append({name: float(values[i]) for i, name in sorted(self.bundle.labels.items())
+                            if i < len(values)})
+        return results
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for a batch of prepared inputs ``[N, C, ...]`` (no gradients)."""
+        with self._lock, torch.no_grad(), self._autocast():
+            return self._network(inputs.to(self._device, non_blocking=True))
+
+    def classify_inputs(self, inputs: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+        """Probabilities for prepared inputs (:meth:`model_input`), ``batch_size`` per forward pass."""
+        results: list[dict[str, float]] = []
+        for start in range(0, len(inputs), self.batch_size):
+            results.extend(self._probabilities(self.forward(torch.stack(list(inputs[start:start + self.batch_size])))))
+        return results
+
+    def classify(self, images: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        """Probabilities for each 2D image, in order."""
+        return self.classify_inputs([self.model_input(image) for image in images])
+
+    def _cam_map(self, tensor: torch.Tensor, class_idx: int) -> np.ndarray:
+        assert self._cam is not None
+        with self._lock, torch.enable_grad():
+            cam = self._cam(tensor[None].to(self._device), class_idx=class_idx)
+        return cam.detach().float().cpu().numpy().reshape(tensor.shape[-2:])
+
+    def explain(self, image: np.ndarray, class_idx: int = 0) -> Explanation:
+        """Grad-CAM of ``image`` for output ``class_idx``, rendered (see :class:`Explanation`).
+
+        Raises ``ValueError`` when the bundle asks for no explanation map or the image is not a finite 2D one.
+        """
+        if self._cam is None:
+            raise ValueError(f"bundle {self.model_name} asks for no explanation map (metadata medbridge.explain)")
+        image = _checked(image)
+        tensor = self.model_input(image)
+        heat = np.maximum(self._cam_map(tensor, class_idx), 0.0)
+        rows, cols = heat.shape
+        if self.bundle.letterbox and rows == cols:
+            top, left, box_h, box_w = letterbox_box(image.shape[0], image.shape[1], rows)
+        else:
+            top, left, box_h, box_w = 0, 0, rows, cols
         mask = np.zeros_like(heat)
-        mask[top : top + box_h, left : left + box_w] = 1.0
-        heat = np.maximum(heat, 0.0) * mask
+        mask[top:top + box_h, left:left + box_w] = 1.0
+        heat = heat * mask
         peak = float(heat.max())
         heat = (heat / peak if peak > 1e-12 else np.zeros_like(heat)).astype(np.float32)
-
-        unboxed = heat[top : top + box_h, left : left + box_w]
+        unboxed = heat[top:top + box_h, left:left + box_w]
         display_h, display_w = _display_size(*image.shape)
         display_heat = np.clip(resize_image(unboxed, display_h, display_w), 0.0, 1.0)
         layer = np.maximum(resize_image(unboxed, *_layer_size(*image.shape)), 0.0)
         # resampling rounds the peak off: scale back so that 255 is still the model's peak attention
         layer = layer / float(layer.max()) if layer.max() > 1e-12 else layer
-        display_gray = np.clip(resize_image(image, display_h, display_w), 0.0, 1.0)
+        grey = image if not self.bundle.modality_pixels else normalise_volume(image, "")
+        display_grey = np.clip(resize_image(grey, display_h, display_w), 0.0, 1.0)
         colour = _colour_map(display_heat)
         alpha = (0.6 * display_heat)[..., None]
-        gray_rgb = np.repeat(display_gray[..., None] * 255.0, 3, axis=-1)
-        overlay = (gray_rgb * (1.0 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(np.uint8)
-
-        return ImagingResult(
-            probabilities={
-                name: float(probabilities[index]) for index, name in enumerate(self.findings)
-            },
-            heatmap_png=_png(colour),
-            overlay_png=_png(overlay),
+        grey_rgb = np.repeat(display_grey[..., None] * 255.0, 3, axis=-1)
+        overlay = (grey_rgb * (1.0 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        return Explanation(
             heatmap=heat,
-            heatmap_layer_png=_grey_png(layer),
+            heatmap_png=_png(colour, "RGB"),
+            overlay_png=_png(overlay, "RGB"),
+            heatmap_layer_png=_png((np.clip(layer, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "L"),
+        )
+
+    def run(self, image: np.ndarray) -> ImagingResult:
+        """Score and explain one 2D image (the explanation of the most probable finding)."""
+        probabilities = self.classify([image])[0]
+        best = max(range(len(self.findings)), key=lambda i: probabilities.get(self.findings[i], 0.0))
+        explanation = self.explain(image, class_idx=best)
+        return ImagingResult(
+            probabilities=probabilities,
+            heatmap_png=explanation.heatmap_png,
+            overlay_png=explanation.overlay_png,
+            heatmap=explanation.heatmap,
+            heatmap_layer_png=explanation.heatmap_layer_png,
         )
 
     def run_dataset(self, ds: pydicom.Dataset) -> ImagingResult:
-        """Decode ``ds`` with :func:`dataset_to_image` and :meth:`run` it.
-
-        Raises NotAnImageError / PixelDecodeError from the decoding step.
-        """
+        """Decode ``ds`` with :func:`dataset_to_image` and :meth:`run` it (NotAnImageError / PixelDecodeError)."""
         return self.run(dataset_to_image(ds))
+
+    # -- segmentation ---------------------------------------------------------------------------------------
+    def volume_input(self, volume: Volume) -> torch.Tensor:
+        """A volume as the network's input ``[C, slices, rows, cols]``, through the bundle's preprocessing."""
+        voxels = volume.voxels if self.bundle.modality_pixels else normalise_volume(volume.voxels, volume.modality)
+        channels = np.repeat(voxels[None].astype(np.float32), self.bundle.in_channels, axis=0)
+        if self.bundle.preprocessing is not None:
+            return torch.as_tensor(self.bundle.preprocessing({"image": channels})["image"], dtype=torch.float32)
+        return torch.from_numpy(np.ascontiguousarray(channels))
+
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Network output for one prepared input ``[C, ...]``: through the bundle's inferer when it has one."""
+        batch = inputs[None].to(self._device)
+        with self._lock, torch.no_grad(), self._autocast():
+            if self.bundle.inferer is not None:
+                return torch.as_tensor(self.bundle.inferer(batch, self._network))[0]
+            shape = self.bundle.spatial_shape
+            if all(side > 0 for side in shape) and tuple(batch.shape[2:]) != shape:
+                mode = "trilinear" if len(shape) == 3 else "bilinear"
+                resized = F.interpolate(batch, size=shape, mode=mode, align_corners=False)
+                return self._network(resized)[0]
+            return self._network(batch)[0]
+
+    def _labels_from(self, logits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        logits = logits.float()
+        if tuple(logits.shape[1:]) != spatial:
+            mode = "trilinear" if len(spatial) == 3 else "bilinear"
+            logits = F.interpolate(logits[None], size=spatial, mode=mode, align_corners=False)[0]
+        if logits.shape[0] == 1:  # one sigmoid channel: the foreground is label 1
+            return (logits[0] > 0).to(torch.uint8)
+        return logits.argmax(dim=0).to(torch.uint8)
+
+    def _foreground_labels(self) -> dict[int, str]:
+        names = self.bundle.labels
+        if len(names) == 1:  # one sigmoid channel names the foreground
+            return {1: next(iter(names.values()))}
+        return {k: v for k, v in names.items() if k != 0}
+
+    def segment(self, volume: Volume) -> SegmentationOutput:
+        """The bundle's label map for ``volume`` at the volume's grid ``[slices, rows, cols]``."""
+        if self.bundle.task != "segmentation":
+            raise ValueError(f"bundle {self.model_name} is not a segmentation bundle")
+        slices, rows, cols = volume.voxels.shape
+        if self.bundle.spatial_dims == 3:
+            labels = self._labels_from(self._logits(self.volume_input(volume)).cpu(), (slices, rows, cols))
+        else:
+            labels = torch.stack([
+                self._labels_from(self._logits(self.model_input(volume.voxels[i])).cpu(), (rows, cols))
+                for i in range(slices)])
+        return SegmentationOutput(
+            label_map=labels.cpu().numpy().astype(np.uint8),
+            source_sop_instance_uids=list(volume.sop_instance_uids),
+            labels=self._foreground_labels(),
+            model_name=self.model_name,
+            model_version=self.model_version,
+        )
+
+

@@ -8,8 +8,12 @@ Contract:
   pydicom's pixel handlers (pylibjpeg and its plugins: JPEG baseline/extended/lossless,
   JPEG-LS, JPEG 2000, RLE; deflate and big endian are handled by pydicom itself), takes the
   middle frame of a multi-frame image, converts colour (RGB, YBR, palette) to luminance and
-  applies the Modality LUT and the first VOI LUT / window when the dataset has them;
-  otherwise it scales between the 1st and 99th percentiles.
+  applies the Modality LUT and the first VOI LUT / window when the dataset has them; otherwise it scales
+  between the 1st and 99th percentiles (the viewer renders a frame through the same steps, so a reviewer sees
+  what the model saw).
+* :func:`normalise_volume` scales a volume of modality values for a 3D bundle that leaves it to MedBridge: CT
+  through a soft-tissue window in Hounsfield units (:data:`CT_DEFAULT_WINDOW`), MR and the rest by their 1st
+  and 99th percentiles.
   Errors: :class:`NotAnImageError` when the dataset carries no pixel data,
   :class:`PixelDecodeError` when the pixel data cannot be decoded. Both are ``ValueError``.
 * :func:`resize_for_model` letterboxes an image into a ``size x size`` square (aspect ratio
@@ -34,6 +38,7 @@ __all__ = [
     "PixelDecodeError",
     "dataset_to_image",
     "letterbox_box",
+    "normalise_volume",
     "resize_for_model",
     "resize_image",
 ]
@@ -41,6 +46,8 @@ __all__ = [
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # ITU-R BT.601 luma weights, the ones DICOM's YBR_FULL uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+# (centre, width) in HU for a CT that names no window: soft tissue, where most findings are read
+CT_DEFAULT_WINDOW = (40.0, 400.0)
 
 
 class NotAnImageError(ValueError):
@@ -120,6 +127,18 @@ def dataset_to_image(ds: pydicom.Dataset) -> np.ndarray:
     if photometric == "MONOCHROME1":
         image = 1.0 - image
     return image.astype(np.float32, copy=False)
+
+
+def _ct_window(hounsfield: np.ndarray) -> np.ndarray:
+    centre, width = CT_DEFAULT_WINDOW
+    return np.clip((hounsfield - (centre - width / 2.0)) / width, 0.0, 1.0)
+
+
+def normalise_volume(voxels: np.ndarray, modality: str) -> np.ndarray:
+    """Modality values to float32 [0, 1]: CT through the soft-tissue HU window, others by percentiles."""
+    if modality.upper() == "CT":
+        return _ct_window(voxels.astype(np.float32, copy=False)).astype(np.float32)
+    return _normalise(voxels, robust=True)
 
 
 def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:

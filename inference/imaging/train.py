@@ -10,9 +10,9 @@ dark disc, :func:`insert_synthetic_lesion`). The label is lesion present / absen
 Validation uses separate source images (:data:`VALIDATION_SOURCES`) that training never sees,
 and reports accuracy at 0.5 and ROC AUC in the returned meta.
 
-Contract: :func:`train_demo_model` writes the weights file atomically to ``output`` and returns
-its meta (see :mod:`inference.imaging.model`). It is deterministic for a given ``seed`` and
-thread count, logs progress through ``log`` without any patient data, and raises
+Contract: :func:`train_demo_model` writes the model as a MONAI bundle folder at ``output`` (atomically) and
+returns its ``configs/metadata.json`` content (see :mod:`inference.imaging.model`). It is deterministic for a
+given ``seed`` and thread count, logs progress through ``log`` without any patient data, and raises
 :class:`TrainingDataError` when too few source images can be read.
 """
 
@@ -40,7 +40,7 @@ from inference.imaging.model import (
     INTENDED_USE,
     MODEL_NAME,
     build_network,
-    save_weights,
+    write_demo_bundle,
 )
 from inference.imaging.pixels import (
     NotAnImageError,
@@ -286,7 +286,7 @@ def train_demo_model(
     log: Callable[[str], None] = print,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train the synthetic-lesion detector, write its weights to ``output``, return the meta.
+    """Train the synthetic-lesion detector, write it as a MONAI bundle folder at ``output``, return its metadata.
 
     ``quick`` trains a shorter schedule for tests (450 instead of 1100 steps).
     ``threads`` is torch's intra-op thread count while training (restored afterwards); by
@@ -354,7 +354,7 @@ def train_demo_model(
         "name": MODEL_NAME,
         "input_size": INPUT_SIZE,
         "findings": list(FINDINGS),
-        "architecture": {**ARCHITECTURE, "block_config": list(ARCHITECTURE["block_config"])},
+        "architecture": dict(ARCHITECTURE),
         "metrics": {
             "validation_accuracy": round(accuracy, 4),
             "validation_auc": round(auc, 4),
@@ -374,6 +374,6 @@ def train_demo_model(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "intended_use": INTENDED_USE,
     }
-    meta = save_weights(Path(output), network, meta)
+    meta = write_demo_bundle(Path(output), network, meta)
     log(f"wrote {meta['name']} {meta['version']} to {output}")
     return meta

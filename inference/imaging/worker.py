@@ -1,22 +1,39 @@
 """The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
 
-A thin adapter around :class:`inference.imaging.operator.LesionDetector`: it reads the study's
-stored instances, runs the detector off the event loop, stores each heatmap overlay PNG and the heatmap
-layer alone (grey, at the image's geometry, for a viewer to colour and blend over its own window) in the
-artifact store (the database, so the report writer needs no access to this host's files) and hands the
-result event, which names the overlays by artifact id, back to the consumer base, which writes it to the
-outbox in the transaction that records the StudyReceived event as processed.
+A thin adapter around the model registry (:mod:`inference.imaging.registry`): it reads the headers of the
+study's new image instances, groups them by series, asks the registry which bundles run on each series, and
+runs them: 2D classifiers on every image in batches (each image decoded once, whatever the number of models),
+segmentation and 3D bundles on the series assembled into a volume (:mod:`inference.imaging.volume`).
+Explanation maps are rendered only for the top-scoring images of the study (``MEDBRIDGE_IMAGING_EXPLAIN_TOP``
+per model): encoding a heatmap for every image cost most of the pipeline's time and nobody looks at them. Each
+overlay PNG and heatmap layer is stored in the artifact store (the database, so the report writer needs no
+access to this host's files); the result event names them by artifact id and goes back to the consumer base,
+which writes it to the outbox in the transaction that records the StudyReceived event as processed.
+Segmentation outputs are returned beside the event (:class:`StudyAnalysis`) for the DICOM SEG builder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
-from inference.imaging.operator import LesionDetector
-from inference.imaging.pixels import NotAnImageError, PixelDecodeError
+from inference.imaging.operator import BundleOperator
+from inference.imaging.outputs import SegmentationOutput
+from inference.imaging.pixels import NotAnImageError, PixelDecodeError, dataset_to_image
+from inference.imaging.registry import (
+    ModelEntry,
+    ModelRegistry,
+    RoutingRule,
+    SeriesInfo,
+    load_registry,
+    read_models_file,
+)
+from inference.imaging.volume import VolumeError, assemble_volume
 from integration.app.settings import Settings
 from integration.db.artifacts import put_artifact
 from integration.db.store import Store
@@ -30,61 +47,219 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
+_DECODE_ERRORS = (NotAnImageError, PixelDecodeError, InvalidDicomError, OSError)
 
 
 def store_overlay(store: Store, png: bytes) -> str:
     """Store one overlay (or heatmap layer) PNG in the artifact store; its artifact id.
 
-    Each in its own transaction, as soon as it is made, so a study of hundreds of images is not held in
-    memory. Committed before the result event (``ConsumerWorker.finish``): an event never names an
-    artifact the store lacks. A crash in between leaves rows no event names, which the redelivery,
-    inferring the same images again, finds in place or stores anew (content-addressed)."""
+    Committed before the result event (``ConsumerWorker.finish``): an event never names an artifact the store
+    lacks. A crash in between leaves rows no event names, which the redelivery, inferring the same images
+    again, finds in place or stores anew (content-addressed)."""
     with store.session() as s:
         return put_artifact(s, png, "image/png")
 
 
-def infer_study(store: Store, detector: LesionDetector, event: StudyReceived) -> ImagingInferenceCompleted | None:
-    """Run the detector on the image instances this revision of the study brought; None when it
-    brought none. Images an earlier revision brought have that revision's result already."""
+def registry_from_settings(settings: Settings) -> ModelRegistry:
+    """The registry ``MEDBRIDGE_MODELS`` describes, or the demo bundle alone for every series; loads every
+    bundle now (a bad one raises :class:`~inference.imaging.bundle.BundleError` naming it)."""
+    entries = (read_models_file(settings.models_file) if settings.models_file is not None
+               else [ModelEntry(settings.imaging_model_path, RoutingRule())])
+    return load_registry(entries, settings.device, settings.imaging_batch_size)
+
+
+@dataclass(frozen=True)
+class StudyAnalysis:
+    event: ImagingInferenceCompleted
+    segmentations: list[SegmentationOutput] = field(default_factory=list)
+
+
+@dataclass
+class SeriesMember:
+    """One image instance of a series, its header read (no pixels yet)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+    header: pydicom.Dataset
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An image a model scored, ranked for an explanation map."""
+
+    score: float
+    sop_instance_uid: str
+    operator: BundleOperator
+    class_idx: int
+    path: str
+
+
+def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
+    first = members[0].header
+    frames = int(first.get("NumberOfFrames", 1) or 1)
+    return SeriesInfo(
+        modality=str(first.get("Modality", "")),
+        body_part=str(first.get("BodyPartExamined", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        slices=frames if len(members) == 1 else len(members),
+    )
+
+
+class StudyRun:
+    """One study's inference: what each model said about each image, and what could not be read."""
+
+    def __init__(self, explain_top: int) -> None:
+        self.probabilities: dict[str, dict[str, float]] = {}
+        self.series_of: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self.models: dict[str, str] = {}
+        self.candidates: list[_Candidate] = []
+        self.segmentations: list[SegmentationOutput] = []
+        self.explain_top = explain_top
+
+    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str) -> None:
+        self.models[op.model_name] = op.model_version
+        merged = self.probabilities.setdefault(inst.sop_instance_uid, {})
+        for name, value in probabilities.items():
+            merged[name if name not in merged else f"{op.model_name}:{name}"] = value
+        self.series_of[inst.sop_instance_uid] = inst.series_instance_uid
+        if op.explains and probabilities:
+            best = max(range(len(op.findings)), key=lambda i: probabilities.get(op.findings[i], 0.0))
+            self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
+                                              op, best, path))
+
+    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
+        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time."""
+        size = min(op.batch_size for op in operators)
+        for start in range(0, len(members), size):
+            chunk, inputs = [], {id(op): [] for op in operators}
+            for inst in members[start:start + size]:
+                try:
+                    image = dataset_to_image(pydicom.dcmread(inst.path))
+                    prepared = [(op, op.model_input(image)) for op in operators]
+                except (*_DECODE_ERRORS, ValueError) as exc:
+                    log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
+                    self.skipped.append(inst.sop_instance_uid)
+                    continue
+                chunk.append(inst)
+                for op, tensor in prepared:
+                    inputs[id(op)].append(tensor)
+            for op in operators:
+                for inst, probabilities in zip(chunk, op.classify_inputs(inputs[id(op)]), strict=True):
+                    self.record(op, inst, probabilities, inst.path)
+
+    def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
+        """Segmentation and 3D bundles on the series assembled into a volume."""
+        try:
+            volume = assemble_volume([pydicom.dcmread(inst.path) for inst in members])
+        except (*_DECODE_ERRORS, VolumeError, ValueError, AttributeError) as exc:
+            log.warning("series %s not assembled into a volume: %s", uid_hash(members[0].series_instance_uid),
+                        type(exc).__name__)
+            return
+        for op in operators:
+            self.models[op.model_name] = op.model_version
+            if op.bundle.task == "segmentation":
+                self.segmentations.append(op.segment(volume))
+                continue
+            probabilities = op.classify_inputs([op.volume_input(volume)])[0]
+            centre = volume.sop_instance_uids[len(volume.sop_instance_uids) // 2]
+            middle = next(m for m in members if m.sop_instance_uid == centre)
+            self.record(op, middle, probabilities, middle.path)
+
+    def explanations(self, put: Callable[[bytes], str]) -> dict[str, tuple[str, str]]:
+        """Overlay and layer ids (as ``put`` stores each PNG) for the top images of each explaining model."""
+        chosen: dict[str, tuple[str, str]] = {}
+        for op_id in {id(c.operator) for c in self.candidates}:
+            ranked = sorted((c for c in self.candidates if id(c.operator) == op_id), key=lambda c: -c.score)
+            for c in ranked[: self.explain_top]:
+                if c.sop_instance_uid in chosen:
+                    continue
+                try:
+                    explanation = c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx)
+                except (*_DECODE_ERRORS, ValueError):
+                    continue
+                chosen[c.sop_instance_uid] = (put(explanation.overlay_png), put(explanation.heatmap_layer_png))
+        return chosen
+
+
+def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember], list[str], int]:
     images = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
     # None: an instance stored before announcements recorded their revision, inferred as before
     instances = [i for i in images if i.announced_revision in (event.revision, None)]
-    if not instances:
+    earlier = sum(i.announced_revision is not None and i.announced_revision < event.revision for i in images)
+    read, unreadable = [], []
+    for inst in instances:
+        try:
+            header = pydicom.dcmread(inst.path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
+            unreadable.append(inst.sop_instance_uid)
+            continue
+        read.append(SeriesMember(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path), header))
+    return read, unreadable, earlier
+
+
+def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
+                  explain_top: int = 3) -> StudyAnalysis | None:
+    """Run the routed models on the image instances this revision of the study brought; None when it brought
+    none. Images an earlier revision brought have that revision's result already."""
+    instances, unreadable, earlier = _read_headers(store, event)
+    if not instances and not unreadable:
         log.info("study %s revision %d brought no image instance; nothing to infer",
                  uid_hash(event.study_instance_uid), event.revision)
         return None
-    findings: list[InstanceFinding] = []
-    skipped: list[str] = []
+    run = StudyRun(explain_top)
+    run.skipped.extend(unreadable)
+    series: dict[str, list[SeriesMember]] = {}
     for inst in instances:
-        try:
-            ds = pydicom.dcmread(inst.path)
-            result = detector.run_dataset(ds)
-        except (NotAnImageError, PixelDecodeError) as exc:
-            log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
-            skipped.append(inst.sop_instance_uid)
+        series.setdefault(inst.series_instance_uid, []).append(inst)
+    for members in series.values():
+        operators = registry.route(_series_info(members))
+        if not operators:
+            log.info("series %s: no model routes to it", uid_hash(members[0].series_instance_uid))
+            run.skipped.extend(m.sop_instance_uid for m in members)
             continue
-        findings.append(
-            InstanceFinding(
-                sop_instance_uid=inst.sop_instance_uid,
-                series_instance_uid=inst.series_instance_uid,
-                probabilities=result.probabilities,
-                heatmap_artifact_id=store_overlay(store, result.overlay_png),
-                heatmap_layer_artifact_id=store_overlay(store, result.heatmap_layer_png),
-            )
+        per_image = [op for op in operators if op.bundle.spatial_dims == 2 and op.bundle.task == "classification"]
+        per_volume = [op for op in operators if op not in per_image]
+        if per_image:
+            run.classify_series(members, per_image)
+        if per_volume:
+            run.volume_series(members, per_volume)
+    heatmaps = run.explanations(lambda png: store_overlay(store, png))
+    findings = [
+        InstanceFinding(
+            sop_instance_uid=sop,
+            series_instance_uid=run.series_of[sop],
+            probabilities=probabilities,
+            heatmap_artifact_id=heatmaps.get(sop, (None, None))[0],
+            heatmap_layer_artifact_id=heatmaps.get(sop, (None, None))[1],
         )
-    return ImagingInferenceCompleted(
+        for sop, probabilities in run.probabilities.items()
+    ]
+    models = run.models or {op.model_name: op.model_version for op in registry.operators}
+    event_out = ImagingInferenceCompleted(
         source_event_id=event.event_id,
         study_instance_uid=event.study_instance_uid,
         revision=event.revision,
         patient_ref=event.patient_ref,
         imaging_study_ref=event.imaging_study_ref,
-        model_name=detector.model_name,
-        model_version=detector.model_version,
+        model_name=", ".join(models),
+        model_version=", ".join(models.values()),
         findings=findings,
-        skipped_instances=len(skipped),
-        skipped_sop_instance_uids=skipped,
-        earlier_images=sum(i.announced_revision is not None and i.announced_revision < event.revision for i in images),
+        skipped_instances=len(run.skipped),
+        skipped_sop_instance_uids=run.skipped,
+        earlier_images=earlier,
     )
+    return StudyAnalysis(event_out, run.segmentations)
+
+
+def infer_study(store: Store, registry: ModelRegistry, event: StudyReceived,
+                explain_top: int = 3) -> ImagingInferenceCompleted | None:
+    """:func:`analyse_study`'s result event alone."""
+    analysis = analyse_study(store, registry, event, explain_top)
+    return analysis.event if analysis is not None else None
 
 
 class ImagingWorker(ConsumerWorker):
@@ -92,15 +267,20 @@ class ImagingWorker(ConsumerWorker):
 
     def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
         super().__init__(store, options)
-        self.weights = settings.imaging_model_path
-        self.device = settings.device
-        self.detector: LesionDetector | None = None
+        self.settings = settings
+        self.registry: ModelRegistry | None = None
 
     async def load(self) -> None:
-        self.detector = await asyncio.to_thread(LesionDetector, self.weights, self.device)
+        self.registry = await asyncio.to_thread(registry_from_settings, self.settings)
 
     @handles(StudyReceived)
     async def on_study(self, event: StudyReceived) -> Outcome | None:
-        assert self.detector is not None, "load() runs before the first event"
-        result = await asyncio.to_thread(infer_study, self.store, self.detector, event)
-        return Publish(result, key=event.study_instance_uid) if result is not None else None
+        assert self.registry is not None, "load() runs before the first event"
+        analysis = await asyncio.to_thread(analyse_study, self.store, self.registry, event,
+                                           self.settings.imaging_explain_top)
+        if analysis is None:
+            return None
+        if analysis.segmentations:
+            # DICOM SEG and FHIR Observations from these are built by inference/imaging/segmentation.py
+            log.info("study %s: %d segmentation(s)", uid_hash(event.study_instance_uid), len(analysis.segmentations))
+        return Publish(analysis.event, key=event.study_instance_uid)

@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = get_settings()
     out = Path(args.output) if args.output else settings.imaging_model_path
     meta = train_demo_model(out, quick=args.quick, log=log.info)
-    print(f"weights written to {out}: {meta.get('metrics')}")
+    print(f"MONAI bundle written to {out}: {meta.get('medbridge', {}).get('metrics')}")
     return 0
 
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)
     train = sub.add_parser("train-demo-model", help="train the demo imaging CNN")
-    train.add_argument("--output", help="weights file (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
+    train.add_argument("--output", help="bundle folder to write (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
     train.add_argument("--quick", action="store_true", help="a short run, for tests")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="measure drafting and citation quality offline (Open-i reports)")

@@ -149,7 +149,12 @@ class Settings(BaseSettings):
 
     # Imaging model: empty means the demo weights under data_dir/models
     imaging_model: Path | None = Field(None, alias="MEDBRIDGE_IMAGING_MODEL")
-    device: str = Field("auto", alias="MEDBRIDGE_DEVICE")
+    device: str = Field("cpu", alias="MEDBRIDGE_DEVICE")
+    # imaging model registry (YAML/JSON: MONAI bundles and their routing rules); unset: the demo bundle alone
+    models_file: Path | None = Field(None, alias="MEDBRIDGE_MODELS")
+    imaging_batch_size: int = Field(32, ge=1, alias="MEDBRIDGE_IMAGING_BATCH_SIZE")
+    # Grad-CAM overlays are rendered for this many top-scoring images of a study (per model), not every image
+    imaging_explain_top: int = Field(3, ge=0, alias="MEDBRIDGE_IMAGING_EXPLAIN_TOP")
 
     # Whether this process runs the DICOM listener (workers-only processes in a cluster set false)
     dicom_enabled: bool = Field(True, alias="MEDBRIDGE_DICOM")
@@ -203,7 +208,7 @@ class Settings(BaseSettings):
 
     @property
     def imaging_model_path(self) -> Path:
-        return self.imaging_model or self.models_dir / "demo-lesion-densenet.pt"
+        return self.imaging_model or self.models_dir / "demo-lesion-densenet"
 
     @property
     def effective_database_url(self) -> str:

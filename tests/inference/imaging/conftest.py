@@ -1,4 +1,4 @@
-"""Imaging fixtures: one quick demo model trained for the whole test session (real DICOM data)."""
+"""Imaging fixtures: one quick demo bundle trained for the whole test session (real DICOM data)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,29 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from inference.imaging.operator import LesionDetector  # noqa: E402
+from inference.imaging.bundle import load_bundle  # noqa: E402
+from inference.imaging.operator import BundleOperator  # noqa: E402
+from inference.imaging.registry import ModelRegistry, RoutingRule  # noqa: E402
 from inference.imaging.train import train_demo_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Train the quick schedule once; yields (weights path, meta)."""
-    folder = tmp_path_factory.mktemp("imaging-model")
-    weights = folder / "lesion.pt"
+    """Train the quick schedule once; yields (bundle folder, its metadata)."""
+    weights = tmp_path_factory.mktemp("imaging-model") / "demo-bundle"
     lines: list[str] = []
     # One thread: deterministic numerics whatever the machine load.
     meta = train_demo_model(weights, quick=True, seed=0, log=lines.append, threads=1)
     assert lines, "training should report progress"
     yield weights, meta
-    weights.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
-def detector(trained_model: tuple[Path, dict[str, Any]]) -> LesionDetector:
-    return LesionDetector(trained_model[0], device="cpu")
+def detector(trained_model: tuple[Path, dict[str, Any]]) -> BundleOperator:
+    return BundleOperator(load_bundle(trained_model[0], "cpu"))
+
+
+@pytest.fixture(scope="session")
+def registry(detector: BundleOperator) -> ModelRegistry:
+    """The default registry: the demo bundle for every series."""
+    return ModelRegistry([(detector, RoutingRule())])

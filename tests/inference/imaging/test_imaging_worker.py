@@ -22,8 +22,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
-from inference.imaging.operator import LesionDetector
 from inference.imaging.pixels import dataset_to_image
+from inference.imaging.registry import ModelRegistry
 from inference.imaging.train import insert_synthetic_lesion
 from inference.imaging.worker import infer_study
 from integration.db.artifacts import get_artifact
@@ -76,7 +76,7 @@ def _announce_first(store: Store, listener: DicomListener):  # noqa: ANN202
 
 
 def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same(
-    store: Store, listener: DicomListener, detector: LesionDetector
+    store: Store, listener: DicomListener, registry: ModelRegistry
 ) -> None:
     publisher, first = _announce_first(store, listener)
     # the study grows: a new series on a later association, two images
@@ -88,14 +88,14 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
     revision1, revision2 = _announced(store)
     assert revision2.revision > revision1.revision
     assert (revision1.instance_count, revision2.instance_count) == (1, 3)
-    result1 = infer_study(store, detector, revision1)
-    result2 = infer_study(store, detector, revision2)
+    result1 = infer_study(store, registry, revision1)
+    result2 = infer_study(store, registry, revision2)
     assert result1 is not None and result2 is not None
     assert [f.sop_instance_uid for f in result1.findings] == [first.SOPInstanceUID]
     assert sorted(f.sop_instance_uid for f in result2.findings) == sorted(ds.SOPInstanceUID for ds in later)
     assert (result1.earlier_images, result2.earlier_images) == (0, 1)
     # at-least-once delivery: revision 1 redelivered after revision 2 is announced infers what it did
-    again = infer_study(store, detector, revision1)
+    again = infer_study(store, registry, revision1)
     assert again is not None and [f.sop_instance_uid for f in again.findings] == [first.SOPInstanceUID]
     # the grown revision's report says its images are the new ones
     report, details = imaging_report(result2)
@@ -106,7 +106,7 @@ def test_each_revision_infers_the_images_it_brought_and_a_replay_infers_the_same
 
 
 def test_a_revision_that_brings_no_image_has_nothing_to_infer(
-    store: Store, listener: DicomListener, detector: LesionDetector
+    store: Store, listener: DicomListener, registry: ModelRegistry
 ) -> None:
     publisher, first = _announce_first(store, listener)
     # the same instance again: a duplicate, the study does not grow, nothing is announced
@@ -115,7 +115,7 @@ def test_a_revision_that_brings_no_image_has_nothing_to_infer(
     (revision1,) = _announced(store)
     # a later revision whose instances are all announced already (as a non-image-only one would be)
     later = revision1.model_copy(update={"revision": revision1.revision + 1, "event_id": "e-later"})
-    assert infer_study(store, detector, later) is None
+    assert infer_study(store, registry, later) is None
 
 
 # The report writer as a process of its own: another working folder and data folder, only the database URL in
@@ -146,11 +146,11 @@ def _write_report_elsewhere(database_url: str, event: ImagingInferenceCompleted,
 
 
 def test_a_report_writer_in_another_process_with_another_data_folder_embeds_the_heatmap(
-    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, registry: ModelRegistry, tmp_path: Path
 ) -> None:
     _announce_first(store, listener)
     (announced,) = _announced(store)
-    result = infer_study(store, detector, announced)
+    result = infer_study(store, registry, announced)
     assert result is not None and result.schema_version == 2
     (finding,) = result.findings
     heatmap_id = finding.heatmap_artifact_id
@@ -193,7 +193,7 @@ def _lesioned_ct(center: tuple[int, int], radius: float) -> Dataset:
 
 
 def test_the_heatmap_layer_lies_on_the_rendered_frame_with_its_heat_on_the_lesion_and_the_api_serves_it(
-    store: Store, listener: DicomListener, detector: LesionDetector, tmp_path: Path
+    store: Store, listener: DicomListener, registry: ModelRegistry, tmp_path: Path
 ) -> None:
     center, radius = (172, 179), 46.0  # (row, column) in the 384 x 512 image
     ds = _lesioned_ct(center, radius)
@@ -201,7 +201,7 @@ def test_the_heatmap_layer_lies_on_the_rendered_frame_with_its_heat_on_the_lesio
     _send(listener.port, ds)
     assert publisher.publish_due() == 1
     (announced,) = _announced(store)
-    result = infer_study(store, detector, announced)
+    result = infer_study(store, registry, announced)
     assert result is not None
     (finding,) = result.findings
     assert finding.heatmap_layer_artifact_id is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.bundle import verify_metadata, verify_net_in_out
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from inference.imaging.model import FINDINGS, INTENDED_USE, ModelNotFoundError, load_weights
-from inference.imaging.operator import ImagingResult, LesionDetector
+from inference.imaging.bundle import BundleError, load_bundle
+from inference.imaging.model import FINDINGS, INTENDED_USE, METADATA_SCHEMA
+from inference.imaging.operator import BundleOperator, ImagingResult
 from inference.imaging.pixels import dataset_to_image
 from inference.imaging.train import TRAIN_SOURCES, VALIDATION_SOURCES, insert_synthetic_lesion
 
@@ -43,30 +46,47 @@ def _lesion_cases() -> list[tuple[np.ndarray, tuple[int, int], float]]:
     return cases
 
 
-def test_weights_carry_honest_metadata(trained_model: tuple[Path, dict[str, Any]]) -> None:
-    weights, meta = trained_model
-    network, loaded = load_weights(weights, "cpu")
-    assert loaded == meta
-    assert meta["name"] == "medbridge-demo-lesion-densenet"
-    assert meta["findings"] == list(FINDINGS)
+def test_the_bundle_carries_honest_metadata(trained_model: tuple[Path, dict[str, Any]]) -> None:
+    folder, meta = trained_model
+    assert json.loads((folder / "configs" / "metadata.json").read_text()) == meta
+    bundle = load_bundle(folder, "cpu")
+    assert bundle.name == meta["name"] == "medbridge-demo-lesion-densenet"
+    assert bundle.findings == FINDINGS and bundle.task == "classification" and bundle.spatial_dims == 2
     assert meta["intended_use"] == INTENDED_USE and "not for clinical use" in meta["intended_use"]
     assert meta["version"].startswith("0.1.0+")
-    assert set(meta["trained_on"]).isdisjoint(meta["validated_on"])
+    trained = meta["medbridge"]
+    assert set(trained["trained_on"]).isdisjoint(trained["validated_on"])
     # The quick schedule is far short of the full one; it must still be well above chance (0.5).
-    assert meta["metrics"]["validation_accuracy"] >= 0.7
-    assert meta["metrics"]["validation_auc"] >= 0.8
-    assert not network.training
+    assert trained["metrics"]["validation_accuracy"] >= 0.7
+    assert trained["metrics"]["validation_auc"] >= 0.8
+    assert not bundle.network.training
 
 
-def test_detects_lesion_on_held_out_image_and_not_without(detector: LesionDetector) -> None:
+def test_the_demo_bundle_passes_monai_verify_metadata_and_verify_net_in_out(
+    trained_model: tuple[Path, dict[str, Any]],
+) -> None:
+    folder, _ = trained_model
+    meta_file, config_file = str(folder / "configs" / "metadata.json"), str(folder / "configs" / "inference.json")
+    verify_metadata(meta_file=meta_file, filepath=str(METADATA_SCHEMA))  # offline: the schema is shipped
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, device="cpu")
+    # and the checks can fail: a metadata file without network_data_format does not verify
+    broken = json.loads(Path(meta_file).read_text())
+    del broken["network_data_format"]
+    bad = folder.parent / "broken-metadata.json"
+    bad.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(bad), filepath=str(METADATA_SCHEMA))
+
+
+def test_detects_lesion_on_held_out_image_and_not_without(detector: BundleOperator) -> None:
     clean = detector.run(_held_out_image())
     assert clean.probabilities[FINDINGS[0]] < 0.5
     for image, _center, _radius in _lesion_cases():
         assert detector.run(image).probabilities[FINDINGS[0]] > 0.5
 
 
-def test_gradcam_peak_lies_near_the_lesion(detector: LesionDetector) -> None:
-    size = detector.input_size
+def test_gradcam_peak_lies_near_the_lesion(detector: BundleOperator) -> None:
+    size = detector.bundle.spatial_shape[0]
     for image, center, _radius in _lesion_cases():
         result = detector.run(image)
         assert result.heatmap.shape == (size, size)
@@ -77,7 +97,7 @@ def test_gradcam_peak_lies_near_the_lesion(detector: LesionDetector) -> None:
         assert distance <= 0.25 * size, (peak, center)
 
 
-def test_result_pngs_are_colour_images_at_display_size(detector: LesionDetector) -> None:
+def test_result_pngs_are_colour_images_at_display_size(detector: BundleOperator) -> None:
     image, _, _ = _lesion_cases()[0]
     result = detector.run(image)
     assert isinstance(result, ImagingResult)
@@ -92,7 +112,7 @@ def test_result_pngs_are_colour_images_at_display_size(detector: LesionDetector)
 
 
 def test_the_heatmap_layer_is_grey_at_the_images_geometry_with_its_hot_spot_on_the_lesion(
-    detector: LesionDetector,
+    detector: BundleOperator,
 ) -> None:
     """The layer alone undoes the letterbox: square or not, it has the image's shape and its heat lies where
     the lesion is in the image (a viewer lays it on the rendered frame without knowing the model's input)."""
@@ -113,14 +133,14 @@ def test_the_heatmap_layer_is_grey_at_the_images_geometry_with_its_hot_spot_on_t
         assert layer[on_lesion].mean() > 2 * layer[~on_lesion].mean(), image.shape
 
 
-def test_run_dataset_reads_compressed_dicom(detector: LesionDetector) -> None:
+def test_run_dataset_reads_compressed_dicom(detector: BundleOperator) -> None:
     path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False)
     result = detector.run_dataset(pydicom.dcmread(path))
     probability = result.probabilities[FINDINGS[0]]
     assert 0.0 <= probability <= 1.0
 
 
-def test_concurrent_calls_give_the_same_answer_as_serial_ones(detector: LesionDetector) -> None:
+def test_concurrent_calls_give_the_same_answer_as_serial_ones(detector: BundleOperator) -> None:
     cases = [image for image, _, _ in _lesion_cases()] + [_held_out_image()]
     serial = [detector.run(image).probabilities[FINDINGS[0]] for image in cases]
     results: dict[int, float] = {}
@@ -136,19 +156,18 @@ def test_concurrent_calls_give_the_same_answer_as_serial_ones(detector: LesionDe
     assert [results[i] for i in range(len(cases))] == pytest.approx(serial, abs=1e-5)
 
 
-def test_run_rejects_non_images(detector: LesionDetector) -> None:
+def test_run_rejects_non_images(detector: BundleOperator) -> None:
     with pytest.raises(ValueError):
         detector.run(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         detector.run(np.full((8, 8), np.nan, dtype=np.float32))
 
 
-def test_missing_weights_raise_model_not_found_with_a_hint(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "lesion.pt"
-    with pytest.raises(ModelNotFoundError, match="medbridge train-demo-model") as info:
-        LesionDetector(missing, device="cpu")
+def test_a_missing_bundle_raises_a_bundle_error_with_a_hint(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "demo-bundle"
+    with pytest.raises(BundleError, match="medbridge train-demo-model") as info:
+        load_bundle(missing, "cpu")
     assert "MEDBRIDGE_IMAGING_MODEL" in str(info.value)
-    assert isinstance(info.value, FileNotFoundError)
 
 
 def test_insert_synthetic_lesion_changes_only_the_disc() -> None:
