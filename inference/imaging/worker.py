@@ -33,10 +33,12 @@ from inference.imaging.registry import (
     load_registry,
     read_models_file,
 )
+from inference.imaging.segmentation import SegmentationInputError, record_segmentation
 from inference.imaging.volume import VolumeError, assemble_volume
 from integration.app.settings import Settings
-from integration.db.artifacts import put_artifact
+from integration.db.artifacts import ArtifactRefusedError, put_artifact
 from integration.db.store import Store
+from integration.errors import PermanentEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.phi import uid_hash
 from schemas.events import (
@@ -239,6 +241,11 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
         for sop, probabilities in run.probabilities.items()
     ]
     models = run.models or {op.model_name: op.model_version for op in registry.operators}
+    try:  # each SEG stored (its own transaction) before the event that names it, as the heatmaps are
+        segmentations = [record_segmentation(store, output, study_instance_uid=event.study_instance_uid,
+                                             revision=event.revision) for output in run.segmentations]
+    except (SegmentationInputError, ArtifactRefusedError) as exc:  # the same input fails the same way again
+        raise PermanentEventError(f"segmentation not recorded: {exc}") from exc
     event_out = ImagingInferenceCompleted(
         source_event_id=event.event_id,
         study_instance_uid=event.study_instance_uid,
@@ -251,6 +258,7 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
         skipped_instances=len(run.skipped),
         skipped_sop_instance_uids=run.skipped,
         earlier_images=earlier,
+        segmentations=segmentations,
     )
     return StudyAnalysis(event_out, run.segmentations)
 
@@ -280,7 +288,4 @@ class ImagingWorker(ConsumerWorker):
                                            self.settings.imaging_explain_top)
         if analysis is None:
             return None
-        if analysis.segmentations:
-            # DICOM SEG and FHIR Observations from these are built by inference/imaging/segmentation.py
-            log.info("study %s: %d segmentation(s)", uid_hash(event.study_instance_uid), len(analysis.segmentations))
         return Publish(analysis.event, key=event.study_instance_uid)

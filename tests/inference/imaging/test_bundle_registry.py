@@ -176,6 +176,9 @@ def test_a_ct_series_and_a_cr_image_of_one_study_go_to_different_models(
         expected = np.zeros((128, 128), dtype=np.uint8)
         expected[20 + 10 * z: 60, 30:90] = 1
         assert np.array_equal(seg.label_map[z], expected), z
+    (recorded,) = analysis.event.segmentations  # its DICOM SEG stored and named in the event for the report
+    assert recorded.model_name == "tiny-ct-segmenter" and len(recorded.segments) == 1
+    assert recorded.segments[0].volume_ml > 0
 
 
 def _broken(tmp_path: Path, how: str) -> Path:
