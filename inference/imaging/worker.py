@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pydicom
 
@@ -21,6 +22,7 @@ from integration.app.settings import Settings
 from integration.db.artifacts import put_artifact
 from integration.db.store import Store
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
+from integration.observability import metrics
 from integration.phi import uid_hash
 from schemas.events import (
     IMAGING_WORKER,
@@ -58,7 +60,9 @@ def infer_study(store: Store, detector: LesionDetector, event: StudyReceived) ->
     for inst in instances:
         try:
             ds = pydicom.dcmread(inst.path)
+            began = time.perf_counter()
             result = detector.run_dataset(ds)
+            metrics.observe_inference(detector.model_name, time.perf_counter() - began, 1)  # one image a call
         except (NotAnImageError, PixelDecodeError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)

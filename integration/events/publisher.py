@@ -25,6 +25,7 @@ from integration.errors import StoreUnavailableError
 from integration.events import dead_letters
 from integration.events.supervision import Supervised
 from integration.fhir.resources import imaging_study_for, patient_for_dicom, store_resource
+from integration.observability import tracing
 from integration.phi import uid_hash
 from schemas.events import TOPIC_RECORD_RECEIVED, TOPIC_STUDY_RECEIVED, RecordReceived, StudyReceived
 
@@ -75,7 +76,9 @@ class QuietPeriodPublisher:
         announced = 0
         for tracker in self.store.due_trackers(self.kind, self.quiet_seconds):
             try:
-                with self.store.session() as s:
+                # the trace of the C-STORE or FHIR request that made the change goes on into the outbox row
+                with tracing.span(f"announce {self.kind}", parent=tracker.traceparent,
+                                  attributes={"medbridge.revision": tracker.revision}), self.store.session() as s:
                     if not Store.claim_tracker(s, tracker):
                         continue  # it changed since we looked; it will be due again after its quiet period
                     self.announce(s, tracker)
