@@ -14,6 +14,7 @@ from integration.delivery import queue
 from integration.dicom import web as dicomweb
 from integration.events import dead_letters
 from integration.fhir import api as fhir_api
+from integration.observability import multiprocess
 from integration.observability.http import RequestMetrics
 from integration.reports import api, quality, worklist
 
@@ -72,6 +73,8 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(auth.metrics_access)])
     def metrics() -> str:
         """Prometheus text format."""
+        s = services.settings
+        listeners = multiprocess.folder(s.data_dir) if s.dicom_processes > 1 else None  # counts of the children
         counts = queue.counts(services.store, "ehr")
         exports = queue.counts(services.store, "pacs")
         return (
@@ -88,7 +91,7 @@ def create_app(services: Services) -> FastAPI:
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
             + _dead_letter_metrics(dead_letters.waiting_by_topic(services.store))
-        ) + "".join(text() for text in services.metrics_text) + app_metrics.exposition(services.store)
+        ) + "".join(text() for text in services.metrics_text) + app_metrics.exposition(services.store, listeners)
 
     return app
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 from integration.db.store import Store
 from integration.db.tables import DeliveryJob, OutboxEntry, utcnow
 from integration.delivery.queue import aware
+from integration.observability import multiprocess
 
 
 class StoreState(Collector):
@@ -62,8 +64,9 @@ def _age(now: datetime, then: datetime | None) -> float:
     return max(0.0, (now - aware(then)).total_seconds()) if then is not None else 0.0
 
 
-def exposition(store: Store) -> str:
-    """The Prometheus text of this process's families and the store's state at this moment."""
+def exposition(store: Store, listener_processes: Path | None = None) -> str:
+    """The Prometheus text of this process's families (with the DICOM listener processes' counts summed in,
+    from ``listener_processes``: integration.observability.multiprocess) and the store's state now."""
     state = CollectorRegistry(auto_describe=False)
     state.register(StoreState(store))
-    return (generate_latest(REGISTRY) + generate_latest(state)).decode()
+    return (multiprocess.exposition(listener_processes) + generate_latest(state)).decode()

@@ -15,9 +15,7 @@ attributes carry topics, groups, partitions and route templates: never a UID or 
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +51,8 @@ def configure(service_name: str, trace_file: Path | None = None) -> Callable[[],
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if trace_file:
         # written as each span ends: a process killed outright keeps what it had finished
+        from integration.observability.span_file import JsonLinesSpanExporter
+
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
     trace.set_tracer_provider(provider)
     return provider.shutdown
@@ -64,39 +64,6 @@ def _otlp_requested() -> bool:
         return False
     return "otlp" in exporters or bool(
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-
-
-class JsonLinesSpanExporter:
-    """Each finished span as one JSON line (ids in hex, the process id, name, kind, attributes)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[Any]) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        lines = [json.dumps(_span_record(span)) + "\n" for span in spans]
-        with self._lock, self.path.open("a", encoding="utf-8") as out:
-            out.writelines(lines)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-def _span_record(span: Any) -> dict[str, Any]:
-    ctx = span.get_span_context()
-    parent = span.parent
-    return {
-        "trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
-        "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
-        "name": span.name, "kind": span.kind.name, "pid": os.getpid(),
-        "start": span.start_time, "end": span.end_time, "attributes": dict(span.attributes or {}),
-    }
 
 
 def enabled() -> bool:
