@@ -68,6 +68,9 @@ MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
 MEDBRIDGE_IMPLEMENTATION_VERSION = "MEDBRIDGE_010"
 
 
+_STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
 class DicomListener:
     """Storage SCP. ``start()`` binds the port (non-blocking server), ``stop()`` shuts it down."""
 
@@ -371,7 +374,9 @@ class DicomListener:
         part10 = part10_bytes(sop_class, sop_instance, transfer_syntax, calling_ae, data_set)
         outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance,
                                               defer_row=defer_row)
-        metrics.observe_instance(sop_class, outcome.status, len(data_set))
+        # a label only for a storage class the standard names: a sender may put anything in the command
+        metrics.observe_instance(sop_class if sop_class in _STORAGE_CLASSES else "other", outcome.status,
+                                 len(data_set))
         with self._lock:
             tally = self._tally[association]
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1
