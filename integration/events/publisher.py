@@ -76,12 +76,13 @@ class QuietPeriodPublisher:
         announced = 0
         for tracker in self.store.due_trackers(self.kind, self.quiet_seconds):
             try:
-                # the trace of the C-STORE or FHIR request that made the change goes on into the outbox row
-                with tracing.span(f"announce {self.kind}", parent=tracker.traceparent,
-                                  attributes={"medbridge.revision": tracker.revision}), self.store.session() as s:
+                with self.store.session() as s:
                     if not Store.claim_tracker(s, tracker):
-                        continue  # it changed since we looked; it will be due again after its quiet period
-                    self.announce(s, tracker)
+                        continue  # it changed (or another process announced it); due again after its quiet period
+                    # the trace of the C-STORE or FHIR request that made the change goes on into the outbox row
+                    with tracing.span(f"announce {self.kind}", parent=tracker.traceparent,
+                                      attributes={"medbridge.revision": tracker.revision}):
+                        self.announce(s, tracker)
             except StoreUnavailableError:
                 raise
             except Exception as exc:  # noqa: BLE001 - per-item isolation: this one is set aside, the rest go on

@@ -103,6 +103,8 @@ def test_one_study_is_one_trace_across_four_processes(cluster: dict[str, Medbrid
     assert {"DICOM storage association", "announce study", f"send {TOPIC_STUDY_RECEIVED}",
             f"process {TOPIC_STUDY_RECEIVED}", f"send {TOPIC_IMAGING_COMPLETED}",
             f"process {TOPIC_IMAGING_COMPLETED}", "deliver pacs"} <= names, names
+    # every process runs a study publisher; the one that claimed the revision announced it, once
+    assert [s["name"] for s in trace].count("announce study") == 1
     pids = {role: process.pid for role, process in cluster.items()}
     by_pid = {s["pid"] for s in trace}
     assert set(pids.values()) <= by_pid, (pids, by_pid)  # every one of the four processes
