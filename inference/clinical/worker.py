@@ -18,8 +18,8 @@ from integration.app.settings import Settings
 from integration.db.store import Store
 from integration.errors import PermanentEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
-from integration.observability import metrics
 from integration.fhir.patient_context import build_patient_context
+from integration.observability import metrics
 from integration.phi import uid_hash
 from knowledge.ingest import ingest_default_corpus
 from knowledge.llm import load_text_generator

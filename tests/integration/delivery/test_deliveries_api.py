@@ -14,7 +14,6 @@ from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.delivery.test_queue import TARGETS, imaging_event
 
-
 BACKLOG_GAUGES = ("medbridge_writeback_pending", "medbridge_writeback_dead", "medbridge_dicom_export_pending",
                   "medbridge_dicom_export_dead")
 
