@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
@@ -18,6 +19,7 @@ from integration.db.store import Store
 from integration.errors import PermanentEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.fhir.patient_context import build_patient_context
+from integration.observability import metrics
 from integration.phi import uid_hash
 from knowledge.ingest import ingest_default_corpus
 from knowledge.llm import load_text_generator
@@ -66,10 +68,12 @@ class ClinicalWorker(ConsumerWorker):
         if not ctx.has_clinical_content():
             log.info("record %s has no clinical content yet", uid_hash(event.patient_ref))
             return None
+        began = time.perf_counter()
         try:
             result = self.operator.run(ctx)
         except ClinicalOperatorError as exc:  # this record can never fit the model: do not retry it
             raise PermanentEventError(str(exc)) from exc
+        metrics.observe_inference(result.model_name, time.perf_counter() - began, 1)  # one record a call
         return ClinicalInferenceCompleted(
             source_event_id=event.event_id,
             patient_ref=event.patient_ref,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ from integration.db.artifacts import ArtifactRefusedError, put_artifact
 from integration.db.store import Store
 from integration.errors import PermanentEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
+from integration.observability import metrics
 from integration.phi import uid_hash
 from schemas.events import (
     IMAGING_WORKER,
@@ -149,7 +151,12 @@ class StudyRun:
                 for op, tensor in prepared:
                     inputs[id(op)].append(tensor)
             for op in operators:
-                for inst, probabilities in zip(chunk, op.classify_inputs(inputs[id(op)]), strict=True):
+                if not chunk:
+                    continue
+                began = time.perf_counter()
+                scored = op.classify_inputs(inputs[id(op)])
+                metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
+                for inst, probabilities in zip(chunk, scored, strict=True):
                     self.record(op, inst, probabilities, inst.path)
 
     def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
@@ -162,10 +169,13 @@ class StudyRun:
             return
         for op in operators:
             self.models[op.model_name] = op.model_version
+            began = time.perf_counter()
             if op.bundle.task == "segmentation":
                 self.segmentations.append(op.segment(volume))
+                metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
                 continue
             probabilities = op.classify_inputs([op.volume_input(volume)])[0]
+            metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
             centre = volume.sop_instance_uids[len(volume.sop_instance_uids) // 2]
             middle = next(m for m in members if m.sop_instance_uid == centre)
             self.record(op, middle, probabilities, middle.path)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from integration.app.settings import Settings, get_settings
 from integration.events.supervision import rate_limit_logger
+from integration.observability import logs, tracing
+from integration.observability.logs import LogFormat
 
 log = logging.getLogger("medbridge")
 
@@ -25,11 +27,9 @@ def _offline_models() -> None:
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(verbose: bool, log_format: LogFormat) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logs.install(log_format, level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     # third-party loggers that could print identifiers or request lines stay quiet
     # (highdicom logs "copy ... from dataset <SOP Instance UID>" at INFO while building an export)
     for noisy in ("pynetdicom", "aiokafka", "httpx", "chromadb", "uvicorn.access", "sentence_transformers",
@@ -84,7 +84,12 @@ async def _serve(settings: Settings) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = get_settings()
     ensure_demo_model(settings)
-    asyncio.run(_serve(settings))
+    # once per process, here rather than in the Runtime: a provider is process-wide (tests start many runtimes)
+    stop_tracing = tracing.configure("medbridge", settings.trace_file)
+    try:
+        asyncio.run(_serve(settings))
+    finally:
+        stop_tracing()  # flushes the spans still batched for the exporter
     return 0
 
 
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--output", help="also write the Markdown to this file")
     ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, get_settings().log_format)
     return int(args.func(args) or 0)
 
 

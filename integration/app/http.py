@@ -6,6 +6,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from integration.app import metrics as app_metrics
 from integration.app.services import Services
 from integration.auth import policy
 from integration.auth import web as auth
@@ -13,6 +14,8 @@ from integration.delivery import queue
 from integration.dicom import web as dicomweb
 from integration.events import dead_letters
 from integration.fhir import api as fhir_api
+from integration.observability import multiprocess
+from integration.observability.http import RequestMetrics
 from integration.reports import api, quality, worklist
 
 
@@ -33,6 +36,8 @@ def create_app(services: Services) -> FastAPI:
     # outermost: a request for another Host name (DNS rebinding) or a cross-origin write goes no further
     trusted_origins = frozenset(o.rstrip("/") for o in origins)
     app.add_middleware(auth.NetworkGuard, hosts=auth.allowed_hosts(services.settings), origins=trusted_origins)
+    # outermost of all: refusals are counted too (by route template, never the raw path)
+    app.add_middleware(RequestMetrics)
     app.state.authenticator = auth.build_authenticator(services.settings)
     fhir_api.install_exception_handlers(app)
     auth.install_exception_handlers(app)
@@ -68,6 +73,8 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(auth.metrics_access)])
     def metrics() -> str:
         """Prometheus text format."""
+        s = services.settings
+        listeners = multiprocess.folder(s.data_dir) if s.dicom_processes > 1 else None  # counts of the children
         counts = queue.counts(services.store, "ehr")
         exports = queue.counts(services.store, "pacs")
         return (
@@ -84,7 +91,7 @@ def create_app(services: Services) -> FastAPI:
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
             + _dead_letter_metrics(dead_letters.waiting_by_topic(services.store))
-        ) + "".join(text() for text in services.metrics_text)
+        ) + "".join(text() for text in services.metrics_text) + app_metrics.exposition(services.store, listeners)
 
     return app
 

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     allowed_hosts: str = Field("", alias="MEDBRIDGE_ALLOWED_HOSTS")
     # /metrics without a token (for a Prometheus on a trusted network); otherwise it needs the admin role
     metrics_public: bool = Field(False, alias="MEDBRIDGE_METRICS_PUBLIC")
+    # log lines as text or JSON lines with trace and span ids (integration.observability.logs)
+    log_format: Literal["text", "json"] = Field("text", alias="MEDBRIDGE_LOG_FORMAT")
+    # spans as JSON lines in this file (tests, a look without a collector); OTLP export is set by the
+    # standard OTEL_* variables (integration.observability.tracing); neither: no tracing at all
+    trace_file: Path | None = Field(None, alias="MEDBRIDGE_TRACE_FILE")
 
     # Identity (integration/auth): an external OpenID provider, or MedBridge's embedded issuer when empty
     oidc_issuer: str = Field("", alias="MEDBRIDGE_OIDC_ISSUER")

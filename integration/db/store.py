@@ -21,7 +21,9 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 from sqlalchemy import (
+    String,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -51,6 +53,7 @@ from integration.errors import (
     QueryTooComplexError,
     StoreUnavailableError,
 )
+from integration.observability import tracing
 from integration.phi import uid_hash
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,9 @@ def _dialect_insert(dialect: str, table: Any) -> Any:
     return postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
 
 
+_TRACEPARENT = bindparam("traceparent", type_=String())  # typed: PostgreSQL must know it inside CASE
+
+
 @cache
 def _tracker_touch(dialect: str) -> Any:
     """The upsert that creates a change tracker at revision 1 or bumps its revision (``kind``, ``key``, ``now``)."""
@@ -78,10 +84,15 @@ def _tracker_touch(dialect: str) -> Any:
     return (
         _dialect_insert(dialect, trackers)
         .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
-                last_change_at=bindparam("now"))
+                last_change_at=bindparam("now"), traceparent=_TRACEPARENT)
         .on_conflict_do_update(
             index_elements=["kind", "key"],
-            set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now")},
+            set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now"),
+                  # a change after the last announcement starts the next revision's trace; a change
+                  # within the quiet period joins the trace of the revision's first change
+                  "traceparent": case(
+                      (trackers.c.revision == trackers.c.published_revision, _TRACEPARENT),
+                      else_=func.coalesce(trackers.c.traceparent, _TRACEPARENT))},
         )
     )
 
@@ -402,6 +413,7 @@ class Store:
                 key=key,
                 event_type=event.event_type,
                 payload=event.model_dump_json(),
+                traceparent=tracing.current_traceparent(),  # the relay's send continues this trace
             )
         )
 
@@ -462,7 +474,8 @@ class Store:
     def touch(s: Session, kind: str, key: str, *, at: float | None = None) -> None:
         """Bump the tracker of ``kind``/``key`` (created at revision 1): one upsert, one round trip."""
         now = time.time() if at is None else at
-        s.execute(_tracker_touch(s.get_bind().dialect.name), {"kind": kind, "key": key, "now": now})
+        s.execute(_tracker_touch(s.get_bind().dialect.name),
+                  {"kind": kind, "key": key, "now": now, "traceparent": tracing.current_traceparent()})
 
     def expedite(self, kind: str, keys: Sequence[str], quiet_seconds: float) -> None:
         """Make trackers due now (used when an association is released)."""
@@ -523,7 +536,8 @@ class Store:
                     return False
                 place_file()
                 cursor.execute(touch.sql, touch.parameters(
-                    {"kind": "study", "key": values["study_instance_uid"], "now": time.time()}))
+                    {"kind": "study", "key": values["study_instance_uid"], "now": time.time(),
+                     "traceparent": tracing.current_traceparent()}))
             return True
 
         try:
@@ -564,6 +578,7 @@ class Store:
     def _add_instances(self, rows: Sequence[Mapping[str, Any]], insert: _CompiledStatement,
                        touch: _CompiledStatement) -> list[bool]:
         now = time.time()
+        traceparent = tracing.current_traceparent()
         added = []
         with self._dbapi_cursor(transaction=True) as cursor:
             for row in rows:
@@ -571,7 +586,8 @@ class Store:
                 added.append(cursor.fetchone() is not None)  # RETURNING gives no row on a conflict
             studies = (r["study_instance_uid"] for r, new in zip(rows, added, strict=True) if new)
             for study in dict.fromkeys(studies):
-                cursor.execute(touch.sql, touch.parameters({"kind": "study", "key": study, "now": now}))
+                cursor.execute(touch.sql, touch.parameters({"kind": "study", "key": study, "now": now,
+                                                                  "traceparent": traceparent}))
         return added
 
     def holds_instance(self, sop_uid: str) -> bool:
@@ -631,7 +647,7 @@ class Store:
         # until the study is announced (publisher.announce_study)
         columns = [c.key for c in instances.columns if c.key not in ("dicom_json", "announced_revision")]
         return (_CompiledStatement(insert, dialect, columns),
-                _CompiledStatement(_tracker_touch(dialect.name), dialect, ["kind", "key", "now"]))
+                _CompiledStatement(_tracker_touch(dialect.name), dialect, ["kind", "key", "now", "traceparent"]))
 
     @staticmethod
     def instances_in(s: Session, study_uid: str) -> list[DicomInstance]:

@@ -90,6 +90,8 @@ class ChangeTracker(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0)
     published_revision: Mapped[int] = mapped_column(Integer, default=0)
     last_change_at: Mapped[float] = mapped_column(Float, index=True)
+    # W3C trace context of what caused it (integration.observability.tracing); NULL when not tracing
+    traceparent: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class FhirResource(Base):
@@ -166,6 +168,8 @@ class OutboxEntry(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
+    # W3C trace context of what caused it (integration.observability.tracing); NULL when not tracing
+    traceparent: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class ProcessedEvent(Base):
@@ -299,6 +303,8 @@ class DeliveryJob(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     # what the destination calls the delivery: DiagnosticReport/<id> upstream, the SR's SOP Instance UID
     delivered_as: Mapped[str | None] = mapped_column(String(256), default=None)
+    # W3C trace context of what caused it (integration.observability.tracing); NULL when not tracing
+    traceparent: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class UpstreamReport(Base):

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, aliased
 
 from integration.db.store import Store
 from integration.db.tables import DeliveryJob, utcnow
+from integration.observability import tracing
 
 Kind = Literal["ehr", "pacs"]
 State = Literal["pending", "sent", "dead"]
@@ -73,6 +74,7 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempts: int
     claim: int
+    traceparent: str | None = None  # the trace of the report or review that queued it
 
 
 def aware(value: datetime) -> datetime:
@@ -96,7 +98,7 @@ def enqueue(
     now = utcnow()
     job = DeliveryJob(kind=kind, destination=destination, report_id=report_id, what=what, payload=payload or {},
                       review_id=review_id, review_action=review_action, state="pending", attempts=0, claim=0,
-                      next_attempt_at=now, created_at=now, updated_at=now)
+                      next_attempt_at=now, created_at=now, updated_at=now, traceparent=tracing.current_traceparent())
     s.add(job)
     return job
 
@@ -155,7 +157,8 @@ def claim_due(store: Store, kind: Kind, lease_seconds: float, limit: int = 50) -
             )
             if taken.rowcount == 1:  # type: ignore[attr-defined]
                 claimed.append(ClaimedJob(job.id, job.kind, job.destination, job.report_id, job.what, job.review_id,
-                                          job.review_action, dict(job.payload or {}), job.attempts, job.claim + 1))
+                                          job.review_action, dict(job.payload or {}), job.attempts, job.claim + 1,
+                                          job.traceparent))
     return claimed
 
 

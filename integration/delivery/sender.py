@@ -16,12 +16,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
 
+from opentelemetry.trace import SpanKind
+
 from integration.db.store import Store
 from integration.db.tables import DeliveryJob, utcnow
 from integration.delivery import queue
 from integration.delivery.queue import ClaimedJob, Kind, RetryPolicy
 from integration.errors import MedBridgeError, StoreUnavailableError
 from integration.events.supervision import Supervised, backoff_seconds
+from integration.observability import tracing
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -108,7 +111,12 @@ class DeliverySender(ABC):
                 await self._until_recorded(lambda j=job: self._release(j))
                 continue
             try:
-                delivered_as = await self.deliver(job)
+                attributes = {"medbridge.delivery.kind": self.kind, "medbridge.delivery.what": job.what,
+                              "medbridge.delivery.destination": self.label(job.destination),
+                              "medbridge.delivery.attempt": job.attempts + 1}
+                with tracing.span(f"deliver {self.kind}", kind=SpanKind.CLIENT, parent=job.traceparent,
+                                  attributes=attributes):
+                    delivered_as = await self.deliver(job)
             except StoreUnavailableError:
                 # our database went away, not the destination: no attempt counted; the job and the rest
                 # of the round go back to the queue once the database is back

@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -54,9 +55,13 @@ from sqlalchemy.orm import Session
 from integration.db.store import Store
 from integration.errors import PermanentEventError, StoreUnavailableError, TransientEventError
 from integration.events.supervision import Supervised, backoff_seconds
+from integration.observability import metrics, tracing
 from schemas.events import TOPIC_DEAD_LETTER, TOPIC_OF_EVENT, AnyEvent, parse_event
 
 log = logging.getLogger(__name__)
+
+# what became of a message (medbridge_events_consumed{outcome})
+PROCESSED, DUPLICATE, DEAD_LETTERED = "processed", "duplicate", "dead_lettered"
 
 
 class Outcome(Protocol):
@@ -220,8 +225,25 @@ class EventConsumer:
             for tp, messages in batches.items():
                 for msg in messages:
                     # Cancellation inside _handle() propagates before the commit: nothing half-done is acked.
-                    await self._handle(msg.value or b"", msg.topic)
+                    began = time.perf_counter()
+                    with tracing.span(f"process {msg.topic}", kind=SpanKind.CONSUMER,
+                                      parent=tracing.header_traceparent(msg.headers), attributes={
+                                          "messaging.system": "kafka", "messaging.operation.type": "process",
+                                          "messaging.destination.name": msg.topic,
+                                          "messaging.consumer.group.name": self.group_id,
+                                          "messaging.destination.partition.id": str(tp.partition),
+                                          "messaging.kafka.offset": msg.offset}):
+                        outcome = await self._handle(msg.value or b"", msg.topic)
+                    metrics.EVENTS_CONSUMED.labels(self.name, msg.topic, outcome).inc()
+                    metrics.EVENT_PROCESSING_SECONDS.labels(self.name, msg.topic).observe(time.perf_counter() - began)
                     await self._commit(consumer, tp, msg.offset + 1)
+                    self._observe_lag(consumer, tp, msg.offset + 1)
+
+    def _observe_lag(self, consumer: AIOKafkaConsumer, tp: TopicPartition, position: int) -> None:
+        """medbridge_consumer_lag for ``tp``: the partition's end (as the last fetch saw it) minus our position."""
+        end = consumer.highwater(tp)
+        if end is not None:
+            metrics.CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(max(0, end - position))
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         for attempt in range(5):
@@ -233,16 +255,17 @@ class EventConsumer:
                 log.warning("%s: commit failed (%s), attempt %d", self.name, type(exc).__name__, attempt + 1)
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _handle(self, raw: bytes, topic: str) -> None:
+    async def _handle(self, raw: bytes, topic: str) -> str:
+        """Handle one message by the ack policy; what became of it: processed, duplicate or dead_lettered."""
         try:
             event = parse_event(raw)
         except ValidationError as exc:
             await self._dead_letter(topic, None, raw, f"unparseable event: {exc.error_count()} errors")
-            return
+            return DEAD_LETTERED
         handler = self.handlers.get(type(event))
         if handler is None:
             await self._dead_letter(topic, event.event_id, raw, self._not_declared(event.event_type, topic))
-            return
+            return DEAD_LETTERED
         attempt = 0  # failures that will fail again, up to max_attempts
         paused = 0  # transient failures in a row: they do not count against max_attempts
         while True:
@@ -250,17 +273,18 @@ class EventConsumer:
                 # checked on every attempt: a duplicate that another member stored meanwhile is done
                 if await asyncio.to_thread(self.store.is_processed, self.name, event.event_id):
                     log.debug("%s: event %s already processed", self.name, event.event_id)
-                    return
+                    return DUPLICATE
                 outcome = await handler(event)
                 await asyncio.to_thread(self._store, event.event_id, outcome)
             except (PermanentEventError, ValidationError) as exc:
                 await self._dead_letter(topic, event.event_id, raw, f"{type(exc).__name__}: {exc}")
-                return
+                return DEAD_LETTERED
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - ack policy: pause on transient, retry, then dead-letter
                 if is_transient(exc):
                     paused += 1
+                    metrics.EVENT_RETRIES.labels(self.name, "transient").inc()
                     await self._pause(event.event_id, exc, paused)
                     continue
                 attempt += 1
@@ -268,13 +292,14 @@ class EventConsumer:
                             self.max_attempts, type(exc).__name__)
                 if attempt >= self.max_attempts:
                     await self._dead_letter(topic, event.event_id, raw, f"{type(exc).__name__}: {exc}")
-                    return
+                    return DEAD_LETTERED
+                metrics.EVENT_RETRIES.labels(self.name, "failure").inc()
                 await asyncio.sleep(backoff_seconds(attempt + 1, base=self.retry_base_seconds,
                                                     cap=min(10.0, self.retry_cap_seconds)))
                 continue
             self._resumed()
             self._on_stored()
-            return
+            return PROCESSED
 
     async def _pause(self, event_id: str | None, exc: BaseException, streak: int) -> None:
         """Wait before retrying after a transient failure; logged on the first and then every 20th."""
@@ -317,6 +342,7 @@ class EventConsumer:
                 streak += 1
                 await self._pause(event_id, exc, streak)
         self._resumed()
+        metrics.EVENTS_DEAD_LETTERED.labels(topic).inc()
         log.error("%s: event %s dead-lettered (%s); see GET /api/dead-letters", self.name,
                   event_id or "<unparseable>", error.split(":", 1)[0][:120])
         producer = self._dlq_producer() if self._dlq_producer else None

@@ -25,6 +25,7 @@ from integration.errors import StoreUnavailableError
 from integration.events import dead_letters
 from integration.events.supervision import Supervised
 from integration.fhir.resources import imaging_study_for, patient_for_dicom, store_resource
+from integration.observability import tracing
 from integration.phi import uid_hash
 from schemas.events import TOPIC_RECORD_RECEIVED, TOPIC_STUDY_RECEIVED, RecordReceived, StudyReceived
 
@@ -77,8 +78,11 @@ class QuietPeriodPublisher:
             try:
                 with self.store.session() as s:
                     if not Store.claim_tracker(s, tracker):
-                        continue  # it changed since we looked; it will be due again after its quiet period
-                    self.announce(s, tracker)
+                        continue  # it changed (or another process announced it); due again after its quiet period
+                    # the trace of the C-STORE or FHIR request that made the change goes on into the outbox row
+                    with tracing.span(f"announce {self.kind}", parent=tracker.traceparent,
+                                      attributes={"medbridge.revision": tracker.revision}):
+                        self.announce(s, tracker)
             except StoreUnavailableError:
                 raise
             except Exception as exc:  # noqa: BLE001 - per-item isolation: this one is set aside, the rest go on

@@ -17,12 +17,14 @@ import time
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry.trace import SpanKind
 
 from integration.db.store import Store
 from integration.db.tables import OutboxEntry
 from integration.events import dead_letters
 from integration.events.supervision import Supervised
 from integration.events.topics import ensure_topics
+from integration.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +115,25 @@ class OutboxRelay:
 
     async def _send(self, r: OutboxEntry) -> None:
         assert self.producer is not None
-        future = await self.producer.send(
-            r.topic,
-            r.payload.encode(),
-            key=r.key.encode() if r.key else None,
-            headers=[("event_type", r.event_type.encode()), ("event_id", r.event_id.encode())],
-        )
-        await future
+        # a send span in the trace of what wrote the row; its traceparent header is the consumer's parent
+        with tracing.span(f"send {r.topic}", kind=SpanKind.PRODUCER, parent=r.traceparent, attributes={
+                "messaging.system": "kafka", "messaging.operation.type": "send",
+                "messaging.destination.name": r.topic, "messaging.message.id": r.event_id}):
+            future = await self.producer.send(
+                r.topic,
+                r.payload.encode(),
+                key=r.key.encode() if r.key else None,
+                headers=[("event_type", r.event_type.encode()), ("event_id", r.event_id.encode()),
+                         *tracing.traceparent_header()],
+            )
+            await future
+        metrics.EVENTS_PUBLISHED.labels(r.topic).inc()
 
     def _set_aside(self, row: OutboxEntry, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: the outbox relay cannot send this event ({exc})"
         dead_letters.set_aside_outbox_row(self.store, row.id, reason)
         self.dead_lettered += 1
+        metrics.EVENTS_DEAD_LETTERED.labels(row.topic).inc()
         log.error("outbox relay: event %s (%s) set aside: %s; see GET /api/dead-letters", row.event_id,
                   row.topic, type(exc).__name__)
 
@@ -141,6 +150,7 @@ class OutboxRelay:
         )
         for topic, count in given_up.items():
             self.dead_lettered += count
+            metrics.EVENTS_DEAD_LETTERED.labels(topic).inc(count)
             log.error("outbox relay: %d event(s) on %s never processed after %d deliveries; dead-lettered "
                       "(see GET /api/dead-letters, replay with POST /api/dead-letters/{id}/replay)",
                       count, topic, self.max_publishes)

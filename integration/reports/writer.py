@@ -34,6 +34,7 @@ from integration.fhir.resources import (
 )
 from integration.fhir.storage import serialize_conditional
 from integration.identity import Actor
+from integration.observability import metrics
 from integration.reports import review as review_rules
 from integration.reports.index import index_report
 from integration.reports.segmentation import check_segs_stored, segment_observations, segmentation_lines
@@ -362,6 +363,7 @@ def apply_review(
         if audit_in is not None:
             audit_in(s, stored)
         enqueue_reviewed(s, stored, recorded, ai, destinations)
+    metrics.REVIEW_DECISIONS.labels(review.action).inc()  # counted once committed
     log.info("report %s reviewed: %s", report_id, review.action)
     return stored
 

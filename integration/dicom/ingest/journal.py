@@ -39,12 +39,14 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from integration.datadir import private_folder
+from integration.observability import metrics
 from integration.phi import uid_hash
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,10 @@ class ReceiveJournal:
         self._generation = generation
         return self._records(generation)
 
+    def fill(self) -> float:
+        """How full the segment is (0..1) since its last checkpoint: near 1, the next append checkpoints."""
+        return min(1.0, self._offset / self.segment_bytes) if self.segment_bytes else 0.0
+
     def failure(self) -> str | None:
         """Why the journal cannot take instances now (a sync failed), or None."""
         with self._sync_state:
@@ -231,6 +237,7 @@ class ReceiveJournal:
                 target = self._written
                 self._flushing, self._flush_target = True, target
                 self._sync_begun.notify_all()
+            began = time.perf_counter()
             try:
                 os.fdatasync(fd)
             except OSError as exc:  # after a failed sync nothing written since can be trusted
@@ -241,6 +248,7 @@ class ReceiveJournal:
                     self._sync_done.notify_all()
                     self._sync_begun.notify_all()
                 return
+            metrics.DICOM_JOURNAL_SYNC_SECONDS.observe(time.perf_counter() - began)
             with self._sync_state:
                 self._synced = max(self._synced, target)
                 self._flushing = False

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from opentelemetry.trace import SpanKind
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -42,6 +43,7 @@ from pynetdicom.transport import RequestHandler
 
 from integration.dicom.ingest.limits import TOO_LARGE_COMMENT
 from integration.dicom.network import admission
+from integration.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +174,16 @@ class StorageAssociations:
             self.accepted += 1
         if self.on_accept is not None:
             self.on_accept()
-        try:
-            association.run()
-        finally:
-            with self._lock:
-                self._open.pop(id(association), None)
-            self.service.admission_ended(address)
-            self.service.association_ended(id(association))
+        # the association's span is the root of its studies' traces: the rows it writes carry it on
+        with tracing.span("DICOM storage association", kind=SpanKind.SERVER,
+                          attributes={"dicom.calling_ae": calling, "dicom.called_ae": called}):
+            try:
+                association.run()
+            finally:
+                with self._lock:
+                    self._open.pop(id(association), None)
+                self.service.admission_ended(address)
+                self.service.association_ended(id(association))
 
 
 class _Association:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
@@ -47,6 +48,7 @@ from integration.dicom.network.association import (
 from integration.dicom.network.logs import install_log_hygiene
 from integration.dicom.network.query_retrieve import QueryRetrieveSCP
 from integration.errors import StoreUnavailableError
+from integration.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ OUT_OF_RESOURCES_COMMENT = "Receiver out of resources (disk or database); retry 
 # Written into the files MedBridge stores, as the implementation that wrote them (PS3.7 D.3.3.2)
 MEDBRIDGE_IMPLEMENTATION_UID = PYNETDICOM_IMPLEMENTATION_UID
 MEDBRIDGE_IMPLEMENTATION_VERSION = "MEDBRIDGE_010"
+
+
+_STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 
 class DicomListener:
@@ -289,14 +294,19 @@ class DicomListener:
         ``MEDBRIDGE_DICOM_MAX_CONNECTIONS_PER_ADDRESS`` from one address). Both association paths
         ask it. A peer is known by its AE title and the address it calls from, so a stolen AE title
         used from another host is refused too."""
+        # a caller's AE title is a label only when it is a configured peer: any caller may send any title
+        caller = calling_ae if calling_ae in self._peer_addresses else "other"
         reject = self._caller_check(calling_ae, called_ae, address)
         if reject is not None:
             self.gate.refused(CALLER_REFUSED, address)
+            metrics.DICOM_ASSOCIATIONS.labels(caller, CALLER_REFUSED).inc()
             return reject
         reason = self.gate.admit(address)
         if reason is not None:
             self.gate.refused(reason, address)
+            metrics.DICOM_ASSOCIATIONS.labels(caller, reason).inc()
             return REJECT_TOO_MANY
+        metrics.DICOM_ASSOCIATIONS.labels(caller, "accepted").inc()
         return None
 
     def admission_ended(self, address: str) -> None:
@@ -318,8 +328,15 @@ class DicomListener:
         return REJECT_CALLING_AE
 
     def metrics_text(self) -> str:
-        """Prometheus lines of this listener's refusals (``medbridge_dicom_rejections_total``)."""
-        return admission_metrics_text(self.gate.rejections())
+        """Prometheus lines of this listener's refusals (``medbridge_dicom_rejections_total``) and its
+        receive journal's fill (``medbridge_dicom_journal_fill_ratio``)."""
+        text = admission_metrics_text(self.gate.rejections())
+        journal = self.ingest.journal
+        if journal is not None:
+            text += ("# HELP medbridge_dicom_journal_fill_ratio How full the receive journal's segment is (0..1)\n"
+                     "# TYPE medbridge_dicom_journal_fill_ratio gauge\n"
+                     f"medbridge_dicom_journal_fill_ratio {journal.fill():.4f}\n")
+        return text
 
     def saturated(self) -> bool:
         """True while every association slot is taken, or a limit refused a caller in the last seconds."""
@@ -332,14 +349,13 @@ class DicomListener:
     def _handle_store(self, event: evt.Event) -> Dataset:
         """pynetdicom's path: store one instance; the status says why not."""
         request: Any = event.request  # a C_STORE on this event
-        status, comment = self.store_instance(
-            str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID),
-            str(event.context.transfer_syntax),
-            event.assoc.requestor.ae_title,
-            request.DataSet.getvalue(),
-            association=id(event.assoc),
-        )
+        calling_ae = event.assoc.requestor.ae_title
+        with tracing.span("C-STORE", kind=SpanKind.SERVER, attributes={"dicom.calling_ae": calling_ae}):
+            status, comment = self.store_instance(
+                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax), calling_ae, request.DataSet.getvalue(),
+                association=id(event.assoc),
+            )
         response = Dataset()
         response.Status = status
         if comment:
@@ -358,6 +374,9 @@ class DicomListener:
         part10 = part10_bytes(sop_class, sop_instance, transfer_syntax, calling_ae, data_set)
         outcome = self.ingest.ingest_data_set(data_set, transfer_syntax, part10, expected_sop_uid=sop_instance,
                                               defer_row=defer_row)
+        # a label only for a storage class the standard names: a sender may put anything in the command
+        metrics.observe_instance(sop_class if sop_class in _STORAGE_CLASSES else "other", outcome.status,
+                                 len(data_set))
         with self._lock:
             tally = self._tally[association]
             tally["stored" if outcome.stored else "duplicate" if outcome.status == STATUS_SUCCESS else "refused"] += 1

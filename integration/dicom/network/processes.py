@@ -25,6 +25,7 @@ import multiprocessing.connection
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from integration import phi
@@ -32,6 +33,7 @@ from integration.app.settings import Settings
 from integration.datadir import keep_private
 from integration.events.supervision import backoff_seconds
 from integration.lifetime import die_with_parent
+from integration.observability import logs, multiprocess, tracing
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ListenerProcesses:
     def start(self) -> None:
         """Start processes 1..N-1 and their supervisor; returns once all listen (or raises)."""
         self._stopping.clear()
+        multiprocess.prepare(multiprocess.folder(self.settings.data_dir))  # where their counts go (/metrics)
         started = threading.Event()
         failure: list[BaseException] = []
         self._supervisor = threading.Thread(target=self._supervise, args=(started, failure),
@@ -136,12 +139,15 @@ RESTART_MAX_SECONDS = 60.0
 
 def serve_listener(config: dict[str, Any], index: int, port: int, ready: Any, accepted: Any) -> None:
     """The child: one listener on ``port`` until SIGTERM."""
+    # before anything imports the metric families: this process counts into files the parent sums
+    multiprocess.count_into_files(multiprocess.folder(Path(config["data_dir"])))
     from integration.db.store import Store
     from integration.dicom.network.listener import DicomListener
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s dicom-{index} %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it can print identifiers
     settings = Settings.model_validate(config)
+    logs.install(settings.log_format, logging.INFO, f"%(asctime)s %(levelname)s dicom-{index} %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it can print identifiers
+    stop_tracing = tracing.configure("medbridge", settings.trace_file)  # its associations begin traces too
     keep_private()  # as the parent (spawned: nothing of its setup is inherited)
     phi.install_key(phi.load_or_create_key(settings.data_dir))
     stop = threading.Event()
@@ -171,3 +177,4 @@ def serve_listener(config: dict[str, Any], index: int, port: int, ready: Any, ac
     finally:
         listener.stop()
         store.stop()
+        stop_tracing()

@@ -14,10 +14,14 @@ from tests import authorized
 from tests.conftest import serve_app, stack_settings
 from tests.integration.delivery.test_queue import TARGETS, imaging_event
 
+BACKLOG_GAUGES = ("medbridge_writeback_pending", "medbridge_writeback_dead", "medbridge_dicom_export_pending",
+                  "medbridge_dicom_export_dead")
+
 
 def gauges(client: httpx.Client) -> dict[str, float]:
+    """The four unlabelled backlog gauges (the other families are checked in tests/integration/observability)."""
     lines = [ln.split() for ln in client.get("/metrics").text.splitlines() if ln and not ln.startswith("#")]
-    return {name: float(value) for name, value in lines}
+    return {line[0]: float(line[1]) for line in lines if line[0] in BACKLOG_GAUGES}
 
 
 def test_deliveries_are_listed_by_kind_without_payload_and_replayed_only_where_they_belong(
@@ -45,6 +49,10 @@ def test_deliveries_are_listed_by_kind_without_payload_and_replayed_only_where_t
             ("http://ehr-a/fhir", "create", "pending"), ("http://ehr-b/fhir", "create", "pending")]
         assert gauges(client) == {"medbridge_writeback_pending": 2, "medbridge_writeback_dead": 0,
                                   "medbridge_dicom_export_pending": 1, "medbridge_dicom_export_dead": 1}
+        # the same backlog by destination, read from the store at scrape time
+        text = client.get("/metrics").text
+        assert 'medbridge_delivery_queue_depth{destination="PACS_A",kind="pacs",state="dead"} 1.0' in text
+        assert 'medbridge_delivery_queue_depth{destination="http://ehr-a/fhir",kind="ehr",state="pending"} 1.0' in text
 
         wrong_route = client.post(f"/api/writebacks/{pacs_job.id}/replay")  # a PACS job is no writeback
         assert wrong_route.status_code == 404 and "GET /api/writebacks" in wrong_route.json()["detail"]

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -20,6 +21,7 @@ from integration.db.store import Store
 from integration.db.tables import DicomInstance
 from integration.dicom.network.listener import DicomListener
 from integration.dicom.network.processes import ListenerProcesses
+from integration.observability import multiprocess
 from tests.conftest import free_port
 
 
@@ -45,6 +47,13 @@ def send_in_parallel(port: int, shares: list[list[str]]) -> None:
         assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
 
 
+def instances_counted(settings: Settings) -> float:
+    """medbridge_dicom_instances_total over every label, as /metrics shows it."""
+    text = multiprocess.exposition(multiprocess.folder(settings.data_dir)).decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "medbridge_dicom_instances"]
+    return sum(s.value for s in family.samples if s.name == "medbridge_dicom_instances_total")
+
+
 def count_rows(store: Store) -> int:
     with store.session() as s:
         return int(s.scalar(select(func.count()).select_from(DicomInstance)) or 0)
@@ -61,6 +70,7 @@ def test_two_processes_share_the_port_and_a_killed_ones_journal_is_replayed(tmp_
     more = ListenerProcesses(settings, 2, main.port)
     more.start()
     try:
+        counted_before = instances_counted(settings)
         shares = make_shares(tmp_path, associations=16, per_association=2)
         send_in_parallel(main.port, shares)
         served_by_main = main.storage_associations.accepted  # type: ignore[union-attr]
@@ -68,6 +78,8 @@ def test_two_processes_share_the_port_and_a_killed_ones_journal_is_replayed(tmp_
         assert served_by_main + served_by_child == 16
         assert served_by_main > 0 and served_by_child > 0, "the kernel spread the associations over both"
         assert count_rows(store) == 32
+        # /metrics counts every instance, whichever process took it (the child's counts summed in)
+        assert instances_counted(settings) == counted_before + 32
         # the child dies without a checkpoint; then the store loses every row and file (the worst case)
         os.kill(more._processes[0].pid, signal.SIGKILL)
         more._processes[0].join(10)
