@@ -62,6 +62,17 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def small_kb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's notes and the diabetes ICD-10-CM leaves: seconds to embed, unlike the full corpus."""
+    from knowledge.ingest import icd10cm_passages, note_passages
+    from knowledge.store import KnowledgeBase
+
+    path = tmp_path_factory.mktemp("kb-small")
+    KnowledgeBase(path).add([*note_passages(), *icd10cm_passages(["E11"], include_categories=False)])
+    return path
+
+
+@pytest.fixture(scope="session")
 def in_process_smollm2(llm_cache_dir: Path) -> TextGenerator:
     # one thread: the test box has 2 shared cores (see load_text_generator's num_threads)
     return load_text_generator(None, llm_cache_dir, device="cpu", num_threads=1, max_context_tokens=SERVER_CONTEXT)

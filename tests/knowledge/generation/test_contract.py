@@ -48,7 +48,7 @@ def test_backend_refuses_a_prompt_beyond_the_context(backend: TextGenerator) -> 
         backend.generate("diabetes " * backend.context_length, 8)
 
 
-def test_operator_drafts_a_cited_impression_within_the_context(backend: TextGenerator, seeded_chroma: Path) -> None:
+def test_operator_drafts_an_impression_within_the_context(backend: TextGenerator, small_kb_path: Path) -> None:
     ctx = PatientContext(
         patient_ref="Patient/p-1", age_years=58, sex="female",
         conditions=[CodedItem(display="Type 2 diabetes mellitus without complications", code="E11.9",
@@ -56,7 +56,7 @@ def test_operator_drafts_a_cited_impression_within_the_context(backend: TextGene
         observations=[ObservationItem(display="Hemoglobin A1c", value="8.2", unit="%", interpretation="high",
                                       ref="Observation/o-1")],
     )
-    operator = ClinicalImpressionOperator(KnowledgeBase(seeded_chroma), backend, k=6, max_new_tokens=60)
+    operator = ClinicalImpressionOperator(KnowledgeBase(small_kb_path), backend, k=4, max_new_tokens=40)
     result = operator.run(ctx)
     assert result.generated and len(result.impression.split()) >= 3
     assert result.evidence and result.prompt_tokens <= operator.prompt_budget
