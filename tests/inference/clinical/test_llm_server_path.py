@@ -10,14 +10,24 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
 from integration.app.demo import demo_bundle
 from integration.app.runtime import Runtime
+from knowledge.ingest import icd10cm_passages, note_passages
+from knowledge.store import KnowledgeBase
 from tests import authorized
 from tests.conftest import stack_settings
-from tests.knowledge.generation.conftest import small_kb_path  # noqa: F401 - fixture
 from tests.knowledge.generation.misbehaving_server import Behaviour, misbehaving_server
+
+
+@pytest.fixture(scope="module")
+def notes_kb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's notes and the diabetes ICD-10-CM leaves: seconds to embed, unlike the full corpus."""
+    path = tmp_path_factory.mktemp("kb-notes")
+    KnowledgeBase(path).add([*note_passages(), *icd10cm_passages(["E11"], include_categories=False)])
+    return path
 
 
 async def _post_patient(client: authorized.AsyncClient) -> str:
@@ -34,9 +44,9 @@ async def _wait(predicate, what: str, timeout: float = 90) -> None:  # noqa: ANN
 
 
 async def test_garbage_is_dead_lettered_and_a_down_server_pauses_until_it_is_back(
-    tmp_path: Path, small_kb_path: Path
+    tmp_path: Path, notes_kb_path: Path
 ) -> None:
-    shutil.copytree(small_kb_path, tmp_path / "var" / "chroma")
+    shutil.copytree(notes_kb_path, tmp_path / "var" / "chroma")
     behaviour = Behaviour(mode="garbage-json")
     with misbehaving_server(behaviour) as url:
         settings = stack_settings(
@@ -55,7 +65,7 @@ async def test_garbage_is_dead_lettered_and_a_down_server_pauses_until_it_is_bac
 
                 await _wait(dead_lettered, "the garbage answer's dead letter")
                 (letter,) = runtime.store.dead_letters()
-                assert "answer was unusable" in letter.error and "no choices" in letter.error
+                assert "answer was unusable" in letter.error and "choices" in letter.error
 
                 behaviour.mode, behaviour.status = "status", 503  # the server goes down
                 patient = await _post_patient(client)
