@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knowledge.llm import ensure_offline
+from knowledge.generation.protocol import ensure_offline
 from knowledge.store import KnowledgeBaseError, default_embedding_model_path
 
 

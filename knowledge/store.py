@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict
 
-from knowledge.llm import ensure_offline
+from knowledge.generation.protocol import ensure_offline
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI

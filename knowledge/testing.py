@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from knowledge.llm import ensure_offline
+from knowledge.generation.protocol import ensure_offline
 
 _TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

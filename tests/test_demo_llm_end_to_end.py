@@ -24,7 +24,7 @@ async def test_demo_llm_writes_an_impression_whose_citations_match_the_evidence(
 ) -> None:
     shutil.copytree(seeded_chroma, tmp_path / "var" / "chroma")
     # the default model is converted once per machine into the cache; each stack reuses it
-    from knowledge.llm import load_text_generator
+    from knowledge.generation.transformers_backend import load_text_generator
 
     await asyncio.to_thread(load_text_generator, None, LLM_CACHE, "cpu")
     (tmp_path / "var" / "models").mkdir(parents=True)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inference.clinical.grounding import GroundingChecker, no_supported_sentence_text, parse_citations
 from knowledge.embedding import SentenceEmbedder
-from knowledge.llm import ChatMessage, TextGenerator
+from knowledge.generation.protocol import ChatMessage, TextGenerator
 from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, RetrievedPassage, icd10cm_passage_id
 from schemas.clinical import CodedItem, ImpressionGrounding, ObservationItem, PatientContext
 from schemas.events import EvidencePassage
@@ -102,6 +102,8 @@ class PreparedPrompt(BaseModel):
     passages: list[RetrievedPassage]
     prompt_tokens: int
     passages_dropped: int
+    # the patient's coded conditions: the only codes a conclusion may carry when nothing is cited
+    patient_codes: list[str] = Field(default_factory=list)
 
 
 def _is_abnormal(obs: ObservationItem) -> bool | None:
@@ -218,8 +220,9 @@ class ClinicalImpressionOperator:
         grounder: the support check of each drafted sentence; default MiniLM from the knowledge base's
             own embedding folder.
 
-    ``run`` is blocking (retrieval + generation, seconds on CPU); async callers should use
-    ``asyncio.to_thread`` with at most one run in flight per operator.
+    ``run`` is blocking (retrieval + generation, seconds on CPU); async callers run it in a thread.
+    ``prepare`` touches the knowledge base and runs one at a time; ``complete`` may run in up to
+    ``llm.max_concurrency`` threads at once.
     """
 
     def __init__(
@@ -354,7 +357,8 @@ class ClinicalImpressionOperator:
 
     def prepare(self, ctx: PatientContext) -> PreparedPrompt:
         """Retrieve and fit: the exact prompt ``run`` would send, without generating."""
-        return self.fit_passages(ctx, self.retrieve(ctx))
+        prepared = self.fit_passages(ctx, self.retrieve(ctx))
+        return prepared.model_copy(update={"patient_codes": [c.code for c in ctx.conditions if c.code]})
 
     def run(self, ctx: PatientContext) -> ClinicalImpression:
         """Generate a clinical impression for ``ctx``.
@@ -365,13 +369,23 @@ class ClinicalImpressionOperator:
         Raises:
             ClinicalOperatorError: the patient facts alone overflow the model's context.
             knowledge.store.KnowledgeBaseError: retrieval failed.
-            knowledge.llm.LLMError: generation failed.
+            knowledge.generation.protocol.LLMError: generation failed.
         """
         if not ctx.has_clinical_content():
             return ClinicalImpression(
                 impression=NO_CONTENT_TEXT, evidence=[], model_name=self.llm.model_name, generated=False
             )
-        prepared = self.prepare(ctx)
+        return self.complete(self.prepare(ctx))
+
+    def complete(self, prepared: PreparedPrompt) -> ClinicalImpression:
+        """Generate from a prompt ``prepare`` built, and record what the output cites.
+
+        Split from ``run`` so a worker can serialise retrieval (CPU-bound, in this process) while
+        several generations wait on a model server at once.
+
+        Raises:
+            knowledge.generation.protocol.LLMError: generation failed.
+        """
         # Counts only: the prompt and output hold clinical details and stay out of the logs.
         logger.debug(
             "clinical impression: %d passages (%d dropped), %d prompt tokens",
@@ -415,7 +429,7 @@ class ClinicalImpressionOperator:
             impression=impression,
             evidence=evidence,
             model_name=self.llm.model_name,
-            conclusion_codes=self._conclusion_codes(ctx, evidence),
+            conclusion_codes=self._conclusion_codes(prepared.patient_codes, evidence),
             generated=presented,
             prompt_tokens=prepared.prompt_tokens,
             passages_dropped=prepared.passages_dropped,
@@ -423,13 +437,13 @@ class ClinicalImpressionOperator:
         )
 
     @staticmethod
-    def _conclusion_codes(ctx: PatientContext, evidence: Sequence[EvidencePassage]) -> list[tuple[str, str]]:
+    def _conclusion_codes(patient_codes: Sequence[str], evidence: Sequence[EvidencePassage]) -> list[tuple[str, str]]:
         icd = [e for e in evidence if e.source == SOURCE_ICD10CM and e.code]
         chosen = [e for e in icd if e.cited]
         if not chosen:
             # Nothing cited: only codes that both the record and the retrieval support.
-            patient_codes = {_normalise_code(c.code) for c in ctx.conditions if c.code}
-            chosen = [e for e in icd if _normalise_code(e.code or "") in patient_codes]
+            codes = {_normalise_code(c) for c in patient_codes}
+            chosen = [e for e in icd if _normalise_code(e.code or "") in codes]
         out: list[tuple[str, str]] = []
         for e in chosen:
             pair = (e.code or "", e.title)

@@ -4,25 +4,39 @@ It gathers the patient's records from the store into an identifier-free PatientC
 RAG-backed LLM operator for an impression (off the event loop), and hands the result event back to
 the consumer base, which writes it to the outbox in the transaction that marks the RecordReceived
 event processed.
+
+With a model server (MEDBRIDGE_LLM_BASE_URL) several records' generations are in flight at once,
+up to MEDBRIDGE_LLM_CONCURRENCY; retrieval and prompt building still run one at a time (they are
+CPU-bound here). In process, one record at a time. The language model's failures are translated
+into the consumer's ack policy here: a server down, slow or overloaded pauses the consumer and the
+event is retried; an answer that is not a completion, or a prompt that cannot fit, dead-letters it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from inference.clinical.operator import ClinicalImpressionOperator, ClinicalOperatorError
 from integration.app.settings import Settings
 from integration.db.store import Store
-from integration.errors import PermanentEventError
+from integration.errors import PermanentEventError, TransientEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.fhir.patient_context import build_patient_context
 from integration.observability import metrics
 from integration.phi import uid_hash
+from knowledge.generation.backends import GeneratorConfig, open_text_generator
+from knowledge.generation.protocol import (
+    LLMInvalidResponseError,
+    LLMUnavailableError,
+    PromptTooLongError,
+    TextGenerator,
+)
 from knowledge.ingest import ingest_default_corpus
-from knowledge.llm import load_text_generator
 from knowledge.store import KnowledgeBase
 from schemas.events import (
     CLINICAL_WORKER,
@@ -42,25 +56,60 @@ def open_knowledge_base(chroma_dir: Path, chroma_url: str) -> KnowledgeBase:
     return kb
 
 
+def generator_config(s: Settings) -> GeneratorConfig:
+    """The LLM backend the settings name (see knowledge.generation.backends)."""
+    return GeneratorConfig(
+        base_url=s.llm_base_url,
+        model=str(s.llm_model) if s.llm_model else None,
+        api_key=s.llm_api_key.get_secret_value(),
+        cache_dir=s.models_dir,
+        device=s.device,
+        concurrency=s.llm_concurrency,
+        timeout_seconds=s.llm_timeout_seconds,
+        max_retries=s.llm_max_retries,
+        context_tokens=s.llm_context_tokens,
+        tokenizer=s.llm_tokenizer,
+    )
+
+
+def generation_concurrency(s: Settings) -> int:
+    """Records in flight per worker: the configured limit with a server, one in process."""
+    return s.llm_concurrency if s.llm_base_url else 1
+
+
 class ClinicalWorker(ConsumerWorker):
     name = CLINICAL_WORKER
 
-    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
-        super().__init__(store, options)
+    def __init__(
+        self, store: Store, settings: Settings, options: ConsumerOptions, *, llm: TextGenerator | None = None
+    ) -> None:
+        """``llm`` replaces the backend the settings name (tests pass one); the worker then does not own it."""
+        concurrency = llm.max_concurrency if llm is not None else generation_concurrency(settings)
+        super().__init__(store, options, concurrency=concurrency)
         self.settings = settings
         self.operator: ClinicalImpressionOperator | None = None
+        self._given_llm = llm
+        self._prepare_lock = threading.Lock()  # the knowledge base and embedder: one query at a time
+        self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clinical")
 
     def _open_operator(self) -> ClinicalImpressionOperator:
         s = self.settings
+        llm = self._given_llm or open_text_generator(generator_config(s))
         return ClinicalImpressionOperator(
             open_knowledge_base(s.chroma_dir, s.chroma_url),
-            load_text_generator(s.llm_model, s.models_dir, s.device),
+            llm,
             k=s.retrieval_k,
             max_new_tokens=s.llm_max_new_tokens,
         )
 
     async def load(self) -> None:
         self.operator = await asyncio.to_thread(self._open_operator)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self.operator is not None and self._given_llm is None:
+            self.operator.llm.close()
 
     def infer(self, event: RecordReceived) -> ClinicalInferenceCompleted | None:
         assert self.operator is not None
@@ -70,9 +119,15 @@ class ClinicalWorker(ConsumerWorker):
             return None
         began = time.perf_counter()
         try:
-            result = self.operator.run(ctx)
-        except ClinicalOperatorError as exc:  # this record can never fit the model: do not retry it
+            with self._prepare_lock:
+                prepared = self.operator.prepare(ctx)
+            result = self.operator.complete(prepared)
+        except (ClinicalOperatorError, PromptTooLongError) as exc:  # this record can never fit the model
             raise PermanentEventError(str(exc)) from exc
+        except LLMInvalidResponseError as exc:  # the server answers, but not with text: asking again won't help
+            raise PermanentEventError(f"the language model's answer was unusable: {exc}") from exc
+        except LLMUnavailableError as exc:  # down, slow or overloaded: pause and retry the event
+            raise TransientEventError(str(exc)) from exc
         metrics.observe_inference(result.model_name, time.perf_counter() - began, 1)  # one record a call
         return ClinicalInferenceCompleted(
             source_event_id=event.event_id,
@@ -88,5 +143,5 @@ class ClinicalWorker(ConsumerWorker):
 
     @handles(RecordReceived)
     async def on_record(self, event: RecordReceived) -> Outcome | None:
-        result = await asyncio.to_thread(self.infer, event)
+        result = await asyncio.get_running_loop().run_in_executor(self._threads, self.infer, event)
         return Publish(result, key=event.patient_ref) if result is not None else None

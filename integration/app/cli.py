@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Offline quality measurements on the Open-i reports: prints the Markdown table; ``--output`` also writes it."""
     from knowledge.evaluation.openi_reports import OpenIError
     from knowledge.evaluation.report import EvalOptions, run_evaluation
-    from knowledge.llm import LLMError
+    from knowledge.generation.protocol import LLMError
 
     settings = get_settings()
     options = EvalOptions(

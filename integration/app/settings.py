@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -150,6 +150,18 @@ class Settings(BaseSettings):
     chroma_url: str = Field("", alias="CHROMA_URL")
     llm_model: Path | None = Field(None, alias="MEDBRIDGE_LLM_MODEL")
     llm_max_new_tokens: int = Field(160, alias="MEDBRIDGE_LLM_MAX_NEW_TOKENS")
+    # An OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama, FastChat); empty = the in-process model.
+    # With it set, MEDBRIDGE_LLM_MODEL is the served model's name, not a folder.
+    llm_base_url: str = Field("", alias="MEDBRIDGE_LLM_BASE_URL")
+    llm_api_key: SecretStr = Field(SecretStr(""), alias="MEDBRIDGE_LLM_API_KEY")
+    # generations in flight per clinical worker (server backend only; in process it is always 1)
+    llm_concurrency: int = Field(4, ge=1, le=64, alias="MEDBRIDGE_LLM_CONCURRENCY")
+    llm_timeout_seconds: float = Field(120.0, gt=0, alias="MEDBRIDGE_LLM_TIMEOUT_SECONDS")
+    llm_max_retries: int = Field(4, ge=0, le=20, alias="MEDBRIDGE_LLM_MAX_RETRIES")
+    # the served model's context window (Meditron-7B: 2,048 tokens)
+    llm_context_tokens: int = Field(2048, ge=256, alias="MEDBRIDGE_LLM_CONTEXT_TOKENS")
+    # the served model's tokenizer folder, for servers without a /tokenize endpoint (TGI, Ollama)
+    llm_tokenizer: Path | None = Field(None, alias="MEDBRIDGE_LLM_TOKENIZER")
     retrieval_k: int = Field(6, alias="MEDBRIDGE_RETRIEVAL_K")
 
     # Imaging model: empty means the demo weights under data_dir/models

@@ -30,6 +30,10 @@ Ack policy, per message:
 - an error that will fail again: a :class:`~integration.errors.PermanentEventError` or a pydantic
   ``ValidationError`` is dead-lettered at once; any other exception after ``max_attempts`` attempts.
 
+A worker may handle several events of one fetch at once (``concurrency``, e.g. generations waiting
+on an LLM server that batches them): events with the same key still run in offset order, and a
+partition's offset is committed only after all its fetched events are stored.
+
 A dead-lettered event can be replayed once (``POST /api/dead-letters/{id}/replay``,
 :mod:`integration.events.dead_letters`); the "processed" mark keeps a replay exactly-once.
 """
@@ -45,7 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
@@ -166,7 +170,10 @@ class EventConsumer:
         on_stored: Callable[[], None] = lambda: None,
         retry_base_seconds: float = 0.5,
         retry_cap_seconds: float = 30.0,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"consumer {name!r}: concurrency must be >= 1")
         if not handlers:
             raise TypeError(f"consumer {name!r} handles no event type; declare at least one with @handles")
         self.name = name
@@ -180,6 +187,7 @@ class EventConsumer:
         self._on_stored = on_stored  # e.g. wakes the outbox relay, so a result event leaves at once
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
+        self.concurrency = concurrency  # events handled at once (see _handle_batch)
         self.paused_since: float | None = None  # monotonic time a transient failure paused the consumer
         self._consumer: AIOKafkaConsumer | None = None
         self._supervised = Supervised(f"consumer {name}", self._run)
@@ -217,10 +225,13 @@ class EventConsumer:
         consumer = self._consumer
         while True:
             try:
-                batches = await consumer.getmany(timeout_ms=500, max_records=10)
+                batches = await consumer.getmany(timeout_ms=500, max_records=max(10, 2 * self.concurrency))
             except KafkaError as exc:
                 log.warning("%s: fetch failed (%s); backing off", self.name, type(exc).__name__)
                 await asyncio.sleep(1.0)
+                continue
+            if self.concurrency > 1:
+                await self._handle_batch(consumer, batches)
                 continue
             for tp, messages in batches.items():
                 for msg in messages:
@@ -244,6 +255,40 @@ class EventConsumer:
         end = consumer.highwater(tp)
         if end is not None:
             metrics.CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(max(0, end - position))
+
+    async def _handle_batch(
+        self, consumer: AIOKafkaConsumer, batches: Mapping[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> None:
+        """Up to ``concurrency`` events of one fetch in flight at once, with the guarantees of the
+        one-at-a-time loop: events with the same key (one patient, one study) run in offset order,
+        each after the previous one is stored; a partition's offset is committed only once all its
+        fetched events are done, so a crash or a cancellation mid-batch acknowledges nothing of
+        that partition (redelivered events are skipped by their "processed" mark)."""
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def handle(msg: ConsumerRecord[Any, Any], after: asyncio.Task[None] | None) -> None:
+            if after is not None:
+                await asyncio.shield(after)  # the same key's previous event first
+            async with slots:
+                await self._handle(msg.value or b"", msg.topic)
+
+        async def partition(
+            tg: asyncio.TaskGroup, tp: TopicPartition, messages: list[ConsumerRecord[Any, Any]]
+        ) -> None:
+            last_of_key: dict[bytes, asyncio.Task[None]] = {}
+            tasks: list[asyncio.Task[None]] = []
+            for msg in messages:
+                task = tg.create_task(handle(msg, last_of_key.get(msg.key) if msg.key is not None else None))
+                if msg.key is not None:
+                    last_of_key[msg.key] = task
+                tasks.append(task)
+            await asyncio.gather(*tasks)
+            await self._commit(consumer, tp, messages[-1].offset + 1)
+
+        async with asyncio.TaskGroup() as tg:
+            for tp, messages in batches.items():
+                if messages:
+                    tg.create_task(partition(tg, tp, messages))
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         for attempt in range(5):
@@ -379,7 +424,8 @@ class ConsumerWorker:
 
     Subclasses set ``name``, load their model in ``load()`` (a missing model is a start-up error)
     and declare one ``@handles(EventType)`` method per type; each returns the :class:`Outcome` to
-    store with the "processed" mark, or ``None``.
+    store with the "processed" mark, or ``None``. ``concurrency`` > 1 lets that many handlers run at
+    once (events of one key still one after another); handlers must then be safe to run concurrently.
     """
 
     name: ClassVar[str] = ""
@@ -392,7 +438,7 @@ class ConsumerWorker:
         cls.handled = handler_registry(cls)
         cls.topics = topics_for(cls.handled)
 
-    def __init__(self, store: Store, options: ConsumerOptions) -> None:
+    def __init__(self, store: Store, options: ConsumerOptions, *, concurrency: int = 1) -> None:
         if not self.name:
             raise TypeError(f"{type(self).__name__} needs a `name`: its consumer group and processed-event key")
         self.store = store
@@ -408,6 +454,7 @@ class ConsumerWorker:
             on_stored=self.stored,
             retry_base_seconds=options.retry_base_seconds,
             retry_cap_seconds=options.retry_cap_seconds,
+            concurrency=concurrency,
         )
 
     async def load(self) -> None:

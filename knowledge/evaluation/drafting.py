@@ -34,7 +34,7 @@ from inference.clinical.grounding import (
 )
 from knowledge.embedding import SentenceEmbedder
 from knowledge.evaluation.openi_reports import OpenIReport
-from knowledge.llm import ChatMessage, TextGenerator
+from knowledge.generation.protocol import ChatMessage, TextGenerator
 
 # The fixed subset: SUBSET_SIZE reports spread evenly over the report numbers; --limit takes its first N.
 SUBSET_SIZE = 200

@@ -17,7 +17,7 @@ from inference.clinical.grounding import GroundingChecker
 from knowledge.embedding import SentenceEmbedder
 from knowledge.evaluation import drafting
 from knowledge.evaluation.openi_reports import load_reports
-from knowledge.llm import load_text_generator
+from knowledge.generation.transformers_backend import load_text_generator
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from knowledge.llm import LLMNotFoundError, PromptTooLongError, load_text_generator
+from knowledge.generation.protocol import LLMNotFoundError, PromptTooLongError
+from knowledge.generation.transformers_backend import load_text_generator
 from knowledge.testing import build_tiny_random_llama
 
 

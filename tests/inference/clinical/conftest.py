@@ -11,8 +11,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from knowledge.generation.transformers_backend import TransformersGenerator, load_text_generator  # noqa: E402
 from knowledge.ingest import icd10cm_passages, note_passages  # noqa: E402
-from knowledge.llm import TextGenerator, load_text_generator  # noqa: E402
 from knowledge.store import KnowledgeBase  # noqa: E402
 from knowledge.testing import build_tiny_random_llama  # noqa: E402
 from schemas.clinical import CodedItem, ObservationItem, PatientContext  # noqa: E402
@@ -32,7 +32,7 @@ def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def tiny_llm(tiny_llm_path: Path, tmp_path: Path) -> TextGenerator:
+def tiny_llm(tiny_llm_path: Path, tmp_path: Path) -> TransformersGenerator:
     return load_text_generator(tiny_llm_path, tmp_path, device="cpu")
 
 

@@ -11,15 +11,15 @@ from inference.clinical.operator import (
     parse_citations,
     patient_facts,
 )
-from knowledge.llm import TextGenerator, load_text_generator
+from knowledge.generation.transformers_backend import TransformersGenerator, load_text_generator
 from knowledge.store import SOURCE_ICD10CM, KnowledgeBase, RetrievedPassage
 from schemas.clinical import CodedItem, PatientContext
 
 
-class _FixedOutput(TextGenerator):
+class _FixedOutput(TransformersGenerator):
     """The real tiny model and tokenizer, with a chosen answer: tests citation handling end to end."""
 
-    def __init__(self, base: TextGenerator, answer: str) -> None:
+    def __init__(self, base: TransformersGenerator, answer: str) -> None:
         super().__init__(base.model, base.tokenizer, model_name="fixed", context_length=base.context_length)
         self.answer = answer
 
@@ -43,7 +43,7 @@ def test_parse_citations(text: str, expected: set[int]) -> None:
 
 
 def test_operator_returns_an_impression_with_evidence_within_the_context(
-    small_kb: KnowledgeBase, tiny_llm: TextGenerator, diabetes_ctx: PatientContext
+    small_kb: KnowledgeBase, tiny_llm: TransformersGenerator, diabetes_ctx: PatientContext
 ) -> None:
     op = ClinicalImpressionOperator(small_kb, tiny_llm, k=6, max_new_tokens=32)
     prepared = op.prepare(diabetes_ctx)
@@ -60,7 +60,7 @@ def test_operator_returns_an_impression_with_evidence_within_the_context(
 
 
 def test_prompt_holds_only_deidentified_facts(
-    small_kb: KnowledgeBase, tiny_llm: TextGenerator, diabetes_ctx: PatientContext
+    small_kb: KnowledgeBase, tiny_llm: TransformersGenerator, diabetes_ctx: PatientContext
 ) -> None:
     op = ClinicalImpressionOperator(small_kb, tiny_llm)
     prepared = op.prepare(diabetes_ctx)
@@ -111,7 +111,7 @@ def test_patient_facts_alone_overflowing_is_an_error(
 
 
 def test_cited_passages_are_marked_and_give_conclusion_codes(
-    small_kb: KnowledgeBase, tiny_llm: TextGenerator, diabetes_ctx: PatientContext
+    small_kb: KnowledgeBase, tiny_llm: TransformersGenerator, diabetes_ctx: PatientContext
 ) -> None:
     probe = ClinicalImpressionOperator(small_kb, tiny_llm).prepare(diabetes_ctx)
     icd_numbers = [i for i, p in enumerate(probe.passages, 1) if p.source == SOURCE_ICD10CM]
@@ -126,7 +126,7 @@ def test_cited_passages_are_marked_and_give_conclusion_codes(
 
 
 def test_empty_model_output_gives_an_honest_fallback(
-    small_kb: KnowledgeBase, tiny_llm: TextGenerator, diabetes_ctx: PatientContext
+    small_kb: KnowledgeBase, tiny_llm: TransformersGenerator, diabetes_ctx: PatientContext
 ) -> None:
     result = ClinicalImpressionOperator(small_kb, _FixedOutput(tiny_llm, "   ")).run(diabetes_ctx)
     assert result.impression == EMPTY_OUTPUT_TEXT and not result.generated
@@ -134,7 +134,7 @@ def test_empty_model_output_gives_an_honest_fallback(
 
 
 def test_record_without_clinical_content_does_not_call_the_model(
-    small_kb: KnowledgeBase, tiny_llm: TextGenerator
+    small_kb: KnowledgeBase, tiny_llm: TransformersGenerator
 ) -> None:
     result = ClinicalImpressionOperator(small_kb, _FixedOutput(tiny_llm, "should not appear")).run(
         PatientContext(patient_ref="Patient/empty", age_years=40, sex="male")

