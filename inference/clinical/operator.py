@@ -9,6 +9,7 @@ which passages the output cites. It touches no files, Kafka or database; the cal
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +92,8 @@ class ClinicalImpression(BaseModel):
     prompt_tokens: int = 0
     passages_dropped: int = 0
     grounding: ImpressionGrounding | None = None
+    generated_tokens: int = 0  # the draft's length and the time it took (the LLM throughput metrics)
+    generation_seconds: float = 0.0
 
 
 class PreparedPrompt(BaseModel):
@@ -394,8 +397,11 @@ class ClinicalImpressionOperator:
             prepared.prompt_tokens,
         )
         limit = self.generation_limit(prepared)
+        began = time.perf_counter()
         draft = self.llm.generate(prepared.messages, limit).strip()
-        hit_limit = bool(draft) and self.llm.count_tokens(draft) >= limit - LIMIT_SLACK_TOKENS
+        seconds = time.perf_counter() - began
+        draft_tokens = self.llm.count_tokens(draft) if draft else 0
+        hit_limit = draft_tokens >= limit - LIMIT_SLACK_TOKENS if draft else False
         output, grounding = self.grounder.ground(
             draft, [_passage_line(p) for p in prepared.passages], hit_limit=hit_limit
         )
@@ -434,6 +440,8 @@ class ClinicalImpressionOperator:
             prompt_tokens=prepared.prompt_tokens,
             passages_dropped=prepared.passages_dropped,
             grounding=grounding if draft else None,
+            generated_tokens=draft_tokens,
+            generation_seconds=seconds,
         )
 
     @staticmethod

@@ -129,6 +129,7 @@ class ClinicalWorker(ConsumerWorker):
         except LLMUnavailableError as exc:  # down, slow or overloaded: pause and retry the event
             raise TransientEventError(str(exc)) from exc
         metrics.observe_inference(result.model_name, time.perf_counter() - began, 1)  # one record a call
+        metrics.observe_generation(result.model_name, result.generated_tokens, result.generation_seconds)
         return ClinicalInferenceCompleted(
             source_event_id=event.event_id,
             patient_ref=event.patient_ref,
