@@ -161,6 +161,8 @@ class EventConsumer:
         on_stored: Callable[[], None] = lambda: None,
         retry_base_seconds: float = 0.5,
         retry_cap_seconds: float = 30.0,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
     ) -> None:
         if not handlers:
             raise TypeError(f"consumer {name!r} handles no event type; declare at least one with @handles")
@@ -175,6 +177,9 @@ class EventConsumer:
         self._on_stored = on_stored  # e.g. wakes the outbox relay, so a result event leaves at once
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
+        # how soon a dead member (a SIGKILLed worker process) leaves the group and its partitions move on
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.paused_since: float | None = None  # monotonic time a transient failure paused the consumer
         self._consumer: AIOKafkaConsumer | None = None
         self._supervised = Supervised(f"consumer {name}", self._run)
@@ -191,6 +196,8 @@ class EventConsumer:
             # a short long-poll: the embedded broker answers a fetch only when this wait ends,
             # so it bounds the latency of every hop (measured: 500 ms default -> ~0.25 s per hop)
             fetch_max_wait_ms=50,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
         )
         await self._consumer.start()
         self._supervised.start()  # a loop that dies is restarted (integration.events.supervision)
@@ -345,6 +352,9 @@ class ConsumerOptions:
     # the backoff of a consumer paused on a transient failure (first wait, longest wait)
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 30.0
+    # group membership (MEDBRIDGE_KAFKA_SESSION_TIMEOUT_MS, MEDBRIDGE_KAFKA_HEARTBEAT_INTERVAL_MS)
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
 
 
 class ConsumerWorker:
@@ -382,6 +392,8 @@ class ConsumerWorker:
             on_stored=self.stored,
             retry_base_seconds=options.retry_base_seconds,
             retry_cap_seconds=options.retry_cap_seconds,
+            session_timeout_ms=options.session_timeout_ms,
+            heartbeat_interval_ms=options.heartbeat_interval_ms,
         )
 
     async def load(self) -> None:
