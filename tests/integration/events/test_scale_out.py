@@ -23,6 +23,7 @@ from sqlalchemy import select
 from integration.app.runtime import Runtime
 from integration.db.tables import AiResult, OutboxEntry
 from integration.events.topics import partition_counts
+from integration.lifetime import die_with_parent_of
 from schemas.events import TOPIC_IMAGING_COMPLETED
 from tests.conftest import stack_settings
 
@@ -33,8 +34,9 @@ IMAGES_PER_STUDY = 3  # enough work per study that a kill lands inside one
 SESSION_TIMEOUT_MS = 2000
 
 
-def worker_process(data_dir: Path, database_url: str, bootstrap: str, weights: Path) -> subprocess.Popen[str]:
-    """A real `medbridge run` in workers-only mode running the imaging worker."""
+def worker_process(data_dir: Path, database_url: str, bootstrap: str, weights: Path,
+                   log: Path) -> subprocess.Popen[bytes]:
+    """A real `medbridge run` in workers-only mode running the imaging worker; its log in ``log``."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -48,22 +50,18 @@ def worker_process(data_dir: Path, database_url: str, bootstrap: str, weights: P
         "MEDBRIDGE_KAFKA_HEARTBEAT_INTERVAL_MS": "300",
         "OMP_NUM_THREADS": "1",  # two shared cores
     }
-    return subprocess.Popen([sys.executable, "-m", "integration.app.cli", "run"], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe after start-up, and a full one blocks
+        return subprocess.Popen([sys.executable, "-m", "integration.app.cli", "run"], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=out,
+                                preexec_fn=die_with_parent_of(os.getpid()))  # no orphan if pytest is killed
 
 
-def wait_until_up(process: subprocess.Popen[str], timeout: float = 90) -> None:
-    assert process.stderr is not None
+async def wait_until_up(process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            raise AssertionError(f"worker process exited ({process.poll()}):\n{''.join(seen[-30:])}")
-        seen.append(line)
-        if "MedBridge workers up" in line:
-            return
-    raise AssertionError("worker process not up in time:\n" + "".join(seen[-30:]))
+    while "MedBridge workers up" not in (text := log.read_text()):
+        assert process.poll() is None, f"worker process exited ({process.returncode}):\n{text[-3000:]}"
+        assert time.monotonic() < deadline, f"worker process not up in time:\n{text[-3000:]}"
+        await asyncio.sleep(0.1)
 
 
 def send_studies(port: int) -> list[str]:
@@ -96,12 +94,13 @@ async def test_sigkilled_worker_process_partitions_move_and_each_study_gets_one_
                               workers="reports", imaging_model=imaging_weights, study_quiet_seconds=0.5)
     runtime = Runtime(settings)  # the edges and the report writer
     await runtime.start()
-    workers: list[subprocess.Popen[str]] = []
+    workers: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     try:
-        for _ in range(2):
-            workers.append(worker_process(settings.data_dir.resolve(), postgres_url, kafka, imaging_weights))
-        for worker in workers:
-            await asyncio.to_thread(wait_until_up, worker)
+        for log in logs:
+            workers.append(worker_process(settings.data_dir.resolve(), postgres_url, kafka, imaging_weights, log))
+        for worker, log in zip(workers, logs, strict=True):
+            await wait_until_up(worker, log)
         studies = await asyncio.to_thread(send_studies, runtime.dicom.port)  # type: ignore[union-attr]
 
         # the first result means both members are consuming: kill one while the rest is in flight
@@ -143,3 +142,28 @@ async def until(predicate, timeout: float) -> None:  # noqa: ANN001 - Callable[[
         await asyncio.sleep(0.1)
 
 
+
+
+async def test_inference_worker_runs_in_a_niced_process_that_is_restarted_and_stops_with_the_runtime(
+    tmp_path: Path, imaging_weights: Path,
+) -> None:
+    """`make run`'s default: the imaging worker in a process of its own, at a lower priority than the edges."""
+    settings = stack_settings(tmp_path, workers="imaging,reports", imaging_model=imaging_weights,
+                              inference_processes=True, inference_nice=7)
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        processes = runtime.inference_processes
+        assert processes is not None and "imaging_worker" not in runtime.workers
+        first = processes.pid("imaging")
+        assert first is not None and first != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, first) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+        assert runtime.health["imaging_worker"]()
+
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: not runtime.health["imaging_worker"](), timeout=10)  # /health shows it down
+        await until(lambda: processes.pid("imaging") != first and runtime.health["imaging_worker"](), timeout=120)
+        second = processes.pid("imaging")
+    finally:
+        await runtime.stop()
+    assert second is not None and not Path(f"/proc/{second}").exists()  # stopped with the runtime
