@@ -192,6 +192,7 @@ def main() -> None:
                         help="MedBridge listener processes sharing the port (MEDBRIDGE_DICOM_PROCESSES)")
     parser.add_argument("--stack", choices=("edges", "full"), default="edges",
                         help="full: also the stack as `make run` starts it, with the imaging worker busy")
+    parser.add_argument("--weights", type=Path, help="imaging weights for --stack full (default: a quick training run)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds; each round runs every receiver once, in turn, and the median round counts")
     args = parser.parse_args()
@@ -204,8 +205,9 @@ def main() -> None:
 
             (work / "busy").mkdir()
             busy = make_instances(work / "busy", args.n)  # another study, inferred during the measured send
-            weights = work / "demo.pt"
-            train_demo_model(weights, quick=True, log=lambda _m: None)
+            weights = args.weights or work / "demo.pt"
+            if args.weights is None:
+                train_demo_model(weights, quick=True, log=lambda _m: None)
         shares = [files[i :: args.parallel] for i in range(args.parallel)]
         seconds: dict[str, list[float]] = {}
         for round_ in range(args.repeat):

@@ -154,7 +154,8 @@ async def one_round(args: argparse.Namespace, processes: int, work: Path, weight
                         record_quiet_seconds=0.5, audit_enabled=False, outbox_poll_seconds=0.1)
     runtime = Runtime(settings)
     await runtime.start()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDBRIDGE_EDGES": "false", "MEDBRIDGE_WORKERS": "imaging,clinical",
+    roles = "imaging,clinical" if args.records else "imaging"  # no records: no knowledge base or LLM to load
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDBRIDGE_EDGES": "false", "MEDBRIDGE_WORKERS": roles,
            "MEDBRIDGE_DATA_DIR": str(data.resolve()), "DATABASE_URL": database,
            "KAFKA_BOOTSTRAP_SERVERS": runtime.bootstrap or "", "MEDBRIDGE_IMAGING_MODEL": str(weights),
            "MEDBRIDGE_LLM_MODEL": str(llm), "CHROMA_URL": chroma_url, "OMP_NUM_THREADS": "1",
@@ -211,6 +212,7 @@ def main() -> None:
     parser.add_argument("--postgres", default="postgresql://medbridge:medbridge@127.0.0.1:5432/medbridge",
                         help="an account that may create databases (one per round)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--weights", type=Path, help="imaging weights to use (default: a quick demo training run)")
     args = parser.parse_args()
     from inference.imaging.train import train_demo_model
     from knowledge.ingest import ingest_default_corpus
@@ -219,17 +221,21 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="medbridge-scale-"))
     chroma: subprocess.Popen[bytes] | None = None
+    llm, chroma_url = work / "no-llm", ""
     try:
-        weights = work / "demo.pt"
-        train_demo_model(weights, quick=True, log=lambda _m: None)
-        llm = build_tiny_random_llama(work / "tiny-llama")
-        chroma, chroma_url = start_chroma(work / "chroma")
-        ingest_default_corpus(KnowledgeBase(work / "unused", chroma_url=chroma_url))
+        weights = args.weights or work / "demo.pt"
+        if args.weights is None:
+            train_demo_model(weights, quick=True, log=lambda _m: None)
+        if args.records:
+            llm = build_tiny_random_llama(work / "tiny-llama")
+            chroma, chroma_url = start_chroma(work / "chroma")
+            ingest_default_corpus(KnowledgeBase(work / "unused", chroma_url=chroma_url))
         results = {n: asyncio.run(one_round(args, n, work, weights, llm, chroma_url)) for n in args.processes}
         base = results[args.processes[0]]["items_per_s"]
         cores = len(os.sched_getaffinity(0))
         print(f"\n{args.studies} studies ({IMAGES_PER_STUDY} CT images each) + {args.records} FHIR records, "
-              f"{cores} cores, PostgreSQL, embedded broker, chroma run; worker processes run imaging + clinical\n")
+              f"{cores} cores, PostgreSQL, embedded broker{', chroma run' if args.records else ''}; "
+              f"worker processes run {'imaging + clinical' if args.records else 'imaging'}\n")
         print("| worker processes | studies/s | reports/s | ratio to 1 | p95 time to report (s) | "
               "worker CPU (s) | edges CPU (s) | cores busy |\n|---|---|---|---|---|---|---|---|")
         for n, r in results.items():

@@ -8,7 +8,9 @@ replayed before any publisher runs, so a study a crash interrupted is announced 
 
 Every loop runs under supervision (integration.events.supervision) and the embedded broker is
 watched and restarted; /health names what is down. Child processes die with the runtime
-(integration.lifetime).
+(integration.lifetime). The imaging and clinical workers run in supervised processes of their own at
+a lower priority (integration.app.workers), so inference does not slow the listeners; with
+MEDBRIDGE_EDGES=false a process runs only its workers, for an edges process elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,7 +32,7 @@ from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
-from integration.app.workers import INFERENCE_ROLES, InferenceProcesses
+from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process
 from integration.audit.syslog import SyslogForwarder
 from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
@@ -261,7 +264,7 @@ class Runtime:
         if in_children:
             roles = tuple(r for r in INFERENCE_ROLES if r in s.enabled_workers)
             if roles:
-                processes = InferenceProcesses(s, self.bootstrap, roles)
+                processes = InferenceProcesses(s, self.bootstrap, roles, serve_worker_process)
                 await processes.start()
                 self.inference_processes = processes
                 self.components.append(("inference worker processes", processes.stop))
@@ -334,6 +337,28 @@ class Runtime:
                 # aiokafka's consumer.stop() can leak its fetch task's cancellation after a broker loss
                 log.warning("stopping %s was cut short (a cancellation inside it); going on", name)
         self.components.clear()
+
+
+def serve_worker_process(config: dict[str, Any], parent_pid: int, nice: int, threads: int, ready: Any) -> None:
+    """Main of an inference worker process (integration.app.workers): a workers-only runtime until SIGTERM;
+    ``ready`` is set once its workers consume."""
+    settings = Settings.model_validate(config)
+    become_worker_process(parent_pid, nice, threads, settings.workers)
+    asyncio.run(_serve_workers(settings, ready))
+
+
+async def _serve_workers(settings: Settings, ready: Any) -> None:
+    runtime = Runtime(settings)
+    stop = asyncio.Event()
+    # Ctrl-C reaches the whole process group: the parent stops this process in order, by SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await runtime.start()
+        ready.set()
+        await stop.wait()
+    finally:
+        await runtime.stop()
 
 
 def dicom_tls(s: Settings) -> Any:

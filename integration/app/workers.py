@@ -22,7 +22,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import signal
+from collections.abc import Callable
 from typing import Any
 
 from integration.app.settings import Settings
@@ -50,13 +50,19 @@ class InferenceProcesses:
     """One supervised process per role in ``roles``; ``start()`` returns once each has loaded its model
     and joined its consumer group (or raises)."""
 
-    def __init__(self, settings: Settings, bootstrap: str, roles: tuple[str, ...]) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, roles: tuple[str, ...],
+                 entry: Callable[[dict[str, Any], int, int, int, Any], None]) -> None:
+        """``entry(config, parent_pid, nice, threads, ready)`` is the child's main (module-level, so that
+        a spawned child can import it): it calls :func:`become_worker_process`, runs a workers-only
+        runtime from ``Settings.model_validate(config)``, sets ``ready`` once it is up and stops on SIGTERM.
+        """
         unknown = set(roles) - set(INFERENCE_ROLES)
         if unknown:
             raise ValueError(f"no inference role {sorted(unknown)}: choose among {', '.join(INFERENCE_ROLES)}")
         self.settings = settings
         self.bootstrap = bootstrap
         self.roles = roles
+        self.entry = entry
         self._context = multiprocessing.get_context("spawn")  # the parent runs threads and an event loop
         self._processes: dict[str, Any] = {}
         self._ready: dict[str, asyncio.Event] = {}  # set once the role's first process is up, or failed
@@ -90,7 +96,7 @@ class InferenceProcesses:
         ready = self._context.Event()
         config = worker_process_settings(self.settings, role, self.bootstrap).model_dump()
         process = self._context.Process(
-            target=serve_workers, name=f"medbridge-{role}",
+            target=self.entry, name=f"medbridge-{role}",
             args=(config, os.getpid(), self.settings.inference_nice, self.settings.inference_threads, ready),
         )
         # started on the loop's thread (the runtime's lifetime): the parent-death signal follows it
@@ -132,35 +138,15 @@ def _stop_process(process: Any) -> None:
         process.join(5)
 
 
-def serve_workers(config: dict[str, Any], parent_pid: int, nice: int, threads: int, ready: Any) -> None:
-    """The child: a workers-only runtime until SIGTERM (or the parent's death)."""
+def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str) -> None:
+    """First thing in an inference worker process: die with the parent, yield the CPU to the edges, bound
+    torch's threads (read when torch is imported, later, by the worker) and log with the role's name."""
     die_with_parent(parent_pid)
     with contextlib.suppress(OSError):
-        os.nice(nice)  # the listeners win the CPU when both want it
-    # torch reads these when it is imported (later, by the worker): no oversubscription of shared cores
+        os.nice(nice)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = str(threads)
-    settings = Settings.model_validate(config)
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s {settings.workers}-worker %(name)s: %(message)s")
+        os.environ[variable] = str(threads)  # no oversubscription of the cores the edges share
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {workers}-worker %(name)s: %(message)s")
     for noisy in ("aiokafka", "httpx", "chromadb", "sentence_transformers", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # it quotes values
-    asyncio.run(_serve(settings, ready))
-
-
-async def _serve(settings: Settings, ready: Any) -> None:
-    from integration.app.runtime import Runtime  # the child's own; the module is light until it runs
-
-    runtime = Runtime(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Ctrl-C reaches the whole process group: the parent stops this process in order, by SIGTERM
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    try:
-        await runtime.start()
-        ready.set()
-        await stop.wait()
-    finally:
-        await runtime.stop()
