@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--records", type=int, default=8)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--postgres", default="postgresql://medbridge:medbridge@127.0.0.1:5432/medbridge",
+    parser.add_argument("--postgres", default="postgresql://medbridge:medbridge@127.0.0.1:5432/postgres",
                         help="an account that may create databases (one per round)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--weights", type=Path, help="imaging weights to use (default: a quick demo training run)")
