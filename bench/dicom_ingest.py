@@ -3,9 +3,14 @@
 any pynetdicom receiver), (d) MedBridge (durable storage, store record,
 event publication through the outbox to Kafka), in one run. Reports images/s and ratios to storescp.
 ``--parallel K`` sends the same files over K associations at once (K storescu processes).
+``--stack full`` measures MedBridge as `make run` starts it (imaging worker and report writer too, the
+imaging worker in a process of its own) while the imaging worker infers another study of N images sent
+just before, beside the edges alone (``MEDBRIDGE_WORKERS=reports``) and the full stack with inference
+in the runtime's process (``MEDBRIDGE_INFERENCE_PROCESSES=false``, as before issue 19).
 
     .venv/bin/python bench/dicom_ingest.py --n 300
     .venv/bin/python bench/dicom_ingest.py --n 300 --parallel 2
+    .venv/bin/python bench/dicom_ingest.py --n 300 --stack full
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -135,19 +141,47 @@ def bench_bare_pynetdicom(shares: list[list[Path]], work: Path) -> float:
         server.shutdown()
 
 
-async def bench_medbridge(shares: list[list[Path]], work: Path, processes: int = 1) -> float:
+async def bench_medbridge(shares: list[list[Path]], work: Path, processes: int = 1, *,
+                          busy: list[Path] | None = None, weights: Path | None = None,
+                          inference_processes: bool = True) -> float:
+    """Seconds to send ``shares``; with ``busy`` (another study's files) the stack runs the imaging worker
+    too, and ``busy`` is sent first so that the worker infers it during the measured send."""
     from integration.app.runtime import Runtime
     from integration.app.settings import Settings
 
     settings = Settings(data_dir=work / "var", dicom_host="127.0.0.1", dicom_port=free_port(), http_port=free_port(),
                         embedded_kafka_port=free_port(), kafka_bootstrap_servers="", viewer_enabled=False,
-                        workers="reports", database_url="", dicom_processes=processes)
+                        workers="reports" if busy is None else "imaging,reports", imaging_model=weights,
+                        database_url="", dicom_processes=processes, study_quiet_seconds=0.5,
+                        inference_processes=inference_processes)
     runtime = Runtime(settings)
     await runtime.start()
     try:
+        if busy is not None:
+            await asyncio.to_thread(send_all, settings.dicom_port, "MEDBRIDGE", [busy])
+            await until_inferring(runtime)
         return await asyncio.to_thread(send_all, settings.dicom_port, "MEDBRIDGE", shares)
     finally:
         await runtime.stop()
+
+
+async def until_inferring(runtime: Any, timeout: float = 60) -> None:
+    """Until the busy study is announced (its StudyReceived in the outbox) and a moment has passed for the
+    imaging worker to take it: inference then runs beside the measured send."""
+    from sqlalchemy import select
+
+    from integration.db.tables import OutboxEntry
+    from schemas.events import TOPIC_STUDY_RECEIVED
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with runtime.store.session() as s:
+            if s.scalars(select(OutboxEntry.id).where(OutboxEntry.topic == TOPIC_STUDY_RECEIVED)).first():
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError("the busy study was not announced")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
 
 
 def main() -> None:
@@ -156,12 +190,24 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="associations at once, each with n/parallel files")
     parser.add_argument("--dicom-processes", type=int, default=1,
                         help="MedBridge listener processes sharing the port (MEDBRIDGE_DICOM_PROCESSES)")
+    parser.add_argument("--stack", choices=("edges", "full"), default="edges",
+                        help="full: also the stack as `make run` starts it, with the imaging worker busy")
+    parser.add_argument("--weights", type=Path, help="imaging weights for --stack full (default: a quick training run)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds; each round runs every receiver once, in turn, and the median round counts")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="medbridge-ingest-"))
     try:
         files = make_instances(work, args.n)
+        busy = weights = None
+        if args.stack == "full":
+            from inference.imaging.train import train_demo_model
+
+            (work / "busy").mkdir()
+            busy = make_instances(work / "busy", args.n)  # another study, inferred during the measured send
+            weights = args.weights or work / "demo.pt"
+            if args.weights is None:
+                train_demo_model(weights, quick=True, log=lambda _m: None)
         shares = [files[i :: args.parallel] for i in range(args.parallel)]
         seconds: dict[str, list[float]] = {}
         for round_ in range(args.repeat):
@@ -174,6 +220,12 @@ def main() -> None:
             seconds.setdefault("bare pynetdicom SCP", []).append(bench_bare_pynetdicom(shares, here))
             label = "medbridge" if args.dicom_processes == 1 else f"medbridge ({args.dicom_processes} processes)"
             seconds.setdefault(label, []).append(asyncio.run(bench_medbridge(shares, here, args.dicom_processes)))
+            if busy is not None:
+                for name, own_process in (("medbridge full stack, imaging busy", True),
+                                          ("medbridge full stack, imaging busy, inference in-process", False)):
+                    seconds.setdefault(name, []).append(asyncio.run(bench_medbridge(
+                        shares, here / name.rsplit(" ", 1)[-1], args.dicom_processes, busy=busy, weights=weights,
+                        inference_processes=own_process)))
         base = args.n / statistics.median(seconds["storescp"])
         print(f"\n{args.n} instances of CT_small.dcm (39 KB) on {args.parallel} association(s), "
               f"storescu with TCP_NODELAY, median of {args.repeat} interleaved rounds\n")

@@ -8,7 +8,9 @@ replayed before any publisher runs, so a study a crash interrupted is announced 
 
 Every loop runs under supervision (integration.events.supervision) and the embedded broker is
 watched and restarted; /health names what is down. Child processes die with the runtime
-(integration.lifetime).
+(integration.lifetime). The imaging and clinical workers run in supervised processes of their own at
+a lower priority (integration.app.workers), so inference does not slow the listeners; with
+MEDBRIDGE_EDGES=false a process runs only its workers, for an edges process elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,6 +32,7 @@ from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
+from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process
 from integration.audit.syslog import SyslogForwarder
 from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
@@ -82,6 +86,7 @@ class Runtime:
         self.senders: list[DeliverySender] = []  # one per destination kind (EHR, PACS)
         self.publishers: dict[str, QuietPeriodPublisher] = {}
         self.broker_watch: Supervised | None = None
+        self.inference_processes: InferenceProcesses | None = None  # the inference workers' own processes
 
     def notify_outbox(self) -> None:
         if self.relay:
@@ -109,18 +114,22 @@ class Runtime:
         await asyncio.to_thread(self.store.start)
         self.components.append(("store", self.store.stop))
         await asyncio.to_thread(fhir_storage.prepare, self.store)  # resources from before the search index
-        await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
+        if s.edges_enabled:
+            await asyncio.to_thread(adopt_heatmap_files, self.store, s.data_dir)  # results from before artifacts
 
         rate_limit_logger("aiokafka")  # a dead broker: one line per interval, not 200 a second
         # the loops that retry through an outage say so once per interval, not once per round
         for loop_logger in ("integration.events.publisher", "integration.events.relay", "integration.delivery.sender"):
             rate_limit_logger(loop_logger, min_level=logging.WARNING)
 
-        if s.dicom_enabled:
+        if s.dicom_enabled and s.edges_enabled:
             # built now, started last: its journal is replayed before any publisher can announce a study
             self.dicom = DicomListener.from_settings(self.store, s, tls=dicom_tls(s), on_study_ready=self._study_ready)
             await asyncio.to_thread(self.dicom.recover)
 
+        if not self.bootstrap and not s.edges_enabled:
+            raise ValueError("a workers-only process (MEDBRIDGE_EDGES=false) needs KAFKA_BOOTSTRAP_SERVERS: the "
+                             "broker of the edges process it works for")
         if not self.bootstrap:
             self.embedded = EmbeddedBroker(s.embedded_kafka_port, pid_file=s.data_dir / "kafka-broker.pid")
             # started on the loop's thread, not a worker thread: the broker's parent-death signal follows
@@ -129,11 +138,16 @@ class Runtime:
             self.components.append(("embedded broker", self.embedded.stop))
             self.bootstrap = self.embedded.bootstrap_servers
             self.health["embedded_broker"] = self.embedded.alive
-        await ensure_topics(self.bootstrap)
+        await ensure_topics(self.bootstrap, s.kafka_partitions)
+        if not s.edges_enabled:
+            await self._start_workers()  # workers only: the edges process publishes what they store
+            log.info("MedBridge workers up (%s), broker %s", s.workers, self.bootstrap)
+            return
 
         self.relay = OutboxRelay(
             self.store, self.bootstrap, s.outbox_poll_seconds,
             consumers_by_topic=CONSUMER_OF_TOPIC, redeliver_after_seconds=s.redeliver_after_seconds,
+            partitions=s.kafka_partitions,
         )
         await self.relay.start()
         self.components.append(("outbox relay", self.relay.stop))
@@ -156,29 +170,7 @@ class Runtime:
             self.components.append((f"{kind} publisher", pub.stop))
             self.health[f"{kind}_publisher"] = pub.running
 
-        options = ConsumerOptions(
-            bootstrap=self.bootstrap,
-            group_prefix=s.kafka_group_prefix,
-            max_attempts=s.consumer_max_attempts,
-            notify_outbox=self.notify_outbox,
-            dead_letter_producer=self._dlq_producer,
-        )
-        if s.upstream_urls:
-            self.upstream = UpstreamSender(self.store, s)  # refuses incomplete upstream settings
-            await self._start_sender("upstream_writeback", self.upstream)
-        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
-            exporter = DicomExportSender(self.store, s.dicom_peers, ExportPolicy.from_settings(s))
-            await self._start_sender("dicom_exporter", exporter)
-        if "reports" in s.enabled_workers:
-            await self._start_worker("report_writer", ReportWriter(self.store, s, options))
-        if "imaging" in s.enabled_workers:
-            from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
-
-            await self._start_worker("imaging_worker", ImagingWorker(self.store, s, options))
-        if "clinical" in s.enabled_workers:
-            from inference.clinical.worker import ClinicalWorker
-
-            await self._start_worker("clinical_worker", ClinicalWorker(self.store, s, options))
+        await self._start_workers()
 
         if self.dicom is not None:
             await asyncio.to_thread(self.dicom.start)
@@ -240,11 +232,53 @@ class Runtime:
             if not self.embedded.alive():
                 log.error("embedded broker died; restarting it")
                 self.embedded.restart()  # on the loop's thread, as at start (see start())
-                await ensure_topics(self.bootstrap)
+                await ensure_topics(self.bootstrap, self.settings.kafka_partitions)
                 self.relay.broker_restarted()
                 log.warning("embedded broker restarted (restart %d); republishing what was not processed",
                             self.embedded.restarts)
             await asyncio.sleep(1.0)
+
+    async def _start_workers(self) -> None:
+        """The workers MEDBRIDGE_WORKERS names; an edges process runs the inference ones in processes of
+        their own unless MEDBRIDGE_INFERENCE_PROCESSES is false (integration.app.workers)."""
+        s = self.settings
+        assert self.bootstrap
+        options = ConsumerOptions(
+            bootstrap=self.bootstrap,
+            group_prefix=s.kafka_group_prefix,
+            max_attempts=s.consumer_max_attempts,
+            notify_outbox=self.notify_outbox,
+            dead_letter_producer=self._dlq_producer,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+        )
+        if s.upstream_urls:
+            self.upstream = UpstreamSender(self.store, s)  # refuses incomplete upstream settings
+            await self._start_sender("upstream_writeback", self.upstream)
+        if "dicom-export" in s.enabled_workers and export_peers(s.dicom_peers):
+            exporter = DicomExportSender(self.store, s.dicom_peers, ExportPolicy.from_settings(s))
+            await self._start_sender("dicom_exporter", exporter)
+        if "reports" in s.enabled_workers:
+            await self._start_worker("report_writer", ReportWriter(self.store, s, options))
+        in_children = s.edges_enabled and s.inference_processes
+        if in_children:
+            roles = tuple(r for r in INFERENCE_ROLES if r in s.enabled_workers)
+            if roles:
+                processes = InferenceProcesses(s, self.bootstrap, roles, serve_worker_process)
+                await processes.start()
+                self.inference_processes = processes
+                self.components.append(("inference worker processes", processes.stop))
+                for role in roles:
+                    self.health[f"{role}_worker"] = lambda role=role: processes.alive(role)  # type: ignore[misc]
+            return
+        if "imaging" in s.enabled_workers:
+            from inference.imaging.worker import ImagingWorker  # torch stays out of edge-only processes
+
+            await self._start_worker("imaging_worker", ImagingWorker(self.store, s, options))
+        if "clinical" in s.enabled_workers:
+            from inference.clinical.worker import ClinicalWorker
+
+            await self._start_worker("clinical_worker", ClinicalWorker(self.store, s, options))
 
     async def _start_worker(self, name: str, worker: Any) -> None:
         await worker.start()
@@ -303,6 +337,28 @@ class Runtime:
                 # aiokafka's consumer.stop() can leak its fetch task's cancellation after a broker loss
                 log.warning("stopping %s was cut short (a cancellation inside it); going on", name)
         self.components.clear()
+
+
+def serve_worker_process(config: dict[str, Any], parent_pid: int, nice: int, threads: int, ready: Any) -> None:
+    """Main of an inference worker process (integration.app.workers): a workers-only runtime until SIGTERM;
+    ``ready`` is set once its workers consume."""
+    settings = Settings.model_validate(config)
+    become_worker_process(parent_pid, nice, threads, settings.workers)
+    asyncio.run(_serve_workers(settings, ready))
+
+
+async def _serve_workers(settings: Settings, ready: Any) -> None:
+    runtime = Runtime(settings)
+    stop = asyncio.Event()
+    # Ctrl-C reaches the whole process group: the parent stops this process in order, by SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await runtime.start()
+        ready.set()
+        await stop.wait()
+    finally:
+        await runtime.stop()
 
 
 def dicom_tls(s: Settings) -> Any:

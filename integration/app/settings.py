@@ -142,6 +142,14 @@ class Settings(BaseSettings):
     consumer_max_attempts: int = Field(3, alias="MEDBRIDGE_CONSUMER_MAX_ATTEMPTS")
     outbox_poll_seconds: float = Field(0.5, alias="MEDBRIDGE_OUTBOX_POLL_SECONDS")
     redeliver_after_seconds: float = Field(300.0, alias="MEDBRIDGE_REDELIVER_AFTER_SECONDS")
+    # partitions of each topic MedBridge creates: the most members of one consumer group that get work
+    # (a topic that exists keeps its count: grow it with kafka-topics --alter, see the README)
+    kafka_partitions: int = Field(12, ge=1, le=1000, alias="MEDBRIDGE_KAFKA_PARTITIONS")
+    # a consumer that sends no heartbeat for this long leaves its group and its partitions move to the
+    # others (a SIGKILLed worker's study is redone by a survivor after about this long); the interval
+    # must stay below a third of it
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000, alias="MEDBRIDGE_KAFKA_SESSION_TIMEOUT_MS")
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, alias="MEDBRIDGE_KAFKA_HEARTBEAT_INTERVAL_MS")
 
     # Store: empty means SQLite under data_dir
     database_url: str = Field("", alias="DATABASE_URL")
@@ -178,6 +186,17 @@ class Settings(BaseSettings):
 
     # Which workers this process runs (comma list of imaging, clinical, reports, dicom-export); all by default
     workers: str = Field("imaging,clinical,reports,dicom-export", alias="MEDBRIDGE_WORKERS")
+    # Whether this process runs the edges (HTTP, DICOM, publishers, outbox relay); false: only its workers,
+    # against the broker (KAFKA_BOOTSTRAP_SERVERS) and database of an edges process elsewhere
+    edges_enabled: bool = Field(True, alias="MEDBRIDGE_EDGES")
+    # An edges process runs its imaging and clinical workers in processes of their own (supervised, dying
+    # with it, at a lower priority), so inference does not slow the listeners; false: in this process
+    inference_processes: bool = Field(True, alias="MEDBRIDGE_INFERENCE_PROCESSES")
+    # the inference processes' niceness (0-19; higher yields more to the edges) and torch/OpenMP threads
+    inference_nice: int = Field(10, ge=0, le=19, alias="MEDBRIDGE_INFERENCE_NICE")
+    inference_threads: int = Field(
+        default_factory=lambda: max(1, len(os.sched_getaffinity(0)) - 1), ge=1, le=256,
+        alias="MEDBRIDGE_INFERENCE_THREADS")
 
     # DICOM export of AI results (SR + Secondary Capture) to the peers with export=true
     dicom_export_max_attempts: int = Field(8, ge=1, alias="MEDBRIDGE_DICOM_EXPORT_MAX_ATTEMPTS")

@@ -171,6 +171,8 @@ class EventConsumer:
         retry_base_seconds: float = 0.5,
         retry_cap_seconds: float = 30.0,
         concurrency: int = 1,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"consumer {name!r}: concurrency must be >= 1")
@@ -188,6 +190,9 @@ class EventConsumer:
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
         self.concurrency = concurrency  # events handled at once (see _handle_batch)
+        # how soon a dead member (a SIGKILLed worker process) leaves the group and its partitions move on
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.paused_since: float | None = None  # monotonic time a transient failure paused the consumer
         self._consumer: AIOKafkaConsumer | None = None
         self._supervised = Supervised(f"consumer {name}", self._run)
@@ -204,6 +209,8 @@ class EventConsumer:
             # a short long-poll: the embedded broker answers a fetch only when this wait ends,
             # so it bounds the latency of every hop (measured: 500 ms default -> ~0.25 s per hop)
             fetch_max_wait_ms=50,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
         )
         await self._consumer.start()
         self._supervised.start()  # a loop that dies is restarted (integration.events.supervision)
@@ -416,6 +423,9 @@ class ConsumerOptions:
     # the backoff of a consumer paused on a transient failure (first wait, longest wait)
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 30.0
+    # group membership (MEDBRIDGE_KAFKA_SESSION_TIMEOUT_MS, MEDBRIDGE_KAFKA_HEARTBEAT_INTERVAL_MS)
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
 
 
 class ConsumerWorker:
@@ -455,6 +465,8 @@ class ConsumerWorker:
             retry_base_seconds=options.retry_base_seconds,
             retry_cap_seconds=options.retry_cap_seconds,
             concurrency=concurrency,
+            session_timeout_ms=options.session_timeout_ms,
+            heartbeat_interval_ms=options.heartbeat_interval_ms,
         )
 
     async def load(self) -> None:

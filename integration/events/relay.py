@@ -23,7 +23,7 @@ from integration.db.store import Store
 from integration.db.tables import OutboxEntry
 from integration.events import dead_letters
 from integration.events.supervision import Supervised
-from integration.events.topics import ensure_topics
+from integration.events.topics import DEFAULT_PARTITIONS, ensure_topics
 from integration.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class OutboxRelay:
         consumers_by_topic: dict[str, str] | None = None,
         redeliver_after_seconds: float = 300.0,
         max_publishes: int = 5,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         self.store = store
         self.bootstrap = bootstrap
@@ -52,6 +53,7 @@ class OutboxRelay:
         self.consumers_by_topic = consumers_by_topic or {}
         self.redeliver_after_seconds = redeliver_after_seconds
         self.max_publishes = max_publishes
+        self.partitions = partitions  # of the topics it recreates after a broker lost them
         self._last_requeue = 0.0
         self._requeue_all = False  # the broker lost everything: republish what is unprocessed, however recent
         self.dead_lettered = 0  # events dead-lettered by this relay since start (never processed, unsendable)
@@ -160,7 +162,7 @@ class OutboxRelay:
         if requeued:
             log.warning("outbox relay: %d published events were never processed; republishing", requeued)
             # the broker may have lost its topics with them (an embedded broker restarted)
-            await ensure_topics(self.bootstrap)
+            await ensure_topics(self.bootstrap, self.partitions)
 
     async def _run(self) -> None:
         assert self._wake is not None
