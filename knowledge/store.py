@@ -41,9 +41,11 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 200
 
-# A source-filtered dense query first searches unfiltered for this many times k and keeps the
-# hits of the source: Chroma's `where` filter costs about 8x a plain search. Only when too few hits
-# of the source come back does it fall back to the filter.
+# A dense query restricted to a source holding at least this share of the passages searches
+# unfiltered for _POSTFILTER_FACTOR times k and keeps the hits of the source, because Chroma's
+# `where` filter costs about 8x a plain search there (bench/retrieval.py). Only when too few hits of
+# the source come back does it fall back to the filter.
+_POSTFILTER_SHARE = 0.5
 _POSTFILTER_FACTOR = 4
 
 # chromadb rejects batches above a server-dependent maximum (about 5k); small batches also keep
@@ -336,7 +338,7 @@ class KnowledgeBase:
         if not text.strip() or self.count() == 0:
             return []
         embedding = self._embed_query(text)
-        dense = self._dense(embedding, k, source)
+        dense = self.nearest(embedding, k, source)
         lexical = self.lexical_ranking(text, k, source=source)
         fused = reciprocal_rank_fusion([[pid for pid, _ in dense], [pid for pid, _ in lexical]])[:k]
         similarity = {pid: sim for pid, sim in dense}
@@ -355,7 +357,7 @@ class KnowledgeBase:
             raise ValueError("k must be >= 1")
         if not text.strip() or self.count() == 0:
             return []
-        ranked = self._dense(self._embed_query(text), k, source)
+        ranked = self.nearest(self._embed_query(text), k, source)
         passages = {p.id: p for p in self.get([pid for pid, _ in ranked])}
         return [RetrievedPassage(**passages[pid].model_dump(), score=s) for pid, s in ranked if pid in passages]
 
@@ -368,13 +370,18 @@ class KnowledgeBase:
     def _embed_query(self, text: str) -> list[float]:
         return [float(x) for x in self._ef([text])[0]]
 
-    def _dense(self, embedding: list[float], k: int, source: str | None) -> list[tuple[str, float]]:
-        """``(id, cosine similarity)`` of the ``k`` nearest passages, best first."""
+    def nearest(self, embedding: Sequence[float], k: int, source: str | None = None) -> list[tuple[str, float]]:
+        """``(id, cosine similarity)`` of the ``k`` passages nearest to ``embedding`` (HNSW), best first."""
         total = self.count()
         n = min(k, total)
         if n == 0:
             return []
         if source:
+            # Chroma's where filter is fast for a small source (it scans the few matching vectors)
+            # and slow for a large one (about 8x); a large source is searched unfiltered instead.
+            share = len(self._lexical_index_sources().get(source, [])) / total
+            if share < _POSTFILTER_SHARE:
+                return [(pid, sim) for pid, sim, _ in self._dense_search(embedding, n, source, with_source=False)]
             wide = min(total, k * _POSTFILTER_FACTOR)
             hits = self._dense_search(embedding, wide, None, with_source=True)
             kept = [(pid, sim) for pid, sim, src in hits if src == source]
@@ -384,11 +391,11 @@ class KnowledgeBase:
         return [(pid, sim) for pid, sim, _ in self._dense_search(embedding, n, None, with_source=False)]
 
     def _dense_search(
-        self, embedding: list[float], n: int, source: str | None, *, with_source: bool
+        self, embedding: Sequence[float], n: int, source: str | None, *, with_source: bool
     ) -> list[tuple[str, float, str]]:
         try:
             res = self._collection.query(
-                query_embeddings=[embedding],  # type: ignore[arg-type]
+                query_embeddings=[list(embedding)],  # type: ignore[arg-type]
                 n_results=n,
                 where={"source": source} if source else None,
                 include=["metadatas", "distances"] if with_source else ["distances"],
@@ -404,7 +411,7 @@ class KnowledgeBase:
             for pid, d, m in zip(ids, dists, metas, strict=True)
         ]
 
-    def _similarities(self, embedding: list[float], ids: Sequence[str]) -> dict[str, float]:
+    def _similarities(self, embedding: Sequence[float], ids: Sequence[str]) -> dict[str, float]:
         """Cosine similarity of the query to stored passages the dense search did not return."""
         if not ids:
             return {}
@@ -425,6 +432,11 @@ class KnowledgeBase:
     def _revision(self) -> str:
         current = self._client.get_collection(self.collection_name)
         return str((current.metadata or {}).get(_REVISION_KEY, ""))
+
+    def _lexical_index_sources(self) -> dict[str, list[str]]:
+        """Ids per source, as of the current BM25 index (rebuilt first if the collection changed)."""
+        self._lexical_index()
+        return self._lexical_sources
 
     def _lexical_index(self) -> LexicalIndex:
         stamp = (self.count(), self._revision())

@@ -31,9 +31,12 @@ class LexicalIndex:
         self._position = {pid: i for i, pid in enumerate(self.ids)}
         self._stem = _stemmer()
         self._bm25 = bm25s.BM25()
+        self._indexed = False
         if self.ids:
             tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stem, show_progress=False)
-            self._bm25.index(tokens, show_progress=False)
+            if tokens.vocab:  # bm25s cannot index a corpus without a single term
+                self._bm25.index(tokens, show_progress=False)
+                self._indexed = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,7 +49,7 @@ class LexicalIndex:
         """
         import bm25s
 
-        if not self.ids or n < 1 or not text.strip():
+        if not self._indexed or n < 1 or not text.strip():
             return []
         tokens = bm25s.tokenize([text], stopwords="en", stemmer=self._stem, show_progress=False, return_ids=False)
         # Query terms the corpus never saw would fail the lookup; no known term means no match.
