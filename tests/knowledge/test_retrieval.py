@@ -11,7 +11,7 @@ from knowledge.store import KnowledgeBase, Passage
 
 TOY = [
     ("t:effusion", "Pleural effusion", "Blunting of the costophrenic angle suggests a small pleural effusion."),
-    ("t:pneumothorax", "Pneumothorax", "A visible visceral pleural line without lung markings beyond it is a pneumothorax."),
+    ("t:pneumothorax", "Pneumothorax", "A visceral pleural line without lung markings beyond it is a pneumothorax."),
     ("t:cardiomegaly", "Cardiomegaly", "A cardiothoracic ratio above 0.5 on a PA film indicates cardiomegaly."),
     ("t:sglt2", "Empagliflozin", "Empagliflozin lowers glucose and reduces heart failure admissions."),
     ("t:ferritin", "Iron deficiency", "Ferritin below 30 ng/mL suggests iron deficiency anaemia."),
@@ -61,9 +61,10 @@ def test_source_filter_applies_to_both_retrievers(toy_kb: KnowledgeBase) -> None
     assert {h.id for h in hits} == {"t:sglt2", "t:ferritin"}
 
 
-def test_bm25_follows_writes_made_through_another_handle(toy_kb: KnowledgeBase, tmp_path: Path) -> None:
+def test_bm25_follows_writes_made_through_another_handle(toy_kb: KnowledgeBase) -> None:
     other = KnowledgeBase(Path(toy_kb.location))
-    other.add([Passage(id="t:new", source="imaging", title="Azygos lobe", text="An azygos fissure is a normal variant.")])
+    azygos = Passage(id="t:new", source="imaging", title="Azygos lobe", text="An azygos fissure is a normal variant.")
+    other.add([azygos])
     try:
         assert [pid for pid, _ in toy_kb.lexical_ranking("azygos fissure", 2)] == ["t:new"]
     finally:
