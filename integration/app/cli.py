@@ -100,12 +100,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_kb_ingest(args: argparse.Namespace) -> int:
     from inference.clinical.worker import open_knowledge_base
+    from knowledge.documents.ingest import ingest_documents
     from knowledge.ingest import ingest_default_corpus
 
     settings = get_settings()
     kb = open_knowledge_base(settings.chroma_dir, settings.chroma_url)
-    added = ingest_default_corpus(kb)
-    print(f"knowledge base holds {kb.count()} passages ({added} upserted)")
+    if not args.paths:
+        added = ingest_default_corpus(kb)
+        print(f"knowledge base holds {kb.count()} passages ({added} upserted)")
+        return 0
+    report = ingest_documents(kb, [Path(p) for p in args.paths], sync=args.sync, progress=not args.no_progress)
+    print(
+        f"{report.files_read} documents read, {report.chunks} chunks ({report.chunks_written} written, "
+        f"{report.chunks_removed} removed, {report.files_removed} documents gone); "
+        f"knowledge base holds {kb.count()} passages"
+    )
+    if report.skipped:
+        print(f"{len(report.skipped)} files skipped:", file=sys.stderr)
+        for skipped in report.skipped:
+            print(f"  {skipped.path}: {skipped.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -263,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     revision.set_defaults(func=cmd_db)
     kb = sub.add_parser("kb", help="knowledge base")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
-    kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)
+    ingest = kb_sub.add_parser(
+        "ingest",
+        help="ingest documents (Markdown, HTML, PDF, text, FHIR DocumentReference JSON) or, with no PATH, "
+        "the shipped corpus; idempotent. Exits 1 when some files were skipped (named on stderr)",
+    )
+    ingest.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (walked recursively)")
+    ingest.add_argument("--sync", action="store_true",
+                        help="also remove the documents ingested from under PATH whose files are gone")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ingest.set_defaults(func=cmd_kb_ingest)
     train = sub.add_parser("train-demo-model", help="train the demo imaging CNN")
     train.add_argument("--output", help="weights file (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
     train.add_argument("--quick", action="store_true", help="a short run, for tests")
