@@ -1,0 +1,1 @@
+"""Offline quality measurements of the knowledge base (called by `medbridge eval` and bench/)."""
