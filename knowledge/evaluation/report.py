@@ -35,6 +35,7 @@ class EvalOptions(BaseModel):
     llm_model: Path | None = None
     models_dir: Path
     threads: int | None = 1
+    retrieval_queries: int = 300  # 0 leaves the retrieval section out
 
 
 def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.info) -> str:
@@ -49,9 +50,9 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
              f"{time.perf_counter() - started:.0f} s")
 
     sections: list[str] = []
-    # ---- Retrieval section: knowledge.evaluation.retrieval (retrieval_recall_at_k) adds its rows here ----
-    # sections.append(retrieval_section(reports, ...))
-    # ---- end of the retrieval section ----
+    if options.retrieval_queries > 0:
+        sections.append(_retrieval_section(options.retrieval_queries))
+        progress(f"retrieval measured, {time.perf_counter() - started:.0f} s")
 
     embedder = SentenceEmbedder()
     index = drafting.KnowledgeIndex(kb_reports, embedder)
@@ -73,5 +74,18 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
         "impressions.\n\n" + drafting.drafting_table(rows)
     )
     command = (f"medbridge eval --limit {options.limit} --k {options.k} --max-new-tokens {options.max_new_tokens}"
+               f" --retrieval-queries {options.retrieval_queries}"
                + (f" --kb-limit {options.kb_limit}" if options.kb_limit is not None else ""))
     return "\n\n".join([*sections, f"`{command}`: {time.perf_counter() - started:.0f} s in all."]) + "\n"
+
+
+def _retrieval_section(queries: int, k: int = 5) -> str:
+    """Recall@k of BM25, dense and fused retrieval over all the Open-i reports (``retrieval_recall_at_k``)."""
+    from knowledge.evaluation.openi import load_openi_reports
+    from knowledge.evaluation.retrieval import retrieval_recall_at_k
+
+    recall = retrieval_recall_at_k(load_openi_reports(), k, queries=queries)
+    rows = "\n".join(f"| {name} | {recall[name]:.3f} |" for name in ("bm25", "dense", "fused"))
+    return (f"### Retrieval (Open-i)\n\n{queries} queries (a report's findings; the report itself excluded), every "
+            f"report one passage; a passage is relevant when it shares a major MeSH term with the query's report.\n\n"
+            f"| retriever | recall@{k} |\n|---|---|\n{rows}")

@@ -36,7 +36,7 @@ def test_eval_prints_the_drafting_table(
     tmp_path: Path, llm_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "eval.md"
-    assert main(["eval", "--limit", "3", "--kb-limit", "20", "--max-new-tokens", "8",
+    assert main(["eval", "--retrieval-queries", "0", "--limit", "3", "--kb-limit", "20", "--max-new-tokens", "8",
                  "--models-dir", str(llm_cache_dir), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.strip() == out.read_text(encoding="utf-8").strip()
