@@ -22,15 +22,15 @@ $(STAMP): pyproject.toml scripts/setup.sh
 run: setup
 	$(BIN)/medbridge run
 
-# Two pytest workers (most tests wait on sockets and timers, not the CPU; every test has its own ports,
-# databases and folders), then the fault suite on its own: its outages and recovery times are timed.
+# The fault suite on its own (its outages and recovery times are timed), then everything else on two pytest
+# workers (most tests wait on sockets and timers, not the CPU; every test has its own ports, databases, folders).
 # Exit status 5 = nothing selected (PYTEST_ARGS chose tests of the other half).
 TEST_WORKERS ?= 2
 
 test: setup
 	bash scripts/test-services.sh
-	$(BIN)/python -m pytest -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: setup
 	$(BIN)/ruff check .

@@ -74,7 +74,9 @@ def create_app(services: Services) -> FastAPI:
     def metrics() -> str:
         """Prometheus text format."""
         s = services.settings
-        listeners = multiprocess.folder(s.data_dir) if s.dicom_processes > 1 else None  # counts of the children
+        children = [multiprocess.folder(s.data_dir, kind) for kind, running in (  # their counts, summed in
+            (multiprocess.DICOM_PROCESSES, s.dicom_processes > 1),
+            (multiprocess.INFERENCE_PROCESSES, s.inference_processes and s.edges_enabled)) if running]
         counts = queue.counts(services.store, "ehr")
         exports = queue.counts(services.store, "pacs")
         return (
@@ -91,7 +93,7 @@ def create_app(services: Services) -> FastAPI:
             "# TYPE medbridge_dicom_export_dead gauge\n"
             f"medbridge_dicom_export_dead {exports.get('dead', 0)}\n"
             + _dead_letter_metrics(dead_letters.waiting_by_topic(services.store))
-        ) + "".join(text() for text in services.metrics_text) + app_metrics.exposition(services.store, listeners)
+        ) + "".join(text() for text in services.metrics_text) + app_metrics.exposition(services.store, children)
 
     return app
 

@@ -8,7 +8,7 @@ truth, and any process of a cluster reads the same backlog.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -64,9 +64,9 @@ def _age(now: datetime, then: datetime | None) -> float:
     return max(0.0, (now - aware(then)).total_seconds()) if then is not None else 0.0
 
 
-def exposition(store: Store, listener_processes: Path | None = None) -> str:
-    """The Prometheus text of this process's families (with the DICOM listener processes' counts summed in,
-    from ``listener_processes``: integration.observability.multiprocess) and the store's state now."""
+def exposition(store: Store, child_processes: Sequence[Path] = ()) -> str:
+    """The Prometheus text of this process's families (with the counts of its child processes summed in, from
+    their folders: integration.observability.multiprocess) and the store's state now."""
     state = CollectorRegistry(auto_describe=False)
     state.register(StoreState(store))
-    return (multiprocess.exposition(listener_processes) + generate_latest(state)).decode()
+    return (multiprocess.exposition(child_processes) + generate_latest(state)).decode()

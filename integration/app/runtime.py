@@ -32,7 +32,7 @@ from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
-from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process
+from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process, inference_process_main
 from integration.audit.syslog import SyslogForwarder
 from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
@@ -50,6 +50,7 @@ from integration.events.topics import ensure_topics
 from integration.fhir import storage as fhir_storage
 from integration.fhir.validation import ValidationWorkers
 from integration.lifetime import die_with_parent_of
+from integration.observability import tracing
 from integration.reports.legacy_heatmaps import adopt_heatmap_files
 from integration.reports.writer import ReportWriter
 from schemas.events import CONSUMER_OF_TOPIC
@@ -264,7 +265,7 @@ class Runtime:
         if in_children:
             roles = tuple(r for r in INFERENCE_ROLES if r in s.enabled_workers)
             if roles:
-                processes = InferenceProcesses(s, self.bootstrap, roles, serve_worker_process)
+                processes = InferenceProcesses(s, self.bootstrap, roles, inference_process_main)
                 await processes.start()
                 self.inference_processes = processes
                 self.components.append(("inference worker processes", processes.stop))
@@ -343,8 +344,12 @@ def serve_worker_process(config: dict[str, Any], parent_pid: int, nice: int, thr
     """Main of an inference worker process (integration.app.workers): a workers-only runtime until SIGTERM;
     ``ready`` is set once its workers consume."""
     settings = Settings.model_validate(config)
-    become_worker_process(parent_pid, nice, threads, settings.workers)
-    asyncio.run(_serve_workers(settings, ready))
+    become_worker_process(parent_pid, nice, threads, settings.workers, settings.log_format)
+    stop_tracing = tracing.configure("medbridge", settings.trace_file)  # its consumers continue the traces
+    try:
+        asyncio.run(_serve_workers(settings, ready))
+    finally:
+        stop_tracing()
 
 
 async def _serve_workers(settings: Settings, ready: Any) -> None:

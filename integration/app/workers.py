@@ -23,11 +23,13 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from integration.app.settings import Settings
 from integration.events.supervision import Supervised
 from integration.lifetime import die_with_parent
+from integration.observability import multiprocess
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class InferenceProcesses:
                                         cap_seconds=60.0) for role in roles}
 
     async def start(self) -> None:
+        # where the children count (prometheus-client multiprocess mode): /metrics sums them in
+        multiprocess.prepare(multiprocess.folder(self.settings.data_dir, multiprocess.INFERENCE_PROCESSES))
         for role in self.roles:
             self._ready[role] = asyncio.Event()
             self._loops[role].start()
@@ -138,7 +142,17 @@ def _stop_process(process: Any) -> None:
         process.join(5)
 
 
-def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str) -> None:
+def inference_process_main(config: dict[str, Any], parent_pid: int, nice: int, threads: int, ready: Any) -> None:
+    """The spawned child's entry: its metrics go to files the edges process sums into /metrics, chosen before
+    anything imports prometheus-client (this module imports nothing that does); then the workers-only runtime."""
+    multiprocess.count_into_files(multiprocess.folder(Path(config["data_dir"]), multiprocess.INFERENCE_PROCESSES))
+    from integration.app.runtime import serve_worker_process
+
+    serve_worker_process(config, parent_pid, nice, threads, ready)
+
+
+def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str,
+                          log_format: str = "text") -> None:
     """First thing in an inference worker process: die with the parent, yield the CPU to the edges, bound
     torch's threads (read when torch is imported, later, by the worker) and log with the role's name."""
     die_with_parent(parent_pid)
@@ -146,7 +160,9 @@ def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str
         os.nice(nice)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = str(threads)  # no oversubscription of the cores the edges share
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {workers}-worker %(name)s: %(message)s")
+    from integration.observability import logs
+
+    logs.install(log_format, logging.INFO, f"%(asctime)s %(levelname)s {workers}-worker %(name)s: %(message)s")  # type: ignore[arg-type]
     for noisy in ("aiokafka", "httpx", "chromadb", "sentence_transformers", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # it quotes values

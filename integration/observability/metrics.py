@@ -52,7 +52,8 @@ EVENTS_DEAD_LETTERED = Counter(
     "medbridge_events_dead_lettered", "Events set aside as dead letters since start, by topic", ["topic"])
 CONSUMER_LAG = Gauge(
     "medbridge_consumer_lag", "Messages behind the partition's end, per consumer group and partition "
-    "(as kafka_consumergroup_lag), measured after each fetch", ["group", "topic", "partition"])
+    "(as kafka_consumergroup_lag), measured after each fetch", ["group", "topic", "partition"],
+    multiprocess_mode="livemostrecent")  # in worker child processes: the partition's latest owner, no pid label
 
 # inference and generation ------------------------------------------------------------------------------
 INFERENCE_SECONDS = Histogram(

@@ -1,6 +1,7 @@
-"""Counts of the DICOM listener processes (``MEDBRIDGE_DICOM_PROCESSES`` > 1), summed into /metrics.
+"""Counts of child processes summed into /metrics: the DICOM listener processes
+(``MEDBRIDGE_DICOM_PROCESSES`` > 1) and the inference worker processes (``MEDBRIDGE_INFERENCE_PROCESSES``).
 
-Each listener child counts associations, instances, bytes and journal syncs in prometheus-client's
+Each child counts associations, instances, bytes and journal syncs in prometheus-client's
 multiprocess mode: its values live in memory-mapped files under ``<data dir>/metrics/dicom-processes``
 (``PROMETHEUS_MULTIPROC_DIR``, set in the child before prometheus-client is imported). The main process
 keeps its own values in memory as usual; at each scrape it adds the children's files to its own families,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +24,13 @@ if TYPE_CHECKING:  # prometheus_client is imported only once a process has chose
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def folder(data_dir: Path) -> Path:
-    return data_dir / "metrics" / "dicom-processes"
+DICOM_PROCESSES = "dicom-processes"
+INFERENCE_PROCESSES = "inference-processes"
+
+
+def folder(data_dir: Path, kind: str = DICOM_PROCESSES) -> Path:
+    """Where the children of one kind keep their files (a folder per kind: each is emptied by its own starter)."""
+    return data_dir / "metrics" / kind
 
 
 def prepare(path: Path) -> None:
@@ -35,9 +41,9 @@ def prepare(path: Path) -> None:
 
 
 def count_into_files(path: Path) -> None:
-    """In a listener child, first thing: its families will keep their values in files under ``path``."""
+    """In a child process, first thing: its families will keep their values in files under ``path``."""
     if "prometheus_client" in sys.modules:
-        raise RuntimeError("prometheus_client was imported before the listener process chose multiprocess mode")
+        raise RuntimeError("prometheus_client was imported before the child process chose multiprocess mode")
     os.environ[ENV] = str(path)
 
 
@@ -49,12 +55,12 @@ class _Families:
         return self.families
 
 
-def exposition(children: Path | None) -> bytes:
-    """This process's families in Prometheus text, with the listener children's counts added in."""
+def exposition(children: Sequence[Path] = ()) -> bytes:
+    """This process's families in Prometheus text, with the counts of the children (their folders) added in."""
     from prometheus_client import REGISTRY, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    files = sorted(str(p) for p in children.glob("*.db")) if children is not None else []
+    files = sorted(str(p) for folder in children for p in folder.glob("*.db"))
     if not files:
         return generate_latest(REGISTRY)
     families = {family.name: family for family in REGISTRY.collect()}

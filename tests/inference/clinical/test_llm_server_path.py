@@ -52,6 +52,7 @@ async def test_garbage_is_dead_lettered_and_a_down_server_pauses_until_it_is_bac
         settings = stack_settings(
             tmp_path, workers="clinical,reports", llm_base_url=url, llm_model="meditron-7b",
             llm_max_retries=1, llm_timeout_seconds=5, llm_concurrency=2, llm_max_new_tokens=64,
+            inference_processes=False,  # the test reads the clinical worker's state in this process
         )
         runtime = Runtime(settings)
         await runtime.start()

@@ -49,7 +49,7 @@ def send_in_parallel(port: int, shares: list[list[str]]) -> None:
 
 def instances_counted(settings: Settings) -> float:
     """medbridge_dicom_instances_total over every label, as /metrics shows it."""
-    text = multiprocess.exposition(multiprocess.folder(settings.data_dir)).decode()
+    text = multiprocess.exposition([multiprocess.folder(settings.data_dir)]).decode()
     (family,) = [f for f in text_string_to_metric_families(text) if f.name == "medbridge_dicom_instances"]
     return sum(s.value for s in family.samples if s.name == "medbridge_dicom_instances_total")
 

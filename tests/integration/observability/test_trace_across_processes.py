@@ -26,7 +26,7 @@ CT_SMALL = get_testdata_file("CT_small.dcm")
 # role -> what `medbridge run` runs in that process
 ROLES = {
     "edge": {"MEDBRIDGE_DICOM": "true", "MEDBRIDGE_WORKERS": ""},
-    "imaging": {"MEDBRIDGE_DICOM": "false", "MEDBRIDGE_WORKERS": "imaging"},
+    "imaging": {"MEDBRIDGE_EDGES": "false", "MEDBRIDGE_WORKERS": "imaging"},  # workers only: no HTTP, no relay
     "reports": {"MEDBRIDGE_DICOM": "false", "MEDBRIDGE_WORKERS": "reports"},
     "export": {"MEDBRIDGE_DICOM": "false", "MEDBRIDGE_WORKERS": "dicom-export"},
 }
