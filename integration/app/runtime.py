@@ -32,7 +32,7 @@ from integration import phi
 from integration.app.http import create_app
 from integration.app.services import Services
 from integration.app.settings import Settings
-from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process, inference_process_main
+from integration.app.workers import INFERENCE_ROLES, InferenceProcesses, become_worker_process
 from integration.audit.syslog import SyslogForwarder
 from integration.datadir import keep_private, private_folder
 from integration.db.store import Store
@@ -265,7 +265,7 @@ class Runtime:
         if in_children:
             roles = tuple(r for r in INFERENCE_ROLES if r in s.enabled_workers)
             if roles:
-                processes = InferenceProcesses(s, self.bootstrap, roles, inference_process_main)
+                processes = InferenceProcesses(s, self.bootstrap, roles, serve_worker_process)
                 await processes.start()
                 self.inference_processes = processes
                 self.components.append(("inference worker processes", processes.stop))

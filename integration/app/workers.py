@@ -22,8 +22,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from integration.app.settings import Settings
@@ -103,8 +102,13 @@ class InferenceProcesses:
             target=self.entry, name=f"medbridge-{role}",
             args=(config, os.getpid(), self.settings.inference_nice, self.settings.inference_threads, ready),
         )
-        # started on the loop's thread (the runtime's lifetime): the parent-death signal follows it
-        process.start()
+        # started on the loop's thread (the runtime's lifetime): the parent-death signal follows it. The child
+        # imports prometheus-client with the module of its entry, before any of its own code runs: the variable
+        # that puts it in multiprocess mode (its counts summed into /metrics) must be in the environment it is
+        # spawned with, and only there (this process counts in memory; later children must not inherit it)
+        with _environment(multiprocess.ENV, str(multiprocess.folder(self.settings.data_dir,
+                                                                     multiprocess.INFERENCE_PROCESSES))):
+            process.start()
         self._processes[role] = process
         try:
             while not await asyncio.to_thread(ready.wait, 0.5):
@@ -142,13 +146,18 @@ def _stop_process(process: Any) -> None:
         process.join(5)
 
 
-def inference_process_main(config: dict[str, Any], parent_pid: int, nice: int, threads: int, ready: Any) -> None:
-    """The spawned child's entry: its metrics go to files the edges process sums into /metrics, chosen before
-    anything imports prometheus-client (this module imports nothing that does); then the workers-only runtime."""
-    multiprocess.count_into_files(multiprocess.folder(Path(config["data_dir"]), multiprocess.INFERENCE_PROCESSES))
-    from integration.app.runtime import serve_worker_process
-
-    serve_worker_process(config, parent_pid, nice, threads, ready)
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment while the block runs (a child spawned in it inherits it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str,
