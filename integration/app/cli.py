@@ -33,7 +33,7 @@ def _configure_logging(verbose: bool, log_format: LogFormat) -> None:
     # third-party loggers that could print identifiers or request lines stay quiet
     # (highdicom logs "copy ... from dataset <SOP Instance UID>" at INFO while building an export)
     for noisy in ("pynetdicom", "aiokafka", "httpx", "chromadb", "uvicorn.access", "sentence_transformers",
-                  "highdicom"):
+                  "highdicom", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # psycopg warns with the server's error text (which can quote key values) when a pipeline fails while
     # another error is raised; MedBridge reports the error itself, without values

@@ -172,6 +172,6 @@ def become_worker_process(parent_pid: int, nice: int, threads: int, workers: str
     from integration.observability import logs
 
     logs.install(log_format, logging.INFO, f"%(asctime)s %(levelname)s {workers}-worker %(name)s: %(message)s")  # type: ignore[arg-type]
-    for noisy in ("aiokafka", "httpx", "chromadb", "sentence_transformers", "highdicom"):
+    for noisy in ("aiokafka", "httpx", "chromadb", "sentence_transformers", "highdicom", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # it quotes values
