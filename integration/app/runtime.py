@@ -161,11 +161,12 @@ class Runtime:
             self.components.append(("embedded broker watch", self.broker_watch.stop))
 
         publishers = self.publishers
-        for kind, quiet, announce in (
-            ("study", s.study_quiet_seconds, announce_study),
-            ("patient", s.record_quiet_seconds, announce_record),
+        for kind, quiet, max_wait, announce in (
+            ("study", s.study_quiet_seconds, None, announce_study),
+            ("patient", s.record_quiet_seconds, s.record_max_wait_seconds or None, announce_record),
         ):
-            pub = QuietPeriodPublisher(self.store, kind, quiet, announce, on_announced=self.notify_outbox)
+            pub = QuietPeriodPublisher(self.store, kind, quiet, announce, on_announced=self.notify_outbox,
+                                       max_wait_seconds=max_wait)
             await pub.start()
             publishers[kind] = pub
             self.components.append((f"{kind} publisher", pub.stop))

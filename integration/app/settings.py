@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # tracker is a table row, so a restart inside the window loses nothing. The older name still works.
     record_quiet_seconds: float = Field(30.0, gt=0, validation_alias=AliasChoices(
         "MEDBRIDGE_CLINICAL_DEBOUNCE_SECONDS", "MEDBRIDGE_RECORD_QUIET_SECONDS", "record_quiet_seconds"))
+    # ... and at the latest this long after the first such write, even if writes keep coming (a device feeding
+    # vitals every few seconds would otherwise hold the draft back for ever); 0 waits for quiet alone
+    record_max_wait_seconds: float = Field(300.0, ge=0, alias="MEDBRIDGE_CLINICAL_DEBOUNCE_MAX_SECONDS")
 
     # HTTP edge
     http_host: str = Field("127.0.0.1", alias="MEDBRIDGE_HTTP_HOST")

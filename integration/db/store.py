@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
     text,
     update,
@@ -84,10 +85,14 @@ def _tracker_touch(dialect: str) -> Any:
     return (
         _dialect_insert(dialect, trackers)
         .values(kind=bindparam("kind"), key=bindparam("key"), revision=1, published_revision=0,
-                last_change_at=bindparam("now"), traceparent=_TRACEPARENT)
+                last_change_at=bindparam("now"), pending_since=bindparam("now"), traceparent=_TRACEPARENT)
         .on_conflict_do_update(
             index_elements=["kind", "key"],
             set_={"revision": trackers.c.revision + 1, "last_change_at": bindparam("now"),
+                  # the first change after an announcement starts the wait the maximum is counted from
+                  "pending_since": case(
+                      (trackers.c.revision == trackers.c.published_revision, bindparam("now")),
+                      else_=func.coalesce(trackers.c.pending_since, bindparam("now"))),
                   # a change after the last announcement starts the next revision's trace; a change
                   # within the quiet period joins the trace of the revision's first change
                   "traceparent": case(
@@ -488,14 +493,20 @@ class Store:
                 .values(last_change_at=time.time() - quiet_seconds - 1)
             )
 
-    def due_trackers(self, kind: str, quiet_seconds: float) -> list[ChangeTracker]:
-        cutoff = time.time() - quiet_seconds
+    def due_trackers(self, kind: str, quiet_seconds: float,
+                     max_wait_seconds: float | None = None) -> list[ChangeTracker]:
+        """Trackers with an unannounced change, quiet for ``quiet_seconds``, or (with ``max_wait_seconds``)
+        changing all along since a first change that long ago."""
+        now = time.time()
+        due = ChangeTracker.last_change_at <= now - quiet_seconds
+        if max_wait_seconds is not None:
+            due = or_(due, ChangeTracker.pending_since <= now - max_wait_seconds)
         with self.session() as s:
             rows = s.scalars(
                 select(ChangeTracker).where(
                     ChangeTracker.kind == kind,
                     ChangeTracker.revision > ChangeTracker.published_revision,
-                    ChangeTracker.last_change_at <= cutoff,
+                    due,
                 ).order_by(ChangeTracker.last_change_at, ChangeTracker.key)  # oldest first, deterministically
             )
             return list(rows)

@@ -90,6 +90,9 @@ class ChangeTracker(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0)
     published_revision: Mapped[int] = mapped_column(Integer, default=0)
     last_change_at: Mapped[float] = mapped_column(Float, index=True)
+    # when the first change since the last announcement arrived: a record that never goes quiet (a stream of
+    # vitals) is still announced once it has waited the maximum (Settings.record_max_wait_seconds)
+    pending_since: Mapped[float | None] = mapped_column(Float, default=None)
     # W3C trace context of what caused it (integration.observability.tracing); NULL when not tracing
     traceparent: Mapped[str | None] = mapped_column(String(64), default=None)
 

@@ -41,10 +41,12 @@ class QuietPeriodPublisher:
         announce: Callable[[Session, ChangeTracker], None],
         on_announced: Callable[[], None] | None = None,
         poll_seconds: float = 0.25,
+        max_wait_seconds: float | None = None,
     ) -> None:
         self.store = store
         self.kind = kind
         self.quiet_seconds = quiet_seconds
+        self.max_wait_seconds = max_wait_seconds
         self.announce = announce
         self.on_announced = on_announced
         self.poll_seconds = poll_seconds
@@ -74,7 +76,7 @@ class QuietPeriodPublisher:
         announcement fails for itself is set aside (see the module docstring); a database outage stops
         the round (raised), and every tracker stays due."""
         announced = 0
-        for tracker in self.store.due_trackers(self.kind, self.quiet_seconds):
+        for tracker in self.store.due_trackers(self.kind, self.quiet_seconds, self.max_wait_seconds):
             try:
                 with self.store.session() as s:
                     if not Store.claim_tracker(s, tracker):

@@ -48,6 +48,22 @@ def test_a_tracker_changed_after_it_was_read_is_not_claimed(store: Store) -> Non
     assert store.due_trackers("study", quiet_seconds=1) == []
 
 
+def test_a_record_that_never_goes_quiet_is_due_at_its_maximum_wait(store: Store) -> None:
+    now = time.time()
+    with store.session() as s:
+        Store.touch(s, "patient", "p-1", at=now - 100)  # the first change, 100 s ago
+        Store.touch(s, "patient", "p-1", at=now - 2)  # and more every few seconds since
+    assert store.due_trackers("patient", quiet_seconds=30) == []  # never quiet for 30 s
+    assert store.due_trackers("patient", quiet_seconds=30, max_wait_seconds=300) == []
+    (due,) = store.due_trackers("patient", quiet_seconds=30, max_wait_seconds=60)
+    with store.session() as s:
+        assert Store.claim_tracker(s, due)
+    # the next change after the announcement starts a new wait: not due at once
+    with store.session() as s:
+        Store.touch(s, "patient", "p-1", at=now)
+    assert store.due_trackers("patient", quiet_seconds=30, max_wait_seconds=60) == []
+
+
 def test_outbox_is_written_with_the_state_and_drained_in_order(store: Store) -> None:
     events = [RecordReceived(patient_ref=f"Patient/{i}", revision=1) for i in range(3)]
     with store.session() as s:

