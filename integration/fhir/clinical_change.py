@@ -12,7 +12,10 @@ drafts on real EHR traffic. A write drafts a report when:
   back to normal;
 - a MedicationRequest or MedicationStatement is new, or its medication, status or dosage changed.
 
-Deletions and the other types never draft (the next relevant write's report reads the record as it is).
+Deletions and the other types never draft (the next relevant write's report reads the record as it is),
+nor does anything labelled AI-asserted (``meta.security`` AIAST: MedBridge's own segmentation volumes and
+finding probabilities, or an EHR's copy of them): the impression is drafted from what clinicians and devices
+recorded, never from a model's earlier output, which would feed a model's guess back to it as a fact.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ _READ_BY_IMPRESSION: dict[str, tuple[str, ...]] = {
 }
 # the types whose writes can draft a report (the others never need their previous version read)
 IMPRESSION_TYPES = frozenset(_READ_BY_IMPRESSION)
+
+
+def is_ai_asserted(resource: dict[str, Any]) -> bool:
+    """Whether ``resource`` carries the AIAST security label (v3-ObservationValue: AI asserted)."""
+    return any(label.get("code") == "AIAST" for label in (resource.get("meta") or {}).get("security") or [])
 
 
 def _codes(concepts: list[dict[str, Any]] | None) -> set[str]:
@@ -79,7 +87,7 @@ def changes_impression(before: dict[str, Any] | None, after: dict[str, Any]) -> 
     """Whether writing ``after`` over ``before`` (None: a create) changes what a clinical impression is
     drafted from (the rules in the module docstring)."""
     elements = _READ_BY_IMPRESSION.get(after.get("resourceType", ""))
-    if elements is None:
+    if elements is None or is_ai_asserted(after):
         return False
     if after["resourceType"] == "Observation":
         if not (is_abnormal(after) or (before is not None and is_abnormal(before))):

@@ -7,6 +7,7 @@ from typing import Any
 
 from integration.db.store import Store
 from integration.errors import ResourceNotFoundError
+from integration.fhir.clinical_change import is_ai_asserted
 from integration.fhir.storage import get_resource, search_resources
 from schemas.clinical import CodedItem, ObservationItem, PatientContext
 
@@ -60,6 +61,11 @@ def _observation(obs: dict[str, Any]) -> ObservationItem | None:
     )
 
 
+def _recorded(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What clinicians and devices recorded: ``resources`` without the AI-asserted ones."""
+    return [r for r in resources if not is_ai_asserted(r)]
+
+
 def build_patient_context(store: Store, patient_ref: str, today: date | None = None) -> PatientContext:
     today = today or date.today()
     age = sex = None
@@ -70,17 +76,18 @@ def build_patient_context(store: Store, patient_ref: str, today: date | None = N
     except ResourceNotFoundError:  # a record can arrive before its Patient: reason without age/sex
         pass
     conditions, medications, observations = [], [], []
-    for cond in search_resources(store, "Condition", subject_ref=patient_ref, limit=100)[0]:
+    # AI-asserted resources (MedBridge's own volumes and probabilities) are left out: see clinical_change
+    for cond in _recorded(search_resources(store, "Condition", subject_ref=patient_ref, limit=100)[0]):
         display, code, system = _concept_text(cond.get("code"))
         if display:
             conditions.append(CodedItem(display=display, code=code, system=system, ref=f"Condition/{cond['id']}"))
-    for obs in search_resources(store, "Observation", subject_ref=patient_ref, limit=50)[0]:
+    for obs in _recorded(search_resources(store, "Observation", subject_ref=patient_ref, limit=50)[0]):
         item = _observation(obs)
         if item:
             observations.append(item)
     # what is ordered and what the patient reports taking: both are medications the impression weighs
     for med_type in ("MedicationRequest", "MedicationStatement"):
-        for med in search_resources(store, med_type, subject_ref=patient_ref, limit=50)[0]:
+        for med in _recorded(search_resources(store, med_type, subject_ref=patient_ref, limit=50)[0]):
             display, code, system = _concept_text(med.get("medicationCodeableConcept"))
             if display:
                 medications.append(CodedItem(display=display, code=code, system=system, ref=f"{med_type}/{med['id']}"))

@@ -16,6 +16,8 @@ from integration.db.store import Store
 from integration.db.tables import ChangeTracker, OutboxEntry
 from integration.events.publisher import QuietPeriodPublisher, announce_record
 from integration.fhir.clinical_change import changes_impression, is_abnormal
+from integration.fhir.patient_context import build_patient_context
+from integration.fhir.resources import AI_ASSERTED
 from schemas.events import TOPIC_RECORD_RECEIVED, RecordReceived
 
 LOINC = "http://loinc.org"
@@ -68,6 +70,12 @@ def test_only_writes_the_impression_reads_count_as_changes() -> None:
     assert not changes_impression(condition(), {**condition(), "meta": {"tag": [{"code": "x"}]}})
     assert changes_impression(None, medication())
     assert changes_impression(medication(), {**medication(), "status": "stopped"})
+
+
+def test_a_models_own_output_never_drafts_a_report() -> None:
+    probability = {**glucose(180), "meta": {"security": [AI_ASSERTED]}}  # abnormal, but a model asserted it
+    assert not changes_impression(None, probability)
+    assert not changes_impression(None, {**condition(), "meta": {"security": [AI_ASSERTED]}})
 
 
 # through the FHIR API and the store ------------------------------------------------------------------
@@ -132,3 +140,18 @@ def test_three_quick_relevant_writes_draft_one_report_even_across_a_restart(stor
         reopened.stop()
     (event,) = record_events(store)
     assert event.patient_ref == ref and event.revision == patient_revision(store, ref) == 2  # Condition; Bundle
+
+
+def test_the_impression_is_drafted_from_what_was_recorded_not_from_ai_output(store: Store,
+                                                                             fhir_client: httpx.Client) -> None:
+    patient = create(fhir_client, {"resourceType": "Patient", "gender": "male", "birthDate": "1960-05-05"})
+    ref = f"Patient/{patient['id']}"
+    create(fhir_client, glucose(180, patient=ref))
+    ai_volume = {**glucose(250, patient=ref), "meta": {"security": [AI_ASSERTED]},
+                 "code": {"text": "Volume of liver (AI segmentation)"}}
+    create(fhir_client, ai_volume)
+    create(fhir_client, {**condition("C22.0", patient=ref), "meta": {"security": [AI_ASSERTED]}})
+    context = build_patient_context(store, ref)
+    assert [o.display for o in context.observations] == ["Glucose"]
+    assert context.conditions == []
+
