@@ -243,19 +243,23 @@ def _db(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Offline quality measurements on the Open-i reports: prints the Markdown table; ``--output`` also writes it."""
-    import dataclasses
-
-    from inference.clinical.worker import generator_config
     from knowledge.evaluation.openi import OpenIError
     from knowledge.evaluation.report import EvalOptions, run_evaluation
+    from knowledge.generation.backends import GeneratorConfig
     from knowledge.generation.protocol import LLMError
 
     settings = get_settings()
     if bool(args.base_url) != bool(args.model):
         raise SystemExit("medbridge eval: --base-url and --model go together (the server's URL and its model's name)")
-    server = generator_config(settings)
-    if args.base_url:
-        server = dataclasses.replace(server, base_url=args.base_url, model=args.model)
+    # the clinical worker's server settings (inference.clinical.worker.generator_config), without importing the
+    # worker and the service stack behind it; --base-url/--model name another server
+    server = GeneratorConfig(
+        base_url=args.base_url or settings.llm_base_url,
+        model=args.model or (str(settings.llm_model) if settings.llm_base_url and settings.llm_model else None),
+        api_key=settings.llm_api_key.get_secret_value(), concurrency=settings.llm_concurrency,
+        timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
+        context_tokens=settings.llm_context_tokens, tokenizer=settings.llm_tokenizer,
+    )
     backend = args.backend or ("both" if server.base_url else "in-process")
     if backend != "in-process" and not server.base_url:
         raise SystemExit(f"medbridge eval: --backend {backend} needs a server: set MEDBRIDGE_LLM_BASE_URL and "

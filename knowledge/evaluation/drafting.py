@@ -219,44 +219,66 @@ def ceiling_row(subset: Sequence[OpenIReport]) -> DraftingRow:
     )
 
 
-def draft_row(
-    subset: Sequence[OpenIReport],
-    index: KnowledgeIndex,
+class Drafts(BaseModel):
+    """One backend's raw drafts, in subset order, and what producing them took."""
+
+    model_config = ConfigDict(frozen=True)
+
+    system: str  # the row's label: model, backend, k, token limit
+    texts: tuple[str, ...]
+    hit_limit: tuple[bool, ...]  # the draft used (nearly) all its new tokens: its last sentence may be cut
+    seconds: float
+
+
+def generate_drafts(
     llm: TextGenerator,
-    checker: GroundingChecker,
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
     *,
     k: int,
     max_new_tokens: int,
     served_by: str = "in process",
     progress: Callable[[int, int], None] | None = None,
-) -> DraftingRow:
-    """Draft, ground and score an impression for each report of ``subset``.
-
-    Up to ``llm.max_concurrency`` drafts are generated at once (a server batches them; in process it is 1).
-    Grounding and scoring then run in subset order, so the figures depend only on the drafts, which greedy
-    decoding makes deterministic given the model. ``served_by`` names the backend in the row's label.
-    """
+) -> Drafts:
+    """The model's draft of each report's impression, in subset order, up to ``llm.max_concurrency`` at once (a
+    server batches them; in process it is 1). Greedy decoding makes them deterministic given the model, whatever
+    order they finish in. ``served_by`` names the backend in the row's label."""
     start = time.perf_counter()
-    passages = index.top_many([r.findings for r in subset], k)
-    drafts = _drafts(llm, [build_messages(r.findings, p) for r, p in zip(subset, passages, strict=True)],
-                     max_new_tokens, progress)
+    prompts = [build_messages(r.findings, p) for r, p in zip(subset, passages, strict=True)]
+    texts = _drafts(llm, prompts, max_new_tokens, progress)
+    return Drafts(
+        system=f"{llm.model_name} {served_by} (k={k}, {max_new_tokens} new tokens), grounded",
+        texts=tuple(texts),
+        hit_limit=tuple(llm.count_tokens(t) >= max_new_tokens - 2 for t in texts),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def score_drafts(
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
+    drafts: Drafts,
+    checker: GroundingChecker,
+) -> DraftingRow:
+    """Ground each draft in its passages (as the clinical operator does) and score it against the radiologist's
+    impression; the row's seconds are drafting plus grounding."""
+    start = time.perf_counter()
     rouge: list[float] = []
     predicted: list[set[str]] = []
     raw_valid = raw_all = clean_valid = clean_all = supported = sentences = with_citation = 0
-    for report, given, draft in zip(subset, passages, drafts, strict=True):
-        hit_limit = llm.count_tokens(draft) >= max_new_tokens - 2
+    for report, given, draft, hit_limit in zip(subset, passages, drafts.texts, drafts.hit_limit, strict=True):
         text, grounding = checker.ground(draft, given, hit_limit=hit_limit)
         raw_all += count_citations(draft)
         raw_valid += grounding.citations_kept
         clean_all += count_citations(text)
-        clean_valid += remove_invalid_citations(text, k)[1]
+        clean_valid += remove_invalid_citations(text, len(given))[1]
         supported += grounding.supported_count
         sentences += len(grounding.sentences)
         with_citation += bool(grounding.citations_kept)
         rouge.append(rouge_l(text, report.impression))
         predicted.append(text_findings(text))
     return DraftingRow(
-        system=f"{llm.model_name} {served_by} (k={k}, {max_new_tokens} new tokens), grounded",
+        system=drafts.system,
         reports=len(subset),
         rouge_l=float(np.mean(rouge)) if rouge else 0.0,
         mesh_f1=micro_f1(predicted, [mesh_labels(r) for r in subset]),
@@ -264,7 +286,7 @@ def draft_row(
         citations_valid_grounded=clean_valid / clean_all if clean_all else None,
         sentences_supported=supported / sentences if sentences else None,
         drafts_with_citation=with_citation / len(subset) if subset else None,
-        seconds=time.perf_counter() - start,
+        seconds=drafts.seconds + time.perf_counter() - start,
     )
 
 

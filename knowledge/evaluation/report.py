@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from knowledge.embedding import SentenceEmbedder
 from knowledge.evaluation import drafting
-from knowledge.evaluation.openi import load_reports
+from knowledge.evaluation.openi import OpenIReport, load_reports
 from knowledge.generation.backends import GeneratorConfig, open_text_generator
 from knowledge.generation.protocol import TextGenerator
 from knowledge.grounding import GroundingChecker
@@ -77,22 +78,17 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
 
     embedder = SentenceEmbedder()
     index = drafting.KnowledgeIndex(kb_reports, embedder)
+    passages = index.top_many([r.findings for r in subset], options.k)  # the same passages for every backend
     progress(f"knowledge base embedded ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
+    # The backends draft at the same time: the in-process model computes on one thread while the server computes
+    # in its own process, so the two rows take about the longer of the two instead of their sum.
+    with ThreadPoolExecutor(max_workers=len(options.backends), thread_name_prefix="eval-backend") as pool:
+        futures = [pool.submit(_draft_with, backend, options, subset, passages, progress, started)
+                   for backend in options.backends]
+        all_drafts = [future.result() for future in futures]
     checker = GroundingChecker(embedder)
     rows = [drafting.baseline_row(subset, answer)]
-    for backend in options.backends:
-        llm, served_by = _open_backend(backend, options)
-        progress(f"{llm.model_name} {served_by} ready, {time.perf_counter() - started:.0f} s")
-        try:
-            rows.append(drafting.draft_row(
-                subset, index, llm, checker, k=options.k, max_new_tokens=options.max_new_tokens,
-                served_by=served_by,
-                progress=lambda i, n, name=llm.model_name: (
-                    progress(f"{name}: drafted {i}/{n}") if i % 10 == 0 or i == n else None),
-            ))
-        finally:
-            llm.close()
-        progress(f"{llm.model_name} {served_by}: {rows[-1].seconds:.0f} s")
+    rows += [drafting.score_drafts(subset, passages, drafts, checker) for drafts in all_drafts]
     rows.append(drafting.ceiling_row(subset))
     sections.append(
         "### Impression drafting and citations (Open-i)\n\n"
@@ -101,6 +97,28 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
         "impressions.\n\n" + drafting.drafting_table(rows)
     )
     return "\n\n".join([*sections, f"`{_command(options)}`: {time.perf_counter() - started:.0f} s in all."]) + "\n"
+
+
+def _draft_with(
+    backend: Backend,
+    options: EvalOptions,
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
+    progress: Callable[[str], None],
+    started: float,
+) -> drafting.Drafts:
+    """Open one backend, draft every report of ``subset`` with it, close it."""
+    llm, served_by = _open_backend(backend, options)
+    try:
+        progress(f"{llm.model_name} {served_by} ready, {time.perf_counter() - started:.0f} s")
+        drafts = drafting.generate_drafts(
+            llm, subset, passages, k=options.k, max_new_tokens=options.max_new_tokens, served_by=served_by,
+            progress=lambda i, n: progress(f"{llm.model_name} {served_by}: drafted {i}/{n}, "
+                                           f"{time.perf_counter() - started:.0f} s") if i % 10 == 0 or i == n else None,
+        )
+    finally:
+        llm.close()
+    return drafts
 
 
 def _open_backend(backend: Backend, options: EvalOptions) -> tuple[TextGenerator, str]:
