@@ -199,6 +199,28 @@ def test_heavy_libraries_are_imported_only_in_their_rooms(project: Tree) -> None
     assert out_of_room(project, REPO) == [], f"allowed: {ROOMS}"
 
 
+# Lower packages and the higher ones they must never import (CONVENTIONS.md, "Layers point one way"): the
+# knowledge base, its generation and grounding serve the inference workers and the integration edges.
+LOWER_LAYERS: dict[str, tuple[str, ...]] = {
+    "knowledge": ("inference", "integration", "viewer"),
+    "schemas": ("inference", "integration", "knowledge", "viewer"),
+}
+
+
+def upward_imports(tree: Tree, lower: dict[str, tuple[str, ...]] = LOWER_LAYERS) -> list[str]:
+    """``module -> imported`` for each import from a lower package into one above it."""
+    return sorted(
+        f"{name} -> {target}"
+        for name, targets in tree.imports.items()
+        for target in targets
+        if target.split(".")[0] in lower.get(name.split(".")[0], ())
+    )
+
+
+def test_lower_layers_import_no_higher_one(project: Tree) -> None:
+    assert upward_imports(project) == [], f"move what both need down a layer; layers: {LOWER_LAYERS}"
+
+
 # ---- the checks themselves, on small trees ---------------------------------------------------------
 
 
@@ -252,6 +274,15 @@ def test_layers_that_point_one_way_make_no_cycle(tmp_path: Path) -> None:
                                                        "integration.db.tables"}
     assert tree.imports["integration.fhir"] == {"integration.fhir.search"}
     assert import_cycles(tree.imports) == []
+
+
+def test_an_upward_import_is_found(tmp_path: Path) -> None:
+    repo = write_tree(tmp_path, {
+        "knowledge/__init__.py": "", "inference/__init__.py": "",
+        "knowledge/drafting.py": "def later():\n    from inference.grounding import check\n",
+        "inference/grounding.py": "from knowledge.drafting import later\n\ndef check(): ...\n",
+    })
+    assert upward_imports(scan(repo, ("knowledge", "inference"))) == ["knowledge.drafting -> inference.grounding"]
 
 
 def test_a_crowded_folder_and_a_library_out_of_its_room_are_found(tmp_path: Path) -> None:

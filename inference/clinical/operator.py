@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from inference.clinical.grounding import GroundingChecker, no_supported_sentence_text, parse_citations
 from knowledge.embedding import SentenceEmbedder
 from knowledge.generation.protocol import ChatMessage, TextGenerator
+from knowledge.grounding import GroundingChecker, no_supported_sentence_text, parse_citations
 from knowledge.store import SOURCE_ICD10CM, SOURCE_NOTES, KnowledgeBase, RetrievedPassage, icd10cm_passage_id
 from schemas.clinical import CodedItem, ImpressionGrounding, ObservationItem, PatientContext
 from schemas.events import EvidencePassage

@@ -243,19 +243,39 @@ def _db(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Offline quality measurements on the Open-i reports: prints the Markdown table; ``--output`` also writes it."""
-    from knowledge.evaluation.openi_reports import OpenIError
+    from knowledge.evaluation.openi import OpenIError
     from knowledge.evaluation.report import EvalOptions, run_evaluation
+    from knowledge.generation.backends import GeneratorConfig
     from knowledge.generation.protocol import LLMError
 
     settings = get_settings()
+    if bool(args.base_url) != bool(args.model):
+        raise SystemExit("medbridge eval: --base-url and --model go together (the server's URL and its model's name)")
+    # the clinical worker's server settings (inference.clinical.worker.generator_config), without importing the
+    # worker and the service stack behind it; --base-url/--model name another server
+    server = GeneratorConfig(
+        base_url=args.base_url or settings.llm_base_url,
+        model=args.model or (str(settings.llm_model) if settings.llm_base_url and settings.llm_model else None),
+        api_key=settings.llm_api_key.get_secret_value(), concurrency=settings.llm_concurrency,
+        timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
+        context_tokens=settings.llm_context_tokens, tokenizer=settings.llm_tokenizer,
+    )
+    backend = args.backend or ("both" if server.base_url else "in-process")
+    if backend != "in-process" and not server.base_url:
+        raise SystemExit(f"medbridge eval: --backend {backend} needs a server: set MEDBRIDGE_LLM_BASE_URL and "
+                         "MEDBRIDGE_LLM_MODEL, or pass --base-url URL --model NAME")
     options = EvalOptions(
         limit=args.limit, k=args.k, max_new_tokens=args.max_new_tokens, kb_limit=args.kb_limit,
-        llm_model=settings.llm_model, models_dir=Path(args.models_dir) if args.models_dir else settings.models_dir,
+        # with a server configured, MEDBRIDGE_LLM_MODEL names the served model: in process runs the demo model
+        llm_model=None if settings.llm_base_url else settings.llm_model,
+        models_dir=Path(args.models_dir) if args.models_dir else settings.models_dir,
         threads=args.threads, retrieval_queries=args.retrieval_queries,
+        backends=("in-process", "server") if backend == "both" else (backend,),
+        server=server if server.base_url else None,
     )
     try:
         markdown = run_evaluation(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except (OpenIError, LLMError) as exc:
+    except (OpenIError, LLMError, ValueError) as exc:
         raise SystemExit(f"medbridge eval: {exc}") from None
     print(markdown)
     if args.output:
@@ -327,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--models-dir", help="where the demo LLM is converted (default: the settings' models folder)")
     ev.add_argument("--retrieval-queries", type=int, default=300,
                     help="queries of the retrieval recall@5 section (0 leaves it out)")
+    ev.add_argument("--backend", choices=("in-process", "server", "both"),
+                    help="which models draft (default: in-process, and the server too when one is configured)")
+    ev.add_argument("--base-url", help="an OpenAI-compatible server to draft through, e.g. http://127.0.0.1:8765/v1 "
+                    "(default: MEDBRIDGE_LLM_BASE_URL)")
+    ev.add_argument("--model", help="the served model's name, with --base-url (default: MEDBRIDGE_LLM_MODEL)")
     ev.add_argument("--output", help="also write the Markdown to this file")
     ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Offline measurement of MedBridge's knowledge and drafting quality (``medbridge eval`` and bench/).
 
-``openi_reports``/``openi`` read the Open-i chest X-ray reports that the ``torchxrayvision`` package ships as
+``openi`` reads the Open-i chest X-ray reports that the ``torchxrayvision`` package ships as
 data; ``retrieval`` measures recall@k of BM25, dense and fused retrieval; ``drafting`` measures impression
 drafting and citation grounding. Kept light: nothing heavy is imported here.
 """

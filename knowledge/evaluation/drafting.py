@@ -3,7 +3,7 @@
 For a fixed subset of reports, the model reads a report's FINDINGS and the ``k`` most similar other reports
 (MiniLM, exact cosine scan; the other 3,200+ reports are the knowledge base, numbered passages [1..k]) and
 drafts the IMPRESSION. The draft goes through the same grounding as the clinical operator
-(inference.clinical.grounding), and is scored against the radiologist's impression:
+(knowledge.grounding), and is scored against the radiologist's impression:
 
 - ROUGE-L: F-measure of the longest common subsequence of lower-case word tokens (as ``rouge-score``'s
   ``rougeL`` without stemming).
@@ -20,21 +20,23 @@ cardiopulmonary abnormality", 11.6% of the reports).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from inference.clinical.grounding import (
+from knowledge.embedding import SentenceEmbedder
+from knowledge.evaluation.openi import OpenIReport
+from knowledge.generation.protocol import ChatMessage, TextGenerator
+from knowledge.grounding import (
     GroundingChecker,
     count_citations,
     remove_invalid_citations,
 )
-from knowledge.embedding import SentenceEmbedder
-from knowledge.evaluation.openi_reports import OpenIReport
-from knowledge.generation.protocol import ChatMessage, TextGenerator
 
 # The fixed subset: SUBSET_SIZE reports spread evenly over the report numbers; --limit takes its first N.
 SUBSET_SIZE = 200
@@ -178,8 +180,14 @@ class KnowledgeIndex:
         self.vectors = embedder.embed(self.texts)
 
     def top(self, query: str, k: int) -> list[str]:
-        scores = self.vectors @ self.embedder.embed([query])[0]
-        return [self.texts[i] for i in np.argsort(-scores)[:k]]
+        return self.top_many([query], k)[0]
+
+    def top_many(self, queries: Sequence[str], k: int) -> list[list[str]]:
+        """The ``k`` best passages of each query; the queries are embedded in one batch."""
+        if not queries:
+            return []
+        scores = self.embedder.embed(list(queries)) @ self.vectors.T
+        return [[self.texts[i] for i in np.argsort(-row)[:k]] for row in scores]
 
 
 def build_messages(findings: str, passages: Sequence[str]) -> list[ChatMessage]:
@@ -211,39 +219,66 @@ def ceiling_row(subset: Sequence[OpenIReport]) -> DraftingRow:
     )
 
 
-def draft_row(
-    subset: Sequence[OpenIReport],
-    index: KnowledgeIndex,
+class Drafts(BaseModel):
+    """One backend's raw drafts, in subset order, and what producing them took."""
+
+    model_config = ConfigDict(frozen=True)
+
+    system: str  # the row's label: model, backend, k, token limit
+    texts: tuple[str, ...]
+    hit_limit: tuple[bool, ...]  # the draft used (nearly) all its new tokens: its last sentence may be cut
+    seconds: float
+
+
+def generate_drafts(
     llm: TextGenerator,
-    checker: GroundingChecker,
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
     *,
     k: int,
     max_new_tokens: int,
+    served_by: str = "in process",
     progress: Callable[[int, int], None] | None = None,
+) -> Drafts:
+    """The model's draft of each report's impression, in subset order, up to ``llm.max_concurrency`` at once (a
+    server batches them; in process it is 1). Greedy decoding makes them deterministic given the model, whatever
+    order they finish in. ``served_by`` names the backend in the row's label."""
+    start = time.perf_counter()
+    prompts = [build_messages(r.findings, p) for r, p in zip(subset, passages, strict=True)]
+    texts = _drafts(llm, prompts, max_new_tokens, progress)
+    return Drafts(
+        system=f"{llm.model_name} {served_by} (k={k}, {max_new_tokens} new tokens), grounded",
+        texts=tuple(texts),
+        hit_limit=tuple(llm.count_tokens(t) >= max_new_tokens - 2 for t in texts),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def score_drafts(
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
+    drafts: Drafts,
+    checker: GroundingChecker,
 ) -> DraftingRow:
-    """Draft, ground and score an impression for each report of ``subset``."""
+    """Ground each draft in its passages (as the clinical operator does) and score it against the radiologist's
+    impression; the row's seconds are drafting plus grounding."""
     start = time.perf_counter()
     rouge: list[float] = []
     predicted: list[set[str]] = []
     raw_valid = raw_all = clean_valid = clean_all = supported = sentences = with_citation = 0
-    for i, report in enumerate(subset, 1):
-        passages = index.top(report.findings, k)
-        draft = llm.generate(build_messages(report.findings, passages), max_new_tokens).strip()
-        hit_limit = llm.count_tokens(draft) >= max_new_tokens - 2
-        text, grounding = checker.ground(draft, passages, hit_limit=hit_limit)
+    for report, given, draft, hit_limit in zip(subset, passages, drafts.texts, drafts.hit_limit, strict=True):
+        text, grounding = checker.ground(draft, given, hit_limit=hit_limit)
         raw_all += count_citations(draft)
         raw_valid += grounding.citations_kept
         clean_all += count_citations(text)
-        clean_valid += remove_invalid_citations(text, k)[1]
+        clean_valid += remove_invalid_citations(text, len(given))[1]
         supported += grounding.supported_count
         sentences += len(grounding.sentences)
         with_citation += bool(grounding.citations_kept)
         rouge.append(rouge_l(text, report.impression))
         predicted.append(text_findings(text))
-        if progress is not None:
-            progress(i, len(subset))
     return DraftingRow(
-        system=f"{llm.model_name} in process (k={k}, {max_new_tokens} new tokens), grounded",
+        system=drafts.system,
         reports=len(subset),
         rouge_l=float(np.mean(rouge)) if rouge else 0.0,
         mesh_f1=micro_f1(predicted, [mesh_labels(r) for r in subset]),
@@ -251,8 +286,33 @@ def draft_row(
         citations_valid_grounded=clean_valid / clean_all if clean_all else None,
         sentences_supported=supported / sentences if sentences else None,
         drafts_with_citation=with_citation / len(subset) if subset else None,
-        seconds=time.perf_counter() - start,
+        seconds=drafts.seconds + time.perf_counter() - start,
     )
+
+
+def _drafts(
+    llm: TextGenerator,
+    prompts: Sequence[list[ChatMessage]],
+    max_new_tokens: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[str]:
+    """The model's draft for each prompt, in prompt order, ``llm.max_concurrency`` at a time."""
+    done = 0
+    lock = threading.Lock()
+
+    def draft(messages: list[ChatMessage]) -> str:
+        nonlocal done
+        text = llm.generate(messages, max_new_tokens).strip()
+        if progress is not None:
+            with lock:
+                done += 1
+                progress(done, len(prompts))
+        return text
+
+    if llm.max_concurrency <= 1:
+        return [draft(m) for m in prompts]
+    with ThreadPoolExecutor(max_workers=llm.max_concurrency, thread_name_prefix="eval-draft") as pool:
+        return list(pool.map(draft, prompts))  # map keeps the prompts' order, whatever finishes first
 
 
 def _pct(value: float | None) -> str:

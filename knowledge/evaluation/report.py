@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-from inference.clinical.grounding import GroundingChecker
 from knowledge.embedding import SentenceEmbedder
 from knowledge.evaluation import drafting
-from knowledge.evaluation.openi_reports import load_reports
-from knowledge.generation.transformers_backend import load_text_generator
+from knowledge.evaluation.openi import OpenIReport, load_reports
+from knowledge.generation.backends import GeneratorConfig, open_text_generator
+from knowledge.generation.protocol import TextGenerator
+from knowledge.grounding import GroundingChecker
 
 log = logging.getLogger(__name__)
+
+Backend = Literal["in-process", "server"]
 
 
 class EvalOptions(BaseModel):
     """What ``medbridge eval`` runs. ``limit``: reports of the fixed drafting subset (200 = all of it);
-    ``kb_limit``: knowledge-base reports kept (None = all, about 3,200; fewer for a quick run)."""
+    ``kb_limit``: knowledge-base reports kept (None = all, about 3,200; fewer for a quick run);
+    ``backends``: which models draft, each a row: the in-process transformers model (``llm_model``, None = the
+    demo SmolLM2) and/or the OpenAI-compatible server ``server`` names (its ``base_url`` and ``model``)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -36,12 +44,26 @@ class EvalOptions(BaseModel):
     models_dir: Path
     threads: int | None = 1
     retrieval_queries: int = 300  # 0 leaves the retrieval section out
+    backends: tuple[Backend, ...] = ("in-process",)
+    server: GeneratorConfig | None = None
+
+
+def server_label(base_url: str) -> str:
+    """How a server row is named: "through <host:port> (server)"."""
+    return f"through {urlsplit(base_url).netloc or base_url} (server)"
 
 
 def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.info) -> str:
-    """Run every measurement and return the Markdown (headings, tables, the command's options)."""
+    """Run every measurement and return the Markdown (headings, tables, the command's options).
+
+    Raises:
+        ValueError: the server backend is asked for without a server (a base URL and a model name).
+        knowledge.evaluation.openi.OpenIError, knowledge.generation.protocol.LLMError: see their messages.
+    """
+    if "server" in options.backends and (options.server is None or not options.server.base_url):
+        raise ValueError("the server backend needs MEDBRIDGE_LLM_BASE_URL (or --base-url URL --model NAME)")
     started = time.perf_counter()
-    reports = load_reports()
+    reports = load_reports(keep="findings and impression")
     subset, kb_reports = drafting.split_subset(reports, options.limit)
     if options.kb_limit is not None:
         kb_reports = kb_reports[: options.kb_limit]
@@ -56,36 +78,80 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
 
     embedder = SentenceEmbedder()
     index = drafting.KnowledgeIndex(kb_reports, embedder)
+    passages = index.top_many([r.findings for r in subset], options.k)  # the same passages for every backend
     progress(f"knowledge base embedded ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
-    llm = load_text_generator(options.llm_model, options.models_dir, "cpu", num_threads=options.threads)
-    progress(f"{llm.model_name} loaded, {time.perf_counter() - started:.0f} s")
-    rows = [
-        drafting.baseline_row(subset, answer),
-        drafting.draft_row(
-            subset, index, llm, GroundingChecker(embedder), k=options.k, max_new_tokens=options.max_new_tokens,
-            progress=lambda i, n: progress(f"drafted {i}/{n}") if i % 10 == 0 or i == n else None,
-        ),
-        drafting.ceiling_row(subset),
-    ]
+    # The backends draft at the same time: the in-process model computes on one thread while the server computes
+    # in its own process, so the two rows take about the longer of the two instead of their sum.
+    with ThreadPoolExecutor(max_workers=len(options.backends), thread_name_prefix="eval-backend") as pool:
+        futures = [pool.submit(_draft_with, backend, options, subset, passages, progress, started)
+                   for backend in options.backends]
+        all_drafts = [future.result() for future in futures]
+    checker = GroundingChecker(embedder)
+    rows = [drafting.baseline_row(subset, answer)]
+    rows += [drafting.score_drafts(subset, passages, drafts, checker) for drafts in all_drafts]
+    rows.append(drafting.ceiling_row(subset))
     sections.append(
         "### Impression drafting and citations (Open-i)\n\n"
         f"{len(subset)} reports of the fixed subset (FINDINGS in, IMPRESSION out), {len(kb_reports)} other "
         f"reports as the knowledge base; the baseline's answer is {share:.1%} of the knowledge base's "
         "impressions.\n\n" + drafting.drafting_table(rows)
     )
-    command = (f"medbridge eval --limit {options.limit} --k {options.k} --max-new-tokens {options.max_new_tokens}"
-               f" --retrieval-queries {options.retrieval_queries}"
-               + (f" --kb-limit {options.kb_limit}" if options.kb_limit is not None else ""))
-    return "\n\n".join([*sections, f"`{command}`: {time.perf_counter() - started:.0f} s in all."]) + "\n"
+    return "\n\n".join([*sections, f"`{_command(options)}`: {time.perf_counter() - started:.0f} s in all."]) + "\n"
+
+
+def _draft_with(
+    backend: Backend,
+    options: EvalOptions,
+    subset: Sequence[OpenIReport],
+    passages: Sequence[Sequence[str]],
+    progress: Callable[[str], None],
+    started: float,
+) -> drafting.Drafts:
+    """Open one backend, draft every report of ``subset`` with it, close it."""
+    llm, served_by = _open_backend(backend, options)
+    try:
+        progress(f"{llm.model_name} {served_by} ready, {time.perf_counter() - started:.0f} s")
+        drafts = drafting.generate_drafts(
+            llm, subset, passages, k=options.k, max_new_tokens=options.max_new_tokens, served_by=served_by,
+            progress=lambda i, n: progress(f"{llm.model_name} {served_by}: drafted {i}/{n}, "
+                                           f"{time.perf_counter() - started:.0f} s") if i % 10 == 0 or i == n else None,
+        )
+    finally:
+        llm.close()
+    return drafts
+
+
+def _open_backend(backend: Backend, options: EvalOptions) -> tuple[TextGenerator, str]:
+    """The generator of one backend and how its row names it."""
+    if backend == "server":
+        assert options.server is not None  # checked by run_evaluation
+        return open_text_generator(options.server), server_label(options.server.base_url)
+    from knowledge.generation.transformers_backend import load_text_generator
+
+    return load_text_generator(options.llm_model, options.models_dir, "cpu", num_threads=options.threads), "in process"
+
+
+def _command(options: EvalOptions) -> str:
+    """The command line that reproduces the run (the server's API key is never part of it)."""
+    parts = [f"medbridge eval --limit {options.limit} --k {options.k} --max-new-tokens {options.max_new_tokens}",
+             f"--retrieval-queries {options.retrieval_queries}"]
+    if options.kb_limit is not None:
+        parts.append(f"--kb-limit {options.kb_limit}")
+    backend = "both" if len(set(options.backends)) == 2 else options.backends[0]
+    parts.append(f"--backend {backend}")
+    if "server" in options.backends and options.server is not None:
+        parts.append(f"--base-url {options.server.base_url} --model {options.server.model}")
+    return " ".join(parts)
 
 
 def _retrieval_section(queries: int, k: int = 5) -> str:
-    """Recall@k of BM25, dense and fused retrieval over all the Open-i reports (``retrieval_recall_at_k``)."""
-    from knowledge.evaluation.openi import load_openi_reports
+    """Recall@k of BM25, dense and fused retrieval over the Open-i reports (``retrieval_recall_at_k``)."""
     from knowledge.evaluation.retrieval import retrieval_recall_at_k
 
-    recall = retrieval_recall_at_k(load_openi_reports(), k, queries=queries)
+    reports = load_reports(keep="any text")
+    recall = retrieval_recall_at_k(reports, k, queries=queries)
     rows = "\n".join(f"| {name} | {recall[name]:.3f} |" for name in ("bm25", "dense", "fused"))
-    return (f"### Retrieval (Open-i)\n\n{queries} queries (a report's findings; the report itself excluded), every "
-            f"report one passage; a passage is relevant when it shares a major MeSH term with the query's report.\n\n"
+    return (f"### Retrieval (Open-i)\n\n{queries} queries (a report's findings; the report itself excluded), each "
+            f"of the {len(reports):,} reports with text one passage; a passage is relevant when it shares a major "
+            f"MeSH term with the query's report.\n\n"
             f"| retriever | recall@{k} |\n|---|---|\n{rows}")

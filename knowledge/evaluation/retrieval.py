@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from knowledge.evaluation.openi import RadiologyReport
+from knowledge.evaluation.openi import OpenIReport
 from knowledge.store import KnowledgeBase, Passage
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ SOURCE_OPENI = "Open-i reports"
 DEFAULT_QUERIES = 300
 
 
-def report_passage(report: RadiologyReport) -> Passage:
+def report_passage(report: OpenIReport) -> Passage:
     """The passage a report becomes; its id is ``openi:<uid>``."""
     parts = [f"Findings: {report.findings}" if report.findings else "", f"Impression: {report.impression}"
              if report.impression else ""]
@@ -36,7 +36,7 @@ def report_passage(report: RadiologyReport) -> Passage:
 
 
 def retrieval_recall_at_k(
-    reports: Sequence[RadiologyReport],
+    reports: Sequence[OpenIReport],
     k: int = 5,
     *,
     queries: int = DEFAULT_QUERIES,
@@ -46,7 +46,7 @@ def retrieval_recall_at_k(
     """Mean capped recall@``k`` for ``"bm25"``, ``"dense"`` and ``"fused"`` (see the module docstring).
 
     Args:
-        reports: e.g. ``knowledge.evaluation.openi.load_openi_reports()`` (3,955 reports).
+        reports: e.g. ``knowledge.evaluation.openi.load_reports(keep="any text")`` (every report with text).
         queries: how many reports (with findings and labels) are drawn as queries, with ``seed``;
             all of them when there are fewer.
         kb_path: folder for the knowledge base of the reports; a temporary one by default. Given,

@@ -9,7 +9,7 @@ import pytest
 
 from integration.app.cli import main
 from knowledge.evaluation.drafting import mesh_labels, micro_f1, rouge_l, split_subset, text_findings
-from knowledge.evaluation.openi_reports import OpenIReport, load_reports
+from knowledge.evaluation.openi import OpenIReport, load_reports
 
 
 def test_rouge_l_and_finding_extraction() -> None:
@@ -24,7 +24,7 @@ def test_rouge_l_and_finding_extraction() -> None:
 
 
 def test_the_subset_is_fixed_and_outside_the_knowledge_base() -> None:
-    reports = load_reports()
+    reports = load_reports(keep="findings and impression")
     assert len(reports) > 3000  # the Open-i reports with both findings and an impression
     subset, kb = split_subset(reports, 3)
     again, _ = split_subset(reports, 200)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inference.clinical.grounding import (
+from knowledge.embedding import SentenceEmbedder
+from knowledge.grounding import (
     REASON_NEGATION,
     REASON_NO_CITATION,
     GroundingChecker,
@@ -13,7 +14,6 @@ from inference.clinical.grounding import (
     split_sentences,
     trim_cut_sentence,
 )
-from knowledge.embedding import SentenceEmbedder
 
 PASSAGES = [
     "ICD-10-CM E11.9: Type 2 diabetes mellitus without complications.",
