@@ -1,25 +1,32 @@
 """Imaging pipeline throughput against the bare network forward on the same images, and per-study latency.
 
 Builds an N-image CT-like series (pydicom's 693_UNCR head CT, 512 x 512, each slice with its own noise and
-half with a synthetic lesion) as DICOM files, then times, in this one process:
+half with a synthetic lesion) as DICOM files recorded in a SQLite store, as the DICOM listener records them,
+then times, in this one process and interleaved round by round (the host's load moves between rounds):
 
-  bare forward b1   the demo network's forward alone on the prepared inputs, one image per call
-  bare forward b32  the same, 32 images per call
-  per-image explain the shape of the pipeline before bundles: decode, score and Grad-CAM + 3 PNGs per image
-  pipeline          the worker's path (StudyRun.classify_series + explanations): read, decode, bundle
-                    preprocessing, batched forward, Grad-CAM overlays for the top 3 images only
+  bare forward b32  the demo network's forward alone on the prepared inputs, 32 images per call (the
+                    pipeline's own batch size: the fastest the network goes on these images)
+  bare forward b1   the same, one image per call (--b1; the baseline of the first figures)
+  pipeline          the imaging worker's whole path, ``analyse_study``: the instances read from the store,
+                    their headers, each image decoded and windowed, the bundle's preprocessing, the batched
+                    forward, Grad-CAM overlays and heatmap layers for the top 3 images stored as artifacts in
+                    the database, and the result event built
 
-The ratio is each row's time per image over the bare forward b1's. Usage (the demo bundle is trained quick if
-none is given):
+The ratio is the pipeline's throughput over the bare forward's, median of the rounds (the issue's target:
+within 1.2x, i.e. >= 0.83). Then per-study latency (p50/p95 of ``analyse_study``) for a one-image CR study
+(pydicom's RG1_UNCR, 1955 x 1841) and a 60-slice CT series. Usage (the demo bundle is trained quick if none
+is given):
 
-    PYTHONPATH=$PWD python bench/imaging_pipeline.py [--n 300] [--bundle var/models/demo-lesion-densenet]
+    PYTHONPATH=$PWD python bench/imaging_pipeline.py [--n 300] [--rounds 3] [--bundle var/models/demo-lesion-densenet]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +38,27 @@ from pydicom.uid import generate_uid
 from inference.imaging.bundle import load_bundle
 from inference.imaging.operator import BundleOperator
 from inference.imaging.pixels import dataset_to_image
+from inference.imaging.registry import ModelRegistry, RoutingRule
 from inference.imaging.train import insert_synthetic_lesion
-from inference.imaging.worker import SeriesMember, StudyRun
+from inference.imaging.worker import analyse_study
+from integration.db.store import Store
+from integration.db.tables import utcnow
+from schemas.events import StudyReceived
 
 
-def make_series(folder: Path, n: int) -> list[SeriesMember]:
+def _row(ds: pydicom.Dataset, path: Path) -> dict[str, object]:
+    """The store's columns for an instance written at ``path``, as the DICOM listener records it."""
+    return {"sop_instance_uid": ds.SOPInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
+            "series_instance_uid": ds.SeriesInstanceUID, "sop_class_uid": ds.SOPClassUID,
+            "transfer_syntax_uid": ds.file_meta.TransferSyntaxUID, "modality": ds.Modality, "patient_id": None,
+            "is_image": True, "path": str(path), "size": path.stat().st_size, "received_at": utcnow()}
+
+
+def make_ct_study(store: Store, folder: Path, n: int) -> tuple[StudyReceived, list[Path]]:
     base = pydicom.dcmread(get_testdata_file("693_UNCR.dcm", download=False))
     image = dataset_to_image(base)
     rng = np.random.default_rng(0)
-    series, members = generate_uid(), []
+    study, series, rows, paths = generate_uid(), generate_uid(), [], []
     for i in range(n):
         slice_image = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1).astype(np.float32)
         if i % 2:
@@ -48,28 +67,49 @@ def make_series(folder: Path, n: int) -> list[SeriesMember]:
         ds.PixelData = (slice_image * 4095).round().astype(np.uint16).tobytes()
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, 0, 2048, 4096
-        ds.SeriesInstanceUID = series
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-        path = folder / f"{i:04d}.dcm"
+        path = folder / f"{study[-12:]}-{i:04d}.dcm"
         ds.save_as(path)
-        members.append(SeriesMember(ds.SOPInstanceUID, series, str(path),
-                                    pydicom.dcmread(path, stop_before_pixels=True)))
-    return members
+        rows.append(_row(ds, path))
+        paths.append(path)
+    store.add_instances(rows)
+    return StudyReceived(study_instance_uid=study, revision=1, instance_count=n), paths
 
 
-def timed(fn) -> float:  # noqa: ANN001
+def make_cr_study(store: Store, folder: Path) -> StudyReceived:
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm", download=False))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / "cr.dcm"
+    ds.save_as(path)
+    store.add_instances([_row(ds, path)])
+    return StudyReceived(study_instance_uid=ds.StudyInstanceUID, revision=1, instance_count=1)
+
+
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=300)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=300, help="images in the throughput study (default 300)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each path (default 3)")
+    parser.add_argument("--latency-runs", type=int, default=10, help="runs per latency study (default 10)")
+    parser.add_argument("--b1", action="store_true", help="also time the bare forward one image per call")
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for every path (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="medbridge-imaging-bench-") as tmp:
         folder = Path(tmp)
         bundle = args.bundle
@@ -79,8 +119,11 @@ def main() -> None:
             bundle = folder / "demo-bundle"
             train_demo_model(bundle, quick=True, log=lambda _m: None)
         op = BundleOperator(load_bundle(bundle, args.device), batch_size=32)
-        members = make_series(folder, args.n)
-        inputs = [op.model_input(dataset_to_image(pydicom.dcmread(m.path))) for m in members]
+        registry = ModelRegistry([(op, RoutingRule())])
+        store = Store(f"sqlite:///{folder / 'bench.db'}")
+        store.start()
+        study, paths = make_ct_study(store, folder, args.n)
+        inputs = [op.model_input(dataset_to_image(pydicom.dcmread(p))) for p in paths]
         op.classify_inputs(inputs[:32])  # warm-up
 
         def bare(batch: int) -> None:
@@ -89,32 +132,40 @@ def main() -> None:
             if out.is_cuda:
                 torch.cuda.synchronize()
 
-        def per_image() -> None:
-            for m in members:
-                op.run_dataset(pydicom.dcmread(m.path))
-
-        stored: dict[str, bytes] = {}
-
         def pipeline() -> None:
-            # the worker reads the headers first (routing), then decodes each image once
-            study = [SeriesMember(m.sop_instance_uid, m.series_instance_uid, m.path,
-                                  pydicom.dcmread(m.path, stop_before_pixels=True)) for m in members]
-            run = StudyRun(explain_top=3)
-            run.classify_series(study, [op])
-            heatmaps = run.explanations(lambda png: stored.setdefault(str(len(stored)), png) and str(len(stored)))
-            assert len(run.probabilities) == len(members) and len(heatmaps) == 3
+            analysis = analyse_study(store, registry, study, explain_top=3)
+            assert analysis is not None and len(analysis.event.findings) == args.n
+            assert sum(f.heatmap_artifact_id is not None for f in analysis.event.findings) == 3
 
-        rows = [
-            ("bare forward b1", timed(lambda: bare(1))),
-            ("bare forward b32", timed(lambda: bare(32))),
-            ("pipeline (top-3 explained)", timed(pipeline)),
-            ("per-image explain (before)", timed(per_image)),
-        ]
-        base = rows[0][1]
-        print(f"device {op.bundle.device}, {args.n} images 512x512, torch threads {torch.get_num_threads()}")
-        print(f"{'path':<28} {'total s':>8} {'images/s':>9} {'x bare b1':>10}")
-        for name, seconds in rows:
-            print(f"{name:<28} {seconds:8.2f} {args.n / seconds:9.1f} {seconds / base:10.2f}")
+        paths_timed: dict[str, list[float]] = {"bare forward b32": [], "pipeline": []}
+        if args.b1:
+            paths_timed["bare forward b1"] = []
+        print(f"device {op.bundle.device}, {args.n} images 512x512, torch threads {torch.get_num_threads()}, "
+              f"{args.rounds} rounds")
+        for round_no in range(args.rounds):
+            paths_timed["bare forward b32"].append(timed(lambda: bare(32)))
+            paths_timed["pipeline"].append(timed(pipeline))
+            if args.b1:
+                paths_timed["bare forward b1"].append(timed(lambda: bare(1)))
+            ratio = paths_timed["bare forward b32"][-1] / paths_timed["pipeline"][-1]
+            print(f"  round {round_no + 1}: bare b32 {paths_timed['bare forward b32'][-1]:.2f} s, pipeline "
+                  f"{paths_timed['pipeline'][-1]:.2f} s, pipeline throughput / bare b32 {ratio:.2f}", flush=True)
+        base = statistics.median(paths_timed["bare forward b32"])
+        print(f"{'path (median of rounds)':<26} {'total s':>8} {'images/s':>9} {'throughput / bare b32':>22}")
+        for name, times in paths_timed.items():
+            seconds = statistics.median(times)
+            print(f"{name:<26} {seconds:8.2f} {args.n / seconds:9.1f} {base / seconds:22.2f}")
+        ratios = [b / p for b, p in zip(paths_timed["bare forward b32"], paths_timed["pipeline"], strict=True)]
+        print(f"pipeline throughput / bare forward b32, per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+
+        cr = make_cr_study(store, folder)
+        ct60, _ = make_ct_study(store, folder, 60)
+        print(f"{'per-study latency':<26} {'p50 ms':>8} {'p95 ms':>8} {'runs':>5}")
+        for name, event in (("CR, 1 image 1955x1841", cr), ("CT series, 60 slices", ct60)):
+            runs = [timed(lambda event=event: analyse_study(store, registry, event, explain_top=3)) * 1000
+                    for _ in range(args.latency_runs)]
+            print(f"{name:<26} {percentile(runs, 50):8.0f} {percentile(runs, 95):8.0f} {len(runs):5d}")
+        store.stop()
 
 
 if __name__ == "__main__":

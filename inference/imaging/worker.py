@@ -18,9 +18,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pydicom
+import torch
 from pydicom.errors import InvalidDicomError
 
 from inference.imaging.operator import BundleOperator
@@ -99,6 +101,27 @@ class _Candidate:
     path: str
 
 
+def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator]
+             ) -> tuple[list[SeriesMember], dict[int, list[torch.Tensor]], list[str]]:
+    """The members that decode, each one's input for every operator (by ``id``), and the SOP Instance UIDs of
+    those that do not (logged by hash)."""
+    decoded: list[SeriesMember] = []
+    inputs: dict[int, list[torch.Tensor]] = {id(op): [] for op in operators}
+    skipped: list[str] = []
+    for inst in members:
+        try:
+            image = dataset_to_image(pydicom.dcmread(inst.path))
+            prepared = [(op, op.model_input(image)) for op in operators]
+        except (*_DECODE_ERRORS, ValueError) as exc:
+            log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
+            skipped.append(inst.sop_instance_uid)
+            continue
+        decoded.append(inst)
+        for op, tensor in prepared:
+            inputs[id(op)].append(tensor)
+    return decoded, inputs, skipped
+
+
 def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
     first = members[0].header
     frames = int(first.get("NumberOfFrames", 1) or 1)
@@ -129,35 +152,38 @@ class StudyRun:
         for name, value in probabilities.items():
             merged[name if name not in merged else f"{op.model_name}:{name}"] = value
         self.series_of[inst.sop_instance_uid] = inst.series_instance_uid
-        if op.explains and probabilities:
+        if op.explains and probabilities and op.bundle.spatial_dims == 2:  # Grad-CAM maps are drawn on one image
             best = max(range(len(op.findings)), key=lambda i: probabilities.get(op.findings[i], 0.0))
             self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
                                               op, best, path))
 
     def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
-        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time."""
+        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time.
+
+        The next batch is decoded on a helper thread while this one is scored: decoding (file parsing,
+        windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL."""
         size = min(op.batch_size for op in operators)
-        for start in range(0, len(members), size):
-            chunk, inputs = [], {id(op): [] for op in operators}
-            for inst in members[start:start + size]:
-                try:
-                    image = dataset_to_image(pydicom.dcmread(inst.path))
-                    prepared = [(op, op.model_input(image)) for op in operators]
-                except (*_DECODE_ERRORS, ValueError) as exc:
-                    log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
-                    self.skipped.append(inst.sop_instance_uid)
-                    continue
-                chunk.append(inst)
-                for op, tensor in prepared:
-                    inputs[id(op)].append(tensor)
-            for op in operators:
-                if not chunk:
-                    continue
-                began = time.perf_counter()
-                scored = op.classify_inputs(inputs[id(op)])
-                metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
-                for inst, probabilities in zip(chunk, scored, strict=True):
-                    self.record(op, inst, probabilities, inst.path)
+        chunks = [members[start:start + size] for start in range(0, len(members), size)]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imaging-decode") as decoder:
+            pending = decoder.submit(_prepare, chunks[0], operators)
+            for following in [*chunks[1:], None]:
+                chunk, inputs, skipped = pending.result()
+                if following is not None:
+                    pending = decoder.submit(_prepare, following, operators)
+                self.skipped.extend(skipped)
+                if chunk:
+                    self._score(chunk, inputs, operators)
+
+    def _score(self, chunk: list[SeriesMember], inputs: dict[int, list[torch.Tensor]],
+               operators: Sequence[BundleOperator]) -> None:
+        for op in operators:
+            began = time.perf_counter()
+            scored = op.classify_inputs(inputs[id(op)])
+            metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
+            for inst, probabilities in zip(chunk, scored, strict=True):
+                self.record(op, inst, probabilities, inst.path)
 
     def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Segmentation and 3D bundles on the series assembled into a volume."""
@@ -174,7 +200,7 @@ class StudyRun:
                 self.segmentations.append(op.segment(volume))
                 metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
                 continue
-            probabilities = op.classify_inputs([op.volume_input(volume)])[0]
+            probabilities = op.classify_volume(volume)
             metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
             centre = volume.sop_instance_uids[len(volume.sop_instance_uids) // 2]
             middle = next(m for m in members if m.sop_instance_uid == centre)

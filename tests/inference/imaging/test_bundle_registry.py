@@ -221,3 +221,22 @@ def test_a_bundle_loads_on_its_own_with_its_labels(tmp_path: Path) -> None:
     bundle = load_bundle(_cr_classifier(tmp_path / "cr"), "cpu")
     assert bundle.findings == ("cardiomegaly", "effusion") and bundle.spatial_dims == 2
     assert bundle.preprocessing is not None and bundle.explain_method is None
+
+
+def test_a_bundles_activation_postprocessing_gives_the_same_probabilities_on_a_whole_batch(tmp_path: Path) -> None:
+    """Activationsd alone is applied to the batch at once; any other postprocessing still runs row by row."""
+    from inference.imaging.operator import BundleOperator
+
+    post = {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]}
+    folder = _cr_classifier(tmp_path / "cr")
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").write_text(json.dumps({**config, "postprocessing": post}))
+    op = BundleOperator(load_bundle(folder, "cpu"))
+    images = [np.random.default_rng(seed).random((40, 30), dtype=np.float32) for seed in range(5)]
+    batched = op.classify(images)
+    inputs = torch.stack([op.model_input(image) for image in images])
+    logits = op.forward(inputs).float()
+    by_row = [op.bundle.postprocessing({"pred": row})["pred"].tolist() for row in logits]
+    flat = [value for row in by_row for value in row]
+    assert [p[name] for p in batched for name in ("cardiomegaly", "effusion")] == pytest.approx(flat, abs=1e-6)
+    assert all(sum(p.values()) == pytest.approx(1.0) for p in batched)

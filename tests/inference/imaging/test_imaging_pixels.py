@@ -109,3 +109,18 @@ def test_resize_for_model_letterboxes_and_keeps_aspect() -> None:
     assert (top, box_h) == (0, 64) and box_w == 32 and left == 16
     assert np.allclose(out[:, left : left + box_w], 1.0, atol=1e-5)
     assert np.all(out[:, :left] == 0.0) and np.all(out[:, left + box_w :] == 0.0)
+
+
+@pytest.mark.parametrize("name", ["693_UNCR.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "vlut_04.dcm", "MR2_UNCR.dcm"])
+def test_windowed_images_match_pydicoms_per_pixel_window_bit_for_bit(name: str) -> None:
+    """dataset_to_image windows through a lookup table; the image is exactly pydicom's modality LUT, VOI
+    window (or VOI LUT) and min/max stretch applied to every pixel."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _read(name)
+    assert "WindowCenter" in ds or "VOILUTSequence" in ds
+    windowed = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0).astype(np.float64)
+    expected = ((windowed - windowed.min()) / (windowed.max() - windowed.min())).astype(np.float32)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert np.array_equal(dataset_to_image(ds), expected)
