@@ -94,13 +94,12 @@ def synthetic_dataset(n: int, queries: int) -> Dataset:
 
 def openi_sentences() -> list[str]:
     """Distinct sentences (four words or more) of the Open-i findings and impressions, in a fixed order."""
-    from knowledge.evaluation.openi import load_openi_reports
+    from knowledge.evaluation.openi import load_reports
 
     seen: dict[str, None] = {}
-    for report in load_openi_reports():
+    for report in load_reports(keep="any text"):  # de-identification masks ("XXXX") already removed
         for part in (report.findings, report.impression):
-            # "XXXX" is Open-i's de-identification mask, not text anyone would write
-            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(re.sub(r"\bX{2,}\b", " ", part).split())):
+            for sentence in re.split(r"(?<=[.!?])\s+", part):
                 if len(sentence.split()) >= 4:
                     seen.setdefault(sentence.strip(), None)
     return list(seen)

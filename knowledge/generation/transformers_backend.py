@@ -123,6 +123,7 @@ class TransformersGenerator:
             ValueError: ``max_new_tokens`` < 1.
         """
         import torch
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -143,9 +144,13 @@ class TransformersGenerator:
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                # Tiny models loop on greedy decoding; a mild penalty keeps output readable and
-                # is still deterministic.
-                repetition_penalty=1.1,
+                # Tiny models loop on greedy decoding; a mild penalty keeps output readable and is still
+                # deterministic. On the generated tokens only: generate(repetition_penalty=) also penalises
+                # every prompt token, which pushed SmolLM2 off the words of its findings and passages
+                # (Open-i ROUGE-L 0.03 against 0.38 for the same model through llama.cpp, whose penalty
+                # covers only recent tokens).
+                logits_processor=LogitsProcessorList(
+                    [RepetitionPenaltyLogitsProcessor(1.1, prompt_ignore_length=len(ids))]),
                 pad_token_id=pad_id,
                 # The model's shipped generation config may carry sampling knobs; greedy ignores
                 # them but transformers warns, so clear them explicitly.
