@@ -28,7 +28,7 @@ from integration.db.store import Store
 from integration.db.tables import AiResult, utcnow
 from integration.errors import ExplanationUnavailableError, ResourceNotFoundError
 from integration.phi import uid_hash
-from schemas.api import ExplanationStatus
+from schemas.api import ExplanationState, ExplanationStatus
 from schemas.events import TOPIC_EXPLANATION_REQUESTED, ExplanationRequested
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,17 @@ def _status(ai: AiResult, instance: dict[str, Any]) -> ExplanationStatus:
     sop = instance["sop_instance_uid"]
     if instance.get("heatmap_artifact_id"):
         recorded = (ai.details.get("explanations") or {}).get(sop) or {}
-        return ExplanationStatus(report_id=ai.report_id, sop_instance_uid=sop, state=READY,
+        return ExplanationStatus(report_id=ai.report_id, sop_instance_uid=sop, state="ready",
                                  heatmap_artifact_id=instance["heatmap_artifact_id"],
                                  heatmap_layer_artifact_id=instance.get("heatmap_layer_artifact_id"),
-                                 requested_at=recorded.get("requested_at"))
+                                 reason=None, requested_at=recorded.get("requested_at"))
     recorded = (ai.details.get("explanations") or {}).get(sop)
     if recorded is None:
         raise ResourceNotFoundError(f"DiagnosticReport/{ai.report_id}/images/{sop}/explanation",
                                     "(nobody asked for it: POST to the same path asks)")
-    return ExplanationStatus(report_id=ai.report_id, sop_instance_uid=sop, state=recorded["state"],
+    state: ExplanationState = "failed" if recorded["state"] == FAILED else "pending"
+    return ExplanationStatus(report_id=ai.report_id, sop_instance_uid=sop, state=state,
+                             heatmap_artifact_id=None, heatmap_layer_artifact_id=None,
                              reason=recorded.get("reason"), requested_at=recorded.get("requested_at"))
 
 

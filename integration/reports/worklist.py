@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,7 +52,7 @@ class WorklistFilters:
         e = WorklistEntry
         # one entry per study: its newest report, never a superseded draft. Asked for by their status, the
         # superseded drafts are entries of their own, so a reviewer finds them (and the counts count them)
-        standing = e.latest.is_(True)
+        standing: ColumnElement[bool] = e.latest.is_(True)
         if SUPERSEDED_STATUS in self.status:
             standing = or_(standing, FhirResource.status == SUPERSEDED_STATUS)
         out: list[Any] = [standing]
