@@ -78,6 +78,12 @@ class ReviewRefusedError(MedBridgeError):
         self.current_status = current_status
 
 
+class ExplanationUnavailableError(MedBridgeError):
+    """An explanation map asked for an image whose model renders none (HTTP 409)."""
+
+    status_code = 409
+
+
 class PreconditionRequiredError(MedBridgeError):
     """A change that must name the version it was based on came without If-Match (HTTP 428)."""
 

@@ -15,6 +15,8 @@ ReviewAction = Literal["final", "amended", "entered-in-error"]
 # why a reviewer rejects (entered-in-error) an AI report; "other" needs a comment saying what
 RejectionReason = Literal["wrong-finding", "missed-finding", "poor-image-quality", "not-applicable", "other"]
 REJECTION_REASONS: tuple[str, ...] = get_args(RejectionReason)
+# where an explanation map asked for on demand stands (integration.reports.explanations)
+ExplanationState = Literal["pending", "ready", "failed"]
 
 
 class ReportSummary(BaseModel):
@@ -37,6 +39,23 @@ class InstanceResult(BaseModel):
     heatmap_layer_artifact_id: str | None = Field(
         None, description="the heatmap alone (8-bit grey PNG of its intensity at the image's geometry, to colour "
                           "and blend over a rendered frame), at GET /api/artifacts/{id}; absent on older results")
+    explainable: bool | None = Field(
+        None, description="whether its explanation map can be asked for (POST .../images/{sop}/explanation); "
+                          "None on results from before this was recorded")
+    explanation: ExplanationState | None = Field(None, description="where an explanation asked for stands")
+
+
+class ExplanationStatus(BaseModel):
+    """An explanation map asked for on demand: pending (the imaging worker renders it), ready (the artifacts
+    named, and the report's instance names them too), or failed with the reason (asking again retries)."""
+
+    report_id: str
+    sop_instance_uid: str
+    state: ExplanationState
+    heatmap_artifact_id: str | None = Field(None, description="the overlay PNG, at GET /api/artifacts/{id}")
+    heatmap_layer_artifact_id: str | None = Field(None, description="the heatmap alone, at GET /api/artifacts/{id}")
+    reason: str | None = Field(None, description="why it failed")
+    requested_at: datetime | None = None
 
 
 class ReviewRecord(BaseModel):

@@ -21,6 +21,7 @@ TOPIC_IMAGING_COMPLETED = "medbridge.imaging.completed.v1"
 TOPIC_CLINICAL_COMPLETED = "medbridge.clinical.completed.v1"
 TOPIC_REPORT_ISSUED = "medbridge.report.issued.v1"
 TOPIC_DEAD_LETTER = "medbridge.deadletter.v1"
+TOPIC_EXPLANATION_REQUESTED = "medbridge.explanation.requested.v1"
 
 # The consumer that must record each topic's events as processed (the outbox republishes the rest)
 IMAGING_WORKER = "imaging-worker"
@@ -31,6 +32,7 @@ CONSUMER_OF_TOPIC = {
     TOPIC_RECORD_RECEIVED: CLINICAL_WORKER,
     TOPIC_IMAGING_COMPLETED: REPORT_WRITER,
     TOPIC_CLINICAL_COMPLETED: REPORT_WRITER,
+    TOPIC_EXPLANATION_REQUESTED: IMAGING_WORKER,  # the models are loaded there, never in the API
 }
 
 # Topics published through the outbox that no consumer must process: the outbox publishes them once and
@@ -47,6 +49,7 @@ ALL_TOPICS = (
     TOPIC_CLINICAL_COMPLETED,
     TOPIC_REPORT_ISSUED,
     TOPIC_DEAD_LETTER,
+    TOPIC_EXPLANATION_REQUESTED,
 )
 
 
@@ -105,6 +108,9 @@ class InstanceFinding(BaseModel):
     heatmap_layer_artifact_id: ArtifactId | None = Field(
         None, description="the heatmap alone: an 8-bit grey PNG of the Grad-CAM intensity at the image's geometry, "
                           "in the artifact store")
+    # Optional and additive as the layer is: whether a model that scored this image can render its explanation map
+    # on request (POST /api/reports/{id}/images/{sop}/explanation); None on results from before it (the worker decides).
+    explainable: bool | None = None
 
 
 class CodedConcept(BaseModel):
@@ -194,6 +200,18 @@ class ClinicalInferenceCompleted(_Event):
     )
 
 
+class ExplanationRequested(_Event):
+    """A reviewer asked for the explanation map of one image of an imaging result that has none (the worker
+    renders them only for the top images of a study). The imaging worker renders it and records it against
+    the result (integration.reports.explanations); asking again while it is pending publishes nothing."""
+
+    event_type: Literal["ExplanationRequested"] = "ExplanationRequested"
+    report_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
 class ReportIssued(_Event):
     event_type: Literal["ReportIssued"] = "ReportIssued"
     report_id: str
@@ -202,7 +220,8 @@ class ReportIssued(_Event):
 
 
 MedBridgeEvent = Annotated[
-    StudyReceived | RecordReceived | ImagingInferenceCompleted | ClinicalInferenceCompleted | ReportIssued,
+    StudyReceived | RecordReceived | ImagingInferenceCompleted | ClinicalInferenceCompleted | ReportIssued
+    | ExplanationRequested,
     Field(discriminator="event_type"),
 ]
 
@@ -224,4 +243,5 @@ TOPIC_OF_EVENT: dict[type[AnyEvent], str] = {
     ImagingInferenceCompleted: TOPIC_IMAGING_COMPLETED,
     ClinicalInferenceCompleted: TOPIC_CLINICAL_COMPLETED,
     ReportIssued: TOPIC_REPORT_ISSUED,
+    ExplanationRequested: TOPIC_EXPLANATION_REQUESTED,
 }

@@ -8,6 +8,7 @@ from integration.reports.writer import ReportWriter
 from schemas.events import (
     CONSUMER_OF_TOPIC,
     ClinicalInferenceCompleted,
+    ExplanationRequested,
     ImagingInferenceCompleted,
     RecordReceived,
     StudyReceived,
@@ -15,7 +16,7 @@ from schemas.events import (
 
 
 def test_each_worker_handles_its_types_and_is_the_consumer_the_relay_waits_for() -> None:
-    assert set(ImagingWorker.handled) == {StudyReceived}
+    assert set(ImagingWorker.handled) == {StudyReceived, ExplanationRequested}
     assert set(ClinicalWorker.handled) == {RecordReceived}
     assert set(ReportWriter.handled) == {ImagingInferenceCompleted, ClinicalInferenceCompleted}
     # an event on a topic is republished until CONSUMER_OF_TOPIC's consumer records it processed,

@@ -77,6 +77,14 @@ class Api:
         return self._send("POST", f"/api/reports/{report_id}/review", json=decision,
                           headers={"If-Match": etag}).json()
 
+    def request_explanation(self, report_id: str, sop: str) -> dict[str, Any]:
+        """Ask the imaging worker for the image's heatmap; its state (pending, or ready when it has one)."""
+        return self._send("POST", f"/api/reports/{report_id}/images/{sop}/explanation").json()
+
+    def explanation(self, report_id: str, sop: str) -> dict[str, Any]:
+        """Where a heatmap asked for stands: pending, ready, or failed with the reason."""
+        return self._send("GET", f"/api/reports/{report_id}/images/{sop}/explanation").json()
+
     def instances(self, study: str) -> list[dict[str, Any]]:
         """QIDO-RS: the study's instances (DICOM JSON)."""
         return self._send("GET", f"/dicomweb/studies/{study}/instances",

@@ -1,7 +1,8 @@
 """Image review through DICOMweb: the study's series (thumbnails), a slider and keys to scroll, window/level
 presets per modality or a free window, zoom, the model's heatmap over the image (on/off, opacity, colour
 bar) beside the original, and the probability of each finding per image as a plot. The image the model
-scored highest is the one shown first."""
+scored highest is the one shown first. The worker renders heatmaps for the top images only: for another, the
+reviewer asks (Compute heatmap), the page polls until the imaging worker has rendered it, then shows it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from viewer import imaging
-from viewer.client import Api
+from viewer.client import Api, ApiError
 from viewer.settings import ViewerSettings
 
 SOP, SERIES, NUMBER, MODALITY = "00080018", "0020000E", "00200013", "00080060"
@@ -70,13 +71,62 @@ def heatmap_over(api: Api, frame: bytes, result: dict[str, Any], opacity: float)
     return imaging.blend(frame, api.artifact(str(result["heatmap_artifact_id"])), opacity)
 
 
+def _asked_key(result: dict[str, Any]) -> str:
+    return f"explain:{result['report_id']}:{result['sop_instance_uid']}"
+
+
+@st.fragment(run_every=1.0)
+def computing(api: Api, result: dict[str, Any]) -> None:
+    """While the imaging worker renders the heatmap asked for: "Computing…", polled each second; once it is
+    ready (or failed) the whole page runs again, and the report it reloads names the heatmap (or the reason)."""
+    try:
+        status = api.explanation(result["report_id"], result["sop_instance_uid"])
+    except ApiError as exc:
+        st.error(exc.message)
+        return
+    if status["state"] == "pending":
+        st.info("Computing… the imaging worker is rendering this image's heatmap.")
+        return
+    st.session_state.pop(_asked_key(result), None)
+    st.rerun()
+
+
+def heatmap_on_demand(api: Api, result: dict[str, Any]) -> None:
+    """For a scored image without a heatmap: a button that asks for one (reviewers), or its progress."""
+    if result.get("explainable") is False:
+        st.info("The model produced no heatmap for this image, and renders none on request.")
+        return
+    if result.get("explanation") == "pending" or st.session_state.get(_asked_key(result)):
+        computing(api, result)
+        return
+    st.info("The model produced no heatmap for this image (it renders them for the top-scoring images).")
+    if result.get("explanation") == "failed":
+        reason = _failure(api, result)
+        st.warning(f"The heatmap asked for could not be computed: {reason}. Ask again to retry.")
+    if st.button("Compute heatmap", key=f"compute:{_asked_key(result)}"):
+        try:
+            status = api.request_explanation(result["report_id"], result["sop_instance_uid"])
+        except ApiError as exc:
+            st.error(exc.message)
+            return
+        st.session_state[_asked_key(result)] = status["state"] == "pending"
+        st.rerun()
+
+
+def _failure(api: Api, result: dict[str, Any]) -> str:
+    try:
+        return str(api.explanation(result["report_id"], result["sop_instance_uid"]).get("reason") or "no reason given")
+    except ApiError as exc:
+        return exc.message
+
+
 def show(api: Api, settings: ViewerSettings, reports: list[dict[str, Any]]) -> None:
     latest = reports[-1]
     study = latest.get("study_instance_uid")
     if not study:
         st.warning("This report names no study: there are no images to review.")
         return
-    results = {i["sop_instance_uid"]: i for d in reports for i in d["instances"]}
+    results = {i["sop_instance_uid"]: {**i, "report_id": d["id"]} for d in reports for i in d["instances"]}
     by_series = study_images(api, study, results)
     if not by_series:
         st.warning("The study's images are not in MedBridge's store (DICOMweb finds none).")
@@ -134,6 +184,8 @@ def show(api: Api, settings: ViewerSettings, reports: list[dict[str, Any]]) -> N
             st.image(imaging.colour_bar(), caption="Model attention: low → high")
         elif has_heat:
             st.info("Heatmap hidden (toggle it on to compare).")
+        elif result:
+            heatmap_on_demand(api, result)
         else:
             st.info("The model produced no heatmap for this image.")
     if image["result"]:

@@ -11,7 +11,8 @@ import streamlit as st
 from viewer.client import Api
 from viewer.settings import ViewerSettings
 
-STATUSES = ["preliminary", "final", "amended", "entered-in-error"]
+# cancelled: a clinical draft superseded by a newer one of the patient's (integration.reports.supersession)
+STATUSES = ["preliminary", "final", "amended", "entered-in-error", "cancelled"]
 SORTS = {"AI probability (highest first)": "probability", "Priority (stat first)": "priority",
          "Waiting time (longest first)": "waiting"}
 

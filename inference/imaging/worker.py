@@ -10,6 +10,8 @@ overlay PNG and heatmap layer is stored in the artifact store (the database, so 
 access to this host's files); the result event names them by artifact id and goes back to the consumer base,
 which writes it to the outbox in the transaction that records the StudyReceived event as processed.
 Segmentation outputs are returned beside the event (:class:`StudyAnalysis`) for the DICOM SEG builder.
+The map of an image outside the top N is rendered when a reviewer asks (ExplanationRequested, published by the
+API: :mod:`integration.reports.explanations` says why an event) by the same code, and recorded against the result.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from integration.errors import PermanentEventError
 from integration.events.consumer import ConsumerOptions, ConsumerWorker, Outcome, Publish, handles
 from integration.observability import metrics
 from integration.phi import uid_hash
+from integration.reports.explanations import ExplanationRecord
 from schemas.events import (
     IMAGING_WORKER,
+    ExplanationRequested,
     ImagingInferenceCompleted,
     InstanceFinding,
     StudyReceived,
@@ -222,6 +226,47 @@ class StudyRun:
         return chosen
 
 
+def _per_image(op: BundleOperator) -> bool:
+    """A 2D classifier: scored (and explained) image by image."""
+    return op.bundle.spatial_dims == 2 and op.bundle.task == "classification"
+
+
+def explain_on_demand(store: Store, registry: ModelRegistry, event: ExplanationRequested) -> ExplanationRecord:
+    """The explanation map of the one image a reviewer asked for, rendered as the top images' are
+    (:meth:`StudyRun.explanations`: scored again by the result's 2D models that explain, the map of the first one's
+    most probable finding), its PNGs stored before the outcome that names them. A failure is an outcome too
+    (``reason``), shown to the reviewer: asking again retries."""
+    def failed(reason: str) -> ExplanationRecord:
+        log.info("explanation map of image %s not rendered: %s", uid_hash(event.sop_instance_uid), reason)
+        return ExplanationRecord(event.report_id, event.sop_instance_uid, reason=reason)
+
+    result = store.get_ai_result(event.report_id)
+    if result is None:
+        return failed("the report is no longer stored")
+    done = next((i for i in result.details.get("instances", [])
+                 if i.get("sop_instance_uid") == event.sop_instance_uid and i.get("heatmap_artifact_id")), None)
+    if done is not None:  # rendered meanwhile (a redelivery, or the study's own run): nothing to compute
+        return ExplanationRecord(event.report_id, event.sop_instance_uid, done["heatmap_artifact_id"],
+                                 done.get("heatmap_layer_artifact_id"))
+    models = {m.strip() for m in str(result.details.get("model_name") or "").split(",")}
+    operators = [op for op in registry.operators if op.model_name in models and op.explains and _per_image(op)]
+    if not operators:
+        return failed(f"no model of this result that this worker runs renders an explanation map "
+                      f"(the result's models: {', '.join(sorted(models)) or 'none'})")
+    stored = store.get_instance(event.sop_instance_uid)
+    if stored is None:
+        return failed("the image is no longer in MedBridge's store")
+    run = StudyRun(explain_top=1)
+    member = SeriesMember(stored.sop_instance_uid, stored.series_instance_uid, str(stored.path), pydicom.Dataset())
+    run.classify_series([member], operators)
+    heatmaps = run.explanations(lambda png: store_overlay(store, png))
+    if event.sop_instance_uid not in heatmaps:
+        return failed("the image could not be decoded")
+    overlay, layer = heatmaps[event.sop_instance_uid]
+    log.info("explanation map of image %s rendered on demand", uid_hash(event.sop_instance_uid))
+    return ExplanationRecord(event.report_id, event.sop_instance_uid, overlay, layer)
+
+
 def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember], list[str], int]:
     images = [i for i in store.study_instances(event.study_instance_uid) if i.is_image]
     # None: an instance stored before announcements recorded their revision, inferred as before
@@ -259,13 +304,15 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
             log.info("series %s: no model routes to it", uid_hash(members[0].series_instance_uid))
             run.skipped.extend(m.sop_instance_uid for m in members)
             continue
-        per_image = [op for op in operators if op.bundle.spatial_dims == 2 and op.bundle.task == "classification"]
+        per_image = [op for op in operators if _per_image(op)]
         per_volume = [op for op in operators if op not in per_image]
         if per_image:
             run.classify_series(members, per_image)
         if per_volume:
             run.volume_series(members, per_volume)
     heatmaps = run.explanations(lambda png: store_overlay(store, png))
+    # images a 2D model could explain: a reviewer may ask for those outside the top N (explain_on_demand)
+    explainable = {c.sop_instance_uid for c in run.candidates if _per_image(c.operator)}
     findings = [
         InstanceFinding(
             sop_instance_uid=sop,
@@ -273,6 +320,7 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
             probabilities=probabilities,
             heatmap_artifact_id=heatmaps.get(sop, (None, None))[0],
             heatmap_layer_artifact_id=heatmaps.get(sop, (None, None))[1],
+            explainable=sop in explainable,
         )
         for sop, probabilities in run.probabilities.items()
     ]
@@ -325,3 +373,8 @@ class ImagingWorker(ConsumerWorker):
         if analysis is None:
             return None
         return Publish(analysis.event, key=event.study_instance_uid)
+
+    @handles(ExplanationRequested)
+    async def on_explanation_requested(self, event: ExplanationRequested) -> Outcome | None:
+        assert self.registry is not None, "load() runs before the first event"
+        return await asyncio.to_thread(explain_on_demand, self.store, self.registry, event)

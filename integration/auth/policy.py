@@ -102,12 +102,17 @@ _API_ADMIN_PREFIXES = ("/api/dead-letters", "/api/dicom-exports", "/api/writebac
 _API_SEARCHES = ("/api/reports", "/api/worklist", "/api/quality", "/api/feedback")
 
 
+# asking for an image's explanation map makes the imaging worker render it: a reviewer's act, not a read
+EXPLANATION_ROUTE = "/api/reports/{report_id}/images/{sop_instance_uid}/explanation"
+
+
 def api_requirement(method: str, route_path: str, params: dict[str, Any]) -> Requirement:
     """/api: the worklist and report reads need DiagnosticReport read scopes, a review the reviewer role,
     the operational lists and replays the admin role."""
     if route_path.startswith(_API_ADMIN_PREFIXES):
         return ADMIN
-    if route_path in ("/api/reports/{report_id}/review", "/api/reports/{report_id}/claim"):
+    if route_path in ("/api/reports/{report_id}/review", "/api/reports/{report_id}/claim") or (
+            method == "POST" and route_path == EXPLANATION_ROUTE):
         return Requirement(scope=REVIEW_SCOPE)
     if method == "GET":
         return Requirement("DiagnosticReport", "s" if route_path in _API_SEARCHES else "r")

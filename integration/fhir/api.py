@@ -28,6 +28,7 @@ from integration.auth.policy import check_bundle_entries
 from integration.db.tables import FhirResource
 from integration.errors import (
     ConcurrentWriteError,
+    ExplanationUnavailableError,
     InvalidResourceError,
     PreconditionRequiredError,
     ProtectedResourceError,
@@ -636,6 +637,10 @@ def install_exception_handlers(app: Any) -> None:
     @app.exception_handler(ReviewRefusedError)
     async def _refused(_: Request, exc: ReviewRefusedError) -> Response:
         return outcome_response(409, [("DiagnosticReport.status", str(exc))], "business-rule")
+
+    @app.exception_handler(ExplanationUnavailableError)
+    async def _unexplained(_: Request, exc: ExplanationUnavailableError) -> Response:
+        return outcome_response(409, [("sop_instance_uid", str(exc))], "business-rule")
 
     @app.exception_handler(PreconditionRequiredError)
     async def _precondition(_: Request, exc: PreconditionRequiredError) -> Response:

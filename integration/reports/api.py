@@ -21,10 +21,12 @@ from integration.errors import InvalidResourceError, PreconditionRequiredError, 
 from integration.events import dead_letters as letters
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.fhir.storage import get_resource, search_resources
+from integration.reports import explanations
 from integration.reports.writer import apply_review
 from schemas.api import (
     DeliveryRecord,
     DicomExportRecord,
+    ExplanationStatus,
     InstanceResult,
     ReportDetail,
     ReportSummary,
@@ -85,6 +87,8 @@ def _detail(services: Services, report_id: str) -> ReportDetail:
                 has_heatmap=bool(i.get("heatmap_artifact_id")),
                 heatmap_artifact_id=i.get("heatmap_artifact_id"),
                 heatmap_layer_artifact_id=i.get("heatmap_layer_artifact_id"),
+                explainable=i.get("explainable"),
+                explanation=((ai.details.get("explanations") or {}).get(i["sop_instance_uid"]) or {}).get("state"),
             )
             for i in ai.details.get("instances", [])
         ],
@@ -377,3 +381,44 @@ def writebacks(services: ServicesDep, state: StateQuery = None,
 def replay_writeback(job_id: int, services: ServicesDep) -> dict[str, Any]:
     """Queue a dead writeback again (after fixing what made the upstream refuse it)."""
     return _writeback_summary(_replay(services, job_id, "ehr", "writeback", "GET /api/writebacks"))
+
+
+# explanation maps on demand (integration.reports.explanations): the imaging worker renders them, never the API
+ExplanationAudit = Annotated[RequestAudit, audited(audit_events.DICOM_RETRIEVE)]
+
+
+def _explanation_audit(audit: RequestAudit, services: Services, report_id: str) -> None:
+    audit.about(f"DiagnosticReport/{report_id}")
+    ai = _ai_result(services, report_id)
+    audit.about(f"DiagnosticReport/{report_id}", ai.subject_ref)
+    if ai.study_instance_uid:
+        audit.add(audit_events.study_entity(ai.study_instance_uid))
+
+
+@router.post("/reports/{report_id}/images/{sop_instance_uid}/explanation", response_model=ExplanationStatus,
+             status_code=202,
+             responses={200: {"description": "ready already: the image has its explanation map"},
+                        404: {"description": "no such report, or the report has no result for this image"},
+                        409: {"description": "the model that scored the image renders no explanation map"}})
+def ask_for_explanation(report_id: str, sop_instance_uid: str, services: ServicesDep, response: Response,
+                        audit: ExplanationAudit) -> ExplanationStatus:
+    """Ask for the explanation map (Grad-CAM heatmap) of one image of an imaging result that has none (the
+    imaging worker renders them only for the top images of a study). Reviewer role. 202 while the worker
+    renders it (poll GET on the same path), 200 once it is ready; asking again does not render it again."""
+    _explanation_audit(audit, services, report_id)
+    status, asked = explanations.request_explanation(services.store, report_id, sop_instance_uid)
+    if asked:
+        services.notify_outbox()  # the relay publishes it now, not at its next poll
+    if status.state != explanations.PENDING:
+        response.status_code = 200
+    return status
+
+
+@router.get("/reports/{report_id}/images/{sop_instance_uid}/explanation", response_model=ExplanationStatus,
+            responses={404: {"description": "no such report or image, or nobody asked for its explanation map"}})
+def explanation_status(report_id: str, sop_instance_uid: str, services: ServicesDep,
+                       audit: Annotated[RequestAudit, audited(audit_events.FHIR_READ)]) -> ExplanationStatus:
+    """Where the image's explanation map stands: pending, ready (with its artifact ids) or failed (with the
+    reason; POST again to retry)."""
+    _explanation_audit(audit, services, report_id)
+    return explanations.explanation_state(services.store, report_id, sop_instance_uid)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,7 @@ from integration.errors import ResourceNotFoundError
 from integration.fhir.resources import allowed_codes, is_fhir_id
 from integration.identity import Actor
 from integration.reports.index import PRIORITY_NAMES, index_missing
+from integration.reports.supersession import SUPERSEDED_STATUS
 from schemas.worklist import Claim, StudyReport, WorklistItem, WorklistPage, WorklistSort
 
 router = APIRouter(prefix="/api")
@@ -49,7 +50,12 @@ class WorklistFilters:
 
     def conditions(self, with_status: bool = True) -> list[Any]:
         e = WorklistEntry
-        out: list[Any] = [e.latest.is_(True)]
+        # one entry per study: its newest report, never a superseded draft. Asked for by their status, the
+        # superseded drafts are entries of their own, so a reviewer finds them (and the counts count them)
+        standing: ColumnElement[bool] = e.latest.is_(True)
+        if SUPERSEDED_STATUS in self.status:
+            standing = or_(standing, FhirResource.status == SUPERSEDED_STATUS)
+        out: list[Any] = [standing]
         if with_status and self.status:
             out.append(FhirResource.status.in_(self.status))
         if self.kind:

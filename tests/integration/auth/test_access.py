@@ -75,6 +75,7 @@ def test_every_openapi_route_refuses_a_token_of_the_wrong_role(app: TestClient) 
             writes = method != "GET" and path.startswith(("/fhir", "/dicomweb"))
             forbidden = ((path.startswith(ADMIN_ONLY) and role != "admin")
                          or (path.endswith(("/review", "/claim")) and role != "reviewer")
+                         or (method == "POST" and path.endswith("/explanation") and role != "reviewer")
                          or (writes and role != "integration"))
             response = send(app, method, path, authorized.headers(role))
             if forbidden:

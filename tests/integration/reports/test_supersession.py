@@ -78,6 +78,19 @@ def test_a_newer_draft_cancels_the_preliminary_one_and_the_worklist_shows_one(st
     assert report(api, second)["status"] == "preliminary" and report(api, first)["status"] == "cancelled"
 
 
+def test_the_cancelled_status_filter_lists_the_superseded_drafts_as_entries_of_their_own(
+        store: Store, api: httpx.Client) -> None:
+    first, second = draft(store, 1), draft(store, 2)
+    page = api.get("/api/worklist", params={"kind": "clinical", "patient": PATIENT,
+                                            "status": "preliminary,cancelled"}).json()
+    assert {i["report_id"]: i["status"] for i in page["items"]} == {first: "cancelled", second: "preliminary"}
+    assert page["total"] == 2 and page["counts"] == {"cancelled": 1, "preliminary": 1}
+    cancelled = api.get("/api/worklist", params={"kind": "clinical", "status": "cancelled"}).json()
+    assert [i["report_id"] for i in cancelled["items"]] == [first] and cancelled["total"] == 1
+    # without asking for them, the patient's one entry stands alone
+    assert [i["report_id"] for i in clinical_worklist(api)] == [second]
+
+
 def test_a_signed_report_is_never_superseded(store: Store, api: httpx.Client) -> None:
     first = draft(store, 1)
     assert sign(api, first).status_code == 200
