@@ -22,10 +22,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from integration.db.store import Store
-from integration.db.tables import AiResult, utcnow
+from integration.db.tables import AiResult, DeadLetter, utcnow
 from integration.errors import ExplanationUnavailableError, ResourceNotFoundError
 from integration.phi import uid_hash
 from schemas.api import ExplanationState, ExplanationStatus
@@ -44,7 +45,17 @@ def _instance(ai: AiResult, sop_instance_uid: str) -> dict[str, Any]:
     raise ResourceNotFoundError(f"DiagnosticReport/{ai.report_id}/images", sop_instance_uid)
 
 
-def _status(ai: AiResult, instance: dict[str, Any]) -> ExplanationStatus:
+def _dead_letter_error(s: Session, ai: AiResult, sop_instance_uid: str) -> str | None:
+    """Why the pending request's event was dead-lettered (and not replayed), or None: a request whose event the
+    worker kept failing on would otherwise stay pending for ever."""
+    recorded = (ai.details.get("explanations") or {}).get(sop_instance_uid) or {}
+    if recorded.get("state") != PENDING or not recorded.get("event_id"):
+        return None
+    return s.scalar(select(DeadLetter.error).where(DeadLetter.event_id == recorded["event_id"],
+                                                   DeadLetter.replayed_at.is_(None)).limit(1))
+
+
+def _status(ai: AiResult, instance: dict[str, Any], dead_letter: str | None = None) -> ExplanationStatus:
     sop = instance["sop_instance_uid"]
     if instance.get("heatmap_artifact_id"):
         recorded = (ai.details.get("explanations") or {}).get(sop) or {}
@@ -56,10 +67,11 @@ def _status(ai: AiResult, instance: dict[str, Any]) -> ExplanationStatus:
     if recorded is None:
         raise ResourceNotFoundError(f"DiagnosticReport/{ai.report_id}/images/{sop}/explanation",
                                     "(nobody asked for it: POST to the same path asks)")
-    state: ExplanationState = "failed" if recorded["state"] == FAILED else "pending"
+    state: ExplanationState = "failed" if recorded["state"] == FAILED or dead_letter else "pending"
+    reason = f"the imaging worker could not render it: {dead_letter}" if dead_letter else recorded.get("reason")
     return ExplanationStatus(report_id=ai.report_id, sop_instance_uid=sop, state=state,
                              heatmap_artifact_id=None, heatmap_layer_artifact_id=None,
-                             reason=recorded.get("reason"), requested_at=recorded.get("requested_at"))
+                             reason=reason, requested_at=recorded.get("requested_at"))
 
 
 def _locked(s: Session, report_id: str) -> AiResult:
@@ -72,17 +84,18 @@ def _locked(s: Session, report_id: str) -> AiResult:
 def explanation_state(store: Store, report_id: str, sop_instance_uid: str) -> ExplanationStatus:
     """Where the explanation map of the image stands; ResourceNotFoundError (404) for an unknown report or
     image, or an image whose map nobody asked for and the worker did not render."""
-    ai = store.get_ai_result(report_id)
-    if ai is None:
-        raise ResourceNotFoundError("DiagnosticReport", report_id)
-    return _status(ai, _instance(ai, sop_instance_uid))
+    with store.session() as s:
+        ai = s.get(AiResult, report_id)
+        if ai is None:
+            raise ResourceNotFoundError("DiagnosticReport", report_id)
+        return _status(ai, _instance(ai, sop_instance_uid), _dead_letter_error(s, ai, sop_instance_uid))
 
 
 def request_explanation(store: Store, report_id: str, sop_instance_uid: str) -> tuple[ExplanationStatus, bool]:
     """Ask for the image's explanation map; (its state, whether this call asked the worker). Idempotent: an
-    image that has one is ready, one asked for is pending, and neither publishes anything; a failed one is
-    asked anew. ResourceNotFoundError (404) for an unknown report or image, ExplanationUnavailableError
-    (409) when the model that scored it renders no explanation map."""
+    image that has one is ready, one asked for is pending, and neither publishes anything; a failed one (or a
+    pending one whose event was dead-lettered) is asked anew. ResourceNotFoundError (404) for an unknown report
+    or image, ExplanationUnavailableError (409) when the model that scored it renders no explanation map."""
     with store.session(durable=True) as s:
         ai = _locked(s, report_id)
         instance = _instance(ai, sop_instance_uid)
@@ -92,7 +105,8 @@ def request_explanation(store: Store, report_id: str, sop_instance_uid: str) -> 
                 "explanation map (its bundle's metadata asks for none: medbridge.explain)")
         explanations = dict(ai.details.get("explanations") or {})
         current = explanations.get(sop_instance_uid) or {}
-        if instance.get("heatmap_artifact_id") or current.get("state") == PENDING:
+        dead_letter = _dead_letter_error(s, ai, sop_instance_uid)  # pending, but its event was dead-lettered
+        if instance.get("heatmap_artifact_id") or (current.get("state") == PENDING and not dead_letter):
             return _status(ai, instance), False
         event = ExplanationRequested(report_id=report_id, study_instance_uid=ai.study_instance_uid or "",
                                      series_instance_uid=instance.get("series_instance_uid") or "",

@@ -116,6 +116,19 @@ def test_a_failure_is_shown_with_its_reason_and_asking_again_asks_anew(
     assert len(_requests(store)) == 2
 
 
+def test_a_request_the_worker_dead_lettered_is_failed_not_pending_for_ever(
+        api: httpx.Client, store: Store, report: tuple[str, str]) -> None:
+    report_id, _ = report
+    assert api.post(_path(report_id, OTHER)).status_code == 202
+    (asked,) = _requests(store)
+    store.record_dead_letter("imaging-worker", TOPIC_EXPLANATION_REQUESTED, asked.event_id,
+                             "RuntimeError: out of memory", asked.model_dump_json().encode())
+    failed = api.get(_path(report_id, OTHER)).json()
+    assert failed["state"] == "failed" and "out of memory" in failed["reason"]
+    assert api.post(_path(report_id, OTHER)).status_code == 202  # asked anew
+    assert len(_requests(store)) == 2
+
+
 def test_what_cannot_be_asked_for_is_refused_with_an_operation_outcome(
         api: httpx.Client, store: Store, report: tuple[str, str]) -> None:
     report_id, _ = report
