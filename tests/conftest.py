@@ -193,6 +193,23 @@ def serve_app(settings, store: Store, fhir_validation=None, configure=None) -> I
         thread.join(10)
 
 
+def wait_until_answers(process: subprocess.Popen[bytes], url: str, log: Path, what: str, within: float) -> None:
+    """Poll ``url`` until it answers 200; AssertionError, with the end of ``log``, if ``process`` exits first or
+    ``within`` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        assert process.poll() is None, f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} not up in {within:.0f} s:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
 def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - returns Settings
     from integration.app.settings import Settings
     from tests import authorized
@@ -212,6 +229,35 @@ def stack_settings(tmp_path: Path, **overrides: object):  # noqa: ANN201 - retur
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+async def demo_clinical_report(settings, within: float, poll: float = 0.5):  # noqa: ANN001, ANN201
+    """Start the stack ``settings`` describe, post the demo patient's Bundle and wait up to ``within`` seconds for
+    its clinical report; (the stopped runtime, the DiagnosticReport, its ``/api/reports`` detail)."""
+    import asyncio
+
+    from integration.app.demo import demo_bundle
+    from integration.app.runtime import Runtime
+    from tests import authorized
+
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        async with authorized.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+            r = await client.post("/fhir", json=demo_bundle())
+            assert r.status_code == 200, r.text
+            patient = r.json()["entry"][0]["response"]["location"].split("/_history")[0]
+            deadline = time.monotonic() + within
+            while not (bundle := (await client.get("/fhir/DiagnosticReport", params={"subject": patient})).json()).get(
+                "entry"
+            ):
+                assert time.monotonic() < deadline, f"no clinical report within {within:.0f} s"
+                await asyncio.sleep(poll)
+            report = bundle["entry"][0]["resource"]
+            detail = (await client.get(f"/api/reports/{report['id']}")).json()
+    finally:
+        await runtime.stop()
+    return runtime, report, detail
 
 
 @pytest.fixture

