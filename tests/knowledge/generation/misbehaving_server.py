@@ -1,5 +1,5 @@
 """An OpenAI-compatible server on a real socket whose behaviour a test chooses: answer after a delay
-(counting requests in flight), answer garbage, fail with a status, or stop listening.
+(counting requests in flight, optionally holding them until several are), answer garbage, fail with a status, or stop listening.
 
 It speaks just enough of the API for the backend: ``POST /tokenize`` (llama.cpp's dialect, one token
 per word) and ``POST /v1/chat/completions``. The real llama.cpp server is in ``conftest.llama_server``;
@@ -26,10 +26,13 @@ class Behaviour:
     delay_seconds: float = 0.0
     status: int = 503
     answer: str = "Findings consistent with type 2 diabetes [1]."
+    # Hold each request until this many have been in flight at once (or 10 s pass), so a test of
+    # concurrency does not depend on how quickly a loaded machine schedules the client's threads.
+    gather: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     completions: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
 
 def completion(text: str) -> dict[str, object]:
@@ -62,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         with b.lock:
             b.in_flight += 1
             b.max_in_flight = max(b.max_in_flight, b.in_flight)
+            b.lock.notify_all()
+            b.lock.wait_for(lambda: b.max_in_flight >= b.gather, timeout=10)
         try:
             time.sleep(b.delay_seconds)
             if b.mode == "status":

@@ -24,7 +24,7 @@ def generator(base_url: str, *, waits: list[float] | None = None, **kwargs: obje
 
 
 def test_requests_in_flight_never_exceed_the_configured_concurrency() -> None:
-    behaviour = Behaviour(delay_seconds=0.3)
+    behaviour = Behaviour(delay_seconds=0.3, gather=3)
     with misbehaving_server(behaviour) as url:
         gen = generator(url, concurrency=3)
         with ThreadPoolExecutor(8) as pool:
