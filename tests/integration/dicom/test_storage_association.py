@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from integration.db.store import Store
 from integration.db.tables import DicomInstance
 from integration.dicom.network.listener import DicomListener
+from tests.integration.dicom.peers import echo_answer, is_rejected_transient
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
@@ -263,15 +264,14 @@ def test_parallel_associations_through_a_recycling_journal_store_everything_once
 def test_associations_beyond_the_limit_are_rejected_transiently(store: Store, tmp_path: Path) -> None:
     with running_listener(store, tmp_path, max_associations=1) as lst:
         first = associate_raw(lst.port)
-        ae = AE(ae_title="SECOND")
-        ae.add_requested_context(CT_SOP_CLASS, EXPLICIT_LE)
-        second = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
-        assert second.is_rejected
-        assert second.acceptor.primitive.result == 0x02  # transient: try again later  # type: ignore[union-attr]
+        answer = echo_answer(lst.port, calling_ae="SECOND")
+        assert is_rejected_transient(answer), answer  # transient: try again later
         first.sendall(bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
         assert read_pdu(first)[0] == 0x06
         first.close()
         wait_until_ended(lst)
+        ae = AE(ae_title="THIRD")
+        ae.add_requested_context(CT_SOP_CLASS, EXPLICIT_LE)
         third = ae.associate("127.0.0.1", lst.port, ae_title="MEDBRIDGE")
         assert third.is_established  # the slot is free again once the first is released
         third.release()
