@@ -36,6 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from inference.imaging.volume import multiframe_layout
 from integration.db.artifacts import put_artifact
 from integration.db.store import Store
 from integration.db.tables import stable_id
@@ -121,13 +122,24 @@ def ordered_sources(output: SegmentationLike, sources: Mapping[str, Dataset]) ->
         raise SegmentationInputError(
             f"the label map has shape {label_map.shape}; it must be [slices, rows, cols] with one slice per "
             f"source instance ({len(uids)})")
-    ordered = [sources[u] for u in uids]
+    # a volume from one multi-frame instance names that instance under each of its slices
+    ordered = [sources[uids[0]]] if _frames_of_one_instance(uids, sources) else [sources[u] for u in uids]
     for ds in ordered:
         if (int(ds.Rows), int(ds.Columns)) != label_map.shape[1:]:
             raise SegmentationInputError(
                 f"a source instance is {ds.Rows}x{ds.Columns} but the label map's slices are "
                 f"{label_map.shape[1]}x{label_map.shape[2]}; resample the label map to the source geometry")
     return ordered
+
+
+def _frames_of_one_instance(uids: Sequence[str], sources: Mapping[str, Dataset]) -> bool:
+    return len(uids) > 1 and len(set(uids)) == 1 and _multiframe(sources[uids[0]]) == len(uids)
+
+
+def _multiframe(ds: Dataset) -> int:
+    """The frame count of a multi-frame source (0 for a single-frame one)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return frames if frames > 1 else 0
 
 
 def _slice_normal(ds: Dataset) -> np.ndarray | None:
@@ -159,6 +171,9 @@ def slice_spacing_mm(sources: Sequence[Dataset]) -> float:
 
 def voxel_volume_ml(sources: Sequence[Dataset]) -> float:
     """One voxel's volume in mL: Pixel Spacing (row x column, mm) x slice spacing (mm) / 1000."""
+    if len(sources) == 1 and _multiframe(sources[0]):
+        _, (between, row, column) = multiframe_layout(sources[0])  # from its functional groups
+        return between * row * column / 1000.0
     spacing = sources[0].get("PixelSpacing")
     if not spacing or len(spacing) != 2:
         raise SegmentationInputError("the source instances have no Pixel Spacing; the volume cannot be measured")
@@ -204,6 +219,12 @@ def build_seg(output: SegmentationLike, sources: Sequence[Dataset], *, series_in
     for number, (value, _) in enumerate(labels, start=1):
         renumber[value] = number
     pixels = renumber[np.asarray(output.label_map, dtype=np.uint8)]
+    if len(sources) == 1 and _multiframe(sources[0]) == pixels.shape[0]:
+        # the label map runs along the slice normal; a SEG over one multi-frame source runs in its frame order
+        order, _ = multiframe_layout(sources[0])
+        framed = np.empty_like(pixels)
+        framed[order] = pixels
+        pixels = framed
     algorithm = hd.AlgorithmIdentificationSequence(
         name=output.model_name[:64], family=codes.cid7162.ArtificialIntelligence, version=output.model_version[:64])
     descriptions = []

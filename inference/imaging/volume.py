@@ -5,6 +5,9 @@ modality values (Modality LUT applied: Hounsfield units for CT) as float32 ``[sl
 along the slice normal (the cross product of Image Orientation Patient's row and column directions) by each
 slice's Image Position Patient, the voxel spacing in millimetres ``(slice, row, column)`` from the headers,
 and the SOP Instance UID under each slice. Instances without a position keep their Instance Number order.
+An enhanced multi-frame instance (Enhanced CT/MR, Legacy Converted Enhanced) is read the same way from its
+functional groups (PS3.3 C.7.6.16): each frame's Plane Position, the Plane Orientation, Pixel Measures and
+Pixel Value Transformation (rescale), per frame where given, else shared.
 Raises :class:`VolumeError` (a ``ValueError``) when the slices do not share rows x columns or there are none.
 """
 
@@ -18,7 +21,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
 
-__all__ = ["Volume", "VolumeError", "assemble_volume", "slice_normal"]
+__all__ = ["Volume", "VolumeError", "assemble_volume", "multiframe_layout", "slice_normal"]
 
 
 class VolumeError(ValueError):
@@ -35,7 +38,10 @@ class Volume:
 
 def slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
     """The unit normal of the slice plane, or None when the orientation is absent or degenerate."""
-    orientation = ds.get("ImageOrientationPatient")
+    return _normal(ds.get("ImageOrientationPatient"))
+
+
+def _normal(orientation: Sequence[float] | None) -> np.ndarray | None:
     if orientation is None or len(orientation) != 6:
         return None
     row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float)
@@ -68,11 +74,7 @@ def assemble_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
         raise VolumeError("no slices to assemble")
     modality = str(datasets[0].get("Modality", ""))
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        ds = datasets[0]
-        voxels = _frames(ds)
-        between = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-        uid = str(ds.SOPInstanceUID)
-        return Volume(voxels, (between, *_pixel_spacing(ds)), [uid] * voxels.shape[0], modality)
+        return _multiframe_volume(datasets[0], modality)
     normal = slice_normal(datasets[0])
     keyed = [(_position(ds, normal), int(ds.get("InstanceNumber", 0) or 0), i) for i, ds in enumerate(datasets)]
     if all(key[0] is not None for key in keyed):
@@ -91,3 +93,58 @@ def assemble_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
         between = float(ordered[0].get("SpacingBetweenSlices") or ordered[0].get("SliceThickness") or 1.0)
     return Volume(voxels, (abs(between) or 1.0, *_pixel_spacing(ordered[0])),
                   [str(ds.SOPInstanceUID) for ds in ordered], modality)
+
+
+def _frame_group(ds: pydicom.Dataset, frame: int, keyword: str) -> pydicom.Dataset | None:
+    """The first item of functional group ``keyword`` for ``frame`` (0-based): the frame's own, else the
+    shared one; None for a multi-frame instance without functional groups (e.g. an old NM or US cine)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for groups in ((per_frame[frame] if per_frame and frame < len(per_frame) else None),
+                   (shared[0] if shared else None)):
+        items = groups.get(keyword) if groups is not None else None
+        if items:
+            return items[0]
+    return None
+
+
+def _frame_values(ds: pydicom.Dataset, raw: np.ndarray, frame: int) -> np.ndarray:
+    """One frame's modality values: its Pixel Value Transformation's rescale, else the instance's Modality LUT."""
+    transform = _frame_group(ds, frame, "PixelValueTransformationSequence")
+    if transform is not None and "RescaleSlope" in transform:
+        slope, intercept = float(transform.RescaleSlope), float(transform.get("RescaleIntercept", 0) or 0)
+        return raw[frame].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return apply_modality_lut(raw[frame], ds).astype(np.float32, copy=False)
+
+
+def multiframe_layout(ds: pydicom.Dataset) -> tuple[list[int], tuple[float, float, float]]:
+    """How a multi-frame instance's frames lie: the 0-based frame indices in volume order (along the slice
+    normal by each frame's Plane Position; frame order when a position is missing), and the voxel spacing
+    in mm (slice, row, column) from the positions and Pixel Measures."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    oriented = _frame_group(ds, 0, "PlaneOrientationSequence")
+    normal = _normal((oriented or ds).get("ImageOrientationPatient"))
+    placed = [_frame_group(ds, i, "PlanePositionSequence") for i in range(frames)]
+    positions = [float(np.dot(np.asarray(p.ImagePositionPatient, dtype=float), normal))
+                 if normal is not None and p is not None and len(p.get("ImagePositionPatient") or ()) == 3 else None
+                 for p in placed]
+    measures = _frame_group(ds, 0, "PixelMeasuresSequence") or ds
+    if frames > 1 and all(p is not None for p in positions):
+        order = sorted(range(frames), key=lambda i: (positions[i], i))
+        between = float(np.median(np.diff(np.asarray([positions[i] for i in order], dtype=float))))
+    else:
+        order = list(range(frames))
+        between = float(measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") or 1.0)
+    rows_cols = _pixel_spacing(measures if "PixelSpacing" in measures else ds)
+    return order, (abs(between) or 1.0, *rows_cols)
+
+
+def _multiframe_volume(ds: pydicom.Dataset, modality: str) -> Volume:
+    """One multi-frame instance as a volume: frames sorted along the slice normal by their positions."""
+    raw = decode_pixel_array(ds)
+    raw = raw[None] if raw.ndim == 2 else raw
+    order, spacing = multiframe_layout(ds)
+    if len(order) != raw.shape[0]:
+        raise VolumeError(f"Number of Frames says {len(order)} but the pixel data holds {raw.shape[0]} frames")
+    voxels = np.stack([_frame_values(ds, raw, i) for i in order])
+    return Volume(voxels, spacing, [str(ds.SOPInstanceUID)] * len(order), modality)

@@ -240,3 +240,37 @@ def test_a_bundles_activation_postprocessing_gives_the_same_probabilities_on_a_w
     flat = [value for row in by_row for value in row]
     assert [p[name] for p in batched for name in ("cardiomegaly", "effusion")] == pytest.approx(flat, abs=1e-6)
     assert all(sum(p.values()) == pytest.approx(1.0) for p in batched)
+
+
+def test_an_enhanced_multiframe_ct_is_the_same_volume_as_the_series_it_was_converted_from() -> None:
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    slices = _ct_slices(3)
+    for ds in slices:  # the converter requires what a real CT series carries
+        ds.FrameOfReferenceUID = ds.get("FrameOfReferenceUID") or "1.2.826.0.1.3680043.8.498.1"
+    enhanced = LegacyConvertedEnhancedCTImage(slices, series_instance_uid=generate_uid(), series_number=9,
+                                              sop_instance_uid=generate_uid(), instance_number=1)
+    enhanced = dcmread(_written(enhanced))  # as the store would hand it over: read back from a file
+    from_series, from_frames = assemble_volume(slices), assemble_volume([enhanced])
+    assert from_frames.voxels.shape == (3, 128, 128)
+    np.testing.assert_array_equal(from_frames.voxels, from_series.voxels)  # frames sorted along the normal, in HU
+    assert from_frames.spacing == pytest.approx(from_series.spacing)
+    assert from_frames.sop_instance_uids == [str(enhanced.SOPInstanceUID)] * 3
+
+
+def test_an_enhanced_ct_takes_rescale_and_spacing_from_its_functional_groups() -> None:
+    ds = dcmread(get_testdata_file("eCT_Supplemental.dcm"))  # Enhanced CT: no top-level rescale or spacing
+    volume = assemble_volume([ds])
+    assert volume.spacing == pytest.approx((10.0, 0.388672, 0.388672))  # frames 10 mm apart along the normal
+    stored = ds.pixel_array.astype(np.float32)
+    # the shared Pixel Value Transformation (intercept -1024) makes stored values Hounsfield units
+    assert (volume.voxels.min(), volume.voxels.max()) == (stored.min() - 1024, stored.max() - 1024)
+
+
+def _written(ds: Dataset) -> Any:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer

@@ -96,3 +96,39 @@ def test_a_label_map_that_does_not_fit_its_sources_or_labels_is_refused(tmp_path
         ordered_sources(good, dict(list(by_uid.items())[:2]))
     with pytest.raises(SegmentationInputError, match=r"values \[4\] that labels does not name"):
         measure_segments(Segmentation(good.label_map, good.source_sop_instance_uids, {1: "liver"}), series)
+
+
+def test_a_seg_over_one_enhanced_multiframe_source_puts_each_mask_on_its_source_frame(tmp_path: Path) -> None:
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    from inference.imaging.volume import assemble_volume
+
+    series = ct_series(tmp_path)
+    # highdicom's converter writes the highest slice first: frame order is not volume order
+    enhanced = LegacyConvertedEnhancedCTImage(series, series_instance_uid=generate_uid(), series_number=7,
+                                              sop_instance_uid=generate_uid(), instance_number=1)
+    buffer = io.BytesIO()
+    enhanced.save_as(buffer, enforce_file_format=True)
+    enhanced = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    volume = assemble_volume([enhanced])
+    by_slices = liver_and_lesion(series)  # the label map of the same anatomy, lowest slice first
+    output = Segmentation(by_slices.label_map, volume.sop_instance_uids, by_slices.labels)
+
+    ordered = ordered_sources(output, {str(enhanced.SOPInstanceUID): enhanced})
+    assert ordered == [enhanced]
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(seg_file_bytes(build_seg(
+        output, ordered, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid())))))
+    # the converter chose its own frame order: find each slice's frame by its position
+    frame_at = {round(float(f.PlanePositionSequence[0].ImagePositionPatient[2]), 2): n
+                for n, f in enumerate(enhanced.PerFrameFunctionalGroupsSequence, start=1)}
+    frames_low_to_high = [frame_at[round(float(ds.ImagePositionPatient[2]), 2)] for ds in series]
+    assert sorted(frames_low_to_high) == [1, 2, 3, 4] and frames_low_to_high != [1, 2, 3, 4]  # reordering matters
+    for depth, ds in enumerate(series):  # each slice's mask lies on the frame that holds that slice
+        frame = frame_at[round(float(ds.ImagePositionPatient[2]), 2)]
+        mask = seg.get_pixels_by_source_frame(str(enhanced.SOPInstanceUID), [frame],
+                                              combine_segments=True, relabel=False,
+                                              assert_missing_frames_are_empty=True)[0]
+        assert np.array_equal(mask, np.where(output.label_map[depth] == 4, 2, output.label_map[depth]))
+    liver, lesion = measure_segments(output, ordered)  # spacing from the functional groups and frame positions
+    assert liver.volume_ml == pytest.approx(400 * voxel_ml(series), abs=1e-3)
+    assert lesion.volume_ml == pytest.approx(30 * voxel_ml(series), abs=1e-3)
