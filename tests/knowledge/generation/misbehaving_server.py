@@ -1,5 +1,6 @@
 """An OpenAI-compatible server on a real socket whose behaviour a test chooses: answer after a delay
-(counting requests in flight, optionally holding them until several are), answer garbage, fail with a status, or stop listening.
+(counting requests in flight, optionally holding them until several are), answer garbage, fail with a
+status, or stop listening.
 
 It speaks just enough of the API for the backend: ``POST /tokenize`` (llama.cpp's dialect, one token
 per word) and ``POST /v1/chat/completions``. The real llama.cpp server is in ``conftest.llama_server``;
