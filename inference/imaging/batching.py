@@ -95,7 +95,7 @@ class SharedBatcher:
         self._queues: dict[Classifier, deque[_Request]] = {}
         self._in_flight = 0  # studies inside study()
         self._waiting = 0  # calls of classify() not returned yet
-        self.forwards = 0  # forward batches run (each at most batch_size images), for /metrics and tests
+        self.forwards = 0  # forward batches run (each at most batch_size images): the bench and the tests read it
 
     @contextmanager
     def study(self) -> Iterator[None]:
