@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
+from inference.imaging.batching import SharedBatcher
 from inference.imaging.operator import BundleOperator
 from inference.imaging.outputs import SegmentationOutput
 from inference.imaging.pixels import NotAnImageError, PixelDecodeError, dataset_to_image
@@ -57,6 +59,7 @@ from schemas.events import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _DECODE_ERRORS = (NotAnImageError, PixelDecodeError, InvalidDicomError, OSError)
 
 
@@ -138,10 +141,22 @@ def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
     )
 
 
-class StudyRun:
-    """One study's inference: what each model said about each image, and what could not be read."""
+def _alone(op: BundleOperator, inputs: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+    return op.classify_inputs(inputs)
 
-    def __init__(self, explain_top: int) -> None:
+
+Classify = Callable[[BundleOperator, Sequence[torch.Tensor]], list[dict[str, float]]]
+
+
+class StudyRun:
+    """One study's inference: what each model said about each image, and what could not be read.
+
+    ``classify`` scores prepared 2D inputs: the model's own batches by default, or a :class:`SharedBatcher`'s
+    (the forward shared with the other studies in flight). 3D volumes, segmentation and Grad-CAM stay per study:
+    they are one forward (or one backward) per series or image, with nothing of another study to share it."""
+
+    def __init__(self, explain_top: int, classify: Classify = _alone) -> None:
+        self.classify = classify
         self.probabilities: dict[str, dict[str, float]] = {}
         self.series_of: dict[str, str] = {}
         self.skipped: list[str] = []
@@ -184,7 +199,7 @@ class StudyRun:
                operators: Sequence[BundleOperator]) -> None:
         for op in operators:
             began = time.perf_counter()
-            scored = op.classify_inputs(inputs[id(op)])
+            scored = self.classify(op, inputs[id(op)])
             metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
             for inst, probabilities in zip(chunk, scored, strict=True):
                 self.record(op, inst, probabilities, inst.path)
@@ -285,15 +300,24 @@ def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember
 
 
 def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
-                  explain_top: int = 3) -> StudyAnalysis | None:
+                  explain_top: int = 3, batcher: SharedBatcher | None = None) -> StudyAnalysis | None:
     """Run the routed models on the image instances this revision of the study brought; None when it brought
-    none. Images an earlier revision brought have that revision's result already."""
+    none. Images an earlier revision brought have that revision's result already. With ``batcher``, the study's
+    2D images share forwards with the other studies in flight on it (same results as alone)."""
+    if batcher is None:
+        return _analyse(store, registry, event, explain_top, _alone)
+    with batcher.study():
+        return _analyse(store, registry, event, explain_top, batcher.classify)
+
+
+def _analyse(store: Store, registry: ModelRegistry, event: StudyReceived, explain_top: int,
+             classify: Classify) -> StudyAnalysis | None:
     instances, unreadable, earlier = _read_headers(store, event)
     if not instances and not unreadable:
         log.info("study %s revision %d brought no image instance; nothing to infer",
                  uid_hash(event.study_instance_uid), event.revision)
         return None
-    run = StudyRun(explain_top)
+    run = StudyRun(explain_top, classify)
     run.skipped.extend(unreadable)
     series: dict[str, list[SeriesMember]] = {}
     for inst in instances:
@@ -355,21 +379,40 @@ def infer_study(store: Store, registry: ModelRegistry, event: StudyReceived,
 
 
 class ImagingWorker(ConsumerWorker):
+    """Up to ``MEDBRIDGE_IMAGING_CONCURRENCY`` studies at once, on threads of its own; their 2D images share
+    forward passes through one :class:`SharedBatcher` (``MEDBRIDGE_IMAGING_BATCH_WAIT_MS``)."""
+
     name = IMAGING_WORKER
 
-    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions) -> None:
-        super().__init__(store, options)
+    def __init__(self, store: Store, settings: Settings, options: ConsumerOptions, *,
+                 registry: ModelRegistry | None = None) -> None:
+        """``registry`` replaces the one the settings describe (tests pass one already loaded)."""
+        super().__init__(store, options, concurrency=settings.imaging_concurrency)
         self.settings = settings
-        self.registry: ModelRegistry | None = None
+        self.registry: ModelRegistry | None = registry
+        self.batcher = SharedBatcher(settings.imaging_batch_wait_ms / 1000.0)
+        # as many threads as studies in flight: a study waiting on the batcher holds its thread, and the
+        # default executor (shared with the consumer's store calls) may have fewer
+        self._threads = ThreadPoolExecutor(max_workers=settings.imaging_concurrency, thread_name_prefix="imaging")
 
     async def load(self) -> None:
-        self.registry = await asyncio.to_thread(registry_from_settings, self.settings)
+        if self.registry is None:
+            self.registry = await asyncio.to_thread(registry_from_settings, self.settings)
+
+    async def stop(self) -> None:
+        await super().stop()
+        # a study still running finishes on its thread (its event is redelivered, then skipped or redone)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_thread(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
     @handles(StudyReceived)
     async def on_study(self, event: StudyReceived) -> Outcome | None:
-        assert self.registry is not None, "load() runs before the first event"
-        analysis = await asyncio.to_thread(analyse_study, self.store, self.registry, event,
-                                           self.settings.imaging_explain_top)
+        registry = self.registry
+        assert registry is not None, "load() runs before the first event"
+        analysis = await self._in_thread(lambda: analyse_study(
+            self.store, registry, event, self.settings.imaging_explain_top, self.batcher))
         if analysis is None:
             return None
         return Publish(analysis.event, key=event.study_instance_uid)
@@ -377,4 +420,5 @@ class ImagingWorker(ConsumerWorker):
     @handles(ExplanationRequested)
     async def on_explanation_requested(self, event: ExplanationRequested) -> Outcome | None:
         assert self.registry is not None, "load() runs before the first event"
-        return await asyncio.to_thread(explain_on_demand, self.store, self.registry, event)
+        registry = self.registry
+        return await self._in_thread(lambda: explain_on_demand(self.store, registry, event))

@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     imaging_batch_size: int = Field(32, ge=1, alias="MEDBRIDGE_IMAGING_BATCH_SIZE")
     # Grad-CAM overlays are rendered for this many top-scoring images of a study (per model), not every image
     imaging_explain_top: int = Field(3, ge=0, alias="MEDBRIDGE_IMAGING_EXPLAIN_TOP")
+    # studies the imaging worker handles at once; their images share forward passes (inference/imaging/batching.py)
+    imaging_concurrency: int = Field(4, ge=1, le=64, alias="MEDBRIDGE_IMAGING_CONCURRENCY")
+    # how long queued images wait for another study's to fill a forward, when a study in flight is still busy
+    imaging_batch_wait_ms: float = Field(5.0, ge=0, le=1000, alias="MEDBRIDGE_IMAGING_BATCH_WAIT_MS")
 
     # Whether this process runs the DICOM listener (workers-only processes in a cluster set false)
     dicom_enabled: bool = Field(True, alias="MEDBRIDGE_DICOM")
