@@ -17,12 +17,14 @@ API: :mod:`integration.reports.explanations` says why an event) by the same code
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
@@ -58,6 +60,11 @@ from schemas.events import (
 
 log = logging.getLogger(__name__)
 _DECODE_ERRORS = (NotAnImageError, PixelDecodeError, InvalidDicomError, OSError)
+# Elements longer than this (the pixel data of any real image) stay in the file when the header is parsed and are
+# read from it when the image is decoded: each file is parsed once, for routing and decoding alike, and a study's
+# headers stay small in memory meanwhile.
+_DEFER_BYTES = 16 * 1024
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def store_overlay(store: Store, png: bytes) -> str:
@@ -86,12 +93,25 @@ class StudyAnalysis:
 
 @dataclass
 class SeriesMember:
-    """One image instance of a series, its header read (no pixels yet)."""
+    """One image instance of a series, its file parsed once (:func:`read_member`): the pixel data is read from
+    the file when the image is decoded."""
 
     sop_instance_uid: str
     series_instance_uid: str
     path: str
     header: pydicom.Dataset
+
+
+def read_member(sop_instance_uid: str, series_instance_uid: str, path: str) -> SeriesMember:
+    """The instance at ``path`` parsed, its pixel data deferred; InvalidDicomError or OSError when unreadable."""
+    return SeriesMember(sop_instance_uid, series_instance_uid, path, pydicom.dcmread(path, defer_size=_DEFER_BYTES))
+
+
+def _forget_pixels(header: pydicom.Dataset) -> None:
+    """Drop the pixel data a decode read into ``header``: a long series holds headers, not pixels, while it runs."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in header:
+            delattr(header, keyword)
 
 
 @dataclass(frozen=True)
@@ -105,25 +125,31 @@ class _Candidate:
     path: str
 
 
-def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator]
-             ) -> tuple[list[SeriesMember], dict[int, list[torch.Tensor]], list[str]]:
-    """The members that decode, each one's input for every operator (by ``id``), and the SOP Instance UIDs of
-    those that do not (logged by hash)."""
+def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator], forget_pixels: bool
+             ) -> tuple[list[SeriesMember], list[np.ndarray], dict[int, list[torch.Tensor]], list[str]]:
+    """The members that decode, their images, each one's input for every operator (by ``id``), and the SOP
+    Instance UIDs of those that do not (logged by hash). Each image is decoded from the header read for routing
+    (its pixel data read from the file now), then dropped from it when ``forget_pixels``."""
     decoded: list[SeriesMember] = []
+    images: list[np.ndarray] = []
     inputs: dict[int, list[torch.Tensor]] = {id(op): [] for op in operators}
     skipped: list[str] = []
     for inst in members:
         try:
-            image = dataset_to_image(pydicom.dcmread(inst.path))
+            image = dataset_to_image(inst.header)
             prepared = [(op, op.model_input(image)) for op in operators]
         except (*_DECODE_ERRORS, ValueError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)
             continue
+        finally:
+            if forget_pixels:
+                _forget_pixels(inst.header)
         decoded.append(inst)
+        images.append(image)
         for op, tensor in prepared:
             inputs[id(op)].append(tensor)
-    return decoded, inputs, skipped
+    return decoded, images, inputs, skipped
 
 
 def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
@@ -149,8 +175,15 @@ class StudyRun:
         self.candidates: list[_Candidate] = []
         self.segmentations: list[SegmentationOutput] = []
         self.explain_top = explain_top
+        # the image and model input of each model's current top candidates, so that explaining them neither
+        # reads nor decodes nor preprocesses them again: per model a min-heap of (score, -order, SOP UID)
+        self._top: dict[int, list[tuple[float, int, str]]] = {}
+        self._kept: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
 
-    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str) -> None:
+    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str,
+               decoded: tuple[np.ndarray, torch.Tensor] | None = None) -> None:
+        """What ``op`` said about ``inst``; ``decoded`` (its image and ``op``'s input) is kept while it ranks
+        among ``op``'s top ``explain_top``."""
         self.models[op.model_name] = op.model_version
         merged = self.probabilities.setdefault(inst.sop_instance_uid, {})
         for name, value in probabilities.items():
@@ -160,39 +193,57 @@ class StudyRun:
             best = max(range(len(op.findings)), key=lambda i: probabilities.get(op.findings[i], 0.0))
             self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
                                               op, best, path))
+            if decoded is not None:
+                self._keep_if_top(op, self.candidates[-1], decoded)
 
-    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
-        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time.
+    def _keep_if_top(self, op: BundleOperator, candidate: _Candidate,
+                     decoded: tuple[np.ndarray, torch.Tensor]) -> None:
+        """Keep ``decoded`` while ``candidate`` ranks as :meth:`explanations` ranks (score, then order)."""
+        if self.explain_top < 1:
+            return
+        heap = self._top.setdefault(id(op), [])
+        entry = (candidate.score, -len(self.candidates), candidate.sop_instance_uid)
+        self._kept[(id(op), candidate.sop_instance_uid)] = decoded
+        if len(heap) < self.explain_top:
+            heapq.heappush(heap, entry)
+            return
+        dropped = heapq.heappushpop(heap, entry)
+        del self._kept[(id(op), dropped[2])]
 
-        The next batch is decoded on a helper thread while this one is scored: decoding (file parsing,
+    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator],
+                        forget_pixels: bool = True) -> None:
+        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time; its pixel data
+        dropped from its header afterwards unless ``forget_pixels`` is False (a volume is built from them next).
+
+        The next batch is decoded on a helper thread while this one is scored: decoding (pixel data read,
         windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL."""
         size = min(op.batch_size for op in operators)
         chunks = [members[start:start + size] for start in range(0, len(members), size)]
         if not chunks:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imaging-decode") as decoder:
-            pending = decoder.submit(_prepare, chunks[0], operators)
+            pending = decoder.submit(_prepare, chunks[0], operators, forget_pixels)
             for following in [*chunks[1:], None]:
-                chunk, inputs, skipped = pending.result()
+                chunk, images, inputs, skipped = pending.result()
                 if following is not None:
-                    pending = decoder.submit(_prepare, following, operators)
+                    pending = decoder.submit(_prepare, following, operators, forget_pixels)
                 self.skipped.extend(skipped)
                 if chunk:
-                    self._score(chunk, inputs, operators)
+                    self._score(chunk, images, inputs, operators)
 
-    def _score(self, chunk: list[SeriesMember], inputs: dict[int, list[torch.Tensor]],
+    def _score(self, chunk: list[SeriesMember], images: list[np.ndarray], inputs: dict[int, list[torch.Tensor]],
                operators: Sequence[BundleOperator]) -> None:
         for op in operators:
             began = time.perf_counter()
             scored = op.classify_inputs(inputs[id(op)])
             metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
-            for inst, probabilities in zip(chunk, scored, strict=True):
-                self.record(op, inst, probabilities, inst.path)
+            for inst, image, tensor, probabilities in zip(chunk, images, inputs[id(op)], scored, strict=True):
+                self.record(op, inst, probabilities, inst.path, (image, tensor))
 
     def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Segmentation and 3D bundles on the series assembled into a volume."""
         try:
-            volume = assemble_volume([pydicom.dcmread(inst.path) for inst in members])
+            volume = assemble_volume([inst.header for inst in members])
         except (*_DECODE_ERRORS, VolumeError, ValueError, AttributeError) as exc:
             log.warning("series %s not assembled into a volume: %s", uid_hash(members[0].series_instance_uid),
                         type(exc).__name__)
@@ -218,8 +269,10 @@ class StudyRun:
             for c in ranked[: self.explain_top]:
                 if c.sop_instance_uid in chosen:
                     continue
+                kept = self._kept.get((op_id, c.sop_instance_uid))
                 try:
-                    explanation = c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx)
+                    explanation = (c.operator.explain(kept[0], c.class_idx, prepared=kept[1]) if kept is not None
+                                   else c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx))
                 except (*_DECODE_ERRORS, ValueError):
                     continue
                 chosen[c.sop_instance_uid] = (put(explanation.overlay_png), put(explanation.heatmap_layer_png))
@@ -257,7 +310,10 @@ def explain_on_demand(store: Store, registry: ModelRegistry, event: ExplanationR
     if stored is None:
         return failed("the image is no longer in MedBridge's store")
     run = StudyRun(explain_top=1)
-    member = SeriesMember(stored.sop_instance_uid, stored.series_instance_uid, str(stored.path), pydicom.Dataset())
+    try:
+        member = read_member(stored.sop_instance_uid, stored.series_instance_uid, str(stored.path))
+    except (InvalidDicomError, OSError):
+        return failed("the image could not be decoded")
     run.classify_series([member], operators)
     heatmaps = run.explanations(lambda png: store_overlay(store, png))
     if event.sop_instance_uid not in heatmaps:
@@ -275,12 +331,10 @@ def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember
     read, unreadable = [], []
     for inst in instances:
         try:
-            header = pydicom.dcmread(inst.path, stop_before_pixels=True)
+            read.append(read_member(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path)))
         except (InvalidDicomError, OSError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             unreadable.append(inst.sop_instance_uid)
-            continue
-        read.append(SeriesMember(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path), header))
     return read, unreadable, earlier
 
 
@@ -307,7 +361,7 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
         per_image = [op for op in operators if _per_image(op)]
         per_volume = [op for op in operators if op not in per_image]
         if per_image:
-            run.classify_series(members, per_image)
+            run.classify_series(members, per_image, forget_pixels=not per_volume)
         if per_volume:
             run.volume_series(members, per_volume)
     heatmaps = run.explanations(lambda png: store_overlay(store, png))
