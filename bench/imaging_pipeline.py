@@ -148,10 +148,12 @@ def write_production_bundle(folder: Path) -> Path:
     return folder
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, every thread) of ``fn()``: on a shared host the wall time is mostly
+    waiting for a core, the CPU time is the work done."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -204,31 +206,42 @@ def main() -> None:
         paths_timed: dict[str, list[float]] = {"bare forward b32": [], "pipeline": []}
         if args.b1:
             paths_timed["bare forward b1"] = []
+        cpu_timed: dict[str, list[float]] = {name: [] for name in paths_timed}
+
+        def measure(name: str, fn: Callable[[], object]) -> None:
+            wall, cpu = timed(fn)
+            paths_timed[name].append(wall)
+            cpu_timed[name].append(cpu)
         print(f"{op.model_name} (input {'x'.join(map(str, op.bundle.spatial_shape))}), device {op.bundle.device}, "
               f"{args.n} images 512x512, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
         for round_no in range(args.rounds):
-            paths_timed["bare forward b32"].append(timed(lambda: bare(32)))
-            paths_timed["pipeline"].append(timed(pipeline))
+            measure("bare forward b32", lambda: bare(32))
+            measure("pipeline", pipeline)
             if args.b1:
-                paths_timed["bare forward b1"].append(timed(lambda: bare(1)))
+                measure("bare forward b1", lambda: bare(1))
             ratio = paths_timed["bare forward b32"][-1] / paths_timed["pipeline"][-1]
             print(f"  round {round_no + 1}: bare b32 {paths_timed['bare forward b32'][-1]:.2f} s, pipeline "
                   f"{paths_timed['pipeline'][-1]:.2f} s, pipeline throughput / bare b32 {ratio:.2f}", flush=True)
         base = statistics.median(paths_timed["bare forward b32"])
-        print(f"{'path (median of rounds)':<26} {'total s':>8} {'images/s':>9} {'throughput / bare b32':>22}")
+        base_cpu = statistics.median(cpu_timed["bare forward b32"])
+        print(f"{'path (median of rounds)':<26} {'total s':>8} {'images/s':>9} {'throughput / bare b32':>22} "
+              f"{'CPU s':>7} {'CPU / bare b32':>15}")
         for name, times in paths_timed.items():
-            seconds = statistics.median(times)
-            print(f"{name:<26} {seconds:8.2f} {args.n / seconds:9.1f} {base / seconds:22.2f}")
+            seconds, cpu = statistics.median(times), statistics.median(cpu_timed[name])
+            print(f"{name:<26} {seconds:8.2f} {args.n / seconds:9.1f} {base / seconds:22.2f} {cpu:7.2f} "
+                  f"{cpu / base_cpu:15.2f}")
         ratios = [b / p for b, p in zip(paths_timed["bare forward b32"], paths_timed["pipeline"], strict=True)]
         print(f"pipeline throughput / bare forward b32, per round: {', '.join(f'{r:.2f}' for r in ratios)}")
 
         cr = make_cr_study(store, folder)
         ct60, _ = make_ct_study(store, folder, 60)
-        print(f"{'per-study latency':<26} {'p50 ms':>8} {'p95 ms':>8} {'runs':>5}")
+        print(f"{'per-study latency':<26} {'p50 ms':>8} {'p95 ms':>8} {'CPU p50 ms':>11} {'runs':>5}")
         for name, event in (("CR, 1 image 1955x1841", cr), ("CT series, 60 slices", ct60)):
-            runs = [timed(lambda event=event: analyse_study(store, registry, event, explain_top=3)) * 1000
+            runs = [timed(lambda event=event: analyse_study(store, registry, event, explain_top=3))
                     for _ in range(args.latency_runs)]
-            print(f"{name:<26} {percentile(runs, 50):8.0f} {percentile(runs, 95):8.0f} {len(runs):5d}")
+            walls, cpus = [wall * 1000 for wall, _ in runs], [cpu * 1000 for _, cpu in runs]
+            print(f"{name:<26} {percentile(walls, 50):8.0f} {percentile(walls, 95):8.0f} "
+                  f"{percentile(cpus, 50):11.0f} {len(runs):5d}")
         store.stop()
 
 

@@ -107,11 +107,16 @@ def read_member(sop_instance_uid: str, series_instance_uid: str, path: str) -> S
     return SeriesMember(sop_instance_uid, series_instance_uid, path, pydicom.dcmread(path, defer_size=_DEFER_BYTES))
 
 
-def _forget_pixels(header: pydicom.Dataset) -> None:
-    """Drop the pixel data a decode read into ``header``: a long series holds headers, not pixels, while it runs."""
-    for keyword in _PIXEL_KEYWORDS:
-        if keyword in header:
-            delattr(header, keyword)
+def _decode(header: pydicom.Dataset) -> np.ndarray:
+    """The image of a parsed header (:func:`dataset_to_image`), its pixel data read from the file for this and
+    left deferred again afterwards: a long series holds headers, not pixels, while it runs."""
+    deferred = [(keyword, header.get_item(keyword, keep_deferred=True)) for keyword in _PIXEL_KEYWORDS
+                if keyword in header]
+    try:
+        return dataset_to_image(header)
+    finally:
+        for keyword, element in deferred:
+            header[keyword] = element
 
 
 @dataclass(frozen=True)
@@ -122,31 +127,28 @@ class _Candidate:
     sop_instance_uid: str
     operator: BundleOperator
     class_idx: int
-    path: str
+    header: pydicom.Dataset
 
 
-def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator], forget_pixels: bool
-             ) -> tuple[list[SeriesMember], list[np.ndarray], dict[int, list[torch.Tensor]], list[str]]:
-    """The members that decode, their images, each one's input for every operator (by ``id``), and the SOP
-    Instance UIDs of those that do not (logged by hash). Each image is decoded from the header read for routing
-    (its pixel data read from the file now), then dropped from it when ``forget_pixels``."""
+def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator], keep_images: bool
+             ) -> tuple[list[SeriesMember], list[np.ndarray | None], dict[int, list[torch.Tensor]], list[str]]:
+    """The members that decode, their images (when ``keep_images``; None otherwise), each one's input for every
+    operator (by ``id``), and the SOP Instance UIDs of those that do not decode (logged by hash). Each image is
+    decoded from the header routing read (:func:`_decode`)."""
     decoded: list[SeriesMember] = []
-    images: list[np.ndarray] = []
+    images: list[np.ndarray | None] = []
     inputs: dict[int, list[torch.Tensor]] = {id(op): [] for op in operators}
     skipped: list[str] = []
     for inst in members:
         try:
-            image = dataset_to_image(inst.header)
+            image = _decode(inst.header)
             prepared = [(op, op.model_input(image)) for op in operators]
         except (*_DECODE_ERRORS, ValueError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)
             continue
-        finally:
-            if forget_pixels:
-                _forget_pixels(inst.header)
         decoded.append(inst)
-        images.append(image)
+        images.append(image if keep_images else None)
         for op, tensor in prepared:
             inputs[id(op)].append(tensor)
     return decoded, images, inputs, skipped
@@ -175,12 +177,12 @@ class StudyRun:
         self.candidates: list[_Candidate] = []
         self.segmentations: list[SegmentationOutput] = []
         self.explain_top = explain_top
-        # the image and model input of each model's current top candidates, so that explaining them neither
-        # reads nor decodes nor preprocesses them again: per model a min-heap of (score, -order, SOP UID)
+        # the image and model input of each model's current top candidates where scoring kept them, so that
+        # explaining them does not decode and preprocess them again: per model a min-heap of (score, -order, SOP UID)
         self._top: dict[int, list[tuple[float, int, str]]] = {}
         self._kept: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
 
-    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str,
+    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float],
                decoded: tuple[np.ndarray, torch.Tensor] | None = None) -> None:
         """What ``op`` said about ``inst``; ``decoded`` (its image and ``op``'s input) is kept while it ranks
         among ``op``'s top ``explain_top``."""
@@ -192,7 +194,7 @@ class StudyRun:
         if op.explains and probabilities and op.bundle.spatial_dims == 2:  # Grad-CAM maps are drawn on one image
             best = max(range(len(op.findings)), key=lambda i: probabilities.get(op.findings[i], 0.0))
             self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
-                                              op, best, path))
+                                              op, best, inst.header))
             if decoded is not None:
                 self._keep_if_top(op, self.candidates[-1], decoded)
 
@@ -210,35 +212,38 @@ class StudyRun:
         dropped = heapq.heappushpop(heap, entry)
         del self._kept[(id(op), dropped[2])]
 
-    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator],
-                        forget_pixels: bool = True) -> None:
-        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time; its pixel data
-        dropped from its header afterwards unless ``forget_pixels`` is False (a volume is built from them next).
+    def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
+        """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time.
 
         The next batch is decoded on a helper thread while this one is scored: decoding (pixel data read,
-        windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL."""
+        windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL. A series
+        no larger than the explained top keeps its decoded images for the explanation (all of them may be
+        explained: a CR's one image is not decoded twice); a longer one does not, because holding two batches of
+        full-size images costs fresh memory for each (0.4 ms per 512 x 512 image, measured), more than decoding
+        the few top images again from their headers."""
         size = min(op.batch_size for op in operators)
         chunks = [members[start:start + size] for start in range(0, len(members), size)]
         if not chunks:
             return
+        keep = len(members) <= self.explain_top
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imaging-decode") as decoder:
-            pending = decoder.submit(_prepare, chunks[0], operators, forget_pixels)
+            pending = decoder.submit(_prepare, chunks[0], operators, keep)
             for following in [*chunks[1:], None]:
                 chunk, images, inputs, skipped = pending.result()
                 if following is not None:
-                    pending = decoder.submit(_prepare, following, operators, forget_pixels)
+                    pending = decoder.submit(_prepare, following, operators, keep)
                 self.skipped.extend(skipped)
                 if chunk:
                     self._score(chunk, images, inputs, operators)
 
-    def _score(self, chunk: list[SeriesMember], images: list[np.ndarray], inputs: dict[int, list[torch.Tensor]],
-               operators: Sequence[BundleOperator]) -> None:
+    def _score(self, chunk: list[SeriesMember], images: list[np.ndarray | None],
+               inputs: dict[int, list[torch.Tensor]], operators: Sequence[BundleOperator]) -> None:
         for op in operators:
             began = time.perf_counter()
             scored = op.classify_inputs(inputs[id(op)])
             metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
             for inst, image, tensor, probabilities in zip(chunk, images, inputs[id(op)], scored, strict=True):
-                self.record(op, inst, probabilities, inst.path, (image, tensor))
+                self.record(op, inst, probabilities, (image, tensor) if image is not None else None)
 
     def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Segmentation and 3D bundles on the series assembled into a volume."""
@@ -259,7 +264,7 @@ class StudyRun:
             metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
             centre = volume.sop_instance_uids[len(volume.sop_instance_uids) // 2]
             middle = next(m for m in members if m.sop_instance_uid == centre)
-            self.record(op, middle, probabilities, middle.path)
+            self.record(op, middle, probabilities)
 
     def explanations(self, put: Callable[[bytes], str]) -> dict[str, tuple[str, str]]:
         """Overlay and layer ids (as ``put`` stores each PNG) for the top images of each explaining model."""
@@ -272,7 +277,7 @@ class StudyRun:
                 kept = self._kept.get((op_id, c.sop_instance_uid))
                 try:
                     explanation = (c.operator.explain(kept[0], c.class_idx, prepared=kept[1]) if kept is not None
-                                   else c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx))
+                                   else c.operator.explain(_decode(c.header), c.class_idx))
                 except (*_DECODE_ERRORS, ValueError):
                     continue
                 chosen[c.sop_instance_uid] = (put(explanation.overlay_png), put(explanation.heatmap_layer_png))
@@ -361,7 +366,7 @@ def analyse_study(store: Store, registry: ModelRegistry, event: StudyReceived,
         per_image = [op for op in operators if _per_image(op)]
         per_volume = [op for op in operators if op not in per_image]
         if per_image:
-            run.classify_series(members, per_image, forget_pixels=not per_volume)
+            run.classify_series(members, per_image)
         if per_volume:
             run.volume_series(members, per_volume)
     heatmaps = run.explanations(lambda png: store_overlay(store, png))
