@@ -1,8 +1,9 @@
 """The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
 
-A thin adapter around the model registry (:mod:`inference.imaging.registry`): it reads the headers of the
-study's new image instances, groups them by series, asks the registry which bundles run on each series, and
-runs them: 2D classifiers on every image in batches (each image decoded once, whatever the number of models),
+A thin adapter around the model registry (:mod:`inference.imaging.registry`): it parses each of the study's new
+image instances once (the pixel data left in the file until the image is decoded from that same header), groups
+them by series, asks the registry which bundles run on each series, and runs them: 2D classifiers on every
+image in batches (each image decoded once, whatever the number of models),
 segmentation and 3D bundles on the series assembled into a volume (:mod:`inference.imaging.volume`).
 Explanation maps are rendered only for the top-scoring images of the study (``MEDBRIDGE_IMAGING_EXPLAIN_TOP``
 per model): encoding a heatmap for every image cost most of the pipeline's time and nobody looks at them. Each
