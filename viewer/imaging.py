@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, tuple[float, float] | None]] = {
 }
 DEFAULT_PRESETS: dict[str, tuple[float, float] | None] = {"Image VOI": None}
 
-# the colour map the imaging model draws its heatmap with (inference.imaging.operator._JET)
+# the colour map the imaging model draws its heatmap with (inference.imaging.operator._colour_map, in closed form)
 _JET = np.array([[0.0, 0.0, 0.0, 0.5], [0.125, 0.0, 0.0, 1.0], [0.375, 0.0, 1.0, 1.0],
                  [0.625, 1.0, 1.0, 0.0], [0.875, 1.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0]])
 

@@ -48,17 +48,10 @@ _DISPLAY_MIN = 256
 # viewport) so that it lies on the rendered frame pixel for pixel; beyond this longest side it is scaled down,
 # aspect kept: the Grad-CAM behind it is model-input coarse, and a mammogram-sized layer would only cost bytes.
 _LAYER_MAX = 2048
-# Anchors of the "jet" colour map: value -> (r, g, b).
-_JET = np.array(
-    [
-        [0.0, 0.0, 0.0, 0.5],
-        [0.125, 0.0, 0.0, 1.0],
-        [0.375, 0.0, 1.0, 1.0],
-        [0.625, 1.0, 1.0, 0.0],
-        [0.875, 1.0, 0.0, 0.0],
-        [1.0, 0.5, 0.0, 0.0],
-    ]
-)
+# The "jet" colour map, anchors value -> (r, g, b): 0 -> (0, 0, .5), .125 -> (0, 0, 1), .375 -> (0, 1, 1),
+# .625 -> (1, 1, 0), .875 -> (1, 0, 0), 1 -> (.5, 0, 0). Between them each channel is linear, which is
+# clip(1.5 - |4v - c|, 0, 1) with c = 3 for red, 2 for green, 1 for blue (viewer/imaging.py interpolates the anchors).
+_JET_CENTRES = (3.0, 2.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -101,11 +94,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:
-    """Map [0, 1] floats to uint8 RGB with the jet colour map."""
-    flat = np.clip(values, 0.0, 1.0).ravel()
-    channels = [np.interp(flat, _JET[:, 0], _JET[:, channel]) for channel in (1, 2, 3)]
-    rgb = np.stack(channels, axis=-1).reshape(*values.shape, 3)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    """Map [0, 1] floats to uint8 RGB with the jet colour map (closed form in float32: a third of the time of
+    interpolating its anchors in float64, within one grey level of it)."""
+    scaled = np.clip(values, 0.0, 1.0).astype(np.float32) * 4.0
+    channels = [np.clip(1.5 - np.abs(scaled - centre), 0.0, 1.0) for centre in _JET_CENTRES]
+    return (np.stack(channels, axis=-1) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _png(array: np.ndarray, mode: str) -> bytes:
@@ -250,15 +243,17 @@ class BundleOperator:
             cam = self._cam(tensor[None].to(self._device), class_idx=class_idx)
         return cam.detach().float().cpu().numpy().reshape(tensor.shape[-2:])
 
-    def explain(self, image: np.ndarray, class_idx: int = 0) -> Explanation:
-        """Grad-CAM of ``image`` for output ``class_idx``, rendered (see :class:`Explanation`).
+    def explain(self, image: np.ndarray, class_idx: int = 0, prepared: torch.Tensor | None = None) -> Explanation:
+        """Grad-CAM of ``image`` for output ``class_idx``, rendered (see :class:`Explanation`). ``prepared`` is
+        ``image``'s :meth:`model_input` when the caller has it already (the worker keeps its top images' inputs
+        from scoring), so the preprocessing does not run twice.
 
         Raises ``ValueError`` when the bundle asks for no explanation map or the image is not a finite 2D one.
         """
         if self._cam is None:
             raise ValueError(f"bundle {self.model_name} asks for no explanation map (metadata medbridge.explain)")
         image = _checked(image)[0]
-        tensor = self.model_input(image)
+        tensor = self.model_input(image) if prepared is None else prepared
         heat = np.maximum(self._cam_map(tensor, class_idx), 0.0)
         rows, cols = heat.shape
         if self.bundle.letterbox and rows == cols:
@@ -279,9 +274,10 @@ class BundleOperator:
         grey = image if not self.bundle.modality_pixels else normalise_volume(image, "")
         display_grey = np.clip(resize_image(grey, display_h, display_w), 0.0, 1.0)
         colour = _colour_map(display_heat)
-        alpha = (0.6 * display_heat)[..., None]
-        grey_rgb = np.repeat(display_grey[..., None] * 255.0, 3, axis=-1)
-        overlay = (grey_rgb * (1.0 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        # float32 and the grey broadcast over the colour channels: the blend is a third of the float64 one's time
+        alpha = (0.6 * display_heat.astype(np.float32))[..., None]
+        grey = (display_grey.astype(np.float32) * 255.0)[..., None]
+        overlay = (grey * (1.0 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(np.uint8)
         return Explanation(
             heatmap=heat,
             colour=colour,

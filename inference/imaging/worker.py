@@ -1,8 +1,9 @@
 """The imaging worker: StudyReceived in, ImagingInferenceCompleted out.
 
-A thin adapter around the model registry (:mod:`inference.imaging.registry`): it reads the headers of the
-study's new image instances, groups them by series, asks the registry which bundles run on each series, and
-runs them: 2D classifiers on every image in batches (each image decoded once, whatever the number of models),
+A thin adapter around the model registry (:mod:`inference.imaging.registry`): it parses each of the study's new
+image instances once (the pixel data left in the file until the image is decoded from that same header), groups
+them by series, asks the registry which bundles run on each series, and runs them: 2D classifiers on every
+image in batches (each image decoded once, whatever the number of models),
 segmentation and 3D bundles on the series assembled into a volume (:mod:`inference.imaging.volume`).
 Explanation maps are rendered only for the top-scoring images of the study (``MEDBRIDGE_IMAGING_EXPLAIN_TOP``
 per model): encoding a heatmap for every image cost most of the pipeline's time and nobody looks at them. Each
@@ -17,6 +18,7 @@ API: :mod:`integration.reports.explanations` says why an event) by the same code
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
@@ -61,6 +64,11 @@ from schemas.events import (
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _DECODE_ERRORS = (NotAnImageError, PixelDecodeError, InvalidDicomError, OSError)
+# Elements longer than this (the pixel data of any real image) stay in the file when the header is parsed and are
+# read from it when the image is decoded: each file is parsed once, for routing and decoding alike, and a study's
+# headers stay small in memory meanwhile.
+_DEFER_BYTES = 16 * 1024
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def store_overlay(store: Store, png: bytes) -> str:
@@ -89,12 +97,30 @@ class StudyAnalysis:
 
 @dataclass
 class SeriesMember:
-    """One image instance of a series, its header read (no pixels yet)."""
+    """One image instance of a series, its file parsed once (:func:`read_member`): the pixel data is read from
+    the file when the image is decoded."""
 
     sop_instance_uid: str
     series_instance_uid: str
     path: str
     header: pydicom.Dataset
+
+
+def read_member(sop_instance_uid: str, series_instance_uid: str, path: str) -> SeriesMember:
+    """The instance at ``path`` parsed, its pixel data deferred; InvalidDicomError or OSError when unreadable."""
+    return SeriesMember(sop_instance_uid, series_instance_uid, path, pydicom.dcmread(path, defer_size=_DEFER_BYTES))
+
+
+def _decode(header: pydicom.Dataset) -> np.ndarray:
+    """The image of a parsed header (:func:`dataset_to_image`), its pixel data read from the file for this and
+    left deferred again afterwards: a long series holds headers, not pixels, while it runs."""
+    deferred = [(keyword, header.get_item(keyword, keep_deferred=True)) for keyword in _PIXEL_KEYWORDS
+                if keyword in header]
+    try:
+        return dataset_to_image(header)
+    finally:
+        for keyword, element in deferred:
+            header[keyword] = element
 
 
 @dataclass(frozen=True)
@@ -105,28 +131,31 @@ class _Candidate:
     sop_instance_uid: str
     operator: BundleOperator
     class_idx: int
-    path: str
+    header: pydicom.Dataset
 
 
-def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator]
-             ) -> tuple[list[SeriesMember], dict[int, list[torch.Tensor]], list[str]]:
-    """The members that decode, each one's input for every operator (by ``id``), and the SOP Instance UIDs of
-    those that do not (logged by hash)."""
+def _prepare(members: Sequence[SeriesMember], operators: Sequence[BundleOperator], keep_images: bool
+             ) -> tuple[list[SeriesMember], list[np.ndarray | None], dict[int, list[torch.Tensor]], list[str]]:
+    """The members that decode, their images (when ``keep_images``; None otherwise), each one's input for every
+    operator (by ``id``), and the SOP Instance UIDs of those that do not decode (logged by hash). Each image is
+    decoded from the header routing read (:func:`_decode`)."""
     decoded: list[SeriesMember] = []
+    images: list[np.ndarray | None] = []
     inputs: dict[int, list[torch.Tensor]] = {id(op): [] for op in operators}
     skipped: list[str] = []
     for inst in members:
         try:
-            image = dataset_to_image(pydicom.dcmread(inst.path))
+            image = _decode(inst.header)
             prepared = [(op, op.model_input(image)) for op in operators]
         except (*_DECODE_ERRORS, ValueError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             skipped.append(inst.sop_instance_uid)
             continue
         decoded.append(inst)
+        images.append(image if keep_images else None)
         for op, tensor in prepared:
             inputs[id(op)].append(tensor)
-    return decoded, inputs, skipped
+    return decoded, images, inputs, skipped
 
 
 def _series_info(members: Sequence[SeriesMember]) -> SeriesInfo:
@@ -164,8 +193,15 @@ class StudyRun:
         self.candidates: list[_Candidate] = []
         self.segmentations: list[SegmentationOutput] = []
         self.explain_top = explain_top
+        # the image and model input of each model's current top candidates where scoring kept them, so that
+        # explaining them does not decode and preprocess them again: per model a min-heap of (score, -order, SOP UID)
+        self._top: dict[int, list[tuple[float, int, str]]] = {}
+        self._kept: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
 
-    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float], path: str) -> None:
+    def record(self, op: BundleOperator, inst: SeriesMember, probabilities: dict[str, float],
+               decoded: tuple[np.ndarray, torch.Tensor] | None = None) -> None:
+        """What ``op`` said about ``inst``; ``decoded`` (its image and ``op``'s input) is kept while it ranks
+        among ``op``'s top ``explain_top``."""
         self.models[op.model_name] = op.model_version
         merged = self.probabilities.setdefault(inst.sop_instance_uid, {})
         for name, value in probabilities.items():
@@ -174,40 +210,61 @@ class StudyRun:
         if op.explains and probabilities and op.bundle.spatial_dims == 2:  # Grad-CAM maps are drawn on one image
             best = max(range(len(op.findings)), key=lambda i: probabilities.get(op.findings[i], 0.0))
             self.candidates.append(_Candidate(probabilities.get(op.findings[best], 0.0), inst.sop_instance_uid,
-                                              op, best, path))
+                                              op, best, inst.header))
+            if decoded is not None:
+                self._keep_if_top(op, self.candidates[-1], decoded)
+
+    def _keep_if_top(self, op: BundleOperator, candidate: _Candidate,
+                     decoded: tuple[np.ndarray, torch.Tensor]) -> None:
+        """Keep ``decoded`` while ``candidate`` ranks as :meth:`explanations` ranks (score, then order)."""
+        if self.explain_top < 1:
+            return
+        heap = self._top.setdefault(id(op), [])
+        entry = (candidate.score, -len(self.candidates), candidate.sop_instance_uid)
+        self._kept[(id(op), candidate.sop_instance_uid)] = decoded
+        if len(heap) < self.explain_top:
+            heapq.heappush(heap, entry)
+            return
+        dropped = heapq.heappushpop(heap, entry)
+        del self._kept[(id(op), dropped[2])]
 
     def classify_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Each image decoded once, prepared for every 2D model, scored ``batch_size`` at a time.
 
-        The next batch is decoded on a helper thread while this one is scored: decoding (file parsing,
-        windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL."""
+        The next batch is decoded on a helper thread while this one is scored: decoding (pixel data read,
+        windowing, the bundle's resize) costs about what the forward does, and torch releases the GIL. A series
+        no larger than the explained top keeps its decoded images for the explanation (all of them may be
+        explained: a CR's one image is not decoded twice); a longer one does not, because holding two batches of
+        full-size images costs fresh memory for each (0.4 ms per 512 x 512 image, measured), more than decoding
+        the few top images again from their headers."""
         size = min(op.batch_size for op in operators)
         chunks = [members[start:start + size] for start in range(0, len(members), size)]
         if not chunks:
             return
+        keep = len(members) <= self.explain_top
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imaging-decode") as decoder:
-            pending = decoder.submit(_prepare, chunks[0], operators)
+            pending = decoder.submit(_prepare, chunks[0], operators, keep)
             for following in [*chunks[1:], None]:
-                chunk, inputs, skipped = pending.result()
+                chunk, images, inputs, skipped = pending.result()
                 if following is not None:
-                    pending = decoder.submit(_prepare, following, operators)
+                    pending = decoder.submit(_prepare, following, operators, keep)
                 self.skipped.extend(skipped)
                 if chunk:
-                    self._score(chunk, inputs, operators)
+                    self._score(chunk, images, inputs, operators)
 
-    def _score(self, chunk: list[SeriesMember], inputs: dict[int, list[torch.Tensor]],
-               operators: Sequence[BundleOperator]) -> None:
+    def _score(self, chunk: list[SeriesMember], images: list[np.ndarray | None],
+               inputs: dict[int, list[torch.Tensor]], operators: Sequence[BundleOperator]) -> None:
         for op in operators:
             began = time.perf_counter()
             scored = self.classify(op, inputs[id(op)])
             metrics.observe_inference(op.model_name, time.perf_counter() - began, len(chunk))
-            for inst, probabilities in zip(chunk, scored, strict=True):
-                self.record(op, inst, probabilities, inst.path)
+            for inst, image, tensor, probabilities in zip(chunk, images, inputs[id(op)], scored, strict=True):
+                self.record(op, inst, probabilities, (image, tensor) if image is not None else None)
 
     def volume_series(self, members: Sequence[SeriesMember], operators: Sequence[BundleOperator]) -> None:
         """Segmentation and 3D bundles on the series assembled into a volume."""
         try:
-            volume = assemble_volume([pydicom.dcmread(inst.path) for inst in members])
+            volume = assemble_volume([inst.header for inst in members])
         except (*_DECODE_ERRORS, VolumeError, ValueError, AttributeError) as exc:
             log.warning("series %s not assembled into a volume: %s", uid_hash(members[0].series_instance_uid),
                         type(exc).__name__)
@@ -223,7 +280,7 @@ class StudyRun:
             metrics.observe_inference(op.model_name, time.perf_counter() - began, 1)
             centre = volume.sop_instance_uids[len(volume.sop_instance_uids) // 2]
             middle = next(m for m in members if m.sop_instance_uid == centre)
-            self.record(op, middle, probabilities, middle.path)
+            self.record(op, middle, probabilities)
 
     def explanations(self, put: Callable[[bytes], str]) -> dict[str, tuple[str, str]]:
         """Overlay and layer ids (as ``put`` stores each PNG) for the top images of each explaining model."""
@@ -233,8 +290,10 @@ class StudyRun:
             for c in ranked[: self.explain_top]:
                 if c.sop_instance_uid in chosen:
                     continue
+                kept = self._kept.get((op_id, c.sop_instance_uid))
                 try:
-                    explanation = c.operator.explain(dataset_to_image(pydicom.dcmread(c.path)), c.class_idx)
+                    explanation = (c.operator.explain(kept[0], c.class_idx, prepared=kept[1]) if kept is not None
+                                   else c.operator.explain(_decode(c.header), c.class_idx))
                 except (*_DECODE_ERRORS, ValueError):
                     continue
                 chosen[c.sop_instance_uid] = (put(explanation.overlay_png), put(explanation.heatmap_layer_png))
@@ -272,7 +331,10 @@ def explain_on_demand(store: Store, registry: ModelRegistry, event: ExplanationR
     if stored is None:
         return failed("the image is no longer in MedBridge's store")
     run = StudyRun(explain_top=1)
-    member = SeriesMember(stored.sop_instance_uid, stored.series_instance_uid, str(stored.path), pydicom.Dataset())
+    try:
+        member = read_member(stored.sop_instance_uid, stored.series_instance_uid, str(stored.path))
+    except (InvalidDicomError, OSError):
+        return failed("the image could not be decoded")
     run.classify_series([member], operators)
     heatmaps = run.explanations(lambda png: store_overlay(store, png))
     if event.sop_instance_uid not in heatmaps:
@@ -290,12 +352,10 @@ def _read_headers(store: Store, event: StudyReceived) -> tuple[list[SeriesMember
     read, unreadable = [], []
     for inst in instances:
         try:
-            header = pydicom.dcmread(inst.path, stop_before_pixels=True)
+            read.append(read_member(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path)))
         except (InvalidDicomError, OSError) as exc:
             log.warning("instance %s not analysed: %s", uid_hash(inst.sop_instance_uid), type(exc).__name__)
             unreadable.append(inst.sop_instance_uid)
-            continue
-        read.append(SeriesMember(inst.sop_instance_uid, inst.series_instance_uid, str(inst.path), header))
     return read, unreadable, earlier
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from inference.imaging.pixels import dataset_to_image
 from inference.imaging.registry import ModelRegistry
 from inference.imaging.train import insert_synthetic_lesion
-from inference.imaging.worker import infer_study
+from inference.imaging.worker import StudyRun, infer_study, read_member
 from integration.db.artifacts import get_artifact
 from integration.db.store import Store
 from integration.db.tables import AiResult, OutboxEntry
@@ -228,3 +228,32 @@ def test_the_heatmap_layer_lies_on_the_rendered_frame_with_its_heat_on_the_lesio
     rows, cols = np.ogrid[:384, :512]
     on_lesion = np.hypot(rows - center[0], cols - center[1]) <= radius
     assert layer[on_lesion].mean() > 2 * layer[~on_lesion].mean()
+
+
+def test_a_file_is_read_once_an_image_gone_before_its_pixels_are_read_is_skipped_the_top_explained_from_memory(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """The header routing reads is what the image is decoded from (its pixel data read from the file then, and
+    left there again); a series no larger than the explained top is explained from the images kept from scoring,
+    without reading their files again."""
+    series = generate_uid()
+    members = []
+    for i in range(2):
+        ds = dcmread(CT_SMALL)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(tmp_path / f"{i}.dcm")
+        members.append(read_member(ds.SOPInstanceUID, series, str(tmp_path / f"{i}.dcm")))
+    kept, gone = members
+    (tmp_path / "1.dcm").unlink()  # after routing read its header, before its pixels were read
+
+    run = StudyRun(explain_top=2)
+    run.classify_series(members, registry.operators)
+    assert run.skipped == [gone.sop_instance_uid]
+    assert list(run.probabilities) == [kept.sop_instance_uid]
+    assert kept.header.get_item("PixelData", keep_deferred=True).value is None  # not held in memory
+
+    (tmp_path / "0.dcm").unlink()
+    stored: list[bytes] = []
+    heatmaps = run.explanations(lambda png: stored.append(png) or str(len(stored)))
+    assert heatmaps == {kept.sop_instance_uid: ("1", "2")}
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in stored)
