@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from knowledge.evaluation.drafting import build_messages
-from knowledge.generation.protocol import BatchTextGenerator, TextGenerator
+from knowledge.generation.protocol import BatchTextGenerator, Prompt, TextGenerator
 
 
 def test_a_batch_of_prompts_of_different_lengths_gives_the_one_at_a_time_drafts(
     in_process_smollm2: TextGenerator,
 ) -> None:
     assert isinstance(in_process_smollm2, BatchTextGenerator)
-    prompts = [
+    prompts: list[Prompt] = [
         build_messages("Heart size normal. Lungs clear.", ["Findings: Normal heart. Impression: Normal chest."]),
         build_messages(
             "Large right pleural effusion with adjacent atelectasis. Left lung clear. Stable cardiomegaly.",
