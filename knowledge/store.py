@@ -246,11 +246,13 @@ class KnowledgeBase:
         """Number of stored passages."""
         return int(self._collection.count())
 
-    def add(self, passages: Sequence[Passage]) -> int:
+    def add(self, passages: Sequence[Passage], embeddings: Sequence[Sequence[float]] | None = None) -> int:
         """Insert or update passages, keyed by ``id``.
 
         Only passages that are new or whose content changed are embedded and written, so
-        re-adding the same corpus is cheap and changes nothing.
+        re-adding the same corpus is cheap and changes nothing. ``embeddings``, when given, are the
+        vectors of the passages' ``embedding_text()`` with this knowledge base's model, in order
+        (computed once by a caller that also needs them elsewhere, e.g. ``medbridge eval``).
 
         Returns:
             the number of passages written (0 when everything was already stored unchanged).
@@ -262,6 +264,9 @@ class KnowledgeBase:
         ids = [p.id for p in passages]
         if len(set(ids)) != len(ids):
             raise ValueError("passage ids must be unique within one add() call")
+        if embeddings is not None and len(embeddings) != len(passages):
+            raise ValueError("give one embedding per passage")
+        given = dict(zip(ids, embeddings, strict=True)) if embeddings is not None else {}
         written = 0
         for start in range(0, len(passages), _BATCH):
             batch = list(passages[start : start + _BATCH])
@@ -274,10 +279,14 @@ class KnowledgeBase:
             todo = [p for p in batch if stored.get(p.id) != p.fingerprint()]
             if not todo:
                 continue
+            if given:
+                vectors: Any = [list(given[p.id]) for p in todo]
+            else:
+                vectors = self._ef([p.embedding_text() for p in todo])
             try:
                 self._collection.upsert(
                     ids=[p.id for p in todo],
-                    embeddings=self._ef([p.embedding_text() for p in todo]),  # type: ignore[arg-type]
+                    embeddings=vectors,
                     documents=[p.text for p in todo],
                     metadatas=[_metadata(p) for p in todo],  # type: ignore[arg-type]
                 )

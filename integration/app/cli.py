@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -272,6 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         threads=args.threads, retrieval_queries=args.retrieval_queries,
         backends=("in-process", "server") if backend == "both" else (backend,),
         server=server if server.base_url else None,
+        cache_dir=None if args.no_cache else Path(args.cache_dir),
     )
     try:
         markdown = run_evaluation(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--base-url", help="an OpenAI-compatible server to draft through, e.g. http://127.0.0.1:8765/v1 "
                     "(default: MEDBRIDGE_LLM_BASE_URL)")
     ev.add_argument("--model", help="the served model's name, with --base-url (default: MEDBRIDGE_LLM_MODEL)")
+    ev.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medbridge-eval"),
+                    help="where the reports' MiniLM vectors are kept between runs (default: $TMPDIR/medbridge-eval)")
+    ev.add_argument("--no-cache", action="store_true", help="embed every report again and keep nothing (a cold run)")
     ev.add_argument("--output", help="also write the Markdown to this file")
     ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)

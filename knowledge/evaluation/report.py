@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from knowledge.embedding import SentenceEmbedder
 from knowledge.evaluation import drafting
 from knowledge.evaluation.openi import OpenIReport, load_reports
+from knowledge.evaluation.retrieval import report_passage, retrieval_recall_at_k
+from knowledge.evaluation.vectors import embed_cached
 from knowledge.generation.backends import GeneratorConfig, open_text_generator
 from knowledge.generation.protocol import TextGenerator
 from knowledge.grounding import GroundingChecker
@@ -46,6 +49,7 @@ class EvalOptions(BaseModel):
     retrieval_queries: int = 300  # 0 leaves the retrieval section out
     backends: tuple[Backend, ...] = ("in-process",)
     server: GeneratorConfig | None = None
+    cache_dir: Path | None = None  # where report vectors are cached between runs (None: embed every run)
 
 
 def server_label(base_url: str) -> str:
@@ -71,24 +75,32 @@ def run_evaluation(options: EvalOptions, progress: Callable[[str], None] = log.i
     progress(f"{len(reports)} Open-i reports: {len(subset)} to draft, {len(kb_reports)} as the knowledge base, "
              f"{time.perf_counter() - started:.0f} s")
 
-    sections: list[str] = []
-    if options.retrieval_queries > 0:
-        sections.append(_retrieval_section(options.retrieval_queries))
-        progress(f"retrieval measured, {time.perf_counter() - started:.0f} s")
-
     embedder = SentenceEmbedder()
-    index = drafting.KnowledgeIndex(kb_reports, embedder)
+    # Each report is embedded once, as the retrieval section's passage (the whole report); the drafting index ranks
+    # the knowledge base by those same vectors. A quick run without the retrieval section embeds its few reports.
+    with_text = load_reports(keep="any text") if options.retrieval_queries > 0 else ()
+    needed = list(with_text) or list(kb_reports)
+    vectors = embed_cached(
+        embedder, [report_passage(r).embedding_text() for r in needed], options.cache_dir,
+        progress=lambda i, n: progress(f"embedded {i}/{n} reports, {time.perf_counter() - started:.0f} s"),
+    )
+    by_uid = dict(zip((r.uid for r in needed), vectors, strict=True))
+    index = drafting.KnowledgeIndex(kb_reports, embedder, np.stack([by_uid[r.uid] for r in kb_reports]))
     passages = index.top_many([r.findings for r in subset], options.k)  # the same passages for every backend
-    progress(f"knowledge base embedded ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
-    # The backends draft at the same time: the in-process model computes on one thread while the server computes
-    # in its own process, so the two rows take about the longer of the two instead of their sum.
-    with ThreadPoolExecutor(max_workers=len(options.backends), thread_name_prefix="eval-backend") as pool:
-        futures = [pool.submit(_draft_with, backend, options, subset, passages, progress, started)
-                   for backend in options.backends]
-        all_drafts = [future.result() for future in futures]
+    progress(f"knowledge base ready ({len(kb_reports)} reports), {time.perf_counter() - started:.0f} s")
     checker = GroundingChecker(embedder)
-    rows = [drafting.baseline_row(subset, answer)]
-    rows += [drafting.score_drafts(subset, passages, drafts, checker) for drafts in all_drafts]
+    # The backends draft at the same time: the in-process model computes on one thread while the server computes
+    # in its own process, so the two rows take about the longer of the two instead of their sum. The retrieval
+    # section's queries run meanwhile on this thread.
+    sections: list[str] = []
+    with ThreadPoolExecutor(max_workers=len(options.backends), thread_name_prefix="eval-backend") as pool:
+        futures = [pool.submit(_draft_with, backend, options, subset, passages, checker, progress, started)
+                   for backend in options.backends]
+        if with_text:
+            sections.append(_retrieval_section(options.retrieval_queries, with_text, by_uid))
+            progress(f"retrieval measured, {time.perf_counter() - started:.0f} s")
+        drafted = [future.result() for future in futures]
+    rows = [drafting.baseline_row(subset, answer), *drafted]
     rows.append(drafting.ceiling_row(subset))
     sections.append(
         "### Impression drafting and citations (Open-i)\n\n"
@@ -104,10 +116,12 @@ def _draft_with(
     options: EvalOptions,
     subset: Sequence[OpenIReport],
     passages: Sequence[Sequence[str]],
+    checker: GroundingChecker,
     progress: Callable[[str], None],
     started: float,
-) -> drafting.Drafts:
-    """Open one backend, draft every report of ``subset`` with it, close it."""
+) -> drafting.DraftingRow:
+    """Open one backend, draft every report of ``subset`` with it, close it, and score the drafts (while the other
+    backend may still be drafting)."""
     llm, served_by = _open_backend(backend, options)
     try:
         progress(f"{llm.model_name} {served_by} ready, {time.perf_counter() - started:.0f} s")
@@ -118,7 +132,7 @@ def _draft_with(
         )
     finally:
         llm.close()
-    return drafts
+    return drafting.score_drafts(subset, passages, drafts, checker)
 
 
 def _open_backend(backend: Backend, options: EvalOptions) -> tuple[TextGenerator, str]:
@@ -144,12 +158,12 @@ def _command(options: EvalOptions) -> str:
     return " ".join(parts)
 
 
-def _retrieval_section(queries: int, k: int = 5) -> str:
-    """Recall@k of BM25, dense and fused retrieval over the Open-i reports (``retrieval_recall_at_k``)."""
-    from knowledge.evaluation.retrieval import retrieval_recall_at_k
-
-    reports = load_reports(keep="any text")
-    recall = retrieval_recall_at_k(reports, k, queries=queries)
+def _retrieval_section(
+    queries: int, reports: Sequence[OpenIReport], vectors: Mapping[str, np.ndarray], k: int = 5
+) -> str:
+    """Recall@k of BM25, dense and fused retrieval over the Open-i reports with text (``retrieval_recall_at_k``),
+    each report's passage vector given in ``vectors`` by uid."""
+    recall = retrieval_recall_at_k(reports, k, queries=queries, vectors=vectors)
     rows = "\n".join(f"| {name} | {recall[name]:.3f} |" for name in ("bm25", "dense", "fused"))
     return (f"### Retrieval (Open-i)\n\n{queries} queries (a report's findings; the report itself excluded), each "
             f"of the {len(reports):,} reports with text one passage; a passage is relevant when it shares a major "

@@ -15,8 +15,10 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from knowledge.evaluation.openi import OpenIReport
 from knowledge.store import KnowledgeBase, Passage
@@ -42,6 +44,7 @@ def retrieval_recall_at_k(
     queries: int = DEFAULT_QUERIES,
     seed: int = 0,
     kb_path: Path | None = None,
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Mean capped recall@``k`` for ``"bm25"``, ``"dense"`` and ``"fused"`` (see the module docstring).
 
@@ -51,6 +54,9 @@ def retrieval_recall_at_k(
             all of them when there are fewer.
         kb_path: folder for the knowledge base of the reports; a temporary one by default. Given,
             a second run reuses its embeddings (ids are stable) and takes seconds.
+        vectors: each report's passage vector (MiniLM of ``report_passage(r).embedding_text()``) by
+            ``report.uid``, when the caller has them (``medbridge eval`` embeds the reports once for this
+            section and the drafting index); embedded here otherwise.
 
     Returns:
         ``{"bm25": r, "dense": r, "fused": r}``, each in [0, 1].
@@ -75,7 +81,8 @@ def retrieval_recall_at_k(
     with tempfile.TemporaryDirectory(prefix="medbridge-eval-") as tmp:
         kb = KnowledgeBase(kb_path or Path(tmp), collection="openi-eval")
         started = time.perf_counter()
-        kb.add(list(passages.values()))
+        stored = list(passages.values())
+        kb.add(stored, [vectors[uid].tolist() for uid in passages] if vectors is not None else None)
         logger.info("retrieval eval: %d passages stored in %.0f s", kb.count(), time.perf_counter() - started)
         rankings: dict[str, list[list[str]]] = {"bm25": [], "dense": [], "fused": []}
         for q in sample:

@@ -99,3 +99,18 @@ class TextGenerator(Protocol):
     def close(self) -> None:
         """Release connections or memory; the generator is not used afterwards."""
         ...
+
+
+@runtime_checkable
+class BatchTextGenerator(TextGenerator, Protocol):
+    """A generator that also drafts several prompts in one pass (an in-process model: one forward per token for
+    the whole batch instead of one per prompt, which is what the per-token overhead of a small model costs)."""
+
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
+        """``[generate(p, max_new_tokens) for p in prompts]``, computed together; the texts equal the one-at-a-time
+        ones up to floating-point ties (tests/knowledge/generation checks equality on real prompts).
+
+        Raises:
+            as ``generate``.
+        """
+        ...

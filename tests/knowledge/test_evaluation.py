@@ -37,7 +37,8 @@ def test_eval_prints_the_drafting_table(
 ) -> None:
     out = tmp_path / "eval.md"
     assert main(["eval", "--retrieval-queries", "0", "--limit", "3", "--kb-limit", "20", "--max-new-tokens", "8",
-                 "--models-dir", str(llm_cache_dir), "--output", str(out)]) == 0
+                 "--models-dir", str(llm_cache_dir), "--cache-dir", str(tmp_path / "vectors"),
+                 "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.strip() == out.read_text(encoding="utf-8").strip()
     rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}

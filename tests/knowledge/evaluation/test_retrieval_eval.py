@@ -31,6 +31,26 @@ def test_recall_at_1_finds_the_report_with_the_same_label(tmp_path: Path) -> Non
         retrieval_recall_at_k(REPORTS[4:], k=5)
 
 
+def test_vectors_embedded_once_by_the_caller_give_the_same_recall(tmp_path: Path) -> None:
+    """``medbridge eval`` embeds the reports once and hands the vectors to this section and the drafting index."""
+    from knowledge.embedding import SentenceEmbedder
+    from knowledge.evaluation.retrieval import report_passage
+
+    vectors = SentenceEmbedder().embed([report_passage(r).embedding_text() for r in REPORTS])
+    given = retrieval_recall_at_k(REPORTS, k=1, kb_path=tmp_path / "kb",
+                                  vectors={r.uid: v for r, v in zip(REPORTS, vectors, strict=True)})
+    assert given == {"bm25": 1.0, "dense": 1.0, "fused": 1.0}
+    # the vectors given are the ones searched: swapped between the effusion and the cardiomegaly reports, dense
+    # retrieval finds the wrong reports while BM25 (no vectors) is unchanged
+    swapped = dict(zip([r.uid for r in REPORTS], vectors[[2, 3, 0, 1, 4]], strict=True))
+    wrong = retrieval_recall_at_k(REPORTS, k=1, kb_path=tmp_path / "kb-swapped", vectors=swapped)
+    assert wrong["bm25"] == 1.0 and wrong["dense"] < 0.5
+    with pytest.raises(ValueError, match="one embedding per passage"):
+        from knowledge.store import KnowledgeBase
+
+        KnowledgeBase(tmp_path / "kb2").add([report_passage(REPORTS[0])], [])
+
+
 def test_labels_are_the_main_mesh_terms_without_qualifiers() -> None:
     report = OpenIReport(report_id=7, findings="f", impression="i",
                          mesh=("Opacity/lung/base/left", "Pulmonary Atelectasis/base", "No Indexing"))

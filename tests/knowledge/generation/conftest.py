@@ -33,8 +33,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(smollm2_package_dir() / SMOLLM2_GGUF_FILE), "--model_alias", SERVED_MODEL,
         "--host", "127.0.0.1", "--port", str(port),
-        # a short micro-batch evaluates prompts about twice as fast on this build (BENCHMARKS.md)
-        "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1", "--n_batch", "64",
+        # a short micro-batch evaluates prompts about twice as fast on this build (BENCHMARKS.md); one thread for
+        # prompts too (--n_threads_batch defaults to every core: on a busy box its threads wait on each other)
+        "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1", "--n_threads_batch", "1", "--n_batch", "64",
     ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
