@@ -18,6 +18,7 @@ API: :mod:`integration.reports.explanations` says why an event) by the same code
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import logging
 import time
@@ -465,7 +466,10 @@ class ImagingWorker(ConsumerWorker):
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _in_thread(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+        # in the caller's context, as asyncio.to_thread runs it: the event's "process" span stays the parent
+        # of what the study does (run_in_executor alone would start the thread with an empty context)
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._threads, context.run, fn)
 
     @handles(StudyReceived)
     async def on_study(self, event: StudyReceived) -> Outcome | None:
