@@ -110,6 +110,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def postgres_store(postgres_url: str) -> Iterator[Store]:
+    """The store on PostgreSQL alone: the engine that workers running side by side share in production."""
+    s = Store(postgres_url)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
 def listener(store: Store, tmp_path: Path) -> Iterator[DicomListener]:
     """A bare DICOM listener on a free port over the test's store (any caller, 60 s quiet period)."""
     lst = DicomListener(store, tmp_path / "dicom", host="127.0.0.1", port=0, ae_title="MEDBRIDGE",

@@ -5,9 +5,6 @@ appear; the worklist's status filter finds a superseded (cancelled) clinical dra
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,8 +16,8 @@ from integration.auth.users import add_user
 from integration.reports.writer import write_report
 from schemas.events import ClinicalInferenceCompleted
 from tests import authorized
-from tests.conftest import REPO, free_port, stack_settings
-from tests.viewer.test_viewer import CHROMIUM, CHROMIUM_ARGS, wait_http
+from tests.conftest import stack_settings
+from tests.viewer.test_viewer import CHROMIUM, CHROMIUM_ARGS, running_viewer
 from tests.viewer.test_workstation import PASSWORD, eventually, go_to, log_in, open_buttons, send_ct_study
 
 
@@ -65,46 +62,35 @@ async def test_a_reviewer_asks_for_a_heatmap_sees_it_appear_and_finds_a_cancelle
     await asyncio.to_thread(_superseded_draft, runtime)
     add_user(runtime.store, "dr-heat", PASSWORD, ["reviewer"])
 
-    viewer_port = free_port()
-    viewer = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(viewer_port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        env={**os.environ, "MEDBRIDGE_API_URL": api}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{viewer_port}"
-    try:
-        await wait_http(f"{url}/_stcore/health")
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = await browser.new_page(viewport={"width": 1400, "height": 2000})
-            await log_in(page, url, "dr-heat")
-            await page.locator('[data-testid="stSelectbox"]').filter(has_text="Kind").click()
-            await page.get_by_role("option", name="imaging", exact=True).click()
-            await expect(open_buttons(page)).to_have_count(1, timeout=30_000)
-            await open_buttons(page).first.click()
+    async with running_viewer(api) as url, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await browser.new_page(viewport={"width": 1400, "height": 2000})
+        await log_in(page, url, "dr-heat")
+        await page.locator('[data-testid="stSelectbox"]').filter(has_text="Kind").click()
+        await page.get_by_role("option", name="imaging", exact=True).click()
+        await expect(open_buttons(page)).to_have_count(1, timeout=30_000)
+        await open_buttons(page).first.click()
 
-            # no heatmap rendered: ask for one, and it appears over the image like a precomputed one
-            await page.get_by_text("The model produced no heatmap for this image").wait_for(timeout=60_000)
-            await page.get_by_text("status preliminary").first.wait_for(timeout=60_000)  # the sign-off, drawn last
-            await settled(page)
-            await page.get_by_role("button", name="Compute heatmap").click()
-            await page.get_by_text("Heatmap overlay at 60%").wait_for(timeout=60_000)
-            await expect(page.get_by_role("button", name="Compute heatmap")).to_have_count(0, timeout=30_000)
+        # no heatmap rendered: ask for one, and it appears over the image like a precomputed one
+        await page.get_by_text("The model produced no heatmap for this image").wait_for(timeout=60_000)
+        await page.get_by_text("status preliminary").first.wait_for(timeout=60_000)  # the sign-off, drawn last
+        await settled(page)
+        await page.get_by_role("button", name="Compute heatmap").click()
+        await page.get_by_text("Heatmap overlay at 60%").wait_for(timeout=60_000)
+        await expect(page.get_by_role("button", name="Compute heatmap")).to_have_count(0, timeout=30_000)
 
-            # the superseded draft: not among the preliminary ones, found with the cancelled status
-            await go_to(page, "Worklist")
-            await page.locator('[data-testid="stSelectbox"]').filter(has_text="Kind").click()
-            await page.get_by_role("option", name="clinical", exact=True).click()
-            await expect(open_buttons(page)).to_have_count(1, timeout=30_000)
-            await settled(page)
-            await page.locator('[data-testid="stMultiSelect"]').filter(has_text="Status").click()
-            await page.get_by_role("option", name="cancelled", exact=True).click()
-            await page.keyboard.press("Escape")  # the open drop-down hides the page from the accessibility tree
-            await expect(open_buttons(page)).to_have_count(2, timeout=30_000)
-            await page.get_by_text("cancelled", exact=True).last.wait_for(timeout=30_000)
-            await browser.close()
-    finally:
-        viewer.terminate()
-        viewer.wait(10)
+        # the superseded draft: not among the preliminary ones, found with the cancelled status
+        await go_to(page, "Worklist")
+        await page.locator('[data-testid="stSelectbox"]').filter(has_text="Kind").click()
+        await page.get_by_role("option", name="clinical", exact=True).click()
+        await expect(open_buttons(page)).to_have_count(1, timeout=30_000)
+        await settled(page)
+        await page.locator('[data-testid="stMultiSelect"]').filter(has_text="Status").click()
+        await page.get_by_role("option", name="cancelled", exact=True).click()
+        await page.keyboard.press("Escape")  # the open drop-down hides the page from the accessibility tree
+        await expect(open_buttons(page)).to_have_count(2, timeout=30_000)
+        await page.get_by_text("cancelled", exact=True).last.wait_for(timeout=30_000)
+        await browser.close()
 
     # the heatmap is recorded against the result: every later view shows it without asking again (a thread:
     # the stack serves on this test's loop)

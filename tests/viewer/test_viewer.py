@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,24 @@ async def wait_http(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"{url} did not come up")
 
 
+@contextlib.asynccontextmanager
+async def running_viewer(api_url: str, **env: str) -> AsyncIterator[str]:
+    """The Streamlit viewer against the API at ``api_url`` (``env``: more of its settings) on a free port;
+    yields its URL once it answers, stops it after."""
+    port = free_port()
+    viewer = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env={**os.environ, "MEDBRIDGE_API_URL": api_url, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{url}/_stcore/health")
+        yield url
+    finally:
+        viewer.terminate()
+        viewer.wait(10)
+
+
 async def test_the_viewer_asks_for_a_password_and_shows_the_worklist_after_login(tmp_path: Path) -> None:
     """The login alone, against the HTTP app without workers (cheap beside the whole stack of
     tests/viewer/test_workstation.py, which drives the review itself)."""
@@ -42,20 +62,12 @@ async def test_the_viewer_asks_for_a_password_and_shows_the_worklist_after_login
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     store.start()
     add_user(store, "dr-login", "the right password", ["reviewer"])
-    port = free_port()
     with serve_app(stack_settings(tmp_path), store) as api_port:
-        viewer = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            env={**os.environ, "MEDBRIDGE_API_URL": f"http://127.0.0.1:{api_port}"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
         try:
-            await wait_http(f"http://127.0.0.1:{port}/_stcore/health")
-            async with async_playwright() as pw:
+            async with running_viewer(f"http://127.0.0.1:{api_port}") as url, async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = await browser.new_page()
-                await page.goto(f"http://127.0.0.1:{port}")
+                await page.goto(url)
                 await page.get_by_label("User name").fill("dr-login")
                 await page.get_by_label("Password", exact=True).fill("a wrong password")
                 await page.get_by_text("Log in").click()
@@ -66,6 +78,4 @@ async def test_the_viewer_asks_for_a_password_and_shows_the_worklist_after_login
                 assert await page.get_by_text("Logged in as").count() == 1
                 await browser.close()
         finally:
-            viewer.terminate()
-            viewer.wait(10)
             store.stop()

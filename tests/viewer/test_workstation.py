@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,9 +30,9 @@ from pynetdicom.sop_class import CTImageStorage
 from integration.app.runtime import Runtime
 from integration.auth.users import add_user
 from tests import authorized
-from tests.conftest import REPO, free_port, stack_settings
+from tests.conftest import REPO, stack_settings
 from tests.integration.delivery.ehr.conftest import UpstreamFhir, upstream_fhir  # noqa: F401 - a fixture
-from tests.viewer.test_viewer import CHROMIUM, CHROMIUM_ARGS, wait_http
+from tests.viewer.test_viewer import CHROMIUM, CHROMIUM_ARGS, running_viewer
 
 PASSWORD = "a reviewer's password"
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -144,18 +142,10 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
     for user in ("dr-ada", "dr-bob"):
         add_user(runtime.store, user, PASSWORD, ["reviewer"])
 
-    viewer_port = free_port()
-    viewer = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "viewer" / "app.py"), "--server.port", str(viewer_port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        env={**os.environ, "MEDBRIDGE_API_URL": api,
-             "MEDBRIDGE_FULL_VIEWER_URL": "http://ohif.example/viewer?StudyInstanceUIDs={study}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shots = Shots(tmp_path / "screenshots")
-    url = f"http://127.0.0.1:{viewer_port}"
+    full_viewer = "http://ohif.example/viewer?StudyInstanceUIDs={study}"
     try:
-        await wait_http(f"{url}/_stcore/health")
-        async with async_playwright() as pw:
+        async with running_viewer(api, MEDBRIDGE_FULL_VIEWER_URL=full_viewer) as url, async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             ada = await browser.new_page(viewport={"width": 1400, "height": 2000})
             await log_in(ada, url, "dr-ada")
@@ -261,8 +251,6 @@ async def test_a_reviewer_works_through_the_worklist_and_a_second_one_sees_the_c
             await shots.take(ada, "quality")
             await browser.close()
     finally:
-        viewer.terminate()
-        viewer.wait(10)
         if os.environ.get("MEDBRIDGE_UPDATE_SCREENSHOTS") == "1":
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             for shot in (tmp_path / "screenshots").glob("*.png"):

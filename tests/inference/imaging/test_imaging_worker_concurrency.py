@@ -52,12 +52,9 @@ def failing(trained_model: tuple[Path, dict[str, Any]]) -> Iterator[tuple[ModelR
 
 
 @pytest.fixture
-def store(postgres_url: str) -> Iterator[Store]:
+def store(postgres_store: Store) -> Store:
     """PostgreSQL: the engine concurrent workers share in production."""
-    s = Store(postgres_url)
-    s.start()
-    yield s
-    s.stop()
+    return postgres_store
 
 
 # the C-FIND columns the listener fills from the header: left empty here

@@ -5,10 +5,9 @@ lasts and never dead-letters; what will fail again (a ValidationError) dead-lett
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from integration.db.store import Store
@@ -92,14 +91,6 @@ async def test_transient_failures_are_retried_past_max_attempts_and_validation_e
     assert worker.attempts["Patient/invalid"] == 1  # will fail again: no retry
     (letter,) = store.dead_letters()
     assert letter.error.startswith("ValidationError")
-
-
-@pytest.fixture
-def postgres_store(postgres_url: str) -> Iterator[Store]:
-    s = Store(postgres_url)
-    s.start()
-    yield s
-    s.stop()
 
 
 def _allow_connections(url: str, allowed: bool) -> None:
